@@ -1,0 +1,98 @@
+// Layout rules: how Hugging Face checkpoint tensors land in an engine rank's
+// parameters. Rules are data (config/layouts/*.json, format in
+// docs/layouts.md); this module loads them and resolves them for one rank.
+// Pure C++.
+//
+// Thread-safety: LayoutRegistry is immutable after Load*(); concurrent
+// Resolve() calls are safe.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "daemon/core/manifest.h"
+#include "daemon/core/status.h"
+
+namespace ws {
+
+// One rectangle of a destination parameter's 2-D view and where it comes
+// from. Coordinates are elements.
+//
+// The source's *logical* 2-D view is its physical 2-D view, transposed when
+// `transpose` is set (GPT-2 Conv1D weights are stored [in, out]).
+// dst[dst_row0 + i][dst_col0 + j] = logical_src[src_row0 + i][src_col0 + j]
+// for i < rows, j < cols. An empty `source` means zero-fill.
+struct Fill {
+  std::string source;
+  bool transpose = false;
+  int64_t src_row0 = 0, src_col0 = 0;
+  int64_t dst_row0 = 0, dst_col0 = 0;
+  int64_t rows = 0, cols = 0;
+};
+
+// A parameter one engine rank must hold, and how to fill it completely.
+struct ExpectedParam {
+  std::string name;
+  Shape shape;
+  std::vector<Fill> fills;  // together they tile the whole 2-D view exactly once
+};
+
+// A source tensor the rules expect in the trainer's manifest.
+struct ExpectedSource {
+  std::string name;
+  Shape shape;  // global, physical (as stored by the trainer)
+};
+
+// The resolved layout of one engine rank.
+struct RankLayout {
+  std::string architecture;
+  std::string rule_file;  // which file the rules came from
+  std::vector<ExpectedParam> params;
+  std::vector<ExpectedSource> sources;  // every source any rank of this config may read
+  std::vector<std::string> skip_patterns;  // glob patterns ('*' wildcard) of ignored source names
+};
+
+struct ResolveOptions {
+  uint32_t tp_size = 1;
+  uint32_t tp_rank = 0;
+  std::map<std::string, int64_t> engine_options;  // exposed to rule expressions by name
+};
+
+class LayoutRegistry {
+ public:
+  // Loads every *.json under `dir`. Errors name the file (and the rule).
+  static Result<std::shared_ptr<const LayoutRegistry>> LoadDir(const std::string& dir);
+  // Loads rule files from in-memory JSON texts (name -> text); for tests.
+  static Result<std::shared_ptr<const LayoutRegistry>> LoadTexts(
+      const std::map<std::string, std::string>& files);
+
+  // Resolves the rules for `architecture` against the HF config for one rank.
+  // Errors (unknown architecture, a size that does not divide by the TP size,
+  // a missing config key) say why, naming the config key or rule.
+  Result<RankLayout> Resolve(const std::string& architecture, const std::string& hf_config_json,
+                             const ResolveOptions& opts) const;
+
+  // Resolves a single explicit per-parameter mapping (EngineParamSpec::mapping_json).
+  Result<ExpectedParam> ResolveExplicit(const std::string& param_name, const std::string& mapping_json,
+                                        const std::string& hf_config_json,
+                                        const ResolveOptions& opts) const;
+
+  std::vector<std::string> Architectures() const;
+
+  // An example HF config for the architecture (for gen-checkpoint), or error.
+  Result<std::string> ExampleConfig(const std::string& architecture) const;
+
+  struct Impl;
+  explicit LayoutRegistry(std::unique_ptr<Impl> impl);
+  ~LayoutRegistry();
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// '*' matches any run of characters (including dots).
+bool GlobMatch(const std::string& pattern, const std::string& name);
+
+}  // namespace ws

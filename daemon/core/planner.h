@@ -1,0 +1,68 @@
+// Sync planning and validation. Given the trainer's metadata manifest and the
+// resolved layouts of every engine rank of a model, produce the complete list
+// of copy operations, or refuse the sync with an error naming every offending
+// tensor / parameter. Nothing here touches memory. Pure C++.
+//
+// Thread-safety: pure functions.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "daemon/core/layout.h"
+#include "daemon/core/manifest.h"
+#include "daemon/core/status.h"
+
+namespace ws {
+
+// One engine rank as the planner sees it.
+struct PlanEngine {
+  std::string engine_id;
+  EngineRankSpec spec;   // registered params (names, shapes, dtypes)
+  RankLayout layout;     // resolved from the rules at registration
+};
+
+// A rectangular element copy from one trainer shard into one engine param.
+// Offsets are element indices into the shard's / param's contiguous buffer.
+//   dst[dst_offset + i*dst_ld + j] = cast(src[src_offset + (transpose ? j*src_ld + i : i*src_ld + j)])
+// for i < rows, j < cols.
+struct PlannedCopy {
+  uint32_t tensor = 0;   // index into SourceManifest::tensors
+  uint32_t shard = 0;    // index into that tensor's shards
+  uint32_t engine = 0;   // index into the engines vector
+  uint32_t param = 0;    // index into that engine's spec.params
+  int64_t src_offset = 0, src_ld = 0;
+  int64_t dst_offset = 0, dst_ld = 0;
+  int64_t rows = 0, cols = 0;
+  bool transpose = false;
+};
+
+// Zero-fill of a rectangle of an engine param (vocab padding rows).
+struct PlannedZero {
+  uint32_t engine = 0;
+  uint32_t param = 0;
+  int64_t dst_offset = 0, dst_ld = 0;
+  int64_t rows = 0, cols = 0;
+};
+
+struct SyncPlan {
+  std::vector<PlannedCopy> copies;   // grouped by (tensor, shard): see by_shard
+  std::vector<PlannedZero> zeros;
+  // by_shard[t][s] = indices into `copies` reading tensor t, shard s.
+  std::vector<std::vector<std::vector<uint32_t>>> by_shard;
+  uint64_t bytes_written = 0;  // engine bytes (copies + zeros)
+  uint64_t bytes_read = 0;     // trainer bytes read by copies
+};
+
+// Checks a registered engine rank against its resolved layout: every
+// registered param is filled ("Some weights are not initialized: ..."), every
+// expected param is registered, shapes match. Run at registration.
+Status ValidateEngine(const EngineRankSpec& spec, const RankLayout& layout);
+
+// Validates the manifest (unknown/unmapped tensors, shapes, dtypes, shard
+// ranks, overlaps and gaps) against all engines and builds the plan. The error
+// message lists every problem found, one per line, each naming the tensor.
+Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<PlanEngine>& engines);
+
+}  // namespace ws

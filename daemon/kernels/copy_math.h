@@ -1,0 +1,154 @@
+// Element index math and dtype casts shared by the host data plane and the
+// CUDA kernels. Everything here is __host__ __device__ so the CPU unit tests
+// exercise exactly the arithmetic the GPU runs. No CUDA runtime calls.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define WS_HD __host__ __device__ __forceinline__
+#else
+#define WS_HD inline
+#endif
+
+namespace ws::kernels {
+
+// dtype codes; equal to ws::DType's values.
+enum : uint8_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+WS_HD uint32_t FloatBits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+WS_HD float BitsFloat(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+// fp32 -> bf16, round to nearest even; NaN -> quiet NaN keeping the sign
+// (0x7fc0 | sign), as torch does.
+WS_HD uint16_t F32ToBF16(float f) {
+  uint32_t u = FloatBits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>(((u >> 16) & 0x8000u) | 0x7fc0u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+WS_HD float BF16ToF32(uint16_t h) { return BitsFloat(static_cast<uint32_t>(h) << 16); }
+
+// fp32 -> IEEE fp16, round to nearest even, with subnormals, overflow to inf,
+// NaN -> quiet NaN keeping the sign.
+WS_HD uint16_t F32ToF16(float f) {
+  uint32_t u = FloatBits(f);
+  uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);     // NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);    // rounds to >= 65520 -> inf
+  if (a < 0x38800000u) {                                                 // below 2^-14: subnormal or 0
+    if (a < 0x33000000u) return sign;                                    // < 2^-25 (incl. half-way 2^-25 -> 0, even)
+    uint32_t e = a >> 23;                                                // 102..112
+    uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126u - e;                                           // 14..24
+    uint32_t r = m >> shift;
+    uint32_t rem = m & ((1u << shift) - 1u);
+    uint32_t half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return static_cast<uint16_t>(sign | r);
+  }
+  // normal: rebias exponent 127 -> 15, round mantissa 23 -> 10 bits
+  uint32_t r = a - 0x38000000u;  // exponent - 112
+  r += 0xfffu + ((r >> 13) & 1u);
+  return static_cast<uint16_t>(sign | (r >> 13));
+}
+
+WS_HD float F16ToF32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1fu;
+  uint32_t m = h & 0x3ffu;
+  if (e == 0) {
+    if (m == 0) return BitsFloat(sign);
+    // subnormal: normalise
+    uint32_t shift = 0;
+    while ((m & 0x400u) == 0) {
+      m <<= 1;
+      ++shift;
+    }
+    m &= 0x3ffu;
+    return BitsFloat(sign | ((113u - shift) << 23) | (m << 13));
+  }
+  if (e == 31) return BitsFloat(sign | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0u));
+  return BitsFloat(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+// Loads element `idx` of a buffer of dtype `dt` as float.
+WS_HD float LoadAsF32(const void* base, uint8_t dt, uint64_t idx) {
+  if (dt == kF32) return static_cast<const float*>(base)[idx];
+  uint16_t h = static_cast<const uint16_t*>(base)[idx];
+  return dt == kBF16 ? BF16ToF32(h) : F16ToF32(h);
+}
+
+// Stores float `v` as element `idx` of a buffer of dtype `dt`, rounding to
+// nearest even.
+WS_HD void StoreFromF32(void* base, uint8_t dt, uint64_t idx, float v) {
+  if (dt == kF32) {
+    static_cast<float*>(base)[idx] = v;
+    return;
+  }
+  static_cast<uint16_t*>(base)[idx] = dt == kBF16 ? F32ToBF16(v) : F32ToF16(v);
+}
+
+// Copies one element between dtypes. Same-dtype copies are bit-exact
+// (no round trip through float, so NaN payloads survive).
+WS_HD void CopyElement(const void* src, uint8_t sdt, uint64_t si, void* dst, uint8_t ddt, uint64_t di) {
+  if (sdt == ddt) {
+    if (sdt == kF32)
+      static_cast<uint32_t*>(dst)[di] = static_cast<const uint32_t*>(src)[si];
+    else
+      static_cast<uint16_t*>(dst)[di] = static_cast<const uint16_t*>(src)[si];
+    return;
+  }
+  StoreFromF32(dst, ddt, di, LoadAsF32(src, sdt, si));
+}
+
+// One rectangular copy in element units, in destination coordinates:
+//   dst[dst_offset + i*dst_ld + j] = src[SrcIndex(op, i, j)]  for i < rows, j < cols.
+// zero_fill: src is ignored and dst gets +0.0.
+struct CopyOp {
+  const void* src = nullptr;
+  void* dst = nullptr;
+  int64_t src_offset = 0, src_ld = 0;
+  int64_t dst_offset = 0, dst_ld = 0;
+  int64_t rows = 0, cols = 0;
+  uint8_t src_dtype = kF32, dst_dtype = kBF16;
+  uint8_t transpose = 0;
+  uint8_t zero_fill = 0;
+};
+
+WS_HD int64_t SrcIndex(const CopyOp& op, int64_t i, int64_t j) {
+  return op.src_offset + (op.transpose ? j * op.src_ld + i : i * op.src_ld + j);
+}
+WS_HD int64_t DstIndex(const CopyOp& op, int64_t i, int64_t j) { return op.dst_offset + i * op.dst_ld + j; }
+
+// Maps a flat element number k in [0, rows*cols) of an op to (i, j); the GPU
+// kernel assigns k by thread, the host loops over it.
+WS_HD void SplitIndex(const CopyOp& op, int64_t k, int64_t* i, int64_t* j) {
+  *i = k / op.cols;
+  *j = k - *i * op.cols;
+}
+
+// Element k of an op: the whole per-element body the GPU kernel runs.
+WS_HD void RunElement(const CopyOp& op, int64_t k) {
+  int64_t i, j;
+  SplitIndex(op, k, &i, &j);
+  int64_t di = DstIndex(op, i, j);
+  if (op.zero_fill) {
+    StoreFromF32(op.dst, op.dst_dtype, di, 0.0f);
+    return;
+  }
+  CopyElement(op.src, op.src_dtype, SrcIndex(op, i, j), op.dst, op.dst_dtype, di);
+}
+
+}  // namespace ws::kernels

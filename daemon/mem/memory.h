@@ -1,0 +1,73 @@
+// Memory domains: where source shards and engine parameters live, behind one
+// small interface (cf. LevelDB's Env). A host shared-memory domain works on
+// every machine and backs all tests; a CUDA domain (daemon/mem/cuda/) is
+// chosen by MakeMemoryDomain() when built with CUDA and a device is present.
+//
+// Thread-safety: MemoryDomain implementations are thread-safe. A Mapping is
+// immutable; its bytes may be written concurrently by copy workers on
+// disjoint ranges.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "daemon/core/status.h"
+
+namespace ws {
+
+enum class MemoryKind : uint8_t { kHostShm = 0, kCudaIpc = 1 };
+
+// The domain form of a proto MemoryRef.
+struct MemoryRef {
+  MemoryKind kind = MemoryKind::kHostShm;
+  std::string name;          // host: shm_open name ("/ws-x") or a path under /dev/shm
+  std::string cuda_handle;   // cuda: 64-byte cudaIpcMemHandle_t
+  std::string device_uuid;   // cuda: "GPU-xxxxxxxx-..."
+  uint64_t offset = 0;
+  uint64_t length = 0;
+
+  std::string ToString() const;  // for error messages
+};
+
+// A mapped range. Keeps the underlying object mapped for as long as it lives
+// (RAII); the domain's cache holds one reference per object.
+class Mapping {
+ public:
+  virtual ~Mapping() = default;
+  // Base address of the *referenced range* (object base + ref.offset).
+  virtual void* data() const = 0;
+  virtual uint64_t size() const = 0;
+  virtual MemoryKind kind() const = 0;
+  // Device ordinal for CUDA mappings, -1 for host memory.
+  virtual int device() const = 0;
+};
+
+struct DomainCaps {
+  bool host_shm = false;
+  bool cuda_ipc = false;
+  bool cuda_kernels = false;   // can run repack kernels
+};
+
+class MemoryDomain {
+ public:
+  virtual ~MemoryDomain() = default;
+  virtual DomainCaps caps() const = 0;
+  // Maps `ref`, validating offset+length against the object's size. Objects
+  // are opened once and cached by identity; repeated calls are cheap. Errors
+  // name `what` (the tensor or parameter the reference belongs to).
+  virtual Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what) = 0;
+  // Drops cached objects that are no longer referenced by any live Mapping.
+  virtual void Trim() = 0;
+};
+
+// Host shared memory (POSIX shm / files under /dev/shm).
+std::unique_ptr<MemoryDomain> MakeHostShmDomain();
+
+// The factory: host domain always; CUDA IPC too when built with CUDA and a
+// device is present (otherwise CUDA refs are refused with a clear error).
+std::unique_ptr<MemoryDomain> MakeMemoryDomain();
+
+}  // namespace ws

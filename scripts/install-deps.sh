@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything weightsync needs on a fresh Debian 12 machine:
+# compilers, gRPC/Protobuf, spdlog, CLI11, nlohmann-json, GoogleTest, ccache,
+# and a Python venv (.venv) for the integration tests' independent reference.
+# Idempotent: skips what is already present. Needs root (or sudo) for apt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(build-essential cmake ninja-build pkg-config ccache git
+      libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+      libspdlog-dev libcli11-dev nlohmann-json3-dev libgtest-dev libgmock-dev
+      python3 python3-venv python3-pip systemd)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  echo "installing: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+PY=${WS_PYTHON_BIN:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -r tests/requirements.txt
+echo "dependencies ready"
