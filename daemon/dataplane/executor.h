@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "daemon/core/status.h"
@@ -28,10 +29,27 @@ class Executor {
   virtual ~Executor() = default;
   // Runs every op to completion (blocking). Returns the destination bytes written.
   virtual Result<uint64_t> Run(const std::vector<kernels::CopyOp>& ops) = 0;
+  // As Run(); labels[i], when present, names ops[i] (e.g. the tensor it
+  // copies) in error messages.
+  virtual Result<uint64_t> RunLabeled(const std::vector<kernels::CopyOp>& ops,
+                                      const std::vector<std::string>& labels) {
+    return Run(ops);
+  }
   virtual int threads() const = 0;
 };
 
+// Host memory only (every op's pointers must be host-addressable).
 std::unique_ptr<Executor> MakeHostExecutor(const ExecutorOptions& opts);
+
+// The host executor, plus, when built with CUDA and a device is present, the
+// CUDA executor: an op whose source or destination is device memory goes to
+// the GPU (one batched launch per destination device), the rest to the host
+// pool. Without CUDA this is the host executor.
+std::unique_ptr<Executor> MakeExecutor(const ExecutorOptions& opts);
+
+// Checks an op's shape fields (non-negative sizes, known dtypes, non-null
+// pointers, destination rows that do not overlap). `what` names it in errors.
+Status ValidateCopyOp(const kernels::CopyOp& op, const std::string& what);
 
 // Single-threaded reference path: the plain per-element loop over
 // kernels::RunElement. Used by tests to check the fast paths.

@@ -40,47 +40,38 @@ WS_HD uint16_t F32ToBF16(float f) {
 WS_HD float BF16ToF32(uint16_t h) { return BitsFloat(static_cast<uint32_t>(h) << 16); }
 
 // fp32 -> IEEE fp16, round to nearest even, with subnormals, overflow to inf,
-// NaN -> quiet NaN keeping the sign.
+// NaN -> quiet NaN keeping the sign. Branch-free (selects only) so host loops
+// vectorize; bit-identical on host and device.
 WS_HD uint16_t F32ToF16(float f) {
-  uint32_t u = FloatBits(f);
-  uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
-  uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);     // NaN
-  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);    // rounds to >= 65520 -> inf
-  if (a < 0x38800000u) {                                                 // below 2^-14: subnormal or 0
-    if (a < 0x33000000u) return sign;                                    // < 2^-25 (incl. half-way 2^-25 -> 0, even)
-    uint32_t e = a >> 23;                                                // 102..112
-    uint32_t m = (a & 0x7fffffu) | 0x800000u;
-    uint32_t shift = 126u - e;                                           // 14..24
-    uint32_t r = m >> shift;
-    uint32_t rem = m & ((1u << shift) - 1u);
-    uint32_t half = 1u << (shift - 1u);
-    if (rem > half || (rem == half && (r & 1u))) ++r;
-    return static_cast<uint16_t>(sign | r);
-  }
-  // normal: rebias exponent 127 -> 15, round mantissa 23 -> 10 bits
-  uint32_t r = a - 0x38000000u;  // exponent - 112
-  r += 0xfffu + ((r >> 13) & 1u);
-  return static_cast<uint16_t>(sign | (r >> 13));
+  const uint32_t u = FloatBits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  // Normal range: rebias the exponent 127 -> 15, round the 13 dropped
+  // mantissa bits to nearest even (a carry may bump the exponent, up to inf).
+  const uint32_t normal = (a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  // Below 2^-14: in 0.5f + |f| one f32 ulp is exactly one f16 subnormal unit
+  // (2^-24), so the FPU's round-to-nearest-even does the rounding. Exact
+  // without denormal support too: f32 subnormals round to 0 either way.
+  const uint32_t sub = FloatBits(BitsFloat(a) + 0.5f) - 0x3f000000u;
+  uint32_t r = a < 0x38800000u ? sub : normal;
+  r = a >= 0x477ff000u ? 0x7c00u : r;  // rounds to >= 65520 -> inf
+  r = a > 0x7f800000u ? 0x7e00u : r;   // NaN
+  return static_cast<uint16_t>(sign | r);
 }
 
+// IEEE fp16 -> fp32 (exact); NaN comes out quiet with its payload.
+// Branch-free like F32ToF16.
 WS_HD float F16ToF32(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t e = (h >> 10) & 0x1fu;
-  uint32_t m = h & 0x3ffu;
-  if (e == 0) {
-    if (m == 0) return BitsFloat(sign);
-    // subnormal: normalise
-    uint32_t shift = 0;
-    while ((m & 0x400u) == 0) {
-      m <<= 1;
-      ++shift;
-    }
-    m &= 0x3ffu;
-    return BitsFloat(sign | ((113u - shift) << 23) | (m << 13));
-  }
-  if (e == 31) return BitsFloat(sign | 0x7f800000u | (m << 13) | (m ? 0x400000u : 0u));
-  return BitsFloat(sign | ((e + 112u) << 23) | (m << 13));
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  const uint32_t o = em << 13;  // exponent and mantissa in f32 position
+  const uint32_t e = em & 0x7c00u;
+  const uint32_t normal = o + 0x38000000u;  // rebias 15 -> 127
+  const uint32_t special = o | 0x7f800000u | ((em & 0x3ffu) != 0 ? 0x400000u : 0u);
+  // Zero/subnormal m * 2^-24: (2^-14 * (1 + m/1024)) - 2^-14, exact.
+  const uint32_t sub = FloatBits(BitsFloat(o + 0x38800000u) - BitsFloat(0x38800000u));
+  const uint32_t r = e == 0x7c00u ? special : (e == 0 ? sub : normal);
+  return BitsFloat(sign | r);
 }
 
 // Loads element `idx` of a buffer of dtype `dt` as float.

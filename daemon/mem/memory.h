@@ -43,6 +43,9 @@ class Mapping {
   virtual MemoryKind kind() const = 0;
   // Device ordinal for CUDA mappings, -1 for host memory.
   virtual int device() const = 0;
+  // False when the object could only be opened read-only (fine for trainer
+  // sources; engine destinations must check it).
+  virtual bool writable() const { return true; }
 };
 
 struct DomainCaps {

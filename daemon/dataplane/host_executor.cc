@@ -1,0 +1,196 @@
+// Host executor: ops are cut into rectangular work items of about
+// chunk_bytes destination bytes and run on a shared thread pool. Per item:
+// memcpy (same dtype), a tight per-row cast loop (vectorizable; the casts are
+// copy_math.h's, shared with the GPU), a cache-blocked transpose, or memset
+// for zero fill.
+
+// The branch-free f16 casts contain a float add; GCC only turns their selects
+// into vector code when FP ops may be assumed not to trap. Results are
+// unchanged (same rounding); nothing here reads FP exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <thread>
+
+#include "daemon/dataplane/executor.h"
+#include "daemon/dataplane/thread_pool.h"
+
+namespace ws {
+namespace {
+
+using kernels::CopyOp;
+
+inline size_t ElemSize(uint8_t dt) { return dt == kernels::kF32 ? 4 : 2; }
+
+struct Item {
+  const CopyOp* op;
+  int64_t r0, r1, c0, c1;
+};
+
+// Element converters on storage types (f32 as its bits).
+inline uint16_t F32ToBF16(uint32_t v) { return kernels::F32ToBF16(kernels::BitsFloat(v)); }
+inline uint16_t F32ToF16(uint32_t v) { return kernels::F32ToF16(kernels::BitsFloat(v)); }
+inline uint32_t BF16ToF32(uint16_t v) { return kernels::FloatBits(kernels::BF16ToF32(v)); }
+inline uint32_t F16ToF32(uint16_t v) { return kernels::FloatBits(kernels::F16ToF32(v)); }
+inline uint16_t BF16ToF16(uint16_t v) { return kernels::F32ToF16(kernels::BF16ToF32(v)); }
+inline uint16_t F16ToBF16(uint16_t v) { return kernels::F32ToBF16(kernels::F16ToF32(v)); }
+
+// One contiguous run: d[j] = conv(s[j]). On x86-64 each loop is also built
+// for AVX2 and picked at load time (twice the SSE2 speed for the f16 casts).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define WS_ROW_TARGETS __attribute__((target_clones("avx2", "default")))
+#else
+#define WS_ROW_TARGETS
+#endif
+#define WS_ROW_FN(name, S, D, conv)                                               \
+  WS_ROW_TARGETS void name(const S* __restrict s, D* __restrict d, int64_t n) { \
+    for (int64_t j = 0; j < n; ++j) d[j] = conv(s[j]);                           \
+  }
+WS_ROW_FN(RowF32ToBF16, uint32_t, uint16_t, F32ToBF16)
+WS_ROW_FN(RowF32ToF16, uint32_t, uint16_t, F32ToF16)
+WS_ROW_FN(RowBF16ToF32, uint16_t, uint32_t, BF16ToF32)
+WS_ROW_FN(RowF16ToF32, uint16_t, uint32_t, F16ToF32)
+WS_ROW_FN(RowBF16ToF16, uint16_t, uint16_t, BF16ToF16)
+WS_ROW_FN(RowF16ToBF16, uint16_t, uint16_t, F16ToBF16)
+#undef WS_ROW_FN
+
+template <typename T>
+void RowCopy(const T* __restrict s, T* __restrict d, int64_t n) {
+  std::memcpy(d, s, n * sizeof(T));
+}
+
+constexpr int64_t kTile = 64;
+
+template <typename S, typename D, void (*Row)(const S*, D*, int64_t)>
+void CastItem(const Item& it) {
+  const CopyOp& op = *it.op;
+  const S* s = static_cast<const S*>(op.src) + op.src_offset;
+  D* d = static_cast<D*>(op.dst) + op.dst_offset;
+  if (!op.transpose) {
+    for (int64_t i = it.r0; i < it.r1; ++i) Row(s + i * op.src_ld + it.c0, d + i * op.dst_ld + it.c0, it.c1 - it.c0);
+    return;
+  }
+  // dst(i, j) = src(j, i), one kTile x kTile block at a time: convert source
+  // rows contiguously into a small tile (no cache-set conflicts from large
+  // power-of-two strides), then write destination rows contiguously.
+  D tile[kTile][kTile];  // tile[j][i] = converted src(jb + j, ib + i)
+  for (int64_t ib = it.r0; ib < it.r1; ib += kTile) {
+    const int64_t ni = std::min(kTile, it.r1 - ib);
+    for (int64_t jb = it.c0; jb < it.c1; jb += kTile) {
+      const int64_t nj = std::min(kTile, it.c1 - jb);
+      for (int64_t j = 0; j < nj; ++j) Row(s + (jb + j) * op.src_ld + ib, tile[j], ni);
+      for (int64_t i = 0; i < ni; ++i) {
+        D* __restrict dr = d + (ib + i) * op.dst_ld + jb;
+        for (int64_t j = 0; j < nj; ++j) dr[j] = tile[j][i];
+      }
+    }
+  }
+}
+
+void CopyItem(const Item& it) {
+  const CopyOp& op = *it.op;
+  const size_t es = ElemSize(op.dst_dtype);
+  char* d = static_cast<char*>(op.dst);
+  const size_t row_bytes = static_cast<size_t>(it.c1 - it.c0) * es;
+  if (op.zero_fill) {  // +0.0 is all-zero bits in f32, bf16 and f16
+    for (int64_t i = it.r0; i < it.r1; ++i) std::memset(d + (op.dst_offset + i * op.dst_ld + it.c0) * es, 0, row_bytes);
+    return;
+  }
+  if (op.src_dtype == op.dst_dtype && !op.transpose) {
+    const char* s = static_cast<const char*>(op.src);
+    for (int64_t i = it.r0; i < it.r1; ++i) {
+      std::memcpy(d + (op.dst_offset + i * op.dst_ld + it.c0) * es, s + (op.src_offset + i * op.src_ld + it.c0) * es,
+                  row_bytes);
+    }
+    return;
+  }
+  using namespace kernels;
+  switch (op.src_dtype * 3 + op.dst_dtype) {
+    case kF32 * 3 + kF32: return CastItem<uint32_t, uint32_t, RowCopy<uint32_t>>(it);
+    case kF32 * 3 + kBF16: return CastItem<uint32_t, uint16_t, RowF32ToBF16>(it);
+    case kF32 * 3 + kF16: return CastItem<uint32_t, uint16_t, RowF32ToF16>(it);
+    case kBF16 * 3 + kF32: return CastItem<uint16_t, uint32_t, RowBF16ToF32>(it);
+    case kBF16 * 3 + kBF16: return CastItem<uint16_t, uint16_t, RowCopy<uint16_t>>(it);
+    case kBF16 * 3 + kF16: return CastItem<uint16_t, uint16_t, RowBF16ToF16>(it);
+    case kF16 * 3 + kF32: return CastItem<uint16_t, uint32_t, RowF16ToF32>(it);
+    case kF16 * 3 + kBF16: return CastItem<uint16_t, uint16_t, RowF16ToBF16>(it);
+    case kF16 * 3 + kF16: return CastItem<uint16_t, uint16_t, RowCopy<uint16_t>>(it);
+  }
+}
+
+// A non-transposed op whose rows are back to back on both sides is one long row.
+CopyOp Normalize(const CopyOp& op) {
+  CopyOp n = op;
+  if (op.zero_fill) n.transpose = 0;
+  if (!n.transpose && op.rows > 1 && op.dst_ld == op.cols && (op.zero_fill || op.src_ld == op.cols)) {
+    n.cols = op.rows * op.cols;
+    n.rows = 1;
+    n.src_ld = n.dst_ld = n.cols;
+  }
+  return n;
+}
+
+void Split(const CopyOp* op, size_t chunk_bytes, std::vector<Item>* items) {
+  const int64_t chunk = std::max<int64_t>(64, static_cast<int64_t>(chunk_bytes / ElemSize(op->dst_dtype)));
+  if (op->transpose) {
+    // Square-ish blocks: splitting by whole rows would stride through the source.
+    int64_t side = static_cast<int64_t>(std::sqrt(static_cast<double>(chunk)));
+    side = std::max<int64_t>(kTile, side / kTile * kTile);
+    for (int64_t r = 0; r < op->rows; r += side)
+      for (int64_t c = 0; c < op->cols; c += side)
+        items->push_back({op, r, std::min(r + side, op->rows), c, std::min(c + side, op->cols)});
+    return;
+  }
+  if (op->cols <= chunk) {
+    const int64_t per = std::max<int64_t>(1, chunk / op->cols);
+    for (int64_t r = 0; r < op->rows; r += per) items->push_back({op, r, std::min(r + per, op->rows), 0, op->cols});
+    return;
+  }
+  for (int64_t r = 0; r < op->rows; ++r)
+    for (int64_t c = 0; c < op->cols; c += chunk) items->push_back({op, r, r + 1, c, std::min(c + chunk, op->cols)});
+}
+
+class HostExecutor final : public Executor {
+ public:
+  explicit HostExecutor(const ExecutorOptions& opts)
+      : threads_(opts.threads > 0 ? opts.threads : std::max(1u, std::thread::hardware_concurrency())),
+        chunk_bytes_(std::max<size_t>(opts.chunk_bytes, 1)),
+        pool_(threads_ - 1) {}
+
+  Result<uint64_t> Run(const std::vector<CopyOp>& ops) override { return RunLabeled(ops, {}); }
+
+  Result<uint64_t> RunLabeled(const std::vector<CopyOp>& ops, const std::vector<std::string>& labels) override {
+    std::vector<CopyOp> norm;
+    norm.reserve(ops.size());
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < ops.size(); ++i) {
+      WS_RETURN_IF_ERROR(ValidateCopyOp(ops[i], i < labels.size() && !labels[i].empty()
+                                                    ? labels[i]
+                                                    : "copy op " + std::to_string(i)));
+      if (ops[i].rows == 0 || ops[i].cols == 0) continue;
+      norm.push_back(Normalize(ops[i]));
+      bytes += static_cast<uint64_t>(ops[i].rows * ops[i].cols) * ElemSize(ops[i].dst_dtype);
+    }
+    std::vector<Item> items;
+    for (const CopyOp& op : norm) Split(&op, chunk_bytes_, &items);
+    pool_.ParallelFor(items.size(), [&](size_t i) { CopyItem(items[i]); });
+    return bytes;
+  }
+
+  int threads() const override { return threads_; }
+
+ private:
+  int threads_;
+  size_t chunk_bytes_;
+  ThreadPool pool_;
+};
+
+}  // namespace
+
+std::unique_ptr<Executor> MakeHostExecutor(const ExecutorOptions& opts) { return std::make_unique<HostExecutor>(opts); }
+
+}  // namespace ws

@@ -1,0 +1,87 @@
+#include "daemon/mem/memory.h"
+
+#include <cstdio>
+#include <utility>
+
+#include "daemon/mem/host_shm.h"
+#if WS_WITH_CUDA
+#include "daemon/mem/cuda/cuda_domain.h"
+#endif
+
+namespace ws {
+
+std::string MemoryRef::ToString() const {
+  std::string s;
+  if (kind == MemoryKind::kHostShm) {
+    s = "host_shm{name=" + name;
+  } else {
+    // The first 8 handle bytes identify it well enough in logs.
+    char hex[17] = {0};
+    size_t n = cuda_handle.size() < 8 ? cuda_handle.size() : 8;
+    for (size_t i = 0; i < n; ++i) std::snprintf(hex + 2 * i, 3, "%02x", static_cast<unsigned char>(cuda_handle[i]));
+    s = "cuda_ipc{device=" + (device_uuid.empty() ? std::string("?") : device_uuid) + " handle=" + hex +
+        (cuda_handle.size() > 8 ? "..." : "") + " (" + std::to_string(cuda_handle.size()) + " bytes)";
+  }
+  return s + " offset=" + std::to_string(offset) + " length=" + std::to_string(length) + "}";
+}
+
+namespace {
+
+// Host shm always; CUDA IPC when a CUDA domain could be created, otherwise
+// CUDA refs fail with `cuda_unavailable`.
+class CompositeDomain final : public MemoryDomain {
+ public:
+  CompositeDomain(std::unique_ptr<MemoryDomain> host, std::unique_ptr<MemoryDomain> cuda, Status cuda_unavailable)
+      : host_(std::move(host)), cuda_(std::move(cuda)), cuda_unavailable_(std::move(cuda_unavailable)) {}
+
+  DomainCaps caps() const override {
+    DomainCaps c = host_->caps();
+    if (cuda_) {
+      DomainCaps g = cuda_->caps();
+      c.cuda_ipc = g.cuda_ipc;
+      c.cuda_kernels = g.cuda_kernels;
+    }
+    return c;
+  }
+
+  Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what) override {
+    if (ref.kind == MemoryKind::kHostShm) return host_->Map(ref, what);
+    if (ref.kind == MemoryKind::kCudaIpc) {
+      if (cuda_) return cuda_->Map(ref, what);
+      return Status(cuda_unavailable_.code(),
+                    what + ": " + ref.ToString() + " is CUDA memory, but " + cuda_unavailable_.message());
+    }
+    return InvalidArgument(what + ": unknown memory kind " + std::to_string(static_cast<int>(ref.kind)));
+  }
+
+  void Trim() override {
+    host_->Trim();
+    if (cuda_) cuda_->Trim();
+  }
+
+ private:
+  std::unique_ptr<MemoryDomain> host_;
+  std::unique_ptr<MemoryDomain> cuda_;
+  Status cuda_unavailable_;
+};
+
+}  // namespace
+
+std::unique_ptr<MemoryDomain> MakeMemoryDomain() {
+#if WS_WITH_CUDA
+  auto cuda = cuda::MakeCudaIpcDomain();
+  if (cuda.ok()) {
+    HostShmOptions opts;
+    opts.pin = cuda::PinHostRange;  // host sources become readable by the copy kernels
+    return std::make_unique<CompositeDomain>(std::make_unique<HostShmDomain>(std::move(opts)), std::move(cuda).value(),
+                                             Status());
+  }
+  return std::make_unique<CompositeDomain>(MakeHostShmDomain(), nullptr,
+                                           FailedPrecondition("no usable CUDA device: " + cuda.status().message()));
+#else
+  return std::make_unique<CompositeDomain>(
+      MakeHostShmDomain(), nullptr, Unimplemented("this weightsync build has no CUDA support (built with WS_WITH_CUDA=OFF)"));
+#endif
+}
+
+}  // namespace ws

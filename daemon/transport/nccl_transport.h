@@ -1,0 +1,66 @@
+// NCCL transport (only in builds with CUDA; the implementation lives in
+// ws_cuda, daemon/transport/cuda/nccl_transport.cc).
+//
+// Implemented: an RAII communicator (ncclCommInitRank on the device named by
+// UUID, ncclCommDestroy on destruction, ncclCommAbort if an operation
+// failed), and blocking send/recv of raw byte ranges of device memory,
+// singly or as one NCCL group (so pairwise exchanges cannot deadlock).
+// Not implemented: exchanging the unique id (the caller carries it out of
+// band), any use by the sync protocol (the planner never routes through it
+// yet), casts/layout on receive (bytes arrive as sent; run an Executor on
+// the received buffer), timeouts/abort from another thread, host memory.
+//
+// Thread-safety: one thread at a time per NcclTransport (NCCL communicators
+// are not thread-safe); different instances are independent.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "daemon/core/status.h"
+#include "daemon/transport/transport.h"
+
+namespace ws {
+
+class NcclTransport final : public Transport {
+ public:
+  // ncclGetUniqueId as bytes (128); rank 0 makes it, every rank passes it to Create.
+  static Result<std::string> NewUniqueId();
+  // Joins a communicator of `nranks` ranks as `rank` on the device with this
+  // UUID. Blocks until every rank has joined.
+  static Result<std::unique_ptr<NcclTransport>> Create(const std::string& unique_id, int nranks, int rank,
+                                                       const std::string& device_uuid);
+  ~NcclTransport() override;
+
+  const char* name() const override { return "nccl"; }
+  TransportCaps caps() const override {
+    TransportCaps c;
+    c.cuda_memory = true;
+    c.cross_node = true;
+    c.zero_copy = false;  // NCCL stages through its own buffers
+    return c;
+  }
+  int rank() const;
+  int nranks() const;
+
+  struct P2P {
+    bool send = true;
+    int peer = 0;
+    void* ptr = nullptr;  // device memory on this communicator's device
+    uint64_t bytes = 0;
+    std::string what;     // tensor name for errors
+  };
+  // Runs all sends/receives as one group, to completion.
+  Status Exchange(const std::vector<P2P>& ops);
+  Status Send(const void* ptr, uint64_t bytes, int peer, const std::string& what);
+  Status Recv(void* ptr, uint64_t bytes, int peer, const std::string& what);
+
+ private:
+  struct Impl;
+  explicit NcclTransport(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ws
