@@ -43,7 +43,7 @@ ANON0=$(mem RssAnon)
 ANON1=$(mem RssAnon); HWM=$(mem VmHWM); SHM=$(mem RssShmem)
 wait $EPID || true
 
-"$BIN/memcpy_floor" --bytes "$MODEL_BYTES" --threads "$THREADS" --repeat 5 >"$W/floor.json"
+"$BIN/memcpy_floor" --bytes "$MODEL_BYTES" --threads "$THREADS" --repeats 5 >"$W/floor.json"
 
 "$ROOT/.venv/bin/python" - "$W/push.json" "$W/floor.json" "$MODEL_BYTES" "$ANON0" "$ANON1" "$HWM" "$SHM" "$THREADS" <<'EOF'
 import json, sys, statistics

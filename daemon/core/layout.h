@@ -57,7 +57,9 @@ struct RankLayout {
 struct ResolveOptions {
   uint32_t tp_size = 1;
   uint32_t tp_rank = 0;
-  std::map<std::string, int64_t> engine_options;  // exposed to rule expressions by name
+  // Exposed to rule expressions by name; a rule file's "option_defaults"
+  // supplies values the engine does not send (e.g. use_mla, enable_expert_parallel).
+  std::map<std::string, int64_t> engine_options;
 };
 
 class LayoutRegistry {
@@ -75,9 +77,14 @@ class LayoutRegistry {
                              const ResolveOptions& opts) const;
 
   // Resolves a single explicit per-parameter mapping (EngineParamSpec::mapping_json).
+  // Source shapes come from the mapping's own "sources" list, then from the
+  // rule file of the config's "architectures" if one is loaded. When
+  // `sources` is given, the mapping's own declared sources are appended to it
+  // (callers add them to RankLayout::sources so the planner checks their shape).
   Result<ExpectedParam> ResolveExplicit(const std::string& param_name, const std::string& mapping_json,
                                         const std::string& hf_config_json,
-                                        const ResolveOptions& opts) const;
+                                        const ResolveOptions& opts,
+                                        std::vector<ExpectedSource>* sources = nullptr) const;
 
   std::vector<std::string> Architectures() const;
 
