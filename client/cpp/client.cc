@@ -1,0 +1,263 @@
+#include "client/cpp/client.h"
+
+#include <chrono>
+
+namespace ws {
+namespace {
+
+std::chrono::system_clock::time_point DeadlineAfter(double seconds) {
+  return std::chrono::system_clock::now() +
+         std::chrono::duration_cast<std::chrono::system_clock::duration>(std::chrono::duration<double>(seconds));
+}
+
+}  // namespace
+
+Status FromGrpc(const grpc::Status& s) {
+  Code c = Code::kInternal;
+  switch (s.error_code()) {
+    case grpc::StatusCode::OK: return Status::Ok();
+    case grpc::StatusCode::CANCELLED: c = Code::kCancelled; break;
+    case grpc::StatusCode::INVALID_ARGUMENT: c = Code::kInvalidArgument; break;
+    case grpc::StatusCode::DEADLINE_EXCEEDED: c = Code::kDeadlineExceeded; break;
+    case grpc::StatusCode::NOT_FOUND: c = Code::kNotFound; break;
+    case grpc::StatusCode::ALREADY_EXISTS: c = Code::kAlreadyExists; break;
+    case grpc::StatusCode::FAILED_PRECONDITION: c = Code::kFailedPrecondition; break;
+    case grpc::StatusCode::ABORTED: c = Code::kAborted; break;
+    case grpc::StatusCode::OUT_OF_RANGE: c = Code::kOutOfRange; break;
+    case grpc::StatusCode::UNIMPLEMENTED: c = Code::kUnimplemented; break;
+    case grpc::StatusCode::UNAVAILABLE: c = Code::kUnavailable; break;
+    default: c = Code::kInternal; break;
+  }
+  std::string msg = s.error_message();
+  if (msg.empty()) msg = "gRPC status " + std::to_string(static_cast<int>(s.error_code()));
+  return Status(c, msg);
+}
+
+pb::DType ToProto(DType d) {
+  switch (d) {
+    case DType::kF32: return pb::DTYPE_F32;
+    case DType::kBF16: return pb::DTYPE_BF16;
+    case DType::kF16: return pb::DTYPE_F16;
+  }
+  return pb::DTYPE_UNSPECIFIED;
+}
+
+std::optional<DType> FromProto(pb::DType d) {
+  switch (d) {
+    case pb::DTYPE_F32: return DType::kF32;
+    case pb::DTYPE_BF16: return DType::kBF16;
+    case pb::DTYPE_F16: return DType::kF16;
+    default: return std::nullopt;
+  }
+}
+
+std::string NormalizeTarget(const std::string& target) {
+  if (!target.empty() && target[0] == '/') return "unix:" + target;
+  return target;
+}
+
+const char* HealthStateName(HealthState s) {
+  switch (s) {
+    case HealthState::kServing: return "SERVING";
+    case HealthState::kNotServing: return "NOT_SERVING";
+    case HealthState::kServiceUnknown: return "SERVICE_UNKNOWN";
+    case HealthState::kUnknown: break;
+  }
+  return "UNKNOWN";
+}
+
+// ---- PushStream ---------------------------------------------------------------
+
+Status PushStream::Send(const pb::LayerData& layer) {
+  if (done_) return final_.ok() ? FailedPrecondition("push stream already finished") : final_;
+  if (rw_->Write(layer)) return Status::Ok();
+  Status s = Close();  // the stream broke: the daemon's status says why
+  return s.ok() ? Unavailable("push stream closed by the daemon while sending layer " + layer.layer()) : s;
+}
+
+Result<pb::LayerAck> PushStream::Read() {
+  if (done_) return final_.ok() ? FailedPrecondition("push stream already finished") : final_;
+  pb::LayerAck ack;
+  if (rw_->Read(&ack)) return ack;
+  Status s = Close();
+  return s.ok() ? Unavailable("push stream closed by the daemon before acknowledging the layer") : s;
+}
+
+Status PushStream::Finish() {
+  if (done_) return final_;
+  rw_->WritesDone();
+  return Close();
+}
+
+Status PushStream::Close() {
+  if (done_) return final_;
+  pb::LayerAck ignored;
+  while (rw_->Read(&ignored)) {
+  }
+  final_ = FromGrpc(rw_->Finish());
+  done_ = true;
+  return final_;
+}
+
+PushStream::~PushStream() {
+  if (!done_ && rw_) {
+    ctx_.TryCancel();
+    (void)Close();
+  }
+}
+
+// ---- EngineSession ------------------------------------------------------------
+
+Result<pb::EngineEvent> EngineSession::Next() {
+  if (done_) return final_;
+  pb::EngineEvent ev;
+  if (reader_->Read(&ev)) return ev;
+  Status s = Close();
+  if (s.ok()) final_ = Unavailable("daemon closed the event stream");
+  return final_;
+}
+
+Status EngineSession::Close() {
+  if (done_) return final_;
+  pb::EngineEvent ignored;
+  while (reader_->Read(&ignored)) {
+  }
+  final_ = FromGrpc(reader_->Finish());
+  done_ = true;
+  return final_;
+}
+
+EngineSession::~EngineSession() {
+  if (!done_ && reader_) {
+    ctx_.TryCancel();
+    (void)Close();
+  }
+}
+
+// ---- WeightSyncClient ---------------------------------------------------------
+
+WeightSyncClient::WeightSyncClient(const std::string& target, ClientOptions opts)
+    : target_(NormalizeTarget(target)), opts_(opts) {
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // a connection of our own
+  args.SetMaxReceiveMessageSize(-1);
+  args.SetMaxSendMessageSize(-1);
+  channel_ = grpc::CreateCustomChannel(target_, grpc::InsecureChannelCredentials(), args);
+  stub_ = pb::WeightSync::NewStub(channel_);
+  health_ = grpc::health::v1::Health::NewStub(channel_);
+}
+
+Status WeightSyncClient::Connect(double timeout_s) {
+  if (channel_->WaitForConnected(DeadlineAfter(timeout_s))) return Status::Ok();
+  return Unavailable("cannot connect to " + target_ + " within " + std::to_string(timeout_s) + " s");
+}
+
+void WeightSyncClient::Prepare(grpc::ClientContext* ctx) const {
+  if (opts_.rpc_timeout_s > 0) ctx->set_deadline(DeadlineAfter(opts_.rpc_timeout_s));
+  ctx->set_wait_for_ready(opts_.wait_for_ready);
+}
+
+Result<HealthState> WeightSyncClient::Health(const std::string& service, double timeout_s) {
+  grpc::ClientContext ctx;
+  if (timeout_s > 0) ctx.set_deadline(DeadlineAfter(timeout_s));
+  grpc::health::v1::HealthCheckRequest req;
+  req.set_service(service);
+  grpc::health::v1::HealthCheckResponse resp;
+  grpc::Status s = health_->Check(&ctx, req, &resp);
+  if (s.error_code() == grpc::StatusCode::NOT_FOUND) return HealthState::kServiceUnknown;
+  if (!s.ok()) return FromGrpc(s);
+  switch (resp.status()) {
+    case grpc::health::v1::HealthCheckResponse::SERVING: return HealthState::kServing;
+    case grpc::health::v1::HealthCheckResponse::NOT_SERVING: return HealthState::kNotServing;
+    case grpc::health::v1::HealthCheckResponse::SERVICE_UNKNOWN: return HealthState::kServiceUnknown;
+    default: return HealthState::kUnknown;
+  }
+}
+
+Result<pb::StatusResponse> WeightSyncClient::GetStatus() {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  pb::StatusResponse resp;
+  grpc::Status s = stub_->GetStatus(&ctx, pb::StatusRequest(), &resp);
+  if (!s.ok()) return FromGrpc(s);
+  return resp;
+}
+
+Result<pb::BeginSyncResponse> WeightSyncClient::BeginSync(const pb::BeginSyncRequest& req) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  pb::BeginSyncResponse resp;
+  grpc::Status s = stub_->BeginSync(&ctx, req, &resp);
+  if (!s.ok()) return FromGrpc(s);
+  return resp;
+}
+
+Result<std::unique_ptr<PushStream>> WeightSyncClient::OpenPush() {
+  std::unique_ptr<PushStream> p(new PushStream());
+  p->rw_ = stub_->Push(&p->ctx_);
+  if (!p->rw_) return Internal("cannot open a push stream to " + target_);
+  return p;
+}
+
+Result<pb::CommitResponse> WeightSyncClient::Commit(uint64_t sync_id) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  pb::CommitRequest req;
+  req.set_sync_id(sync_id);
+  pb::CommitResponse resp;
+  grpc::Status s = stub_->Commit(&ctx, req, &resp);
+  if (!s.ok()) return FromGrpc(s);
+  return resp;
+}
+
+Status WeightSyncClient::Abort(uint64_t sync_id, const std::string& reason) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  pb::AbortRequest req;
+  req.set_sync_id(sync_id);
+  req.set_reason(reason);
+  pb::AbortResponse resp;
+  return FromGrpc(stub_->Abort(&ctx, req, &resp));
+}
+
+Result<std::unique_ptr<EngineSession>> WeightSyncClient::RegisterEngine(const pb::RegisterEngineRequest& req) {
+  std::unique_ptr<EngineSession> e(new EngineSession());
+  e->ctx_.set_wait_for_ready(opts_.wait_for_ready);
+  e->reader_ = stub_->RegisterEngine(&e->ctx_, req);
+  if (!e->reader_) return Internal("cannot open the event stream to " + target_);
+  pb::EngineEvent ev;
+  if (!e->reader_->Read(&ev)) {
+    Status s = e->Close();
+    return s.ok() ? Unavailable("daemon closed the event stream before confirming the registration") : s;
+  }
+  if (ev.event_case() != pb::EngineEvent::kRegistered) {
+    e->Cancel();
+    return Internal("daemon's first event is not \"registered\"");
+  }
+  e->engine_id_ = ev.registered().engine_id();
+  return e;
+}
+
+Status WeightSyncClient::AckVersion(const std::string& engine_id, uint64_t version, bool ok,
+                                    const std::string& error) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  pb::AckVersionRequest req;
+  req.set_engine_id(engine_id);
+  req.set_version(version);
+  req.set_ok(ok);
+  req.set_error(error);
+  pb::AckVersionResponse resp;
+  return FromGrpc(stub_->AckVersion(&ctx, req, &resp));
+}
+
+Status WeightSyncClient::UnregisterEngine(const std::string& engine_id) {
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  pb::UnregisterEngineRequest req;
+  req.set_engine_id(engine_id);
+  pb::UnregisterEngineResponse resp;
+  return FromGrpc(stub_->UnregisterEngine(&ctx, req, &resp));
+}
+
+}  // namespace ws

@@ -1,0 +1,45 @@
+// POSIX shared-memory objects owned by a client process (RAII): created with
+// O_CREAT|O_EXCL, mapped read-write, unmapped and unlinked on destruction.
+// The daemon opens them by name (HostShmRef.name).
+//
+// Thread-safety: the object is not synchronised; its bytes may be written
+// concurrently on disjoint ranges.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "daemon/core/status.h"
+
+namespace ws {
+
+class ShmObject {
+ public:
+  // Creates and maps `name` ("/..."), `bytes` long (backing space is
+  // allocated up front so a full /dev/shm fails here, not later with
+  // SIGBUS). A zero-byte request creates a 1-byte object.
+  static Result<ShmObject> Create(const std::string& name, uint64_t bytes);
+  // "/ws-<pid>-<tag>-<n>", unique within the process and across processes.
+  static std::string UniqueName(const std::string& tag);
+
+  ShmObject() = default;
+  ShmObject(ShmObject&& o) noexcept;
+  ShmObject& operator=(ShmObject&& o) noexcept;
+  ShmObject(const ShmObject&) = delete;
+  ShmObject& operator=(const ShmObject&) = delete;
+  ~ShmObject();
+
+  bool valid() const { return data_ != nullptr; }
+  uint8_t* data() const { return data_; }
+  uint64_t size() const { return size_; }  // the requested size
+  const std::string& name() const { return name_; }
+
+ private:
+  void Reset();
+  std::string name_;
+  uint8_t* data_ = nullptr;
+  uint64_t size_ = 0;
+  uint64_t mapped_ = 0;
+};
+
+}  // namespace ws

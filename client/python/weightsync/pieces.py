@@ -1,0 +1,240 @@
+"""What one trainer rank holds of each tensor, and how to find it.
+
+A Piece is one tensor as this rank sees it: the global shape and the box it
+holds, a contiguous range [start, start+length) along one dim (the whole
+tensor is dim 0, [0, shape[0])), with `local` the rank's data for exactly that
+box (any strides), or None when it holds none of it. Boxes are computed from
+DTensor placements / ShardedTensor metadata, never from chunking assumptions.
+
+Thread-safety: plain functions and values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable
+
+import torch
+
+from .errors import WeightSyncError
+
+
+@dataclass
+class Piece:
+    name: str
+    shape: tuple
+    dim: int = 0
+    start: int = 0
+    length: int = 0
+    local: "torch.Tensor | None" = None
+
+    @property
+    def held(self) -> bool:
+        return self.local is not None and self.local.numel() > 0
+
+    def box(self) -> "tuple[int, int, int] | None":
+        return (self.dim, self.start, self.length) if self.held else None
+
+
+def full_piece(name: str, t: torch.Tensor) -> Piece:
+    shape = tuple(t.shape)
+    return Piece(name, shape, 0, 0, shape[0] if shape else 1, t)
+
+
+def _box_from(name: str, shape: tuple, local_shape: tuple, offset: tuple, local: torch.Tensor, how: str) -> Piece:
+    if tuple(local.shape) != tuple(local_shape):
+        raise WeightSyncError(
+            f"tensor {name}: local tensor has shape {list(local.shape)} but {how} give {list(local_shape)}")
+    if local.numel() == 0:
+        return Piece(name, shape, 0, 0, 0, None)
+    dims = [d for d in range(len(shape)) if local_shape[d] != shape[d] or offset[d] != 0]
+    if len(dims) > 1:
+        raise WeightSyncError(
+            f"tensor {name}: {how} split it along dims {dims}; weightsync takes shards split along one dim only")
+    if not dims:
+        return full_piece(name, local)
+    d = dims[0]
+    return Piece(name, shape, d, int(offset[d]), int(local_shape[d]), local)
+
+
+def _dtensor_types():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
+
+
+def _sharded_tensor_type():
+    try:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+        return ShardedTensor
+    except ImportError:
+        return None
+
+
+def piece_of(name: str, value) -> Piece:
+    """The Piece for one (name, tensor) of this rank: DTensor, ShardedTensor or plain tensor."""
+    DTensor = _dtensor_types()
+    if DTensor is not None and isinstance(value, DTensor):
+        return _dtensor_piece(name, value)
+    ShardedTensor = _sharded_tensor_type()
+    if ShardedTensor is not None and isinstance(value, ShardedTensor):
+        shards = value.local_shards()
+        shape = tuple(value.size())
+        if not shards:
+            return Piece(name, shape, 0, 0, 0, None)
+        if len(shards) > 1:
+            raise WeightSyncError(f"tensor {name}: this rank holds {len(shards)} shards of it; one is supported")
+        md = shards[0].metadata
+        return _box_from(name, shape, tuple(md.shard_sizes), tuple(md.shard_offsets), shards[0].tensor,
+                         "its ShardedTensor metadata")
+    if isinstance(value, torch.Tensor):
+        return full_piece(name, value.detach())
+    raise WeightSyncError(f"tensor {name}: unsupported value of type {type(value).__name__}")
+
+
+def _dtensor_piece(name: str, value) -> Piece:
+    placements = tuple(value.placements)
+    for p in placements:
+        if type(p).__name__ == "_StridedShard":
+            raise WeightSyncError(
+                f"tensor {name}: placements {placements} hold non-contiguous ranges (_StridedShard, FSDP+TP); "
+                "weightsync takes one contiguous range per rank")
+        if type(p).__name__ not in ("Shard", "Replicate"):
+            raise WeightSyncError(f"tensor {name}: placement {p} is not supported (Shard or Replicate)")
+    shape = tuple(value.shape)
+    local = value._local_tensor if hasattr(value, "_local_tensor") else value.to_local()
+    local = local.detach()
+    mesh = value.device_mesh
+    if mesh.get_coordinate() is None:
+        return Piece(name, shape, 0, 0, 0, None)
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+    local_shape, offset = compute_local_shape_and_global_offset(value.shape, mesh, placements)
+    return _box_from(name, shape, tuple(local_shape), tuple(offset), local, f"its placements {placements}")
+
+
+# ---- operations used to undo in-memory fusions (transformers conversions) ----
+
+def chunk(p: Piece, dim: int, names: list) -> list:
+    """torch.chunk(p, len(names), dim) as pieces named `names`."""
+    n = len(names)
+    extent = p.shape[dim]
+    size = -(-extent // n)
+    out = []
+    for i, nm in enumerate(names):
+        lo, hi = min(i * size, extent), min((i + 1) * size, extent)
+        shape = p.shape[:dim] + (hi - lo,) + p.shape[dim + 1:]
+        if not p.held:
+            out.append(Piece(nm, shape, 0, 0, 0, None))
+        elif p.dim != dim:
+            out.append(replace(p, name=nm, shape=shape, local=p.local.narrow(dim, lo, hi - lo)))
+        else:
+            a, b = max(lo, p.start), min(hi, p.start + p.length)
+            if a >= b:
+                out.append(Piece(nm, shape, 0, 0, 0, None))
+            else:
+                out.append(Piece(nm, shape, dim, a - lo, b - a, p.local.narrow(dim, a - p.start, b - a)))
+    return out
+
+
+def unstack(p: Piece, dim: int, name_of: Callable[[int], str]) -> list:
+    """The slices p.select(dim, i) for every i, named name_of(i) (inverse of torch.stack)."""
+    out = []
+    shape = p.shape[:dim] + p.shape[dim + 1:]
+    full_len = shape[0] if shape else 1
+    for i in range(p.shape[dim]):
+        nm = name_of(i)
+        if not p.held:
+            out.append(Piece(nm, shape, 0, 0, 0, None))
+        elif p.dim == dim:
+            if p.start <= i < p.start + p.length:
+                out.append(Piece(nm, shape, 0, 0, full_len, p.local.select(dim, i - p.start)))
+            else:
+                out.append(Piece(nm, shape, 0, 0, 0, None))
+        else:
+            d = p.dim if p.dim < dim else p.dim - 1
+            out.append(Piece(nm, shape, d, p.start, p.length, p.local.select(dim, i)))
+    return out
+
+
+def transpose(p: Piece, a: int, b: int, name: str) -> Piece:
+    shape = list(p.shape)
+    shape[a], shape[b] = shape[b], shape[a]
+    if not p.held:
+        return Piece(name, tuple(shape), 0, 0, 0, None)
+    d = b if p.dim == a else a if p.dim == b else p.dim
+    if p.start == 0 and p.length == shape[d]:  # whole tensor: say so the usual way
+        return Piece(name, tuple(shape), 0, 0, shape[0], p.local.transpose(a, b))
+    return Piece(name, tuple(shape), d, p.start, p.length, p.local.transpose(a, b))
+
+
+# ---- collecting what a rank holds ----
+
+def _from_package(obj, package: str) -> bool:
+    """Whether obj's class (or a base: FSDP2 subclasses modules dynamically) comes from `package`."""
+    return any(c.__module__.split(".")[0] == package for c in type(obj).__mro__)
+
+
+def _hf_model_inside(module):
+    """The transformers PreTrainedModel inside wrappers (DDP, torch.compile, FSDP1, peft), or None."""
+    seen = set()
+    m = module
+    while m is not None and id(m) not in seen:
+        seen.add(id(m))
+        if hasattr(m, "config") and hasattr(m, "base_model_prefix") and _from_package(m, "transformers"):
+            return m
+        nxt = None
+        for attr in ("_orig_mod", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
+            if isinstance(getattr(m, attr, None), torch.nn.Module):
+                nxt = getattr(m, attr)
+                break
+        if nxt is None and _from_package(m, "peft"):
+            base = getattr(m, "base_model", None)
+            nxt = getattr(base, "model", None) if base is not None else None
+        m = nxt
+    return None
+
+
+def _module_tensors(module: torch.nn.Module) -> list:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1, StateDictType
+    except ImportError:
+        FSDP1 = None
+    if FSDP1 is not None and any(isinstance(m, FSDP1) for m in module.modules()):
+        with FSDP1.state_dict_type(module, StateDictType.SHARDED_STATE_DICT):
+            return list(module.state_dict().items())
+    out = list(module.named_parameters())  # tied parameters once
+    for mod_name, mod in module.named_modules():
+        for bname, buf in mod.named_buffers(recurse=False):
+            if buf is not None and bname not in mod._non_persistent_buffers_set:
+                out.append((f"{mod_name}.{bname}" if mod_name else bname, buf))
+    return out
+
+
+def collect(src) -> tuple:
+    """(list of (in-memory name, value), transformers model or None) for a module, mapping or iterable."""
+    if isinstance(src, torch.nn.Module):
+        return _module_tensors(src), _hf_model_inside(src)
+    if hasattr(src, "items"):
+        return list(src.items()), None
+    if isinstance(src, Iterable):
+        items = list(src)
+        for it in items[:1]:
+            if not (isinstance(it, tuple) and len(it) == 2 and isinstance(it[0], str)):
+                raise WeightSyncError("push() takes a module, a state dict or an iterable of (name, tensor) pairs")
+        return items, None
+    raise WeightSyncError(f"push() cannot read weights from a {type(src).__name__}")
+
+
+def alias_key(p: Piece):
+    """Identity of the memory a piece reads (tied weights share it), or None."""
+    if not p.held or p.local.device.type == "meta":
+        return None
+    t = p.local
+    return (t.device.type, t.device.index, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)

@@ -1,0 +1,474 @@
+"""Trainer side: push a (sharded) model into the engines through the daemon.
+
+    trainer = weightsync.Trainer("unix:/run/weightsync.sock", model="policy")
+    result = trainer.push(fsdp_model, version=step)   # every rank, collectively
+
+Protocol per push: every rank computes what it holds (names, global shapes,
+boxes) and the boxes are all-gathered; rank 0 sends the full manifest
+(BeginSync) and broadcasts the sync id; every rank streams its own shards,
+layer by layer (Push), waiting for each layer's ack before reusing memory and
+keeping the exported-but-unacknowledged bytes under `max_inflight_bytes`; the
+ranks exchange their outcome; rank 0 commits (or aborts with every rank's
+reason) and broadcasts the result. Every rank takes part in every collective,
+so a failure on one rank raises the same error on all of them instead of
+hanging.
+
+Thread-safety: a Trainer runs one push at a time; do not share it between
+threads. Collectives use the torch.distributed `group` given (default: WORLD).
+"""
+from __future__ import annotations
+
+import queue
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import grpc
+import torch
+
+from . import pieces as P
+from ._proto import weightsync_pb2 as pb
+from .cuda_ipc import export_tensor
+from .daemon import Daemon, as_daemon  # noqa: F401
+from .dtypes import to_wire
+from .errors import WeightSyncError, rpc_error
+from .names import NameMapper
+from .policy import DEFAULT_KEEP_FP32, DtypePolicy
+from .shm import ShmIndex, ShmSegment, StagingRing, align_up
+
+DEFAULT_EXCLUDE = ("*rotary_emb.inv_freq",)
+_LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks|layer)\.\d+)\.")
+
+
+def default_layer_of(name: str) -> str:
+    """model.layers.7.mlp.up_proj.weight -> model.layers.7; model.norm.weight -> model.norm."""
+    m = _LAYER.match(name)
+    if m:
+        return m.group(1)
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+@dataclass
+class RankStats:
+    rank: int = 0
+    tensors: int = 0
+    messages: int = 0
+    bytes: int = 0               # shard bytes this rank exported
+    zero_copy_bytes: int = 0     # of which read in place (shm / CUDA IPC)
+    staged_bytes: int = 0        # of which copied (and cast) into a staging ring
+    peak_inflight_bytes: int = 0
+    bytes_written: int = 0       # engine bytes the daemon wrote for this rank's layers
+    daemon_seconds: float = 0.0  # sum of the daemon's per-layer copy times
+    seconds_prepare: float = 0.0
+    seconds_stream: float = 0.0
+
+
+@dataclass
+class SyncResult:
+    version: int
+    sync_id: int
+    engines: int
+    copy_ops: int
+    bytes_planned: int
+    stats: dict                  # the daemon's SyncStats at commit
+    ranks: list = field(default_factory=list)   # RankStats of every rank
+    seconds: float = 0.0         # wall time of push() on this rank
+
+    def summary(self) -> str:
+        s = self.stats
+        return (f"version {self.version} (sync {self.sync_id}): {s.get('bytes_written', 0) / 1e9:.3f} GB into "
+                f"{self.engines} engine ranks in {self.seconds:.3f} s ({s.get('gbps', 0):.2f} GB/s daemon-side)")
+
+
+class _Comm:
+    def __init__(self, rank, world_size, group):
+        self.group = group
+        self.world_size = world_size
+        self.rank = rank
+        if world_size > 1:
+            import torch.distributed as dist
+            if not dist.is_available() or not dist.is_initialized():
+                raise WeightSyncError(f"world_size is {world_size} but torch.distributed is not initialised")
+            if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
+                raise WeightSyncError(
+                    f"Trainer(rank={rank}, world_size={world_size}) disagrees with the process group "
+                    f"(rank {dist.get_rank(group)} of {dist.get_world_size(group)})")
+            self.dist = dist
+            self.src = dist.get_global_rank(group, 0) if group is not None else 0
+
+    def all_gather(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        self.dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=self.src, group=self.group)
+        return box[0]
+
+
+def _default_rank_world(group):
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(group), dist.get_world_size(group)
+    except ImportError:
+        pass
+    return 0, 1
+
+
+class Trainer:
+    """Pushes weights from every trainer rank. Call push() on all ranks of `group` together.
+
+    daemon: address ("unix:/path", "host:port") or a Daemon.
+    model: the logical model name the engines registered under.
+    max_inflight_bytes: bound on shard bytes exported and not yet acknowledged
+        (zero-copy and staged); a single shard larger than it is sent alone.
+    engine_dtype / keep_fp32 / dtype_overrides: the per-tensor wire dtype
+        policy (see weightsync.policy); or pass a DtypePolicy as dtype_policy.
+    name_hook / exclude / skip_lora_adapters / hf_conversions: name mapping
+        (see weightsync.names).
+    layer_of: name -> layer key; tensors with one key go in one message.
+    cuda_transport: "ipc" sends CUDA tensors by CUDA IPC, in place when their
+        dtype and layout already fit, else through a CUDA staging ring; "host"
+        copies them into the host shm ring (for daemons without CUDA).
+    """
+
+    def __init__(self, daemon: "Daemon | str", model: str, rank: "int | None" = None,
+                 world_size: "int | None" = None, *, group=None, max_inflight_bytes: int = 1 << 30,
+                 engine_dtype="auto", keep_fp32=DEFAULT_KEEP_FP32, dtype_overrides: "dict | None" = None,
+                 dtype_policy: "DtypePolicy | None" = None,
+                 name_hook: "Callable[[str], str | None] | None" = None, exclude=DEFAULT_EXCLUDE,
+                 skip_lora_adapters: bool = False, hf_conversions: bool = True,
+                 layer_of: Callable[[str], str] = default_layer_of, cuda_transport: str = "ipc",
+                 shm_mode: int = 0o600, timeout: "float | None" = 600.0):
+        r, w = _default_rank_world(group)
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        self.comm = _Comm(self.rank, self.world_size, group)
+        self.daemon = as_daemon(daemon)
+        self.model = model
+        self.max_inflight_bytes = int(max_inflight_bytes)
+        self.policy = dtype_policy or DtypePolicy(engine_dtype, keep_fp32, dtype_overrides)
+        self.name_hook, self.exclude = name_hook, tuple(exclude)
+        self.skip_lora_adapters, self.hf_conversions = skip_lora_adapters, hf_conversions
+        self.layer_of = layer_of
+        if cuda_transport not in ("ipc", "host"):
+            raise WeightSyncError(f"cuda_transport must be 'ipc' or 'host', not {cuda_transport!r}")
+        self.cuda_transport = cuda_transport
+        self.shm_mode = shm_mode
+        self.timeout = timeout
+        self._host_seg: "ShmSegment | None" = None
+        self._cuda_bufs: dict = {}
+
+    # ---- public ----
+
+    def push(self, src, version: int, *, hf_model=None) -> SyncResult:
+        """Sends `src` (module, state dict or (name, tensor) pairs) as `version`; returns once every engine applied it."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            try:
+                held, entries, dropped = self._prepare(src, hf_model)
+                err = None
+            except Exception as e:  # reported collectively below
+                held, entries, dropped, err = [], [], [], f"rank {self.rank}: {e}"
+        t_prep = time.perf_counter() - t0
+        gathered = self.comm.all_gather((entries, dropped, err))
+        errors = [g[2] for g in gathered if g[2]]
+        if errors:
+            raise WeightSyncError(f"push of version {version} failed while preparing:\n" + "\n".join(errors))
+        drop = set().union(*[set(g[1]) for g in gathered])
+        held = [(p, w) for p, w in held if p.name not in drop]
+
+        begin = None
+        if self.rank == 0:
+            try:
+                req = self._manifest(gathered, drop, version)
+                resp = self.daemon.stub.BeginSync(req, timeout=self.timeout)
+                begin = (resp.sync_id, resp.engines, resp.copy_ops, resp.bytes_planned, None)
+            except grpc.RpcError as e:
+                begin = (0, 0, 0, 0, str(rpc_error(e, f"BeginSync of {self.model} version {version}")))
+            except Exception as e:
+                begin = (0, 0, 0, 0, f"BeginSync of {self.model} version {version}: {e}")
+        sync_id, engines, copy_ops, bytes_planned, err = self.comm.broadcast(begin)
+        if err:
+            raise WeightSyncError(err)
+
+        with torch.no_grad():
+            stats = RankStats(rank=self.rank, seconds_prepare=t_prep)
+            try:
+                self._stream(sync_id, held, stats)
+                err = None
+            except Exception as e:
+                err = f"rank {self.rank}: {e}"
+        outcomes = self.comm.all_gather((asdict(stats), err))
+        errors = [o[1] for o in outcomes if o[1]]
+
+        done = None
+        if self.rank == 0:
+            if errors:
+                reason = "\n".join(errors)
+                try:
+                    self.daemon.stub.Abort(pb.AbortRequest(sync_id=sync_id, reason=reason), timeout=30)
+                except grpc.RpcError:
+                    pass  # already aborted by the daemon (the failed stream)
+                done = (None, f"push of {self.model} version {version} (sync {sync_id}) failed:\n{reason}")
+            else:
+                try:
+                    resp = self.daemon.stub.Commit(pb.CommitRequest(sync_id=sync_id), timeout=self.timeout)
+                    done = (_stats_dict(resp.stats), None)
+                except grpc.RpcError as e:
+                    done = (None, str(rpc_error(e, f"Commit of {self.model} version {version} (sync {sync_id})")))
+        committed, err = self.comm.broadcast(done)
+        if err:
+            raise WeightSyncError(err)
+        return SyncResult(version, sync_id, engines, copy_ops, bytes_planned, committed,
+                          [RankStats(**o[0]) for o in outcomes], time.perf_counter() - t0)
+
+    def close(self) -> None:
+        if self._host_seg is not None:
+            self._host_seg.close()
+            self._host_seg = None
+        self._cuda_bufs.clear()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- preparation: pieces, names, dtypes, manifest ----
+
+    def _prepare(self, src, hf_model):
+        items, found = P.collect(src)
+        hf_model = hf_model if hf_model is not None else found
+        mapper = NameMapper(hf_model, self.name_hook, self.exclude, self.skip_lora_adapters, self.hf_conversions)
+        engine_dtype = self.policy.resolve_engine_dtype(hf_model)
+        held, entries, dropped, seen, names = [], [], [], {}, {}
+        for name, value in items:
+            piece = P.piece_of(name, value)
+            key = P.alias_key(piece)
+            alias_of = seen.get(key) if key is not None else None
+            if key is not None and alias_of is None:
+                seen[key] = name
+            for q in mapper.map(piece):
+                if q.name in names:
+                    raise WeightSyncError(f"tensors {names[q.name]} and {name} both map to {q.name}")
+                names[q.name] = name
+                if alias_of is not None:
+                    dropped.append(q.name)  # tied to an earlier tensor: sent once, under that name
+                    continue
+                wire = self.policy.wire_dtype(q.name, q.local.dtype if q.local is not None else value.dtype,
+                                              engine_dtype)
+                entries.append((q.name, tuple(q.shape), to_wire(wire, q.name), q.box()))
+                if q.held:
+                    held.append((q, wire))
+        return held, entries, dropped
+
+    def _manifest(self, gathered, drop, version) -> pb.BeginSyncRequest:
+        order, meta, errors = [], {}, []
+        for r, (entries, _, _) in enumerate(gathered):
+            for name, shape, dtype, box in entries:
+                if name in drop:
+                    continue
+                m = meta.get(name)
+                if m is None:
+                    m = meta[name] = (shape, dtype, [], r)
+                    order.append(name)
+                elif (m[0], m[1]) != (shape, dtype):
+                    errors.append(f"tensor {name}: rank {m[3]} has shape {list(m[0])} {pb.DType.Name(m[1])}, "
+                                  f"rank {r} has {list(shape)} {pb.DType.Name(dtype)}")
+                if box is not None:
+                    m[2].append(pb.ShardSpec(rank=r, dim=box[0], start=box[1], length=box[2]))
+        if errors:
+            raise WeightSyncError("ranks disagree about tensors:\n" + "\n".join(errors[:50]))
+        req = pb.BeginSyncRequest(model=self.model, version=version, world_size=self.world_size)
+        for name in order:
+            shape, dtype, shards, _ = meta[name]
+            req.tensors.append(pb.SourceTensor(name=name, shape=list(shape), dtype=dtype, shards=shards))
+        return req
+
+    # ---- streaming ----
+
+    def _groups(self, held) -> list:
+        """[(layer name, [(piece, wire dtype)])]: one message per layer, split to fit max_inflight_bytes."""
+        by_layer: dict = {}
+        for p, wire in held:
+            by_layer.setdefault(self.layer_of(p.name), []).append((p, wire))
+        out = []
+        for layer, items in by_layer.items():
+            parts, cur, size = [], [], 0
+            for p, wire in items:
+                n = p.local.numel() * wire.itemsize
+                if cur and size + n > self.max_inflight_bytes:
+                    parts.append(cur)
+                    cur, size = [], 0
+                cur.append((p, wire))
+                size += n
+            parts.append(cur)
+            out += [(layer if len(parts) == 1 else f"{layer}#{i}", part) for i, part in enumerate(parts)]
+        return out
+
+    def _needs_staging(self, p, wire, index) -> bool:
+        t = p.local
+        if t.dtype != wire or not t.is_contiguous():
+            return True
+        if t.device.type == "cpu":
+            return index.locate_tensor(t) is None
+        return self.cuda_transport == "host"
+
+    def _staging_place(self, t):
+        return "host" if t.device.type == "cpu" or self.cuda_transport == "host" else t.device
+
+    def _host_ring(self, need: int) -> "tuple[ShmSegment, StagingRing]":
+        if self._host_seg is None or self._host_seg.size < need:
+            if self._host_seg is not None:
+                self._host_seg.close()
+            self._host_seg = ShmSegment(need, prefix=f"ws-trainer-r{self.rank}", mode=self.shm_mode)
+        return self._host_seg, StagingRing(self._host_seg.size)
+
+    def _cuda_ring(self, device, need: int):
+        buf = self._cuda_bufs.get(device)
+        if buf is None or buf.numel() < need:
+            self._cuda_bufs.pop(device, None)
+            buf = self._cuda_bufs[device] = torch.empty(need, dtype=torch.uint8, device=device)
+        return buf, StagingRing(buf.numel())
+
+    def _stream(self, sync_id: int, held, stats: RankStats) -> None:
+        t0 = time.perf_counter()
+        index = ShmIndex()
+        groups = self._groups(held)
+        # Ring sizes: bounded by max_inflight_bytes, never below the largest staged shard.
+        need: dict = {}
+        biggest: dict = {}
+        for p, wire in held:
+            if self._needs_staging(p, wire, index):
+                where = self._staging_place(p.local)
+                n = align_up(p.local.numel() * wire.itemsize)
+                need[where] = need.get(where, 0) + n
+                biggest[where] = max(biggest.get(where, 0), n)
+        rings = {}
+        for where, total in need.items():
+            cap = max(min(total, align_up(self.max_inflight_bytes)), biggest[where])
+            rings[where] = self._host_ring(cap) if where == "host" else self._cuda_ring(where, cap)
+        for dev in {p.local.device for p, _ in held if p.local.device.type == "cuda"}:
+            torch.cuda.synchronize(dev)  # pending writes (optimizer step) land before the daemon reads
+
+        requests: "queue.Queue" = queue.Queue()
+
+        def gen():
+            while True:
+                item = requests.get()
+                if item is None:
+                    return
+                yield item
+
+        call = self.daemon.stub.Push(gen(), timeout=self.timeout)
+        inflight: list = []   # (layer, bytes, ticket, keepalive)
+        inflight_bytes = 0
+
+        def wait_one():
+            nonlocal inflight_bytes
+            layer, nbytes, ticket, _ = inflight[0]
+            try:
+                ack = next(call)
+            except StopIteration:
+                raise WeightSyncError(f"the daemon closed the Push stream before acknowledging layer {layer}") from None
+            except grpc.RpcError as e:
+                raise rpc_error(e, f"Push (sync {sync_id}, rank {self.rank}, layer {layer})") from None
+            if ack.layer != layer:
+                raise WeightSyncError(f"Push: expected the ack of layer {layer}, got {ack.layer}")
+            inflight.pop(0)
+            inflight_bytes -= nbytes
+            for _, ring in rings.values():
+                ring.release_through(ticket)
+            stats.bytes_written += ack.bytes_written
+            stats.daemon_seconds += ack.seconds
+
+        try:
+            for ticket, (layer, items) in enumerate(groups):
+                nbytes = sum(p.local.numel() * w.itemsize for p, w in items)
+                while inflight and inflight_bytes + nbytes > self.max_inflight_bytes:
+                    wait_one()
+                msg = pb.LayerData(sync_id=sync_id, rank=self.rank, layer=layer)
+                keep, synced = [], set()
+                for p, wire in items:
+                    ref, staged, dev = self._export(p, wire, index, rings, ticket, wait_one, inflight)
+                    if staged:
+                        stats.staged_bytes += ref_length(ref)
+                        if dev is not None:
+                            synced.add(dev)
+                    else:
+                        stats.zero_copy_bytes += ref_length(ref)
+                    keep.append(p.local)
+                    msg.shards.append(pb.ShardData(tensor=p.name, memory=ref))
+                for dev in synced:
+                    torch.cuda.current_stream(dev).synchronize()
+                requests.put(msg)
+                inflight.append((layer, nbytes, ticket, keep))
+                inflight_bytes += nbytes
+                stats.peak_inflight_bytes = max(stats.peak_inflight_bytes, inflight_bytes)
+                stats.messages += 1
+                stats.tensors += len(items)
+                stats.bytes += nbytes
+            while inflight:
+                wait_one()
+            requests.put(None)
+            try:
+                for extra in call:
+                    raise WeightSyncError(f"Push: unexpected ack of layer {extra.layer}")
+            except grpc.RpcError as e:
+                raise rpc_error(e, f"Push (sync {sync_id}, rank {self.rank})") from None
+        except BaseException:
+            call.cancel()
+            requests.put(None)
+            raise
+        finally:
+            stats.seconds_stream = time.perf_counter() - t0
+
+    def _export(self, p, wire, index, rings, ticket, wait_one, inflight):
+        """(MemoryRef, staged?, cuda device to sync or None) for one held piece."""
+        t = p.local
+        what = f"tensor {p.name} (rank {self.rank})"
+        if t.device.type not in ("cpu", "cuda"):
+            raise WeightSyncError(f"{what}: tensors on {t.device} cannot be sent (CPU or CUDA)")
+        if not self._needs_staging(p, wire, index):
+            if t.device.type == "cpu":
+                loc = index.locate_tensor(t)
+                return pb.MemoryRef(host_shm=pb.HostShmRef(name=loc.name, offset=loc.offset,
+                                                          length=t.numel() * t.element_size())), False, None
+            ipc = export_tensor(t, what)
+            return pb.MemoryRef(cuda_ipc=pb.CudaIpcRef(handle=ipc.handle, device_uuid=ipc.device_uuid,
+                                                       offset=ipc.offset, length=ipc.length)), False, None
+        where = self._staging_place(t)
+        buf, ring = rings[where]
+        nbytes = t.numel() * wire.itemsize
+        while True:
+            off = ring.alloc(nbytes, ticket)
+            if off is not None:
+                break
+            if not inflight:
+                raise WeightSyncError(f"{what}: {nbytes} bytes do not fit the staging ring ({ring.capacity} bytes)")
+            wait_one()
+        if where == "host":
+            dst = buf.view(off, nbytes, wire, tuple(t.shape))
+            dst.copy_(t)
+            return pb.MemoryRef(host_shm=pb.HostShmRef(name=buf.path, offset=off, length=nbytes)), True, None
+        dst = buf[off:off + nbytes].view(wire).view(tuple(t.shape))
+        dst.copy_(t)
+        ipc = export_tensor(dst, what)
+        return pb.MemoryRef(cuda_ipc=pb.CudaIpcRef(handle=ipc.handle, device_uuid=ipc.device_uuid,
+                                                   offset=ipc.offset, length=ipc.length)), True, t.device
+
+
+def ref_length(ref: pb.MemoryRef) -> int:
+    return ref.host_shm.length if ref.HasField("host_shm") else ref.cuda_ipc.length
+
+
+def _stats_dict(s: pb.SyncStats) -> dict:
+    return {f.name: getattr(s, f.name) for f in s.DESCRIPTOR.fields}

@@ -1,0 +1,159 @@
+"""vLLM adapter: a worker extension that registers the worker's parameters with weightsyncd.
+
+Start vLLM with the extension, then start it on every worker from the driver:
+
+    llm = vllm.LLM(model=..., worker_extension_cls="weightsync.vllm.WorkerExtension")
+    # or: vllm serve ... --worker-extension-cls weightsync.vllm.WorkerExtension
+    weightsync.vllm.start(llm, "unix:/run/weightsync.sock", model="policy")
+    ...
+    trainer.push(model, version=v)               # trainer side, returns once every worker acked
+    weightsync.vllm.after_update(llm, version=v)  # waits for v on every worker, resets the prefix cache
+
+Each worker registers its model's parameters (named_parameters(): tied
+parameters once) with their memory: CUDA parameters by CUDA IPC (legacy
+handles; PyTorch's expandable segments cannot be exported and are refused
+with instructions), CPU parameters in host shared memory (moved there once,
+at start). After each committed version it runs vLLM's post-load steps
+(process_weights_after_loading: quantization methods of layers that have
+one, then attention layers such as MLA, which derive W_UK/W_UV from
+kv_b_proj), checks that no registered parameter was replaced by them, and
+acknowledges the version. The prefix cache lives in the engine core, not in
+the workers: after_update() resets it from the driver.
+
+Written against vLLM's V1 GPU worker (vllm/v1/worker/gpu_worker.py) as of
+vLLM 0.10-0.11 and main at 9aaf83ef5 (2026-05). It touches: self.model_runner.model,
+self.model_config (hf_config, dtype, use_mla), self.parallel_config
+(tensor_parallel_size, data_parallel_rank, enable_expert_parallel), self.rank,
+self.device, vllm.distributed.get_tensor_model_parallel_{rank,world_size}
+(falling back to rank % tensor_parallel_size), and
+vllm.model_executor.model_loader.utils.process_weights_after_loading (vLLM
+>= 0.9; without it, a duck-typed equivalent). It is tested against a stand-in
+object with exactly those attributes (tests/python/test_vllm_adapter.py), not
+against a running vLLM.
+
+Not supported yet: quantized layers whose post-load step repacks or replaces
+the weight (FP8 and friends: the registered buffer is no longer the one used),
+pipeline parallelism across nodes, and the SGLang route (see docs/python.md).
+"""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+
+from .engine import Engine
+from .errors import WeightSyncError
+from .shm import ShmIndex
+
+
+def _tp(worker) -> "tuple[int, int]":
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except Exception:  # no vllm (stand-ins) or its groups are not initialised
+        tp = int(worker.parallel_config.tensor_parallel_size)
+        return int(worker.rank) % tp, tp
+
+
+def _post_load(model, model_config, device) -> None:
+    try:
+        from vllm.model_executor.model_loader.utils import process_weights_after_loading
+    except ImportError:
+        process_weights_after_loading = None
+    if process_weights_after_loading is not None:
+        process_weights_after_loading(model, model_config, device)
+        return
+    for module in model.modules():  # what vLLM does: quant methods first, then attention (MLA) layers
+        qm = getattr(module, "quant_method", None)
+        if qm is not None and hasattr(qm, "process_weights_after_loading"):
+            qm.process_weights_after_loading(module)
+    for module in model.modules():
+        fn = getattr(type(module), "process_weights_after_loading", None)
+        if fn is not None and getattr(module, "quant_method", None) is None:
+            module.process_weights_after_loading(model_config.dtype)
+
+
+class WorkerExtension:
+    """Mixed into vLLM's worker class by --worker-extension-cls weightsync.vllm.WorkerExtension."""
+
+    def weightsync_start(self, daemon: str, model: str, replica_id: "int | None" = None,
+                         options: "dict | None" = None, exclude=(), timeout: float = 60.0) -> str:
+        """Registers this worker's parameters under `model`; returns the engine id."""
+        if getattr(self, "_weightsync", None) is not None:
+            raise WeightSyncError("weightsync_start called twice on this worker")
+        net = self.model_runner.model
+        mc, pc = self.model_config, self.parallel_config
+        tp_rank, tp_size = _tp(self)
+        if replica_id is None:
+            replica_id = int(getattr(pc, "data_parallel_rank", 0) or 0)
+        opts = {"use_mla": int(bool(getattr(mc, "use_mla", True))),
+                "enable_expert_parallel": int(bool(getattr(pc, "enable_expert_parallel", False)))}
+        opts.update(options or {})
+        eng = Engine(daemon, model, mc.hf_config, tp_rank=tp_rank, tp_size=tp_size, replica_id=replica_id,
+                     dtype=mc.dtype, options=opts)
+        index = ShmIndex()
+        self._weightsync_params = {}
+        for name, p in net.named_parameters():
+            if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
+                continue
+            if p.device.type == "cpu" and index.locate_tensor(p.data) is None:
+                buf = eng.arena.empty(p.shape, p.dtype)  # CPU engines: move the weight into shm once
+                buf.copy_(p.data)
+                p.data = buf
+            eng.register(name, p.data)
+            self._weightsync_params[name] = p.data.data_ptr()
+        eng.on_commit(self._weightsync_post_load)
+        self._weightsync = eng
+        try:
+            return eng.start(timeout)
+        except BaseException:
+            self._weightsync = None
+            eng.close()
+            raise
+
+    def _weightsync_post_load(self, version: int) -> None:
+        net = self.model_runner.model
+        device = getattr(self, "device", None) or next(net.parameters()).device
+        _post_load(net, self.model_config, device)
+        moved = [n for n, p in net.named_parameters()
+                 if n in self._weightsync_params and p.data.data_ptr() != self._weightsync_params[n]]
+        if moved:
+            raise WeightSyncError(
+                f"post-load steps replaced registered parameters {moved[:5]}: later versions would not reach "
+                "them (quantized or repacked layers are not supported)")
+        if torch.cuda.is_available() and getattr(device, "type", "cpu") == "cuda":
+            torch.cuda.synchronize(device)
+
+    def weightsync_wait(self, version: int, timeout: "float | None" = None) -> int:
+        self._weightsync_engine().wait_for_version(version, timeout)
+        return self._weightsync.applied_version
+
+    def weightsync_status(self) -> dict:
+        eng = self._weightsync_engine()
+        return {"engine_id": eng.engine_id, "applied_version": eng.applied_version,
+                "tp_rank": eng.tp_rank, "tp_size": eng.tp_size, "replica_id": eng.replica_id,
+                "params": len(eng.tensors)}
+
+    def weightsync_stop(self) -> None:
+        eng = getattr(self, "_weightsync", None)
+        if eng is not None:
+            eng.close()
+            self._weightsync = None
+
+    def _weightsync_engine(self) -> Engine:
+        eng = getattr(self, "_weightsync", None)
+        if eng is None:
+            raise WeightSyncError("weightsync is not started on this worker (call weightsync_start first)")
+        return eng
+
+
+def start(llm, daemon: str, model: str, **kwargs) -> list:
+    """Driver side: starts the extension on every worker of a vllm.LLM; returns the engine ids."""
+    return llm.collective_rpc("weightsync_start", args=(daemon, model), kwargs=kwargs)
+
+
+def after_update(llm, version: int, timeout: "float | None" = None, reset_prefix_cache: bool = True) -> None:
+    """Driver side: waits until every worker applied `version`, then resets the prefix cache."""
+    llm.collective_rpc("weightsync_wait", args=(version, timeout))
+    if reset_prefix_cache:
+        llm.reset_prefix_cache()
