@@ -1,0 +1,177 @@
+// weightsyncd: the per-node weight sync daemon. Flags or a TOML config file
+// (keys are the long flag names; flags win), then serve until SIGTERM/SIGINT.
+// Exit status: 0 after a clean shutdown, 2 when it cannot start.
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+#include "daemon/core/layout.h"
+#include "daemon/dataplane/executor.h"
+#include "daemon/mem/memory.h"
+#include "daemon/server/coordinator.h"
+#include "daemon/server/logging.h"
+#include "daemon/server/server.h"
+
+#ifndef WS_DEFAULT_LAYOUTS_DIR
+#define WS_DEFAULT_LAYOUTS_DIR "/usr/local/share/weightsync/layouts"
+#endif
+
+namespace {
+
+constexpr int kExitStartup = 2;
+
+// Shared with the detached sigwait thread, so they outlive main().
+sigset_t g_term;
+std::mutex g_mu;
+std::condition_variable g_cv;
+int g_signal = 0;
+
+int StartupError(const std::string& msg) {
+  std::fprintf(stderr, "weightsyncd: %s\n", msg.c_str());
+  return kExitStartup;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Termination signals go to one sigwait thread only: block them before any
+  // other thread (gRPC, executor pool) exists so every thread inherits the mask.
+  sigemptyset(&g_term);
+  sigaddset(&g_term, SIGTERM);
+  sigaddset(&g_term, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &g_term, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  CLI::App app{"weightsyncd: writes trainer weight shards directly into inference engines' parameter memory.",
+               "weightsyncd"};
+  app.set_config("--config", "", "TOML config file; keys are the long option names (command-line flags win)");
+  app.allow_config_extras(CLI::config_extras_mode::error);
+  app.set_version_flag("--version", std::string("weightsyncd ") + WS_VERSION);
+
+  std::vector<std::string> listen{"unix:/tmp/weightsync.sock"};
+  std::string layouts_dir = WS_DEFAULT_LAYOUTS_DIR;
+  std::string log_format = "text";
+  std::string log_level = "info";
+  int threads = 0;
+  uint64_t chunk_bytes = 4u << 20;
+  double ack_timeout = 60;
+  uint64_t max_message_bytes = 512u << 20;
+  double shutdown_grace = 2;
+
+  app.add_option("--listen", listen,
+                 "Address to serve on, repeatable: unix:/path/to.sock or host:port (a stale socket file is replaced)")
+      ->capture_default_str();
+  app.add_option("--layouts-dir", layouts_dir, "Directory of layout rule files (*.json)")->capture_default_str();
+  app.add_option("--log-format", log_format, "Log format")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->capture_default_str();
+  app.add_option("--log-level", log_level, "Log level")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}))
+      ->capture_default_str();
+  app.add_option("--threads", threads, "Copy worker threads (0 = one per core)")
+      ->check(CLI::Range(0, 1024))
+      ->capture_default_str();
+  app.add_option("--chunk-bytes", chunk_bytes, "Destination bytes per copy work item (e.g. 4MiB)")
+      ->transform(CLI::AsSizeValue(/*kb_is_1000=*/true))
+      ->capture_default_str();
+  app.add_option("--ack-timeout", ack_timeout, "Seconds Commit waits for every engine's AckVersion")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--max-message-bytes", max_message_bytes,
+                 "Largest gRPC message accepted (BeginSync carries the whole manifest), e.g. 512MiB")
+      ->transform(CLI::AsSizeValue(/*kb_is_1000=*/true))
+      ->capture_default_str();
+  app.add_option("--shutdown-grace", shutdown_grace, "Seconds in-flight RPCs get to finish on SIGTERM/SIGINT")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::Success& e) {  // --help, --version
+    return app.exit(e);
+  } catch (const CLI::ConfigError& e) {
+    std::string file = app.get_config_ptr() ? app.get_config_ptr()->as<std::string>() : "";
+    return StartupError("config file " + file + ": " + e.what() +
+                        " (keys are the long flag names, e.g. layouts-dir; see --help)");
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return kExitStartup;
+  }
+  if (chunk_bytes == 0) return StartupError("--chunk-bytes must be positive");
+  if (max_message_bytes < (1u << 20) || max_message_bytes > (2047ull << 20))
+    return StartupError("--max-message-bytes must be between 1MiB and 2047MiB");
+
+  ws::server::LogOptions lo;
+  lo.format = log_format == "json" ? ws::server::LogFormat::kJson : ws::server::LogFormat::kText;
+  lo.level = log_level;
+  if (ws::Status st = ws::server::SetupLogging(lo); !st.ok()) return StartupError(st.message());
+
+  auto layouts = ws::LayoutRegistry::LoadDir(layouts_dir);
+  if (!layouts.ok()) return StartupError("cannot load layouts from " + layouts_dir + ": " + layouts.status().message());
+  auto archs = layouts.value()->Architectures();
+  if (archs.empty()) return StartupError("no layout rules found in " + layouts_dir);
+
+  auto domain = ws::MakeMemoryDomain();
+  ws::ExecutorOptions eo;
+  eo.threads = threads;
+  eo.chunk_bytes = chunk_bytes;
+  auto executor = ws::MakeExecutor(eo);
+
+  ws::server::CoordinatorOptions co;
+  co.ack_timeout = std::chrono::milliseconds(static_cast<int64_t>(ack_timeout * 1000));
+  ws::server::Coordinator coordinator(layouts.value(), domain.get(), executor.get(), co);
+
+  ws::server::ServerOptions so;
+  so.listen = listen;
+  so.max_message_bytes = static_cast<int>(max_message_bytes);
+  ws::server::Server server(&coordinator, so);
+  if (ws::Status st = server.Start(); !st.ok()) return StartupError(st.message());
+
+  auto caps = domain->caps();
+  std::string addrs;
+  for (const auto& a : server.addresses()) addrs += (addrs.empty() ? "" : " ") + a;
+  spdlog::info("weightsyncd {} serving on {}; {} architectures from {}; {} copy threads; memory: host_shm={} cuda_ipc={}",
+               WS_VERSION, addrs, archs.size(), layouts_dir, executor->threads(), caps.host_shm, caps.cuda_ipc);
+
+  std::thread([] {
+    int sig = 0;
+    if (sigwait(&g_term, &sig) != 0) return;
+    {
+      std::lock_guard lk(g_mu);
+      g_signal = sig;
+    }
+    g_cv.notify_all();
+    // Another signal at least a second later (not a duplicate delivered to the
+    // whole process group) while shutting down: stop now.
+    auto first = std::chrono::steady_clock::now();
+    while (sigwait(&g_term, &sig) == 0) {
+      if (std::chrono::steady_clock::now() - first < std::chrono::seconds(1)) continue;
+      std::fprintf(stderr, "weightsyncd: second %s during shutdown, exiting immediately\n", strsignal(sig));
+      _exit(1);
+    }
+  }).detach();
+
+  int got = 0;
+  {
+    std::unique_lock lk(g_mu);
+    g_cv.wait(lk, [] { return g_signal != 0; });
+    got = g_signal;
+  }
+  spdlog::info("received {}; shutting down (aborting in-flight syncs)", strsignal(got));
+  server.Stop(std::chrono::milliseconds(static_cast<int64_t>(shutdown_grace * 1000)));
+  spdlog::info("stopped");
+  spdlog::shutdown();
+  return 0;
+}

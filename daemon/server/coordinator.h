@@ -1,0 +1,203 @@
+// The daemon's domain logic: engine registrations and weight syncs. No gRPC
+// and no protobuf here; daemon/server/service.cc converts requests into these
+// calls, and the unit tests drive it directly.
+//
+// Lifecycle of a sync: BeginSync (plan, nothing written) -> PushLayer* (bytes
+// land in engine memory layer by layer) -> Commit (zero fills, Committed to
+// every engine, wait for every engine's AckVersion) -> committed. Any error
+// on an in-flight sync aborts it: every engine of the model hears Aborted.
+//
+// Thread-safety: every public method may be called from any thread. One mutex
+// (mu_) guards all state; it is never held while bytes are copied, while
+// memory is mapped, or while a plan is built. EventSink::Deliver is called
+// with mu_ held (this keeps Started/Committed/Aborted in order per engine),
+// so sinks must only enqueue. Engine memory is written only by the pushes and
+// the commit of the model's one in-flight sync; an aborted sync keeps its
+// model busy until its last running copy has finished, and only then are
+// engines told Aborted, so an engine that hears Aborted knows the daemon has
+// stopped writing into its memory. The memory domain's cache is trimmed
+// (outside mu_) after an engine leaves or a sync aborts; trainer objects stay
+// cached across committed syncs.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "daemon/core/layout.h"
+#include "daemon/core/manifest.h"
+#include "daemon/core/planner.h"
+#include "daemon/core/status.h"
+#include "daemon/dataplane/executor.h"
+#include "daemon/mem/memory.h"
+
+namespace ws::server {
+
+struct EngineEvent {
+  enum class Kind { kStarted, kCommitted, kAborted };
+  Kind kind = Kind::kStarted;
+  uint64_t sync_id = 0;
+  uint64_t version = 0;
+  std::string reason;  // kAborted only
+};
+
+// Implemented by the gRPC layer (one per open RegisterEngine stream) and by
+// tests. Deliver() is called with the coordinator's lock held: it must not
+// block and must not call back into the Coordinator. It is never called again
+// once UnregisterEngine() for its engine has returned.
+class EventSink {
+ public:
+  virtual ~EventSink() = default;
+  virtual void Deliver(const EngineEvent& event) = 0;
+};
+
+struct CoordinatorOptions {
+  std::chrono::milliseconds ack_timeout{60000};  // Commit's wait for every engine's AckVersion
+};
+
+struct BeginSyncResult {
+  uint64_t sync_id = 0;
+  uint32_t engines = 0;
+  uint64_t copy_ops = 0;
+  uint64_t bytes_planned = 0;
+};
+
+struct LayerResult {
+  std::string layer;
+  uint64_t bytes_written = 0;
+  double seconds = 0;
+};
+
+struct SyncStats {
+  uint64_t sync_id = 0;
+  std::string model;
+  uint64_t version = 0;
+  std::string state;  // planning | streaming | committing | committed | aborted
+  uint64_t bytes_written = 0;
+  uint64_t bytes_read = 0;
+  double seconds = 0;  // begin -> end (or -> now while in flight)
+  double gbps = 0;
+  std::string error;
+  uint32_t engines = 0;
+  uint32_t world_size = 0;
+};
+
+struct EngineInfo {
+  std::string engine_id;
+  std::string model;
+  std::string architecture;
+  uint32_t replica_id = 0;
+  uint32_t tp_rank = 0;
+  uint32_t tp_size = 0;
+  uint32_t params = 0;
+  uint64_t bytes = 0;
+  uint64_t applied_version = 0;
+  std::string label;
+};
+
+struct ModelInfo {
+  std::string model;
+  std::string architecture;
+  uint32_t replicas = 0;
+  uint32_t engine_ranks = 0;
+  uint64_t committed_version = 0;
+};
+
+struct StatusSnapshot {
+  double uptime_seconds = 0;
+  std::vector<EngineInfo> engines;
+  std::vector<ModelInfo> models;
+  std::vector<SyncStats> current_syncs;
+  std::optional<SyncStats> last_sync;
+  uint64_t syncs_committed = 0;
+  uint64_t syncs_aborted = 0;
+};
+
+class Coordinator {
+ public:
+  // `domain` and `executor` must outlive the Coordinator.
+  Coordinator(std::shared_ptr<const LayoutRegistry> layouts, MemoryDomain* domain, Executor* executor,
+              CoordinatorOptions opts = {});
+  ~Coordinator();
+  Coordinator(const Coordinator&) = delete;
+  Coordinator& operator=(const Coordinator&) = delete;
+
+  // Resolves the rank's layout, validates its params against it and against
+  // `memory` (one ref per spec.params entry, numel*dtype bytes each), maps every
+  // param for the registration's lifetime. Returns the engine id. `sink` must
+  // stay valid until UnregisterEngine(id) returns.
+  Result<std::string> RegisterEngine(EngineRankSpec spec, std::vector<MemoryRef> memory, EventSink* sink,
+                                     std::string label = "");
+  // Drops the registration (and its mappings once no running copy uses them);
+  // aborts an in-flight sync of its model.
+  Status UnregisterEngine(const std::string& engine_id);
+
+  // Plans a sync over every engine rank of manifest.model. Nothing is written.
+  Result<BeginSyncResult> BeginSync(SourceManifest manifest);
+  // Maps and validates every shard of one layer, then copies them into the
+  // engines (blocking). Any error aborts the sync.
+  Result<LayerResult> PushLayer(uint64_t sync_id, uint32_t rank, const std::string& layer,
+                                const std::vector<std::pair<std::string, MemoryRef>>& shards);
+  // Zero fills, Committed to every engine, waits for every AckVersion.
+  Result<SyncStats> Commit(uint64_t sync_id);
+  // Aborts an in-flight sync; engines hear Aborted with `reason` as given.
+  Status Abort(uint64_t sync_id, const std::string& reason);
+  Status AckVersion(const std::string& engine_id, uint64_t version, bool ok, const std::string& error);
+  // A trainer rank's Push stream ended; an unclean end before Commit aborts.
+  void TrainerStreamClosed(uint64_t sync_id, uint32_t rank, bool clean);
+  // Aborts every in-flight sync and refuses new registrations and syncs.
+  void AbortAll(const std::string& reason);
+
+  StatusSnapshot GetStatus() const;
+
+ private:
+  struct Engine;
+  struct Model;
+  struct Sync;
+
+  // Declared first in a method, so it runs last: trims the memory domain's
+  // cache (outside mu_, after the method's own references are gone) when an
+  // engine left or a sync aborted, so their shm objects get unmapped.
+  struct TrimGuard {
+    Coordinator* c;
+    ~TrimGuard();
+  };
+
+  void AbortLocked(Sync& sync, const std::string& reason);
+  void FinishLocked(Sync& sync, bool committed);
+  void ReleaseIfIdleLocked(Sync& sync);
+  void EmitLocked(const Sync& sync, EngineEvent::Kind kind, const std::string& reason = "");
+  SyncStats StatsLocked(const Sync& sync) const;
+  Result<std::shared_ptr<Sync>> FindLiveLocked(uint64_t sync_id);
+  Status CheckModelCompatibleLocked(const Model& model, const EngineRankSpec& spec) const;
+
+  const std::shared_ptr<const LayoutRegistry> layouts_;
+  MemoryDomain* const domain_;
+  Executor* const executor_;
+  const CoordinatorOptions opts_;
+  const std::chrono::steady_clock::time_point started_;
+  const std::string boot_id_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;  // writers drained, acks arrived, syncs aborted
+  bool shutting_down_ = false;
+  bool trim_pending_ = false;
+  uint64_t next_engine_ = 1;
+  uint64_t next_sync_id_;
+  std::map<std::string, std::shared_ptr<Engine>> engines_;
+  std::map<std::string, Model> models_;
+  std::map<uint64_t, std::shared_ptr<Sync>> syncs_;    // in flight (incl. aborted, draining)
+  std::map<uint64_t, SyncStats> finished_;             // the most recent ones, for messages
+  std::optional<SyncStats> last_sync_;
+  uint64_t syncs_committed_ = 0;
+  uint64_t syncs_aborted_ = 0;
+};
+
+}  // namespace ws::server

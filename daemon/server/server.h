@@ -1,0 +1,56 @@
+// Binds the WeightSync service and the standard grpc.health.v1 service to the
+// configured addresses, and stops them gracefully.
+//
+// Thread-safety: Start() and Stop() are called from one thread (main);
+// Stop() may run while RPCs are in flight on gRPC's threads.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/server.h>
+
+#include "daemon/core/status.h"
+#include "daemon/server/coordinator.h"
+#include "daemon/server/service.h"
+
+namespace ws::server {
+
+struct ServerOptions {
+  std::vector<std::string> listen = {"unix:/tmp/weightsync.sock"};  // unix:/path or host:port
+  int max_message_bytes = 512 << 20;  // largest request (BeginSync carries the whole manifest)
+};
+
+// For "unix:/p", "unix:///p", "unix:p" returns the socket path; "" otherwise.
+std::string UnixSocketPath(const std::string& address);
+
+// Makes `path` free to bind: removes a stale socket file nobody listens on;
+// refuses a live socket or a file that is not a socket.
+Status PrepareUnixSocket(const std::string& path);
+
+class Server {
+ public:
+  Server(Coordinator* coordinator, ServerOptions opts);
+  ~Server();
+
+  // Binds every address (errors name it), starts serving, sets health SERVING.
+  Status Start();
+  // Health NOT_SERVING, aborts in-flight syncs (engines hear Aborted), ends
+  // engine streams, shuts gRPC down within `grace`, removes unix socket files.
+  void Stop(std::chrono::milliseconds grace);
+  // Addresses as bound (a TCP port 0 replaced by the chosen port).
+  const std::vector<std::string>& addresses() const { return bound_; }
+
+ private:
+  Coordinator* const coord_;
+  const ServerOptions opts_;
+  WeightSyncService service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::vector<std::string> bound_;
+  std::vector<std::string> socket_files_;
+  bool stopped_ = false;
+};
+
+}  // namespace ws::server

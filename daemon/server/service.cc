@@ -1,0 +1,197 @@
+#include "daemon/server/service.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+
+#include <spdlog/spdlog.h>
+
+#include "daemon/server/convert.h"
+
+#ifndef WS_VERSION
+#define WS_VERSION "dev"
+#endif
+
+namespace ws::server {
+
+namespace {
+
+grpc::Status Failed(const char* rpc, const Status& st) {
+  spdlog::debug("{} failed: {}", rpc, st.ToString());
+  return ToGrpc(st);
+}
+
+}  // namespace
+
+// One open RegisterEngine stream: the coordinator enqueues, the handler thread
+// writes. Deliver() never blocks on the network.
+class WeightSyncService::EventQueue final : public EventSink {
+ public:
+  void Deliver(const EngineEvent& ev) override {
+    std::lock_guard lk(mu_);
+    q_.push_back(ev);
+    cv_.notify_all();
+  }
+  void Close(grpc::Status why) {
+    std::lock_guard lk(mu_);
+    if (!closed_) why_ = std::move(why);
+    closed_ = true;
+    cv_.notify_all();
+  }
+  // Waits up to `timeout` for events or Close(); moves queued events to `out`.
+  // Returns true once closed (after which `out` holds the last events).
+  bool Take(std::chrono::milliseconds timeout, std::deque<EngineEvent>* out) {
+    std::unique_lock lk(mu_);
+    cv_.wait_for(lk, timeout, [&] { return closed_ || !q_.empty(); });
+    out->swap(q_);
+    q_.clear();
+    return closed_;
+  }
+  grpc::Status why() {
+    std::lock_guard lk(mu_);
+    return why_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<EngineEvent> q_;
+  bool closed_ = false;
+  grpc::Status why_;
+};
+
+WeightSyncService::WeightSyncService(Coordinator* coordinator) : coord_(coordinator) {}
+WeightSyncService::~WeightSyncService() = default;
+
+void WeightSyncService::BeginShutdown() {
+  stopping_ = true;
+  std::lock_guard lk(mu_);
+  for (auto& [id, q] : streams_) q->Close(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the daemon is shutting down"));
+}
+
+grpc::Status WeightSyncService::RegisterEngine(grpc::ServerContext* ctx, const pb::RegisterEngineRequest* req,
+                                               grpc::ServerWriter<pb::EngineEvent>* writer) {
+  if (stopping_) return Failed("RegisterEngine", Unavailable("the daemon is shutting down"));
+  auto reg = FromProto(*req);
+  if (!reg.ok()) return Failed("RegisterEngine", reg.status());
+  auto q = std::make_shared<EventQueue>();
+  auto id = coord_->RegisterEngine(std::move(reg->spec), std::move(reg->memory), q.get(), reg->label);
+  if (!id.ok()) {
+    spdlog::warn("engine registration refused ({}): {}", ctx->peer(), id.status().ToString());
+    return ToGrpc(id.status());
+  }
+  {
+    std::lock_guard lk(mu_);
+    streams_[*id] = q;
+  }
+  if (stopping_) q->Close(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the daemon is shutting down"));
+
+  pb::EngineEvent first;
+  first.mutable_registered()->set_engine_id(*id);
+  bool alive = writer->Write(first);
+  bool closed = false;
+  while (alive && !closed) {
+    std::deque<EngineEvent> events;
+    closed = q->Take(std::chrono::milliseconds(100), &events);
+    for (const auto& ev : events)
+      if (!(alive = writer->Write(ToProto(ev)))) break;
+    if (ctx->IsCancelled()) alive = false;
+  }
+  {
+    std::lock_guard lk(mu_);
+    streams_.erase(*id);
+  }
+  Status st = coord_->UnregisterEngine(*id);  // NotFound after an explicit UnregisterEngine
+  if (!st.ok() && st.code() != Code::kNotFound) spdlog::warn("unregistering {}: {}", *id, st.ToString());
+  if (!alive) return grpc::Status(grpc::StatusCode::CANCELLED, "engine stream closed");
+  return q->why();
+}
+
+grpc::Status WeightSyncService::AckVersion(grpc::ServerContext*, const pb::AckVersionRequest* req,
+                                           pb::AckVersionResponse*) {
+  Status st = coord_->AckVersion(req->engine_id(), req->version(), req->ok(), req->error());
+  return st.ok() ? grpc::Status::OK : Failed("AckVersion", st);
+}
+
+grpc::Status WeightSyncService::UnregisterEngine(grpc::ServerContext*, const pb::UnregisterEngineRequest* req,
+                                                 pb::UnregisterEngineResponse*) {
+  Status st = coord_->UnregisterEngine(req->engine_id());
+  if (!st.ok()) return Failed("UnregisterEngine", st);
+  std::lock_guard lk(mu_);
+  if (auto it = streams_.find(req->engine_id()); it != streams_.end()) it->second->Close(grpc::Status::OK);
+  return grpc::Status::OK;
+}
+
+grpc::Status WeightSyncService::BeginSync(grpc::ServerContext*, const pb::BeginSyncRequest* req,
+                                          pb::BeginSyncResponse* resp) {
+  auto manifest = FromProto(*req);
+  if (!manifest.ok()) return Failed("BeginSync", manifest.status());
+  auto r = coord_->BeginSync(std::move(manifest).value());
+  if (!r.ok()) return Failed("BeginSync", r.status());
+  resp->set_sync_id(r->sync_id);
+  resp->set_engines(r->engines);
+  resp->set_copy_ops(r->copy_ops);
+  resp->set_bytes_planned(r->bytes_planned);
+  return grpc::Status::OK;
+}
+
+grpc::Status WeightSyncService::Push(grpc::ServerContext* ctx,
+                                     grpc::ServerReaderWriter<pb::LayerAck, pb::LayerData>* stream) {
+  pb::LayerData msg;
+  uint64_t sync_id = 0;
+  uint32_t rank = 0;
+  while (stream->Read(&msg)) {
+    if (sync_id == 0) {
+      if (msg.sync_id() == 0)
+        return Failed("Push", InvalidArgument("the first LayerData of a Push stream must carry sync_id and rank"));
+      sync_id = msg.sync_id();
+      rank = msg.rank();
+    } else if (msg.sync_id() != 0 && (msg.sync_id() != sync_id || msg.rank() != rank)) {
+      Status st = InvalidArgument("Push stream of sync " + std::to_string(sync_id) + " rank " + std::to_string(rank) +
+                                  " received layer \"" + msg.layer() + "\" for sync " +
+                                  std::to_string(msg.sync_id()) + " rank " + std::to_string(msg.rank()));
+      (void)coord_->Abort(sync_id, st.message());
+      return Failed("Push", st);
+    }
+    auto shards = FromProto(msg);
+    if (!shards.ok()) {
+      Status st = shards.status().WithContext("sync " + std::to_string(sync_id) + " rank " + std::to_string(rank));
+      (void)coord_->Abort(sync_id, st.message());
+      return Failed("Push", st);
+    }
+    auto r = coord_->PushLayer(sync_id, rank, msg.layer(), *shards);
+    if (!r.ok()) return Failed("Push", r.status());
+    pb::LayerAck ack;
+    ack.set_layer(r->layer);
+    ack.set_bytes_written(r->bytes_written);
+    ack.set_seconds(r->seconds);
+    if (!stream->Write(ack)) {
+      coord_->TrainerStreamClosed(sync_id, rank, /*clean=*/false);
+      return grpc::Status(grpc::StatusCode::CANCELLED, "trainer stream closed");
+    }
+  }
+  bool clean = !ctx->IsCancelled();
+  if (sync_id != 0) coord_->TrainerStreamClosed(sync_id, rank, clean);
+  return clean ? grpc::Status::OK : grpc::Status(grpc::StatusCode::CANCELLED, "trainer stream cancelled");
+}
+
+grpc::Status WeightSyncService::Commit(grpc::ServerContext*, const pb::CommitRequest* req, pb::CommitResponse* resp) {
+  auto r = coord_->Commit(req->sync_id());
+  if (!r.ok()) return Failed("Commit", r.status());
+  ToProto(*r, resp->mutable_stats());
+  return grpc::Status::OK;
+}
+
+grpc::Status WeightSyncService::Abort(grpc::ServerContext*, const pb::AbortRequest* req, pb::AbortResponse*) {
+  std::string reason = "aborted by the trainer: " + (req->reason().empty() ? std::string("no reason given") : req->reason());
+  Status st = coord_->Abort(req->sync_id(), reason);
+  return st.ok() ? grpc::Status::OK : Failed("Abort", st);
+}
+
+grpc::Status WeightSyncService::GetStatus(grpc::ServerContext*, const pb::StatusRequest*, pb::StatusResponse* resp) {
+  ToProto(coord_->GetStatus(), resp);
+  resp->set_daemon_version(WS_VERSION);
+  return grpc::Status::OK;
+}
+
+}  // namespace ws::server

@@ -1,0 +1,55 @@
+// The gRPC face of the daemon: weightsync.v1.WeightSync on the synchronous
+// gRPC API, a thin layer over Coordinator (conversion in convert.h).
+//
+// Thread-safety: gRPC calls the handlers concurrently; the service's own
+// state (the open engine streams) is guarded by mu_. Never calls into the
+// Coordinator while holding mu_ or a stream's queue lock.
+#pragma once
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "daemon/server/coordinator.h"
+#include "weightsync/v1/weightsync.grpc.pb.h"
+
+namespace ws::server {
+
+class WeightSyncService final : public ::weightsync::v1::WeightSync::Service {
+ public:
+  explicit WeightSyncService(Coordinator* coordinator);
+  ~WeightSyncService() override;
+
+  // Ends every engine event stream once its queued events (e.g. the Aborted
+  // from Coordinator::AbortAll) are written. Call before Server::Shutdown.
+  void BeginShutdown();
+
+  grpc::Status RegisterEngine(grpc::ServerContext* ctx, const ::weightsync::v1::RegisterEngineRequest* req,
+                              grpc::ServerWriter<::weightsync::v1::EngineEvent>* writer) override;
+  grpc::Status AckVersion(grpc::ServerContext* ctx, const ::weightsync::v1::AckVersionRequest* req,
+                          ::weightsync::v1::AckVersionResponse* resp) override;
+  grpc::Status UnregisterEngine(grpc::ServerContext* ctx, const ::weightsync::v1::UnregisterEngineRequest* req,
+                                ::weightsync::v1::UnregisterEngineResponse* resp) override;
+  grpc::Status BeginSync(grpc::ServerContext* ctx, const ::weightsync::v1::BeginSyncRequest* req,
+                         ::weightsync::v1::BeginSyncResponse* resp) override;
+  grpc::Status Push(grpc::ServerContext* ctx,
+                    grpc::ServerReaderWriter<::weightsync::v1::LayerAck, ::weightsync::v1::LayerData>* stream) override;
+  grpc::Status Commit(grpc::ServerContext* ctx, const ::weightsync::v1::CommitRequest* req,
+                      ::weightsync::v1::CommitResponse* resp) override;
+  grpc::Status Abort(grpc::ServerContext* ctx, const ::weightsync::v1::AbortRequest* req,
+                     ::weightsync::v1::AbortResponse* resp) override;
+  grpc::Status GetStatus(grpc::ServerContext* ctx, const ::weightsync::v1::StatusRequest* req,
+                         ::weightsync::v1::StatusResponse* resp) override;
+
+ private:
+  class EventQueue;
+
+  Coordinator* const coord_;
+  std::atomic<bool> stopping_{false};
+  std::mutex mu_;
+  std::map<std::string, std::shared_ptr<EventQueue>> streams_;  // engine id -> its open stream
+};
+
+}  // namespace ws::server

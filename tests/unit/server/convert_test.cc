@@ -1,0 +1,183 @@
+#include "daemon/server/convert.h"
+
+#include <gtest/gtest.h>
+
+#include "tests/unit/server/fakes.h"
+
+namespace ws::server::testing {
+namespace {
+
+TEST(Convert, StatusCodeTable) {
+  const std::vector<std::pair<Code, grpc::StatusCode>> table = {
+      {Code::kOk, grpc::StatusCode::OK},
+      {Code::kInvalidArgument, grpc::StatusCode::INVALID_ARGUMENT},
+      {Code::kNotFound, grpc::StatusCode::NOT_FOUND},
+      {Code::kAlreadyExists, grpc::StatusCode::ALREADY_EXISTS},
+      {Code::kFailedPrecondition, grpc::StatusCode::FAILED_PRECONDITION},
+      {Code::kOutOfRange, grpc::StatusCode::OUT_OF_RANGE},
+      {Code::kAborted, grpc::StatusCode::ABORTED},
+      {Code::kUnavailable, grpc::StatusCode::UNAVAILABLE},
+      {Code::kDeadlineExceeded, grpc::StatusCode::DEADLINE_EXCEEDED},
+      {Code::kCancelled, grpc::StatusCode::CANCELLED},
+      {Code::kInternal, grpc::StatusCode::INTERNAL},
+      {Code::kUnimplemented, grpc::StatusCode::UNIMPLEMENTED},
+  };
+  for (const auto& [code, grpc_code] : table) {
+    EXPECT_EQ(ToGrpcCode(code), grpc_code) << CodeName(code);
+    grpc::Status g = ToGrpc(Status(code, code == Code::kOk ? "" : std::string("because ") + CodeName(code)));
+    EXPECT_EQ(g.error_code(), grpc_code);
+    if (code != Code::kOk) EXPECT_EQ(g.error_message(), std::string("because ") + CodeName(code));
+  }
+  EXPECT_TRUE(ToGrpc(Status::Ok()).ok());
+}
+
+pb::RegisterEngineRequest GoodRequest() {
+  pb::RegisterEngineRequest r;
+  r.set_model("m");
+  r.set_architecture("LlamaForCausalLM");
+  r.set_hf_config_json("{}");
+  r.set_replica_id(3);
+  r.set_tp_rank(1);
+  r.set_tp_size(2);
+  r.set_engine_label("host:42");
+  (*r.mutable_options())["enable_expert_parallel"] = 1;
+  auto* p = r.add_params();
+  p->set_name("model.norm.weight");
+  p->add_shape(64);
+  p->set_dtype(pb::DTYPE_BF16);
+  auto* shm = p->mutable_memory()->mutable_host_shm();
+  shm->set_name("/ws-engine");
+  shm->set_offset(128);
+  shm->set_length(128);
+  return r;
+}
+
+TEST(Convert, RegisterEngineRequest) {
+  auto r = FromProto(GoodRequest());
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->spec.model, "m");
+  EXPECT_EQ(r->spec.replica_id, 3u);
+  EXPECT_EQ(r->spec.tp_rank, 1u);
+  EXPECT_EQ(r->spec.tp_size, 2u);
+  EXPECT_EQ(r->spec.options.at("enable_expert_parallel"), 1);
+  EXPECT_EQ(r->label, "host:42");
+  ASSERT_EQ(r->spec.params.size(), 1u);
+  EXPECT_EQ(r->spec.params[0].shape, Shape({64}));
+  EXPECT_EQ(r->spec.params[0].dtype, DType::kBF16);
+  ASSERT_EQ(r->memory.size(), 1u);
+  EXPECT_EQ(r->memory[0].name, "/ws-engine");
+  EXPECT_EQ(r->memory[0].offset, 128u);
+  EXPECT_EQ(r->memory[0].length, 128u);
+
+  auto bad = GoodRequest();
+  bad.mutable_params(0)->set_dtype(pb::DTYPE_UNSPECIFIED);
+  EXPECT_ERR(FromProto(bad).status(), "param model.norm.weight: dtype is unspecified");
+  bad = GoodRequest();
+  bad.mutable_params(0)->clear_memory();
+  EXPECT_ERR(FromProto(bad).status(), "param model.norm.weight: memory reference is not set");
+  bad = GoodRequest();
+  bad.mutable_params(0)->mutable_memory()->mutable_cuda_ipc()->set_handle("short");
+  EXPECT_ERR(FromProto(bad).status(), "cuda_ipc.handle has 5 bytes, expected 64");
+  bad = GoodRequest();
+  bad.mutable_params(0)->set_shape(0, -1);
+  EXPECT_ERR(FromProto(bad).status(), "param model.norm.weight: shape [-1] has a negative dimension");
+  bad = GoodRequest();
+  bad.mutable_params(0)->mutable_memory()->mutable_host_shm()->set_name("");
+  EXPECT_ERR(FromProto(bad).status(), "host_shm.name is empty");
+  EXPECT_EQ(FromProto(bad).status().code(), Code::kInvalidArgument);
+}
+
+TEST(Convert, CudaRef) {
+  pb::MemoryRef m;
+  m.mutable_cuda_ipc()->set_handle(std::string(64, '\x01'));
+  m.mutable_cuda_ipc()->set_device_uuid("GPU-1234");
+  m.mutable_cuda_ipc()->set_offset(8);
+  m.mutable_cuda_ipc()->set_length(16);
+  auto r = FromProto(m, "x");
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->kind, MemoryKind::kCudaIpc);
+  EXPECT_EQ(r->device_uuid, "GPU-1234");
+  EXPECT_EQ(r->offset, 8u);
+  EXPECT_EQ(r->length, 16u);
+}
+
+TEST(Convert, Manifest) {
+  pb::BeginSyncRequest req;
+  req.set_model("m");
+  req.set_version(9);
+  req.set_world_size(2);
+  auto* t = req.add_tensors();
+  t->set_name("a");
+  t->add_shape(5);
+  t->add_shape(3);
+  t->set_dtype(pb::DTYPE_F32);
+  for (uint32_t r = 0; r < 2; ++r) {
+    auto* s = t->add_shards();
+    s->set_rank(r);
+    s->set_start(r * 3);
+    s->set_length(r == 0 ? 3 : 2);
+  }
+  auto m = FromProto(req);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_EQ(m->version, 9u);
+  EXPECT_EQ(m->world_size, 2u);
+  ASSERT_EQ(m->tensors.size(), 1u);
+  EXPECT_EQ(m->tensors[0].shape, Shape({5, 3}));
+  ASSERT_EQ(m->tensors[0].shards.size(), 2u);
+  EXPECT_EQ(m->tensors[0].shards[1].rank, 1u);
+  EXPECT_EQ(m->tensors[0].shards[1].start, 3);
+  EXPECT_EQ(m->tensors[0].shards[1].length, 2);
+
+  t->set_dtype(pb::DTYPE_UNSPECIFIED);
+  EXPECT_ERR(FromProto(req).status(), "tensor a: dtype is unspecified");
+}
+
+TEST(Convert, LayerData) {
+  pb::LayerData l;
+  l.set_layer("layers.3");
+  auto* s = l.add_shards();
+  s->set_tensor("w");
+  auto r = FromProto(l);
+  EXPECT_ERR(r.status(), "layer \"layers.3\" tensor w: memory reference is not set");
+  s->mutable_memory()->mutable_host_shm()->set_name("/t");
+  s->mutable_memory()->mutable_host_shm()->set_length(4);
+  r = FromProto(l);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ((*r)[0].first, "w");
+  EXPECT_EQ((*r)[0].second.length, 4u);
+}
+
+TEST(Convert, EventsAndStatus) {
+  EngineEvent ev{EngineEvent::Kind::kAborted, 11, 4, "why"};
+  auto p = ToProto(ev);
+  ASSERT_TRUE(p.has_aborted());
+  EXPECT_EQ(p.aborted().sync_id(), 11u);
+  EXPECT_EQ(p.aborted().version(), 4u);
+  EXPECT_EQ(p.aborted().reason(), "why");
+  EXPECT_TRUE(ToProto(EngineEvent{EngineEvent::Kind::kStarted, 1, 2, ""}).has_started());
+  EXPECT_EQ(ToProto(EngineEvent{EngineEvent::Kind::kCommitted, 1, 2, ""}).committed().version(), 2u);
+
+  StatusSnapshot s;
+  s.uptime_seconds = 3;
+  s.engines.push_back(EngineInfo{"e1", "m", "A", 0, 1, 2, 5, 100, 7, "lbl"});
+  s.models.push_back(ModelInfo{"m", "A", 1, 2, 7});
+  SyncStats st;
+  st.sync_id = 5;
+  st.state = "committed";
+  st.gbps = 1.5;
+  s.last_sync = st;
+  s.syncs_committed = 4;
+  s.syncs_aborted = 1;
+  pb::StatusResponse out;
+  ToProto(s, &out);
+  EXPECT_EQ(out.engines(0).label(), "lbl");
+  EXPECT_EQ(out.engines(0).tp_size(), 2u);
+  EXPECT_EQ(out.models(0).committed_version(), 7u);
+  EXPECT_EQ(out.last_sync().state(), "committed");
+  EXPECT_DOUBLE_EQ(out.last_sync().gbps(), 1.5);
+  EXPECT_EQ(out.syncs_committed(), 4u);
+  EXPECT_EQ(out.syncs_aborted(), 1u);
+}
+
+}  // namespace
+}  // namespace ws::server::testing

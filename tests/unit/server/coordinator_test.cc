@@ -1,0 +1,793 @@
+#include "daemon/server/coordinator.h"
+
+#include <gtest/gtest.h>
+
+#include <future>
+#include <thread>
+
+#include "tests/unit/server/fakes.h"
+
+namespace ws::server::testing {
+namespace {
+
+using Kind = EngineEvent::Kind;
+
+constexpr int64_t H = 4, V = 6, NL = 2;
+constexpr uint8_t kGarbage = 0xAB;
+
+struct Source {
+  std::string name;
+  Shape shape;
+  std::vector<float> data;  // full tensor
+  int64_t rows() const { return shape[0]; }
+  int64_t row_elems() const { return shape.size() > 1 ? shape[1] : 1; }
+};
+
+struct EngineHandle {
+  std::string id;
+  std::string buffer;
+  std::shared_ptr<RecordingSink> sink = std::make_shared<RecordingSink>();
+  std::vector<std::pair<std::string, Shape>> params;  // in buffer order
+  uint32_t replica = 0, tp_rank = 0;
+};
+
+class CoordinatorTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Init(/*T=*/2, /*W=*/2); }
+
+  void Init(uint32_t T, uint32_t W, std::chrono::milliseconds ack_timeout = std::chrono::seconds(10)) {
+    T_ = T;
+    W_ = W;
+    auto reg = LayoutRegistry::LoadTexts({{"toy.json", kToyRules}});
+    ASSERT_TRUE(reg.ok()) << reg.status().ToString();
+    domain_ = std::make_unique<FakeDomain>();
+    exec_ = std::make_unique<TestExecutor>();
+    CoordinatorOptions o;
+    o.ack_timeout = ack_timeout;
+    coord_ = std::make_unique<Coordinator>(*reg, domain_.get(), exec_.get(), o);
+    sources_.clear();
+    auto add = [&](const std::string& n, Shape s) {
+      Source src{n, s, {}};
+      int64_t id = static_cast<int64_t>(sources_.size());
+      for (int64_t i = 0; i < NumElements(s); ++i) src.data.push_back(static_cast<float>((id * 37 + i) % 251 - 125));
+      sources_.push_back(std::move(src));
+    };
+    add("embed.weight", {V, H});
+    for (int L = 0; L < NL; ++L) {
+      add("layers." + std::to_string(L) + ".q.weight", {H, H});
+      add("layers." + std::to_string(L) + ".k.weight", {H, H});
+      add("layers." + std::to_string(L) + ".norm.weight", {H});
+    }
+    // One trainer buffer per rank: its torch.chunk shard of every tensor, back to back.
+    shard_offsets_.assign(W, {});
+    for (uint32_t r = 0; r < W; ++r) {
+      std::vector<uint8_t> bytes;
+      for (const auto& s : sources_) {
+        auto [a, b] = Chunk(s.rows(), r);
+        shard_offsets_[r][s.name] = {bytes.size(), static_cast<uint64_t>((b - a) * s.row_elems() * 4)};
+        const uint8_t* p = reinterpret_cast<const uint8_t*>(s.data.data() + a * s.row_elems());
+        bytes.insert(bytes.end(), p, p + (b - a) * s.row_elems() * 4);
+      }
+      domain_->Add(TrainerBuffer(r), bytes.size())->bytes = bytes;
+    }
+  }
+
+  // torch.chunk(rows, W)[r] as [a, b).
+  std::pair<int64_t, int64_t> Chunk(int64_t rows, uint32_t r) const {
+    int64_t c = (rows + W_ - 1) / W_;
+    return {std::min<int64_t>(r * c, rows), std::min<int64_t>((r + 1) * c, rows)};
+  }
+  static std::string TrainerBuffer(uint32_t r) { return "/trainer" + std::to_string(r); }
+  const Source& Src(const std::string& n) const {
+    for (const auto& s : sources_)
+      if (s.name == n) return s;
+    throw std::runtime_error("no source " + n);
+  }
+
+  SourceManifest Manifest(uint64_t version = 1) const {
+    SourceManifest m;
+    m.model = "toy";
+    m.version = version;
+    m.world_size = W_;
+    for (const auto& s : sources_) {
+      SourceTensor t;
+      t.name = s.name;
+      t.shape = s.shape;
+      t.dtype = DType::kF32;
+      for (uint32_t r = 0; r < W_; ++r) {
+        auto [a, b] = Chunk(s.rows(), r);
+        t.shards.push_back(ShardSpec{r, 0, a, b - a});
+      }
+      m.tensors.push_back(std::move(t));
+    }
+    return m;
+  }
+
+  // Per-rank engine params (bf16), laid out back to back in one buffer.
+  EngineRankSpec Spec(uint32_t replica, uint32_t tp, std::vector<MemoryRef>* mem, EngineHandle* h,
+                      uint32_t tp_size = 0) {
+    if (tp_size == 0) tp_size = T_;
+    EngineRankSpec spec;
+    spec.model = "toy";
+    spec.architecture = "ToyForCausalLM";
+    spec.hf_config_json = kToyConfig;
+    spec.replica_id = replica;
+    spec.tp_rank = tp;
+    spec.tp_size = tp_size;
+    int64_t per = ((V + 3) / 4 * 4) / tp_size;
+    h->params = {{"embed.weight", {per, H}}};
+    for (int L = 0; L < NL; ++L) {
+      h->params.push_back({"layers." + std::to_string(L) + ".qk.weight", {2 * H / tp_size, H}});
+      h->params.push_back({"layers." + std::to_string(L) + ".norm.weight", {H}});
+    }
+    h->buffer = "/engine" + std::to_string(replica) + "-" + std::to_string(tp);
+    h->replica = replica;
+    h->tp_rank = tp;
+    uint64_t off = 0;
+    for (const auto& [name, shape] : h->params) {
+      spec.params.push_back(EngineParamSpec{name, shape, DType::kBF16, ""});
+      MemoryRef ref;
+      ref.name = h->buffer;
+      ref.offset = off;
+      ref.length = NumElements(shape) * 2;
+      mem->push_back(ref);
+      off += ref.length;
+    }
+    auto b = domain_->Add(h->buffer, off);
+    std::fill(b->bytes.begin(), b->bytes.end(), kGarbage);
+    return spec;
+  }
+
+  EngineHandle Register(uint32_t replica, uint32_t tp) {
+    EngineHandle h;
+    std::vector<MemoryRef> mem;
+    EngineRankSpec spec = Spec(replica, tp, &mem, &h);
+    auto id = coord_->RegisterEngine(spec, mem, h.sink.get(), "test:" + std::to_string(tp));
+    EXPECT_TRUE(id.ok()) << id.status().ToString();
+    if (id.ok()) h.id = *id;
+    sinks_.push_back(h.sink);  // a sink must outlive its registration
+    return h;
+  }
+
+  std::vector<EngineHandle> RegisterAll(uint32_t replicas = 1) {
+    std::vector<EngineHandle> v;
+    for (uint32_t rep = 0; rep < replicas; ++rep)
+      for (uint32_t tp = 0; tp < T_; ++tp) v.push_back(Register(rep, tp));
+    return v;
+  }
+
+  MemoryRef ShardRef(uint32_t rank, const std::string& tensor) {
+    auto [off, len] = shard_offsets_[rank].at(tensor);
+    MemoryRef ref;
+    ref.name = TrainerBuffer(rank);
+    ref.offset = off;
+    ref.length = len;
+    return ref;
+  }
+
+  // The tensors of one "layer" that rank holds a non-empty shard of.
+  std::vector<std::pair<std::string, MemoryRef>> Layer(uint32_t rank, const std::string& layer) {
+    std::vector<std::pair<std::string, MemoryRef>> v;
+    for (const auto& s : sources_) {
+      bool in = layer == "embed" ? s.name == "embed.weight" : s.name.rfind(layer + ".", 0) == 0;
+      auto [a, b] = Chunk(s.rows(), rank);
+      if (in && b > a) v.emplace_back(s.name, ShardRef(rank, s.name));
+    }
+    return v;
+  }
+  std::vector<std::string> Layers() const {
+    std::vector<std::string> v{"embed"};
+    for (int L = 0; L < NL; ++L) v.push_back("layers." + std::to_string(L));
+    return v;
+  }
+
+  void PushAll(uint64_t sync_id) {
+    for (uint32_t r = 0; r < W_; ++r)
+      for (const auto& l : Layers()) {
+        auto res = coord_->PushLayer(sync_id, r, l, Layer(r, l));
+        ASSERT_TRUE(res.ok()) << res.status().ToString();
+        EXPECT_EQ(res->layer, l);
+      }
+  }
+
+  // Commit on another thread; ack from every engine once it hears Committed.
+  Result<SyncStats> CommitAcked(uint64_t sync_id, std::vector<EngineHandle>& engines, const std::string& fail_id = "") {
+    auto fut = std::async(std::launch::async, [&] { return coord_->Commit(sync_id); });
+    for (auto& e : engines) {
+      if (!e.sink->WaitFor(Kind::kCommitted, sync_id, std::chrono::seconds(5))) break;
+      Status st = coord_->AckVersion(e.id, e.sink->events().back().version, e.id != fail_id,
+                                     e.id == fail_id ? "out of memory applying weights" : "");
+      EXPECT_TRUE(st.ok()) << st.ToString();
+    }
+    return fut.get();
+  }
+
+  // The engine bytes vLLM's layout implies, computed straight from the full tensors.
+  std::vector<uint8_t> Expected(const EngineHandle& h) const {
+    std::vector<uint8_t> out;
+    auto put = [&](float f) {
+      uint16_t b = kernels::F32ToBF16(f);
+      out.push_back(b & 0xff);
+      out.push_back(b >> 8);
+    };
+    int64_t per = ((V + 3) / 4 * 4) / T_;
+    const Source& emb = Src("embed.weight");
+    for (int64_t i = h.tp_rank * per; i < (h.tp_rank + 1) * per; ++i)
+      for (int64_t j = 0; j < H; ++j) put(i < V ? emb.data[i * H + j] : 0.0f);
+    for (int L = 0; L < NL; ++L) {
+      std::string p = "layers." + std::to_string(L);
+      for (const char* part : {".q.weight", ".k.weight"}) {
+        const Source& s = Src(p + part);
+        int64_t rows = H / T_;
+        for (int64_t i = h.tp_rank * rows; i < (h.tp_rank + 1) * rows; ++i)
+          for (int64_t j = 0; j < H; ++j) put(s.data[i * H + j]);
+      }
+      for (float f : Src(p + ".norm.weight").data) put(f);
+    }
+    return out;
+  }
+
+  bool Untouched(const EngineHandle& h) {
+    for (uint8_t b : domain_->Get(h.buffer)->bytes)
+      if (b != kGarbage) return false;
+    return true;
+  }
+
+  uint32_t T_ = 2, W_ = 2;
+  std::vector<Source> sources_;
+  std::vector<std::map<std::string, std::pair<uint64_t, uint64_t>>> shard_offsets_;
+  std::vector<std::shared_ptr<RecordingSink>> sinks_;
+  std::unique_ptr<FakeDomain> domain_;
+  std::unique_ptr<TestExecutor> exec_;
+  std::unique_ptr<Coordinator> coord_;  // destroyed first
+};
+
+TEST_F(CoordinatorTest, FullSyncWritesVllmLayout) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest(7));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_EQ(b->engines, 2u);
+  EXPECT_GT(b->copy_ops, 0u);
+  for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "S");
+  PushAll(b->sync_id);
+  auto st = CommitAcked(b->sync_id, engines);
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_EQ(st->state, "committed");
+  EXPECT_EQ(st->version, 7u);
+  EXPECT_EQ(st->engines, 2u);
+  EXPECT_EQ(st->world_size, 2u);
+  EXPECT_EQ(st->bytes_written, b->bytes_planned);
+  uint64_t engine_bytes = 0;
+  for (auto& e : engines) {
+    EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e)) << e.buffer;
+    EXPECT_EQ(e.sink->kinds(), "SC");
+    for (const auto& ev : e.sink->events()) EXPECT_EQ(ev.version, 7u);
+    engine_bytes += domain_->Get(e.buffer)->bytes.size();
+  }
+  EXPECT_EQ(st->bytes_written, engine_bytes);  // every engine byte exactly once, padding included
+
+  StatusSnapshot s = coord_->GetStatus();
+  EXPECT_EQ(s.syncs_committed, 1u);
+  EXPECT_EQ(s.syncs_aborted, 0u);
+  ASSERT_EQ(s.models.size(), 1u);
+  EXPECT_EQ(s.models[0].committed_version, 7u);
+  EXPECT_EQ(s.models[0].engine_ranks, 2u);
+  EXPECT_EQ(s.models[0].replicas, 1u);
+  ASSERT_EQ(s.engines.size(), 2u);
+  for (const auto& e : s.engines) EXPECT_EQ(e.applied_version, 7u);
+  ASSERT_TRUE(s.last_sync.has_value());
+  EXPECT_EQ(s.last_sync->state, "committed");
+  EXPECT_TRUE(s.current_syncs.empty());
+
+  // The next version reuses the registrations.
+  auto b2 = coord_->BeginSync(Manifest(8));
+  ASSERT_TRUE(b2.ok()) << b2.status().ToString();
+  PushAll(b2->sync_id);
+  ASSERT_TRUE(CommitAcked(b2->sync_id, engines).ok());
+  EXPECT_EQ(coord_->GetStatus().models[0].committed_version, 8u);
+}
+
+TEST_F(CoordinatorTest, TwoReplicasAndTp1) {
+  Init(/*T=*/1, /*W=*/3);
+  auto engines = RegisterAll(/*replicas=*/2);
+  auto b = coord_->BeginSync(Manifest());
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_EQ(b->engines, 2u);
+  PushAll(b->sync_id);
+  ASSERT_TRUE(CommitAcked(b->sync_id, engines).ok());
+  for (auto& e : engines) EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e)) << e.buffer;
+  EXPECT_EQ(coord_->GetStatus().models[0].replicas, 2u);
+}
+
+TEST_F(CoordinatorTest, BadManifestNamesTensorAndWritesNothing) {
+  auto engines = RegisterAll();
+  int maps_before = domain_->map_calls();
+  SourceManifest m = Manifest();
+  m.tensors[1].shape = {H + 1, H};  // layers.0.q.weight
+  SourceTensor extra = m.tensors[0];
+  extra.name = "bogus.weight";
+  m.tensors.push_back(extra);
+  auto b = coord_->BeginSync(m);
+  ASSERT_FALSE(b.ok());
+  EXPECT_ERR(b.status(), "bogus.weight");
+  EXPECT_ERR(b.status(), "layers.0.q.weight");
+  for (auto& e : engines) {
+    EXPECT_TRUE(Untouched(e));
+    EXPECT_EQ(e.sink->kinds(), "");
+  }
+  EXPECT_EQ(domain_->map_calls(), maps_before);  // no trainer memory was even mapped
+  // The model is free again: a good manifest begins.
+  auto ok = coord_->BeginSync(Manifest());
+  EXPECT_TRUE(ok.ok()) << ok.status().ToString();
+}
+
+TEST_F(CoordinatorTest, BadMemoryRefInFirstLayerAbortsBeforeAnyByteMoves) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest(3));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  auto layer = Layer(0, "layers.0");
+  ASSERT_GE(layer.size(), 2u);
+  layer.back().second.name = "/no-such-object";  // the last shard of the layer is bad
+  auto r = coord_->PushLayer(b->sync_id, 0, "layers.0", layer);
+  ASSERT_FALSE(r.ok());
+  EXPECT_ERR(r.status(), layer.back().first);
+  EXPECT_ERR(r.status(), "/no-such-object");
+  EXPECT_EQ(exec_->runs(), 0);
+  for (auto& e : engines) {
+    EXPECT_TRUE(Untouched(e)) << e.buffer;
+    EXPECT_EQ(e.sink->kinds(), "SA");
+    EXPECT_EQ(e.sink->events().back().version, 3u);
+    EXPECT_TRUE(Has(e.sink->last_reason(), layer.back().first)) << e.sink->last_reason();
+  }
+  // Later pushes and Commit hear that the sync was aborted.
+  auto again = coord_->PushLayer(b->sync_id, 1, "embed", Layer(1, "embed"));
+  EXPECT_EQ(again.status().code(), Code::kAborted);
+  EXPECT_ERR(again.status(), "was aborted");
+  EXPECT_EQ(coord_->Commit(b->sync_id).status().code(), Code::kAborted);
+  StatusSnapshot s = coord_->GetStatus();
+  EXPECT_EQ(s.syncs_aborted, 1u);
+  ASSERT_TRUE(s.last_sync.has_value());
+  EXPECT_EQ(s.last_sync->state, "aborted");
+  EXPECT_GE(domain_->trims(), 1);  // an aborted sync lets the domain drop cached objects
+}
+
+TEST_F(CoordinatorTest, OutOfRangeAndWrongLengthRefsAbort) {
+  RegisterAll();
+  auto b = coord_->BeginSync(Manifest());
+  ASSERT_TRUE(b.ok());
+  auto layer = Layer(0, "embed");
+  layer[0].second.offset = 1u << 20;  // past the end of the trainer buffer
+  auto r = coord_->PushLayer(b->sync_id, 0, "embed", layer);
+  EXPECT_EQ(r.status().code(), Code::kOutOfRange) << r.status().ToString();
+  EXPECT_ERR(r.status(), "embed.weight (rank 0)");
+
+  auto b2 = coord_->BeginSync(Manifest());
+  ASSERT_TRUE(b2.ok()) << b2.status().ToString();
+  layer = Layer(1, "layers.1");
+  layer[0].second.length -= 4;
+  r = coord_->PushLayer(b2->sync_id, 1, "layers.1", layer);
+  EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
+  EXPECT_ERR(r.status(), layer[0].first + " (rank 1): memory length");
+}
+
+TEST_F(CoordinatorTest, PushErrorsNameTheTensor) {
+  RegisterAll();
+  struct Case {
+    std::function<std::vector<std::pair<std::string, MemoryRef>>()> layer;
+    uint32_t rank;
+    std::string needle;
+  };
+  std::vector<Case> cases = {
+      {[&] { return std::vector<std::pair<std::string, MemoryRef>>{{"nope.weight", ShardRef(0, "embed.weight")}}; },
+       0, "tensor nope.weight is not in the manifest"},
+      {[&] {
+         auto l = Layer(0, "embed");
+         l.push_back(l[0]);
+         return l;
+       },
+       0, "tensor embed.weight (rank 0) was already received"},
+      {[&] { return Layer(0, "embed"); }, 5, "rank is not below world_size 2"},
+  };
+  for (const auto& c : cases) {
+    auto b = coord_->BeginSync(Manifest());
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    auto r = coord_->PushLayer(b->sync_id, c.rank, "L", c.layer());
+    ASSERT_FALSE(r.ok());
+    EXPECT_ERR(r.status(), c.needle);
+    EXPECT_EQ(coord_->GetStatus().current_syncs.size(), 0u) << "the sync must be aborted";
+  }
+  // A shard pushed twice in separate layers.
+  auto b = coord_->BeginSync(Manifest());
+  ASSERT_TRUE(b.ok());
+  ASSERT_TRUE(coord_->PushLayer(b->sync_id, 0, "embed", Layer(0, "embed")).ok());
+  auto r = coord_->PushLayer(b->sync_id, 0, "embed-again", Layer(0, "embed"));
+  EXPECT_ERR(r.status(), "embed.weight (rank 0) was already received");
+}
+
+TEST_F(CoordinatorTest, NoShardForRank) {
+  Init(/*T=*/2, /*W=*/4);  // norm weights have 4 rows: every rank has one; embed (6 rows) leaves rank 3 empty
+  RegisterAll();
+  auto b = coord_->BeginSync(Manifest());
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  auto r = coord_->PushLayer(b->sync_id, 3, "embed", {{"embed.weight", ShardRef(2, "embed.weight")}});
+  EXPECT_ERR(r.status(), "tensor embed.weight has no shard for rank 3");
+}
+
+TEST_F(CoordinatorTest, CommitListsMissingShards) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest());
+  ASSERT_TRUE(b.ok());
+  for (const auto& l : Layers()) ASSERT_TRUE(coord_->PushLayer(b->sync_id, 0, l, Layer(0, l)).ok());
+  ASSERT_TRUE(coord_->PushLayer(b->sync_id, 1, "embed", Layer(1, "embed")).ok());
+  auto c = coord_->Commit(b->sync_id);
+  EXPECT_EQ(c.status().code(), Code::kFailedPrecondition);
+  EXPECT_ERR(c.status(), "layers.0.q.weight (rank 1)");
+  EXPECT_ERR(c.status(), "layers.1.norm.weight (rank 1)");
+  EXPECT_ERR(c.status(), "6 missing");
+  for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "SA");
+}
+
+TEST_F(CoordinatorTest, TrainerDisconnectAborts) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest());
+  ASSERT_TRUE(b.ok());
+  ASSERT_TRUE(coord_->PushLayer(b->sync_id, 0, "embed", Layer(0, "embed")).ok());
+  coord_->TrainerStreamClosed(b->sync_id, 0, /*clean=*/true);  // a finished rank: fine
+  EXPECT_EQ(coord_->GetStatus().current_syncs.size(), 1u);
+  coord_->TrainerStreamClosed(b->sync_id, 1, /*clean=*/false);
+  for (auto& e : engines) {
+    EXPECT_EQ(e.sink->kinds(), "SA");
+    EXPECT_EQ(e.sink->last_reason(), "trainer rank 1 disconnected");
+  }
+  EXPECT_EQ(coord_->Commit(b->sync_id).status().code(), Code::kAborted);
+}
+
+TEST_F(CoordinatorTest, AckTimeoutAborts) {
+  Init(2, 2, std::chrono::milliseconds(200));
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest(4));
+  ASSERT_TRUE(b.ok());
+  PushAll(b->sync_id);
+  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(b->sync_id); });
+  ASSERT_TRUE(engines[0].sink->WaitFor(Kind::kCommitted));
+  ASSERT_TRUE(coord_->AckVersion(engines[0].id, 4, true, "").ok());  // only engine 0 acks
+  auto c = fut.get();
+  EXPECT_EQ(c.status().code(), Code::kDeadlineExceeded);
+  EXPECT_ERR(c.status(), engines[1].id);
+  EXPECT_FALSE(Has(c.status().message(), engines[0].id + " ")) << c.status().ToString();
+  for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "SCA");
+  // A late ack is refused, harmlessly.
+  EXPECT_EQ(coord_->AckVersion(engines[1].id, 4, true, "").code(), Code::kFailedPrecondition);
+  EXPECT_EQ(coord_->GetStatus().models[0].committed_version, 0u);
+}
+
+TEST_F(CoordinatorTest, FailedAckAbortsWithEngineError) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest(5));
+  ASSERT_TRUE(b.ok());
+  PushAll(b->sync_id);
+  auto c = CommitAcked(b->sync_id, engines, /*fail_id=*/engines[1].id);
+  EXPECT_EQ(c.status().code(), Code::kAborted);
+  EXPECT_ERR(c.status(), "out of memory applying weights");
+  EXPECT_ERR(c.status(), engines[1].id);
+  EXPECT_EQ(engines[0].sink->kinds(), "SCA");
+}
+
+TEST_F(CoordinatorTest, OneSyncPerModel) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest(1));
+  ASSERT_TRUE(b.ok());
+  auto b2 = coord_->BeginSync(Manifest(2));
+  EXPECT_EQ(b2.status().code(), Code::kFailedPrecondition);
+  EXPECT_ERR(b2.status(), "one sync per model");
+  // A new engine rank of the model cannot join mid-sync.
+  EngineHandle h;
+  std::vector<MemoryRef> mem;
+  auto spec = Spec(1, 0, &mem, &h);
+  auto r = coord_->RegisterEngine(spec, mem, h.sink.get());
+  EXPECT_EQ(r.status().code(), Code::kFailedPrecondition);
+  EXPECT_ERR(r.status(), "in flight");
+  ASSERT_TRUE(coord_->Abort(b->sync_id, "trainer restarts").ok());
+  for (auto& e : engines) EXPECT_EQ(e.sink->last_reason(), "trainer restarts");
+  EXPECT_EQ(coord_->Abort(b->sync_id, "again").code(), Code::kAborted);
+  EXPECT_EQ(coord_->Abort(12345, "x").code(), Code::kNotFound);
+  EXPECT_TRUE(coord_->BeginSync(Manifest(2)).ok());
+}
+
+TEST_F(CoordinatorTest, BeginSyncNeedsEveryTpRank) {
+  EXPECT_ERR(coord_->BeginSync(Manifest()).status(), "no engines registered for model toy");
+  Register(0, 0);
+  Register(1, 1);
+  auto b = coord_->BeginSync(Manifest());
+  EXPECT_EQ(b.status().code(), Code::kFailedPrecondition);
+  EXPECT_ERR(b.status(), "replica 0 is missing tp ranks 1 (tp_size 2)");
+  EXPECT_ERR(b.status(), "replica 1 is missing tp ranks 0 (tp_size 2)");
+}
+
+TEST_F(CoordinatorTest, RegistrationErrors) {
+  Register(0, 0);
+  auto try_reg = [&](std::function<void(EngineRankSpec&, std::vector<MemoryRef>&)> edit, uint32_t replica = 0,
+                     uint32_t tp = 1) {
+    EngineHandle h;
+    std::vector<MemoryRef> mem;
+    EngineRankSpec spec = Spec(replica, tp, &mem, &h);
+    edit(spec, mem);
+    return coord_->RegisterEngine(spec, mem, h.sink.get()).status();
+  };
+  auto nop = [](EngineRankSpec&, std::vector<MemoryRef>&) {};
+  Status s = try_reg(nop, 0, 0);
+  EXPECT_EQ(s.code(), Code::kAlreadyExists);
+  EXPECT_ERR(s, "replica 0 tp_rank 0 is already registered");
+  EXPECT_EQ(domain_->trims(), 1);  // its memory was mapped, then refused: trimmed
+
+  s = try_reg([](EngineRankSpec& sp, std::vector<MemoryRef>& m) { m[1].length -= 2; });
+  EXPECT_EQ(s.code(), Code::kInvalidArgument);
+  EXPECT_ERR(s, "param layers.0.qk.weight: memory length");
+
+  s = try_reg([](EngineRankSpec& sp, std::vector<MemoryRef>& m) { sp.params[2].shape = {H + 4}; });
+  EXPECT_ERR(s, "layers.0.norm.weight");
+
+  s = try_reg([](EngineRankSpec& sp, std::vector<MemoryRef>& m) {
+    sp.params.pop_back();
+    m.pop_back();
+  });
+  EXPECT_ERR(s, "layers.1.norm.weight");
+
+  s = try_reg([](EngineRankSpec& sp, std::vector<MemoryRef>& m) { sp.architecture = "NopeForCausalLM"; });
+  EXPECT_ERR(s, "NopeForCausalLM");
+
+  s = try_reg([](EngineRankSpec& sp, std::vector<MemoryRef>& m) { m[0].name = "/missing"; });
+  EXPECT_ERR(s, "param embed.weight");
+  EXPECT_ERR(s, "/missing");
+
+  // Inconsistent with the model's first engine.
+  s = try_reg([](EngineRankSpec& sp, std::vector<MemoryRef>& m) {
+    sp.hf_config_json = R"({"hidden_size": 4, "vocab_size": 6, "num_layers": 2, "extra": 1})";
+  });
+  EXPECT_EQ(s.code(), Code::kFailedPrecondition);
+  EXPECT_ERR(s, "hf_config_json");
+
+  {
+    EngineHandle h;
+    std::vector<MemoryRef> mem;
+    EngineRankSpec spec = Spec(1, 0, &mem, &h, /*tp_size=*/1);
+    s = coord_->RegisterEngine(spec, mem, h.sink.get()).status();
+    EXPECT_ERR(s, "tp_size 1 but the model's other engines use tp_size 2");
+  }
+  {
+    EngineHandle h;
+    std::vector<MemoryRef> mem;
+    EngineRankSpec spec = Spec(0, 1, &mem, &h);
+    domain_->Add(h.buffer, domain_->Get(h.buffer)->bytes.size(), /*writable=*/false);
+    s = coord_->RegisterEngine(spec, mem, h.sink.get()).status();
+    EXPECT_ERR(s, "param embed.weight: memory");
+    EXPECT_ERR(s, "not writable");
+  }
+  s = try_reg([](EngineRankSpec& sp, std::vector<MemoryRef>& m) { sp.tp_rank = 2; });
+  EXPECT_ERR(s, "tp_rank 2 is not below tp_size 2");
+
+  EXPECT_EQ(coord_->GetStatus().engines.size(), 1u);
+}
+
+TEST_F(CoordinatorTest, ExplicitMappingCoversUnknownArchitecture) {
+  EngineHandle h;
+  std::vector<MemoryRef> mem;
+  EngineRankSpec spec;
+  spec.model = "custom";
+  spec.architecture = "CustomForCausalLM";
+  spec.hf_config_json = R"({"d": 4})";
+  spec.tp_size = 1;
+  spec.params.push_back(EngineParamSpec{
+      "w", {4, 4}, DType::kF32,
+      R"({"name": "w", "parts": [{"src": "w_src", "transpose": true}], "sources": [{"name": "w_src", "shape": ["d", "d"]}]})"});
+  h.buffer = "/custom";
+  auto buf = domain_->Add(h.buffer, 64);
+  MemoryRef ref;
+  ref.name = h.buffer;
+  ref.length = 64;
+  auto id = coord_->RegisterEngine(spec, {ref}, h.sink.get());
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  h.id = *id;
+
+  std::vector<float> src(16);
+  for (int i = 0; i < 16; ++i) src[i] = static_cast<float>(i);
+  auto tb = domain_->Add("/custom-trainer", 64);
+  std::memcpy(tb->bytes.data(), src.data(), 64);
+  SourceManifest m;
+  m.model = "custom";
+  m.version = 1;
+  m.world_size = 1;
+  m.tensors.push_back(SourceTensor{"w_src", {4, 4}, DType::kF32, {ShardSpec{0, 0, 0, 4}}});
+  auto b = coord_->BeginSync(m);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  MemoryRef sref;
+  sref.name = "/custom-trainer";
+  sref.length = 64;
+  ASSERT_TRUE(coord_->PushLayer(b->sync_id, 0, "all", {{"w_src", sref}}).ok());
+  std::vector<EngineHandle> engines{h};
+  ASSERT_TRUE(CommitAcked(b->sync_id, engines).ok());
+  const float* out = reinterpret_cast<const float*>(buf->bytes.data());
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) EXPECT_EQ(out[i * 4 + j], src[j * 4 + i]);
+}
+
+TEST_F(CoordinatorTest, UnregisterAbortsInFlightSync) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest());
+  ASSERT_TRUE(b.ok());
+  ASSERT_TRUE(coord_->UnregisterEngine(engines[1].id).ok());
+  EXPECT_EQ(engines[0].sink->kinds(), "SA");
+  EXPECT_ERR(Status(Code::kAborted, engines[0].sink->last_reason()), engines[1].id + " (toy replica 0 tp_rank 1");
+  EXPECT_ERR(Status(Code::kAborted, engines[0].sink->last_reason()), "unregistered");
+  EXPECT_EQ(engines[1].sink->kinds(), "S");  // a departed engine hears nothing more
+  EXPECT_EQ(coord_->UnregisterEngine(engines[1].id).code(), Code::kNotFound);
+  EXPECT_GE(domain_->trims(), 1);
+  // It can come back; the model then syncs again.
+  engines[1] = Register(0, 1);
+  auto b2 = coord_->BeginSync(Manifest());
+  ASSERT_TRUE(b2.ok()) << b2.status().ToString();
+  PushAll(b2->sync_id);
+  ASSERT_TRUE(CommitAcked(b2->sync_id, engines).ok());
+  // The last engine leaving forgets the model (a re-registration may change TP).
+  for (auto& e : engines) ASSERT_TRUE(coord_->UnregisterEngine(e.id).ok());
+  EXPECT_TRUE(coord_->GetStatus().models.empty());
+}
+
+TEST_F(CoordinatorTest, AbortWaitsForRunningCopyBeforeTellingEngines) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest());
+  ASSERT_TRUE(b.ok());
+  exec_->Hold();
+  auto push = std::async(std::launch::async,
+                         [&] { return coord_->PushLayer(b->sync_id, 0, "embed", Layer(0, "embed")); });
+  ASSERT_TRUE(exec_->WaitInRun());
+  ASSERT_TRUE(coord_->Abort(b->sync_id, "operator said so").ok());
+  // The copy is still running: engines must not hear Aborted yet, and the
+  // model stays busy.
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "S");
+  EXPECT_ERR(coord_->BeginSync(Manifest()).status(), "still finishing its copies");
+  exec_->Release();
+  auto r = push.get();
+  EXPECT_EQ(r.status().code(), Code::kAborted);
+  for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "SA");
+  EXPECT_TRUE(coord_->BeginSync(Manifest()).ok());
+}
+
+TEST_F(CoordinatorTest, ExecutorFailureAborts) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest());
+  ASSERT_TRUE(b.ok());
+  exec_->FailWith(Internal("device lost"));
+  auto r = coord_->PushLayer(b->sync_id, 0, "embed", Layer(0, "embed"));
+  EXPECT_ERR(r.status(), "device lost");
+  for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "SA");
+}
+
+TEST_F(CoordinatorTest, AbortAllStopsEverything) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest());
+  ASSERT_TRUE(b.ok());
+  PushAll(b->sync_id);
+  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(b->sync_id); });
+  ASSERT_TRUE(engines[0].sink->WaitFor(Kind::kCommitted));
+  coord_->AbortAll("the daemon is shutting down");
+  auto c = fut.get();  // the waiting Commit returns at once
+  EXPECT_EQ(c.status().code(), Code::kAborted);
+  EXPECT_ERR(c.status(), "shutting down");
+  for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "SCA");
+  EXPECT_EQ(coord_->BeginSync(Manifest()).status().code(), Code::kUnavailable);
+  EngineHandle h;
+  std::vector<MemoryRef> mem;
+  auto spec = Spec(3, 0, &mem, &h);
+  EXPECT_EQ(coord_->RegisterEngine(spec, mem, h.sink.get()).status().code(), Code::kUnavailable);
+}
+
+TEST_F(CoordinatorTest, ConcurrentRanksPushInParallel) {
+  Init(/*T=*/2, /*W=*/4);
+  auto engines = RegisterAll(/*replicas=*/2);
+  for (int round = 0; round < 5; ++round) {
+    auto b = coord_->BeginSync(Manifest(round + 1));
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    std::vector<std::thread> ranks;
+    std::atomic<int> failures{0};
+    for (uint32_t r = 0; r < W_; ++r)
+      ranks.emplace_back([&, r] {
+        for (const auto& l : Layers()) {
+          auto layer = Layer(r, l);
+          if (!coord_->PushLayer(b->sync_id, r, l, layer).ok()) failures++;
+        }
+      });
+    for (auto& t : ranks) t.join();
+    ASSERT_EQ(failures.load(), 0);
+    ASSERT_TRUE(CommitAcked(b->sync_id, engines).ok());
+  }
+  for (auto& e : engines) EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e)) << e.buffer;
+}
+
+TEST(CoordinatorRealLayouts, LlamaExampleConfigSyncs) {
+  auto reg = LayoutRegistry::LoadDir(WS_LAYOUTS_DIR);
+  ASSERT_TRUE(reg.ok()) << reg.status().ToString();
+  auto cfg = (*reg)->ExampleConfig("LlamaForCausalLM");
+  ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
+  FakeDomain domain;
+  auto exec = MakeHostExecutor(ExecutorOptions{2, 1 << 12});
+  Coordinator coord(*reg, &domain, exec.get());
+  const uint32_t T = 2, W = 3;
+  std::vector<std::shared_ptr<RecordingSink>> sinks;
+  std::vector<std::string> ids;
+  std::vector<ExpectedSource> sources;
+  uint64_t engine_bytes = 0;
+  for (uint32_t tp = 0; tp < T; ++tp) {
+    ResolveOptions o;
+    o.tp_size = T;
+    o.tp_rank = tp;
+    auto layout = (*reg)->Resolve("LlamaForCausalLM", *cfg, o);
+    ASSERT_TRUE(layout.ok()) << layout.status().ToString();
+    sources = layout->sources;
+    EngineRankSpec spec;
+    spec.model = "llama";
+    spec.architecture = "LlamaForCausalLM";
+    spec.hf_config_json = *cfg;
+    spec.tp_rank = tp;
+    spec.tp_size = T;
+    std::vector<MemoryRef> mem;
+    std::string buf = "/llama-engine" + std::to_string(tp);
+    uint64_t off = 0;
+    for (const auto& p : layout->params) {
+      spec.params.push_back(EngineParamSpec{p.name, p.shape, DType::kBF16, ""});
+      MemoryRef r;
+      r.name = buf;
+      r.offset = off;
+      r.length = NumElements(p.shape) * 2;
+      off += r.length;
+      mem.push_back(r);
+    }
+    domain.Add(buf, off);
+    engine_bytes += off;
+    sinks.push_back(std::make_shared<RecordingSink>());
+    auto id = coord.RegisterEngine(spec, mem, sinks.back().get());
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    ids.push_back(*id);
+  }
+  SourceManifest m;
+  m.model = "llama";
+  m.version = 1;
+  m.world_size = W;
+  std::vector<std::vector<std::pair<std::string, MemoryRef>>> per_rank(W);
+  for (const auto& s : sources) {
+    SourceTensor t{s.name, s.shape, DType::kF32, {}};
+    int64_t rows = s.shape[0], row = NumElements(s.shape) / std::max<int64_t>(rows, 1);
+    int64_t c = (rows + W - 1) / W;
+    for (uint32_t r = 0; r < W; ++r) {
+      int64_t a = std::min<int64_t>(r * c, rows), b = std::min<int64_t>((r + 1) * c, rows);
+      t.shards.push_back(ShardSpec{r, 0, a, b - a});
+      if (b == a) continue;
+      std::string name = "/llama-" + s.name + "-" + std::to_string(r);
+      domain.Add(name, (b - a) * row * 4);
+      MemoryRef ref;
+      ref.name = name;
+      ref.length = (b - a) * row * 4;
+      per_rank[r].emplace_back(s.name, ref);
+    }
+    m.tensors.push_back(std::move(t));
+  }
+  auto b = coord.BeginSync(m);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_EQ(b->bytes_planned, engine_bytes);
+  for (uint32_t r = 0; r < W; ++r) {
+    auto res = coord.PushLayer(b->sync_id, r, "all", per_rank[r]);
+    ASSERT_TRUE(res.ok()) << res.status().ToString();
+  }
+  auto fut = std::async(std::launch::async, [&] { return coord.Commit(b->sync_id); });
+  for (size_t i = 0; i < ids.size(); ++i) {
+    ASSERT_TRUE(sinks[i]->WaitFor(Kind::kCommitted));
+    ASSERT_TRUE(coord.AckVersion(ids[i], 1, true, "").ok());
+  }
+  auto c = fut.get();
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->bytes_written, engine_bytes);
+}
+
+}  // namespace
+}  // namespace ws::server::testing
