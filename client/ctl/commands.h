@@ -47,6 +47,8 @@ struct MockEngineOptions {
   std::string layouts_dir;
   std::vector<std::string> options;  // key=value
   std::string extra_param;
+  bool no_dump = false;  // benchmarks: no initial or v<V> dumps (aborted versions are still dumped)
+  std::string device = "host";  // host | cuda | cuda:N: where each rank's parameter buffer lives
 };
 
 struct PushOptions {
@@ -59,6 +61,7 @@ struct PushOptions {
   bool json = false;
   std::string inject;
   int64_t crash_after_layers = -1;
+  std::string device = "host";  // host | cuda | cuda:N: where each rank's shard buffer lives
 };
 
 int RunHealth(const GlobalOptions& g, const HealthOptions& o);

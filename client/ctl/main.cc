@@ -58,6 +58,10 @@ int main(int argc, char** argv) {
   mock->add_option("--layouts-dir", mo.layouts_dir, "layout rule directory");
   mock->add_option("--option", mo.options, "engine option key=value (repeatable)");
   mock->add_option("--extra-param", mo.extra_param, "register one more 8-element param that no rule fills");
+  mock->add_flag("--no-dump", mo.no_dump, "do not dump the initial state or committed versions (for benchmarks)");
+  mock->add_option("--device", mo.device,
+                   "host (shared memory) or cuda[:N]: each rank's params in one cudaMalloc'ed buffer, shared by CUDA IPC")
+      ->capture_default_str();
 
   PushOptions po;
   auto* push = app.add_subcommand("push", "push a checkpoint as W FSDP ranks would");
@@ -74,6 +78,10 @@ int main(int argc, char** argv) {
   push->add_option("--crash-after-layers", po.crash_after_layers,
                    "_exit(17) after rank 0 received this many layer acks")
       ->check(CLI::NonNegativeNumber);
+  push->add_option("--device", po.device,
+                   "host (shared memory, a thread per rank) or cuda[:N] (a process per rank, shards in one "
+                   "cudaMalloc'ed buffer per rank, shared by CUDA IPC)")
+      ->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);
 

@@ -1,9 +1,11 @@
 // mock-engine: R replicas x T tensor-parallel ranks, each a child process
-// that registers one shared-memory object holding all of its parameters
-// (engine layout, engine dtype) and dumps them after every commit.
+// that registers one buffer holding all of its parameters (engine layout,
+// engine dtype) and dumps them after every commit. The buffer is a
+// shared-memory object (--device host) or one cudaMalloc'ed allocation
+// shared by CUDA IPC (--device cuda[:N]; dumps copy it back to the host).
 //
-// The parent never touches gRPC: children are forked before any channel
-// exists (gRPC is not fork-safe). SIGTERM/SIGINT/SIGCHLD are blocked in every
+// The parent never touches gRPC or CUDA: children are forked before any
+// channel or CUDA context exists (neither is fork-safe). SIGTERM/SIGINT/SIGCHLD are blocked in every
 // process and taken synchronously (sigwait), so no async-signal handlers run.
 #include <signal.h>
 #include <sys/prctl.h>
@@ -25,6 +27,7 @@
 #include "client/cpp/safetensors.h"
 #include "client/cpp/shm.h"
 #include "client/ctl/commands.h"
+#include "client/ctl/cuda_buffers.h"
 
 namespace ws::ctl {
 namespace {
@@ -46,6 +49,8 @@ struct Rank {
 
 struct Setup {
   std::string daemon, model, architecture, config_text, dump;
+  bool no_dump = false;
+  DeviceSpec device;
   DType dtype = DType::kBF16;
   uint32_t tp = 1;
   int64_t syncs = 0;
@@ -62,7 +67,7 @@ std::string DumpName(const Rank& r) {
 
 // Writes every param (engine name, shape, dtype) to DIR/replica<i>-rank<r>.safetensors,
 // atomically (temp file + rename).
-Status Dump(const Setup& s, const Rank& r, const ShmObject& shm, const std::string& subdir) {
+Status Dump(const Setup& s, const Rank& r, const uint8_t* base, const std::string& subdir) {
   const fs::path dir = fs::path(s.dump) / subdir;
   std::error_code ec;
   fs::create_directories(dir, ec);
@@ -70,11 +75,55 @@ Status Dump(const Setup& s, const Rank& r, const ShmObject& shm, const std::stri
   const std::string final_path = (dir / DumpName(r)).string();
   const std::string tmp = final_path + ".tmp";
   std::vector<st::TensorToWrite> ts;
-  for (const Param& p : r.params) ts.push_back({p.name, s.dtype, p.shape, shm.data() + p.offset});
+  for (const Param& p : r.params) ts.push_back({p.name, s.dtype, p.shape, base + p.offset});
   WS_RETURN_IF_ERROR(st::WriteSafetensors(tmp, ts));
   fs::rename(tmp, final_path, ec);
   if (ec) return Internal("cannot rename " + tmp + ": " + ec.message());
   return Status::Ok();
+}
+
+// A rank's parameter memory: one shm object, or one device buffer (plus a
+// host copy for dumps).
+class RankMemory {
+ public:
+  static Result<RankMemory> Create(const Setup& s, const Rank& r) {
+    RankMemory m;
+    const std::string tag = "engine-r" + std::to_string(r.replica) + "-t" + std::to_string(r.rank);
+    if (s.device.cuda) {
+      WS_ASSIGN_OR_RETURN(m.dev_, DeviceBuffer::Allocate(s.device.ordinal, r.total, "parameters of " + Tag(r)));
+      WS_RETURN_IF_ERROR(m.dev_->Fill(0x5A));  // garbage: zero-fill and untouched bytes stay visible
+    } else {
+      WS_ASSIGN_OR_RETURN(m.shm_, ShmObject::Create(ShmObject::UniqueName(tag), r.total));
+      std::memset(m.shm_.data(), 0x5A, r.total);
+    }
+    return m;
+  }
+
+  // The bytes as they are now.
+  Result<const uint8_t*> Snapshot() {
+    if (!dev_) return static_cast<const uint8_t*>(shm_.data());
+    host_.resize(dev_->size());
+    WS_RETURN_IF_ERROR(dev_->CopyOut(0, host_.data(), host_.size()));
+    return static_cast<const uint8_t*>(host_.data());
+  }
+
+  void Ref(uint64_t offset, uint64_t length, pb::MemoryRef* m) const {
+    if (dev_) return dev_->Ref(offset, length, m->mutable_cuda_ipc());
+    pb::HostShmRef* ref = m->mutable_host_shm();
+    ref->set_name(shm_.name());
+    ref->set_offset(offset);
+    ref->set_length(length);
+  }
+
+ private:
+  ShmObject shm_;
+  std::unique_ptr<DeviceBuffer> dev_;
+  std::vector<uint8_t> host_;
+};
+
+Status DumpNow(const Setup& s, const Rank& r, RankMemory& mem, const std::string& subdir) {
+  WS_ASSIGN_OR_RETURN(const uint8_t* base, mem.Snapshot());
+  return Dump(s, r, base, subdir);
 }
 
 std::string Label() {
@@ -102,14 +151,12 @@ void WaitForCommitToSettle(WeightSyncClient& client, const std::string& model, u
 
 int ChildMain(const Setup& s, const Rank& r, const sigset_t& sigs) {
   const std::string tag = Tag(r);
-  auto shm = ShmObject::Create(ShmObject::UniqueName("engine-r" + std::to_string(r.replica) + "-t" + std::to_string(r.rank)),
-                               r.total);
-  if (!shm.ok()) {
-    Err(tag + ": " + shm.status().ToString());
+  auto mem = RankMemory::Create(s, r);
+  if (!mem.ok()) {
+    Err(tag + ": " + mem.status().ToString());
     return 1;
   }
-  std::memset(shm->data(), 0x5A, r.total);  // garbage: zero-fill and untouched bytes stay visible
-  if (Status st = Dump(s, r, *shm, "initial"); !st.ok()) {
+  if (Status st = s.no_dump ? Status::Ok() : DumpNow(s, r, *mem, "initial"); !st.ok()) {
     Err(tag + ": " + st.ToString());
     return 1;
   }
@@ -147,10 +194,7 @@ int ChildMain(const Setup& s, const Rank& r, const sigset_t& sigs) {
     ep->set_name(p.name);
     for (int64_t d : p.shape) ep->add_shape(d);
     ep->set_dtype(ToProto(s.dtype));
-    pb::HostShmRef* ref = ep->mutable_memory()->mutable_host_shm();
-    ref->set_name(shm->name());
-    ref->set_offset(p.offset);
-    ref->set_length(p.bytes);
+    mem->Ref(p.offset, p.bytes, ep->mutable_memory());
   }
   auto session = client.RegisterEngine(req);
   if (!session.ok()) {
@@ -183,7 +227,7 @@ int ChildMain(const Setup& s, const Rank& r, const sigset_t& sigs) {
           std::to_string(ev->started().version()) + " started");
     } else if (ev->has_committed()) {
       const uint64_t v = ev->committed().version();
-      Status st = Dump(s, r, *shm, "v" + std::to_string(v));
+      Status st = s.no_dump ? Status::Ok() : DumpNow(s, r, *mem, "v" + std::to_string(v));
       if (!st.ok()) Err(tag + ": " + st.ToString());
       Status ack = client.AckVersion(engine_id, v, st.ok(), st.ok() ? "" : st.ToString());
       if (!ack.ok()) Err(tag + ": AckVersion " + std::to_string(v) + ": " + ack.ToString());
@@ -194,7 +238,7 @@ int ChildMain(const Setup& s, const Rank& r, const sigset_t& sigs) {
       }
     } else if (ev->has_aborted()) {
       const uint64_t v = ev->aborted().version();
-      Status st = Dump(s, r, *shm, "aborted-v" + std::to_string(v));
+      Status st = DumpNow(s, r, *mem, "aborted-v" + std::to_string(v));
       if (!st.ok()) Err(tag + ": " + st.ToString());
       Out("aborted version " + std::to_string(v) + ": " + ev->aborted().reason());
     }
@@ -245,6 +289,10 @@ int RunMockEngine(const GlobalOptions& g, const MockEngineOptions& o) {
   s.daemon = g.daemon;
   s.model = o.model;
   s.dump = o.dump;
+  s.no_dump = o.no_dump;
+  auto dev = ParseDevice(o.device);
+  if (!dev.ok()) return fail(dev.status().message());
+  s.device = *dev;
   s.tp = o.tp;
   s.syncs = o.syncs;
   auto dt = ParseDType(o.dtype);
@@ -299,7 +347,7 @@ int RunMockEngine(const GlobalOptions& g, const MockEngineOptions& o) {
     }
   }
   std::error_code ec;
-  fs::create_directories(fs::path(o.dump) / "initial", ec);
+  fs::create_directories(o.no_dump ? fs::path(o.dump) : fs::path(o.dump) / "initial", ec);
   if (ec) return fail("cannot create " + o.dump + ": " + ec.message());
 
   sigset_t sigs;

@@ -1,14 +1,26 @@
 // push: a stand-in FSDP trainer. Every tensor of a checkpoint is split across
 // W ranks as FSDP2 does (torch.chunk along dim 0, or dim 1 for 2-D tensors
-// with --shard-dim 1); each rank's shards are packed into one shm object and
+// with --shard-dim 1); each rank's shards are packed into one buffer and
 // pushed layer by layer over the rank's own connection.
+//
+// --device host (default): one process, a thread per rank, one shm object per
+// rank. --device cuda[:N]: one process per rank (forked before any CUDA or
+// gRPC state exists: a process cannot open its own CUDA IPC handles, and
+// neither library survives fork), one cudaMalloc'ed buffer per rank; rank 0
+// begins and commits, the ranks meet at a process-shared barrier around each
+// sync.
+#include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -19,6 +31,7 @@
 #include "client/cpp/safetensors.h"
 #include "client/cpp/shm.h"
 #include "client/ctl/commands.h"
+#include "client/ctl/cuda_buffers.h"
 
 namespace ws::ctl {
 namespace {
@@ -29,13 +42,22 @@ struct Tensor {
   DType dtype = DType::kF32;
   const uint8_t* data = nullptr;     // null for injected tensors (zeros)
   std::vector<ShardSpec> shards;     // as split (the data layout)
-  std::vector<uint64_t> offset;      // per shard: byte offset in its rank's shm object
+  std::vector<uint64_t> offset;      // per shard: byte offset in its rank's buffer
   std::vector<uint64_t> bytes;       // per shard
 };
 
 struct Layer {
   std::string key;
   std::vector<size_t> tensors;
+};
+
+// Everything the ranks share, built before any rank starts.
+struct Plan {
+  std::vector<Tensor> tensors;
+  std::vector<Layer> layers;
+  std::vector<uint64_t> rank_bytes;  // size of each rank's buffer
+  uint64_t trainer_bytes = 0;
+  pb::BeginSyncRequest begin;        // the manifest (version set per sync)
 };
 
 using Clock = std::chrono::steady_clock;
@@ -60,55 +82,13 @@ void ParallelFor(size_t n, Fn fn) {
   for (auto& t : ts) t.join();
 }
 
-// Collects the first failure and cancels every open stream.
-class Failure {
- public:
-  void Register(uint32_t rank, PushStream* s) {
-    std::lock_guard<std::mutex> l(mu_);
-    streams_[rank] = s;
-    if (!status_.ok()) s->Cancel();
-  }
-  void Unregister(uint32_t rank) {
-    std::lock_guard<std::mutex> l(mu_);
-    streams_.erase(rank);
-  }
-  // Returns true for the first failure.
-  bool Set(uint32_t rank, const Status& s) {
-    std::lock_guard<std::mutex> l(mu_);
-    if (!status_.ok()) return false;
-    status_ = s.WithContext("rank " + std::to_string(rank));
-    for (auto& [r, st] : streams_)
-      if (r != rank) st->Cancel();
-    return true;
-  }
-  bool failed() const {
-    std::lock_guard<std::mutex> l(mu_);
-    return !status_.ok();
-  }
-  Status status() const {
-    std::lock_guard<std::mutex> l(mu_);
-    return status_;
-  }
-
- private:
-  mutable std::mutex mu_;
-  std::map<uint32_t, PushStream*> streams_;
-  Status status_;
-};
-
-}  // namespace
-
-int RunPush(const GlobalOptions& g, const PushOptions& o) {
-  auto fail = [](const std::string& m) {
-    Err("weightsyncctl push: " + m);
-    return 1;
-  };
+// Splits the checkpoint, lays out each rank's buffer and builds the manifest
+// (with --inject applied). Errors are returned as the message to print.
+Result<Plan> MakePlan(const st::Checkpoint& ckpt, const PushOptions& o) {
   const uint32_t W = o.world_size;
-  auto ckpt = st::Checkpoint::Open(o.checkpoint);
-  if (!ckpt.ok()) return fail(ckpt.status().ToString());
-
-  std::vector<Tensor> tensors;
-  for (const st::TensorInfo& t : ckpt->tensors()) {
+  Plan p;
+  std::vector<Tensor>& tensors = p.tensors;
+  for (const st::TensorInfo& t : ckpt.tensors()) {
     if (!t.dtype) {
       Err("weightsyncctl push: skipping tensor \"" + t.name + "\" of unsupported dtype " + t.dtype_name);
       continue;
@@ -120,40 +100,23 @@ int RunPush(const GlobalOptions& g, const PushOptions& o) {
     Err("weightsyncctl push: --inject unknown-tensor applied to tensor \"model.bogus.weight\"");
   }
 
-  // Split and lay out each rank's shm object.
-  std::vector<uint64_t> rank_bytes(W, 0);
-  uint64_t trainer_bytes = 0;
+  // Split and lay out each rank's buffer.
+  p.rank_bytes.assign(W, 0);
   for (Tensor& t : tensors) {
     t.shards = fsdp::SplitTensor(t.shape, W, o.shard_dim);
     for (const ShardSpec& s : t.shards) {
-      uint64_t& off = rank_bytes[s.rank];
+      uint64_t& off = p.rank_bytes[s.rank];
       off = (off + 63) / 64 * 64;
       const uint64_t n = fsdp::ShardBytes(t.shape, DTypeSize(t.dtype), s);
       t.offset.push_back(off);
       t.bytes.push_back(n);
       off += n;
-      trainer_bytes += n;
+      p.trainer_bytes += n;
     }
   }
-  std::vector<ShmObject> shm(W);
-  for (uint32_t r = 0; r < W; ++r) {
-    auto obj = ShmObject::Create(ShmObject::UniqueName("trainer" + std::to_string(r)), rank_bytes[r]);
-    if (!obj.ok()) return fail(obj.status().ToString());
-    shm[r] = std::move(*obj);
-  }
-  ParallelFor(tensors.size(), [&](size_t i) {
-    const Tensor& t = tensors[i];
-    for (size_t k = 0; k < t.shards.size(); ++k) {
-      uint8_t* dst = shm[t.shards[k].rank].data() + t.offset[k];
-      if (t.data == nullptr)
-        std::memset(dst, 0, t.bytes[k]);
-      else
-        fsdp::PackShard(t.data, t.shape, DTypeSize(t.dtype), t.shards[k], dst);
-    }
-  });
 
   // The metadata manifest (with --inject applied).
-  pb::BeginSyncRequest begin;
+  pb::BeginSyncRequest& begin = p.begin;
   begin.set_model(o.model);
   begin.set_world_size(W);
   std::vector<bool> in_manifest(tensors.size(), true);
@@ -197,7 +160,7 @@ int RunPush(const GlobalOptions& g, const PushOptions& o) {
         in_manifest[0] = false;
       }
     }
-    if (i < 0) return fail("--inject " + k + ": the checkpoint has no tensor it applies to");
+    if (i < 0) return InvalidArgument("--inject " + k + ": the checkpoint has no tensor it applies to");
     Err("weightsyncctl push: --inject " + k + " applied to tensor \"" + tensors[static_cast<size_t>(i)].name + "\"");
   }
 
@@ -209,28 +172,171 @@ int RunPush(const GlobalOptions& g, const PushOptions& o) {
       names.push_back(tensors[i].name);
       index.push_back(i);
     }
-  std::vector<Layer> layers;
   for (const fsdp::LayerGroup& lg : fsdp::GroupByLayer(names)) {
     Layer l{lg.key, {}};
     for (size_t m : lg.members) l.tensors.push_back(index[m]);
-    layers.push_back(std::move(l));
+    p.layers.push_back(std::move(l));
   }
+  return p;
+}
+
+// Fills the memory reference of [offset, offset + length) of rank r's buffer.
+using RefFn = std::function<void(uint32_t r, uint64_t offset, uint64_t length, pb::MemoryRef* ref)>;
+
+// Rank r's message for one layer (no shards: nothing to send). With
+// --inject oob-memref the first shard rank 0 sends points past its buffer.
+pb::LayerData LayerMessage(const Plan& p, const PushOptions& o, uint64_t sync_id, uint32_t r, const Layer& layer,
+                           const RefFn& ref, bool* oob_done, bool say_oob) {
+  pb::LayerData msg;
+  msg.set_sync_id(sync_id);
+  msg.set_rank(r);
+  msg.set_layer(layer.key);
+  for (size_t ti : layer.tensors) {
+    const Tensor& t = p.tensors[ti];
+    for (size_t k = 0; k < t.shards.size(); ++k) {
+      if (t.shards[k].rank != r) continue;
+      pb::ShardData* sd = msg.add_shards();
+      sd->set_tensor(t.name);
+      uint64_t offset = t.offset[k];
+      if (o.inject == "oob-memref" && r == 0 && !*oob_done) {
+        offset = p.rank_bytes[r] + 64;
+        *oob_done = true;
+        if (say_oob) Err("weightsyncctl push: --inject oob-memref applied to tensor \"" + t.name + "\"");
+      }
+      ref(r, offset, t.bytes[k], sd->mutable_memory());
+    }
+  }
+  return msg;
+}
+
+struct SyncReport {
+  uint64_t version = 0, sync_id = 0;
+  pb::BeginSyncResponse started;
+  pb::SyncStats stats;
+  double begin_s = 0, push_s = 0, commit_s = 0, client_s = 0;
+};
+
+void PrintSync(const PushOptions& o, const Plan& p, const SyncReport& r) {
+  const pb::SyncStats& s = r.stats;
+  if (o.json) {
+    nlohmann::ordered_json j;
+    j["model"] = o.model;
+    j["version"] = r.version;
+    j["sync_id"] = r.sync_id;
+    j["world_size"] = o.world_size;
+    j["device"] = o.device;
+    j["engines"] = r.started.engines();
+    j["copy_ops"] = r.started.copy_ops();
+    j["bytes_planned"] = r.started.bytes_planned();
+    j["bytes_written"] = s.bytes_written();
+    j["bytes_read"] = s.bytes_read();
+    j["trainer_bytes"] = p.trainer_bytes;
+    j["tensors"] = p.begin.tensors_size();
+    j["layers"] = p.layers.size();
+    j["daemon_seconds"] = s.seconds();
+    j["daemon_gbps"] = s.gbps();
+    j["client_seconds"] = r.client_s;
+    j["client_gbps"] = r.client_s > 0 ? static_cast<double>(s.bytes_written()) / r.client_s / 1e9 : 0.0;
+    j["begin_seconds"] = r.begin_s;
+    j["push_seconds"] = r.push_s;
+    j["commit_seconds"] = r.commit_s;
+    j["state"] = s.state();
+    Out(j.dump());
+  } else {
+    Out("committed model " + o.model + " version " + std::to_string(r.version) + ": " +
+        std::to_string(s.bytes_written()) + " bytes in " + Fixed(s.seconds(), 3) + " s (" + Fixed(s.gbps(), 2) +
+        " GB/s)");
+  }
+}
+
+// Collects the first failure and cancels every open stream.
+class Failure {
+ public:
+  void Register(uint32_t rank, PushStream* s) {
+    std::lock_guard<std::mutex> l(mu_);
+    streams_[rank] = s;
+    if (!status_.ok()) s->Cancel();
+  }
+  void Unregister(uint32_t rank) {
+    std::lock_guard<std::mutex> l(mu_);
+    streams_.erase(rank);
+  }
+  // Returns true for the first failure.
+  bool Set(uint32_t rank, const Status& s) {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!status_.ok()) return false;
+    status_ = s.WithContext("rank " + std::to_string(rank));
+    for (auto& [r, st] : streams_)
+      if (r != rank) st->Cancel();
+    return true;
+  }
+  bool failed() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return !status_.ok();
+  }
+  Status status() const {
+    std::lock_guard<std::mutex> l(mu_);
+    return status_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::map<uint32_t, PushStream*> streams_;
+  Status status_;
+};
+
+int Fail(const std::string& m) {
+  Err("weightsyncctl push: " + m);
+  return 1;
+}
+
+// ---------------------------------------------------------------- host: a thread per rank
+
+int PushHost(const GlobalOptions& g, const PushOptions& o, const Plan& p) {
+  const uint32_t W = o.world_size;
+  const std::vector<Tensor>& tensors = p.tensors;
+  std::vector<ShmObject> shm(W);
+  for (uint32_t r = 0; r < W; ++r) {
+    auto obj = ShmObject::Create(ShmObject::UniqueName("trainer" + std::to_string(r)), p.rank_bytes[r]);
+    if (!obj.ok()) return Fail(obj.status().ToString());
+    shm[r] = std::move(*obj);
+  }
+  ParallelFor(tensors.size(), [&](size_t i) {
+    const Tensor& t = tensors[i];
+    for (size_t k = 0; k < t.shards.size(); ++k) {
+      uint8_t* dst = shm[t.shards[k].rank].data() + t.offset[k];
+      if (t.data == nullptr)
+        std::memset(dst, 0, t.bytes[k]);
+      else
+        fsdp::PackShard(t.data, t.shape, DTypeSize(t.dtype), t.shards[k], dst);
+    }
+  });
+  const RefFn ref = [&](uint32_t r, uint64_t offset, uint64_t length, pb::MemoryRef* m) {
+    pb::HostShmRef* h = m->mutable_host_shm();
+    h->set_name(shm[r].name());
+    h->set_offset(offset);
+    h->set_length(length);
+  };
 
   // One connection per rank, made before the clock starts.
   std::vector<std::unique_ptr<WeightSyncClient>> clients;
   for (uint32_t r = 0; r < W; ++r) {
     clients.push_back(std::make_unique<WeightSyncClient>(g.daemon));
-    if (Status s = clients.back()->Connect(); !s.ok()) return fail("rank " + std::to_string(r) + ": " + s.ToString());
+    if (Status s = clients.back()->Connect(); !s.ok()) return Fail("rank " + std::to_string(r) + ": " + s.ToString());
   }
 
+  pb::BeginSyncRequest begin = p.begin;
   for (uint32_t rep = 0; rep < o.repeat; ++rep) {
-    const uint64_t version = o.version + rep;
-    begin.set_version(version);
+    SyncReport rpt;
+    rpt.version = o.version + rep;
+    begin.set_version(rpt.version);
     const auto t0 = Clock::now();
     auto started = clients[0]->BeginSync(begin);
-    if (!started.ok()) return fail("BeginSync version " + std::to_string(version) + ": " + started.status().ToString());
-    const uint64_t sync_id = started->sync_id();
-    const double begin_s = Since(t0);
+    if (!started.ok())
+      return Fail("BeginSync version " + std::to_string(rpt.version) + ": " + started.status().ToString());
+    rpt.started = *started;
+    const uint64_t sync_id = rpt.sync_id = started->sync_id();
+    rpt.begin_s = Since(t0);
 
     Failure failure;
     std::atomic<bool> aborted{false};
@@ -251,29 +357,9 @@ int RunPush(const GlobalOptions& g, const PushOptions& o) {
           for (ShmObject& s : shm) ::shm_unlink(s.name().c_str());
           ::_exit(17);
         }
-        for (const Layer& layer : layers) {
+        for (const Layer& layer : p.layers) {
           if (failure.failed()) break;
-          pb::LayerData msg;
-          msg.set_sync_id(sync_id);
-          msg.set_rank(r);
-          msg.set_layer(layer.key);
-          for (size_t ti : layer.tensors) {
-            const Tensor& t = tensors[ti];
-            for (size_t k = 0; k < t.shards.size(); ++k) {
-              if (t.shards[k].rank != r) continue;
-              pb::ShardData* sd = msg.add_shards();
-              sd->set_tensor(t.name);
-              pb::HostShmRef* ref = sd->mutable_memory()->mutable_host_shm();
-              ref->set_name(shm[r].name());
-              ref->set_offset(t.offset[k]);
-              ref->set_length(t.bytes[k]);
-              if (o.inject == "oob-memref" && r == 0 && !oob_done) {
-                ref->set_offset(shm[r].size() + 64);
-                oob_done = true;
-                if (rep == 0) Err("weightsyncctl push: --inject oob-memref applied to tensor \"" + t.name + "\"");
-              }
-            }
-          }
+          pb::LayerData msg = LayerMessage(p, o, sync_id, r, layer, ref, &oob_done, rep == 0);
           if (msg.shards_size() == 0) continue;
           if (Status s = (*stream)->Send(msg); !s.ok()) {
             failure.Unregister(r);
@@ -295,51 +381,242 @@ int RunPush(const GlobalOptions& g, const PushOptions& o) {
       });
     }
     for (auto& t : threads) t.join();
-    const double push_s = Since(t1);
+    rpt.push_s = Since(t1);
     if (failure.failed())
-      return fail("sync " + std::to_string(sync_id) + " version " + std::to_string(version) +
+      return Fail("sync " + std::to_string(sync_id) + " version " + std::to_string(rpt.version) +
                   " aborted: " + failure.status().ToString());
 
     const auto t2 = Clock::now();
     auto committed = clients[0]->Commit(sync_id);
     if (!committed.ok()) {
       (void)clients[0]->Abort(sync_id, "commit failed: " + committed.status().ToString());
-      return fail("Commit sync " + std::to_string(sync_id) + " version " + std::to_string(version) + ": " +
+      return Fail("Commit sync " + std::to_string(sync_id) + " version " + std::to_string(rpt.version) + ": " +
                   committed.status().ToString());
     }
-    const double commit_s = Since(t2);
-    const double client_s = Since(t0);
-    const pb::SyncStats& s = committed->stats();
-    if (o.json) {
-      nlohmann::ordered_json j;
-      j["model"] = o.model;
-      j["version"] = version;
-      j["sync_id"] = sync_id;
-      j["world_size"] = W;
-      j["engines"] = started->engines();
-      j["copy_ops"] = started->copy_ops();
-      j["bytes_planned"] = started->bytes_planned();
-      j["bytes_written"] = s.bytes_written();
-      j["bytes_read"] = s.bytes_read();
-      j["trainer_bytes"] = trainer_bytes;
-      j["tensors"] = begin.tensors_size();
-      j["layers"] = layers.size();
-      j["daemon_seconds"] = s.seconds();
-      j["daemon_gbps"] = s.gbps();
-      j["client_seconds"] = client_s;
-      j["client_gbps"] = client_s > 0 ? static_cast<double>(s.bytes_written()) / client_s / 1e9 : 0.0;
-      j["begin_seconds"] = begin_s;
-      j["push_seconds"] = push_s;
-      j["commit_seconds"] = commit_s;
-      j["state"] = s.state();
-      Out(j.dump());
-    } else {
-      Out("committed model " + o.model + " version " + std::to_string(version) + ": " +
-          std::to_string(s.bytes_written()) + " bytes in " + Fixed(s.seconds(), 3) + " s (" + Fixed(s.gbps(), 2) +
-          " GB/s)");
-    }
+    rpt.commit_s = Since(t2);
+    rpt.client_s = Since(t0);
+    rpt.stats = committed->stats();
+    PrintSync(o, p, rpt);
   }
   return 0;
+}
+
+// ---------------------------------------------------------------- CUDA: a process per rank
+
+// Lives in a MAP_SHARED anonymous mapping made before fork.
+struct Shared {
+  pthread_barrier_t barrier;
+  std::atomic<int> failed_rank{-1};  // first rank that recorded an error
+  std::atomic<int> stop{0};          // every rank leaves after the current barrier
+  std::atomic<uint64_t> sync_id{0};
+  char error[16384];                 // failed_rank's message, NUL-terminated
+};
+
+// Records the first error (message as printed after "weightsyncctl push: ").
+bool RecordError(Shared* sh, uint32_t r, const std::string& msg) {
+  int expected = -1;
+  if (!sh->failed_rank.compare_exchange_strong(expected, static_cast<int>(r))) return false;
+  const size_t n = std::min(msg.size(), sizeof(sh->error) - 1);
+  std::memcpy(sh->error, msg.data(), n);
+  sh->error[n] = '\0';
+  return true;
+}
+
+void Barrier(Shared* sh) { pthread_barrier_wait(&sh->barrier); }
+
+// The shard's bytes when they are contiguous in the checkpoint (dim-0 shards,
+// whole tensors), else nullptr.
+const uint8_t* ContiguousShard(const Tensor& t, const ShardSpec& s) {
+  if (t.shape.empty()) return t.data;
+  if (s.dim != 0) return nullptr;
+  uint64_t row = DTypeSize(t.dtype);
+  for (size_t i = 1; i < t.shape.size(); ++i) row *= static_cast<uint64_t>(t.shape[i]);
+  return t.data + static_cast<uint64_t>(s.start) * row;
+}
+
+// Allocates rank r's buffer and copies its shards in.
+Result<std::unique_ptr<DeviceBuffer>> LoadRank(const Plan& p, const DeviceSpec& dev, uint32_t r) {
+  WS_ASSIGN_OR_RETURN(auto buf, DeviceBuffer::Allocate(dev.ordinal, p.rank_bytes[r], "trainer rank " + std::to_string(r)));
+  WS_RETURN_IF_ERROR(buf->Fill(0));  // injected tensors are zeros
+  std::vector<uint8_t> staging;
+  for (const Tensor& t : p.tensors) {
+    if (t.data == nullptr) continue;
+    for (size_t k = 0; k < t.shards.size(); ++k) {
+      const ShardSpec& s = t.shards[k];
+      if (s.rank != r) continue;
+      const uint8_t* src = ContiguousShard(t, s);
+      if (src == nullptr) {
+        staging.resize(t.bytes[k]);
+        fsdp::PackShard(t.data, t.shape, DTypeSize(t.dtype), s, staging.data());
+        src = staging.data();
+      }
+      if (Status st = buf->CopyIn(t.offset[k], src, t.bytes[k]); !st.ok()) return st.WithContext("tensor " + t.name);
+    }
+  }
+  return buf;
+}
+
+int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const DeviceSpec& dev, uint32_t r,
+             Shared* sh) {
+  const std::string tag = "rank " + std::to_string(r);
+  // Setup: every rank reaches the barrier, failed or not.
+  std::unique_ptr<DeviceBuffer> buf;
+  std::unique_ptr<WeightSyncClient> client;
+  if (auto b = LoadRank(p, dev, r); !b.ok()) {
+    RecordError(sh, r, tag + ": " + b.status().ToString());
+  } else {
+    buf = std::move(b).value();
+    client = std::make_unique<WeightSyncClient>(g.daemon);
+    if (Status s = client->Connect(); !s.ok()) RecordError(sh, r, tag + ": " + s.ToString());
+  }
+  Barrier(sh);
+  if (sh->failed_rank >= 0) return 1;
+
+  const RefFn ref = [&](uint32_t, uint64_t offset, uint64_t length, pb::MemoryRef* m) {
+    buf->Ref(offset, length, m->mutable_cuda_ipc());
+  };
+  pb::BeginSyncRequest begin = p.begin;
+  for (uint32_t rep = 0; rep < o.repeat; ++rep) {
+    SyncReport rpt;
+    rpt.version = o.version + rep;
+    const auto t0 = Clock::now();
+    if (r == 0) {
+      begin.set_version(rpt.version);
+      auto started = client->BeginSync(begin);
+      if (started.ok()) {
+        rpt.started = *started;
+        sh->sync_id = started->sync_id();
+      } else {
+        RecordError(sh, r, "BeginSync version " + std::to_string(rpt.version) + ": " + started.status().ToString());
+        sh->stop = 1;
+      }
+      rpt.begin_s = Since(t0);
+    }
+    Barrier(sh);  // A: the sync exists (or nobody goes on)
+    if (sh->stop) return 1;
+    const uint64_t sync_id = rpt.sync_id = sh->sync_id;
+    const std::string where = "sync " + std::to_string(sync_id) + " version " + std::to_string(rpt.version);
+    const auto t1 = Clock::now();
+    auto fail = [&](const Status& s) {
+      if (RecordError(sh, r, where + " aborted: rank " + std::to_string(r) + ": " + s.ToString()))
+        (void)client->Abort(sync_id, "trainer rank " + std::to_string(r) + ": " + s.ToString());
+    };
+    [&] {
+      auto stream = client->OpenPush();
+      if (!stream.ok()) return fail(stream.status());
+      int64_t acks = 0;
+      bool oob_done = false;
+      if (r == 0 && o.crash_after_layers == 0) ::_exit(17);
+      for (const Layer& layer : p.layers) {
+        if (sh->failed_rank >= 0) {
+          (*stream)->Cancel();
+          return;
+        }
+        pb::LayerData msg = LayerMessage(p, o, sync_id, r, layer, ref, &oob_done, rep == 0);
+        if (msg.shards_size() == 0) continue;
+        if (Status s = (*stream)->Send(msg); !s.ok()) return fail(s.WithContext("layer " + layer.key));
+        auto ack = (*stream)->Read();
+        if (!ack.ok()) return fail(ack.status().WithContext("layer " + layer.key));
+        if (r == 0 && ++acks == o.crash_after_layers) ::_exit(17);  // a real disconnect: nothing is closed
+      }
+      if (Status s = (*stream)->Finish(); !s.ok()) fail(s);
+    }();
+    Barrier(sh);  // B: every rank has pushed (or failed)
+    if (sh->failed_rank >= 0) return 1;
+    if (r == 0) {
+      rpt.push_s = Since(t1);
+      const auto t2 = Clock::now();
+      auto committed = client->Commit(sync_id);
+      if (!committed.ok()) {
+        (void)client->Abort(sync_id, "commit failed: " + committed.status().ToString());
+        RecordError(sh, r, "Commit " + where + ": " + committed.status().ToString());
+        sh->stop = 1;
+      } else {
+        rpt.commit_s = Since(t2);
+        rpt.client_s = Since(t0);
+        rpt.stats = committed->stats();
+        PrintSync(o, p, rpt);
+      }
+    }
+    Barrier(sh);  // C: committed (or nobody goes on)
+    if (sh->stop) return 1;
+  }
+  return 0;
+}
+
+int PushProcesses(const GlobalOptions& g, const PushOptions& o, const Plan& p, const DeviceSpec& dev) {
+  const uint32_t W = o.world_size;
+  void* mem = ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (mem == MAP_FAILED) return Fail(std::string("mmap of the ranks' shared state: ") + std::strerror(errno));
+  Shared* sh = new (mem) Shared();
+  pthread_barrierattr_t attr;
+  pthread_barrierattr_init(&attr);
+  pthread_barrierattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+  if (int e = pthread_barrier_init(&sh->barrier, &attr, W); e != 0)
+    return Fail(std::string("pthread_barrier_init: ") + std::strerror(e));
+  pthread_barrierattr_destroy(&attr);
+
+  const pid_t parent = ::getpid();
+  std::map<pid_t, uint32_t> children;
+  for (uint32_t r = 0; r < W; ++r) {
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+      Err("weightsyncctl push: fork: " + std::string(std::strerror(errno)));
+      for (auto& [c, _] : children) ::kill(c, SIGKILL);
+      break;
+    }
+    if (pid == 0) {
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getppid() != parent) ::_exit(1);
+      ::_exit(RankMain(g, o, p, dev, r, sh));
+    }
+    children[pid] = r;
+  }
+
+  // Reap. A rank that dies outside the protocol (signal, --crash-after-layers,
+  // any code but 0/1) would leave the others waiting at a barrier: kill them.
+  int code = children.size() == W ? 0 : 1;
+  bool killed = false;
+  while (!children.empty()) {
+    int ws = 0;
+    const pid_t pid = ::waitpid(-1, &ws, 0);
+    if (pid < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    auto it = children.find(pid);
+    if (it == children.end()) continue;
+    const uint32_t r = it->second;
+    children.erase(it);
+    const bool exited = WIFEXITED(ws);
+    const int rc = exited ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws);
+    if (rc == 0) continue;
+    if (code == 0) code = rc;
+    if (rc != 1 && !killed) {
+      if (!(exited && rc == 17 && o.crash_after_layers >= 0))
+        Err("weightsyncctl push: rank " + std::to_string(r) +
+            (exited ? " exited with status " + std::to_string(rc) : " killed by signal " + std::to_string(WTERMSIG(ws))));
+      killed = true;
+      for (auto& [c, _] : children) ::kill(c, SIGKILL);
+    }
+  }
+  if (sh->failed_rank >= 0) Err(std::string("weightsyncctl push: ") + sh->error);
+  pthread_barrier_destroy(&sh->barrier);
+  sh->~Shared();
+  ::munmap(mem, sizeof(Shared));
+  return code;
+}
+
+}  // namespace
+
+int RunPush(const GlobalOptions& g, const PushOptions& o) {
+  auto dev = ParseDevice(o.device);
+  if (!dev.ok()) return Fail(dev.status().message());
+  auto ckpt = st::Checkpoint::Open(o.checkpoint);
+  if (!ckpt.ok()) return Fail(ckpt.status().ToString());
+  auto plan = MakePlan(*ckpt, o);
+  if (!plan.ok()) return Fail(plan.status().message());
+  return dev->cuda ? PushProcesses(g, o, *plan, *dev) : PushHost(g, o, *plan);
 }
 
 }  // namespace ws::ctl

@@ -337,7 +337,12 @@ Status Coordinator::UnregisterEngine(const std::string& engine_id) {
   if (auto mit = models_.find(e->spec.model); mit != models_.end()) {
     Model& m = mit->second;
     m.engine_count--;
-    if (auto sit = syncs_.find(m.busy_sync); sit != syncs_.end() && !Terminal(sit->second->state))
+    // An engine that already acknowledged the version being committed has
+    // applied it: its leaving does not undo the commit for the others.
+    if (auto sit = syncs_.find(m.busy_sync); sit != syncs_.end() && !Terminal(sit->second->state) &&
+                                             !(sit->second->state == SyncState::kCommitting &&
+                                               e->applied_version == sit->second->manifest.version &&
+                                               !sit->second->pending_acks.count(e->id)))
       sync = sit->second;
     else if (m.engine_count == 0 && m.busy_sync == 0)
       models_.erase(mit);

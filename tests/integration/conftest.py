@@ -447,3 +447,49 @@ def layout_covers(binaries, tmp_path_factory):
         return seen[arch]
 
     return covers
+
+
+# --------------------------------------------------------------------------
+# Matrix summary of test_hf_checkpoints.py (architecture x TP size)
+
+_RANK = {"passed": 0, "skipped": 1, "failed": 2}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Prints which TP sizes passed for each architecture and checkpoint variant,
+    as a markdown table; only when test_hf_matrix ran."""
+    cells: dict[tuple, str] = {}
+    sources = set()
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            props = dict(getattr(rep, "user_properties", ()) or ())
+            if "hf_matrix" not in props or not hasattr(rep, "outcome"):
+                continue
+            sources.add(props.get("hf_source", ""))
+            key = tuple(props["hf_matrix"])
+            if key not in cells or _RANK[rep.outcome] > _RANK[cells[key]]:
+                cells[key] = rep.outcome
+    if not cells:
+        return
+    tr = terminalreporter
+    cols = [(T, False) for T in (1, 2, 4, 8)] + [(T, True) for T in (4, 8)]
+    label = {"passed": "pass", "failed": "FAIL", "skipped": "skip"}
+    tr.write_sep("=", "HF checkpoint matrix: W in {1,3,4} x shard dim {0,1}, bf16, bit-exact")
+    for s in sorted(sources):
+        tr.write_line(f"checkpoints: {s}")
+    tr.write_line("| architecture | variant | " + " | ".join(f"T={T}{' EP' if ep else ''}" for T, ep in cols) + " |")
+    tr.write_line("|---|---|" + "---|" * len(cols))
+    rows = sorted({(a, v) for a, v, _, _ in cells})
+    for a, v in rows:
+        tr.write_line(f"| {a} | {v} | " + " | ".join(label.get(cells.get((a, v, T, ep)), "-")
+                                                   for T, ep in cols) + " |")
+    tr.write_line("")
+    tr.write_line("| architecture | TP sizes passed (every variant) | failed |")
+    tr.write_line("|---|---|---|")
+    for a in sorted({a for a, _ in rows}):
+        mine = {k: o for k, o in cells.items() if k[0] == a}
+        ok = [f"{T}{' EP' if ep else ''}" for T, ep in cols
+              if any(k[2:] == (T, ep) for k in mine)
+              and all(o == "passed" for k, o in mine.items() if k[2:] == (T, ep))]
+        bad = sorted(f"{v} T={T}{' EP' if ep else ''}" for (_, v, T, ep), o in mine.items() if o == "failed")
+        tr.write_line(f"| {a} | {', '.join(ok) or '-'} | {', '.join(bad) or '-'} |")

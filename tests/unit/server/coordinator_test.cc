@@ -461,6 +461,35 @@ TEST_F(CoordinatorTest, AckTimeoutAborts) {
   EXPECT_EQ(coord_->GetStatus().models[0].committed_version, 0u);
 }
 
+TEST_F(CoordinatorTest, EngineLeavingAfterItsAckDoesNotAbortTheCommit) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest(6));
+  ASSERT_TRUE(b.ok());
+  PushAll(b->sync_id);
+  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(b->sync_id); });
+  ASSERT_TRUE(engines[0].sink->WaitFor(Kind::kCommitted));
+  ASSERT_TRUE(coord_->AckVersion(engines[0].id, 6, true, "").ok());
+  ASSERT_TRUE(coord_->UnregisterEngine(engines[0].id).ok());  // applied, then left
+  ASSERT_TRUE(engines[1].sink->WaitFor(Kind::kCommitted));
+  ASSERT_TRUE(coord_->AckVersion(engines[1].id, 6, true, "").ok());
+  auto c = fut.get();
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(engines[1].sink->kinds(), "SC");
+}
+
+TEST_F(CoordinatorTest, EngineLeavingBeforeItsAckAbortsTheCommit) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest(7));
+  ASSERT_TRUE(b.ok());
+  PushAll(b->sync_id);
+  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(b->sync_id); });
+  ASSERT_TRUE(engines[0].sink->WaitFor(Kind::kCommitted));
+  ASSERT_TRUE(coord_->UnregisterEngine(engines[0].id).ok());  // left without applying
+  auto c = fut.get();
+  EXPECT_EQ(c.status().code(), Code::kAborted);
+  EXPECT_ERR(c.status(), "unregistered");
+}
+
 TEST_F(CoordinatorTest, FailedAckAbortsWithEngineError) {
   auto engines = RegisterAll();
   auto b = coord_->BeginSync(Manifest(5));
