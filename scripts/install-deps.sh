@@ -28,4 +28,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/requirements.txt
+# torch + transformers build real Hugging Face checkpoints for the layout tests
+# and run the Python client's FSDP tests (PyPI's torch wheel brings its CUDA
+# libraries: several GB). WS_NO_TORCH=1 skips them; those tests then fall back
+# to committed checkpoints or skip, visibly.
+if [ "${WS_NO_TORCH:-0}" != 1 ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/requirements-hf.txt
+  [ -f tests/python/requirements.txt ] && \
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+fi
 echo "dependencies ready"
