@@ -34,7 +34,8 @@ fi
 # to committed checkpoints or skip, visibly.
 if [ "${WS_NO_TORCH:-0}" != 1 ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/requirements-hf.txt
-  [ -f tests/python/requirements.txt ] && \
-    .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 fi
+# The Python client package itself (pure Python: grpcio + protobuf).
+.venv/bin/python -m pip install -q --disable-pip-version-check ./client/python
 echo "dependencies ready"

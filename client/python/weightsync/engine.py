@@ -114,7 +114,8 @@ class Engine:
         req = pb.RegisterEngineRequest(
             model=self.model, architecture=self.architecture, hf_config_json=self.config_json,
             replica_id=self.replica_id, tp_rank=self.tp_rank, tp_size=self.tp_size,
-            dtype=to_wire(self.dtype, "engine dtype"), options=self.options, engine_label=self.label)
+            dtype=to_wire(self.dtype, "engine dtype"), options={k: int(v) for k, v in self.options.items()},
+            engine_label=self.label)
         for name, t in self.tensors.items():
             nbytes = t.numel() * t.element_size()
             what = f"parameter {name}"

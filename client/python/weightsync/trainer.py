@@ -206,17 +206,19 @@ class Trainer:
                 err = None
             except Exception as e:
                 err = f"rank {self.rank}: {e}"
-        outcomes = self.comm.all_gather((asdict(stats), err))
+        try:
+            outcomes = self.comm.all_gather((asdict(stats), err))
+        except BaseException as e:  # a rank died or the group timed out: do not leave the model busy
+            if self.rank == 0:
+                self._abort(sync_id, f"rank 0 lost the trainer group: {e}")
+            raise
         errors = [o[1] for o in outcomes if o[1]]
 
         done = None
         if self.rank == 0:
             if errors:
                 reason = "\n".join(errors)
-                try:
-                    self.daemon.stub.Abort(pb.AbortRequest(sync_id=sync_id, reason=reason), timeout=30)
-                except grpc.RpcError:
-                    pass  # already aborted by the daemon (the failed stream)
+                self._abort(sync_id, reason)
                 done = (None, f"push of {self.model} version {version} (sync {sync_id}) failed:\n{reason}")
             else:
                 try:
@@ -229,6 +231,12 @@ class Trainer:
             raise WeightSyncError(err)
         return SyncResult(version, sync_id, engines, copy_ops, bytes_planned, committed,
                           [RankStats(**o[0]) for o in outcomes], time.perf_counter() - t0)
+
+    def _abort(self, sync_id: int, reason: str) -> None:
+        try:
+            self.daemon.stub.Abort(pb.AbortRequest(sync_id=sync_id, reason=reason), timeout=30)
+        except grpc.RpcError:
+            pass  # already aborted by the daemon (a failed stream) or gone
 
     def close(self) -> None:
         if self._host_seg is not None:
@@ -263,8 +271,8 @@ class Trainer:
                 if alias_of is not None:
                     dropped.append(q.name)  # tied to an earlier tensor: sent once, under that name
                     continue
-                wire = self.policy.wire_dtype(q.name, q.local.dtype if q.local is not None else value.dtype,
-                                              engine_dtype)
+                src_dtype = q.local.dtype if q.local is not None else getattr(value, "dtype", torch.float32)
+                wire = self.policy.wire_dtype(q.name, src_dtype, engine_dtype)
                 entries.append((q.name, tuple(q.shape), to_wire(wire, q.name), q.box()))
                 if q.held:
                     held.append((q, wire))
@@ -304,7 +312,7 @@ class Trainer:
         for layer, items in by_layer.items():
             parts, cur, size = [], [], 0
             for p, wire in items:
-                n = p.local.numel() * wire.itemsize
+                n = align_up(p.local.numel() * wire.itemsize)  # as the staging ring will hold it
                 if cur and size + n > self.max_inflight_bytes:
                     parts.append(cur)
                     cur, size = [], 0

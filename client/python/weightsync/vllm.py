@@ -20,8 +20,8 @@ kv_b_proj), checks that no registered parameter was replaced by them, and
 acknowledges the version. The prefix cache lives in the engine core, not in
 the workers: after_update() resets it from the driver.
 
-Written against vLLM's V1 GPU worker (vllm/v1/worker/gpu_worker.py) as of
-vLLM 0.10-0.11 and main at 9aaf83ef5 (2026-05). It touches: self.model_runner.model,
+Written against vLLM's V1 GPU worker (vllm/v1/worker/gpu_worker.py) of vLLM
+0.9 and later, up to main at 9aaf83ef5 (2026-05). It touches: self.model_runner.model,
 self.model_config (hf_config, dtype, use_mla), self.parallel_config
 (tensor_parallel_size, data_parallel_rank, enable_expert_parallel), self.rank,
 self.device, vllm.distributed.get_tensor_model_parallel_{rank,world_size}

@@ -1,0 +1,150 @@
+"""One trainer rank of a multi-process test: python dist_worker.py SCENARIO RANK WORLD PORT OUTDIR ARGS_JSON.
+
+Runs torch.distributed (gloo, CPU), FSDP2 over real transformers models, and
+writes the scenario's JSON result to OUTDIR/rank{RANK}.json. A failure exits
+non-zero with the traceback on stderr.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard
+
+import weightsync
+from weightsync import pieces as P
+
+
+def load(path: str):
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def shard_model(model, mode: str, world: int):
+    """FSDP2 over the decoder layers and the root: shard0 | shard1 | hsdp (2 x world/2); or fsdp1."""
+    if mode == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        layer_cls = type(model.model.layers[0])
+        return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({layer_cls}), device_id=torch.device("cpu"),
+                    use_orig_params=True)
+    if mode == "hsdp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+    kw = {}
+    if mode == "shard1":
+        # FSDP2 shards dim != 0 only evenly: Shard(1) where dim 1 divides, Shard(0) elsewhere.
+        kw["shard_placement_fn"] = lambda p: Shard(1) if p.ndim >= 2 and p.shape[1] % world == 0 else Shard(0)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
+    return model
+
+
+def scenario_boxes(rank, world, args):
+    """Manifest exactness: rebuild every checkpoint tensor from the manifest boxes and the ranks' bytes."""
+    out = {}
+    for arch, path in args["checkpoints"].items():
+        model = shard_model(load(path), args["mode"], world)
+        tr = weightsync.Trainer("unix:/nonexistent", model=arch, rank=rank, world_size=world,
+                                engine_dtype=args.get("engine_dtype"))
+        held, entries, dropped = tr._prepare(model, None)
+        gathered = tr.comm.all_gather((entries, dropped, None))
+        drop = set().union(*[set(g[1]) for g in gathered])
+        local = {p.name: p.local.to(w).contiguous() for p, w in held if p.name not in drop}
+        datas = tr.comm.all_gather(local)
+        placements = sorted({str(tuple(v.placements)) if hasattr(v, "placements") else type(v).__name__
+                             for _, v in P.collect(model)[0]})
+        if rank == 0:
+            req = tr._manifest(gathered, drop, 1)
+            out[arch] = {"manifest": [[t.name, list(t.shape), t.dtype,
+                                       [[s.rank, s.dim, s.start, s.length] for s in t.shards]] for t in req.tensors],
+                         "data": {f"{r}:{n}": v.view(torch.int16 if v.element_size() == 2 else torch.int32)
+                                  .flatten().tolist() for r, d in enumerate(datas) for n, v in d.items()},
+                         "placements": placements}
+    return out
+
+
+def scenario_push(rank, world, args):
+    """Push checkpoints (FSDP2) into engines registered by the test process; two versions."""
+    out = {}
+    for job in args["jobs"]:
+        model = shard_model(load(job["checkpoint"]), job["mode"], world)
+        with weightsync.Trainer(args["daemon"], model=job["model"], rank=rank, world_size=world,
+                                engine_dtype=job.get("engine_dtype"),
+                                max_inflight_bytes=job.get("max_inflight_bytes", 1 << 30)) as tr:
+            results = []
+            for version in (1, 2):
+                if version == 2:
+                    with torch.no_grad():
+                        for _, p in model.named_parameters():
+                            p.to_local().add_(job["delta"])
+                results.append(tr.push(model, version=version))
+        out[job["model"]] = [{"stats": r.stats, "engines": r.engines, "ranks": [vars(s) for s in r.ranks]}
+                             for r in results]
+    return out
+
+
+def scenario_push_error(rank, world, args):
+    """A push the daemon must refuse (an unknown tensor): every rank raises the same error."""
+    model = shard_model(load(args["checkpoint"]), "shard0", world)
+    items = list(P.collect(model)[0]) + [("model.bogus.weight", torch.zeros(4, 4))]
+    tr = weightsync.Trainer(args["daemon"], model=args["model"], rank=rank, world_size=world)
+    try:
+        tr.push(items, version=7, hf_model=model)
+    except weightsync.WeightSyncError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def scenario_push_fault(rank, world, args):
+    """Rank 1 fails in the middle of its stream: every rank raises, the version is aborted; a retry commits."""
+    model = shard_model(load(args["checkpoint"]), "shard0", world)
+    tr = weightsync.Trainer(args["daemon"], model=args["model"], rank=rank, world_size=world)
+    if rank == 1:
+        real, calls = tr._export, [0]
+
+        def faulty(*a, **kw):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("injected fault")
+            return real(*a, **kw)
+        tr._export = faulty
+    try:
+        tr.push(model, version=1)
+        first = None
+    except weightsync.WeightSyncError as e:
+        first = str(e)
+    if rank == 1:
+        tr._export = real
+    retry = tr.push(model, version=2)
+    return {"error": first, "retry": retry.stats["state"]}
+
+
+SCENARIOS = {"boxes": scenario_boxes, "push": scenario_push, "push_error": scenario_push_error,
+             "push_fault": scenario_push_fault}
+
+
+def main():
+    scenario, rank, world, port, outdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    args = json.loads(sys.argv[6])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    try:
+        result = SCENARIOS[scenario](rank, world, args)
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

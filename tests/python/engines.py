@@ -1,0 +1,52 @@
+"""Test engines: weightsync.Engine ranks holding torch tensors in vLLM's layout."""
+from __future__ import annotations
+
+import torch
+
+import vllm_reference as ref
+import weightsync
+
+
+class EngineSet:
+    """replicas x T engine ranks of one model, every buffer pre-filled with 0xFF (NaN) bytes."""
+
+    def __init__(self, address, model, arch, sd, cfg, T, replicas=1, dtype=torch.bfloat16):
+        self.arch, self.cfg, self.T, self.dtype = arch, cfg, T, dtype
+        self.engines, self.commits = [], []
+        for rep in range(replicas):
+            for r in range(T):
+                eng = weightsync.Engine(address, model, cfg, tp_rank=r, tp_size=T, replica_id=rep, dtype=dtype)
+                for name, t in ref.expected(arch, sd, cfg, T, r, dtype).items():
+                    buf = eng.empty(name, t.shape, t.dtype)
+                    buf.view(torch.uint8).fill_(0xFF)
+                seen = {}  # version -> copy of every buffer when the version was committed
+
+                def snapshot(version, eng=eng, seen=seen):
+                    seen[version] = {n: t.clone() for n, t in eng.tensors.items()}
+                eng.on_commit(snapshot)
+                self.commits.append(seen)
+                self.engines.append(eng)
+        for eng in self.engines:
+            eng.start()
+
+    def check(self, sd, version):
+        """Every engine applied `version` and holds the reference bit for bit."""
+        for eng, seen in zip(self.engines, self.commits):
+            eng.wait_for_version(version, timeout=30)
+            assert version in seen, f"version {version} was never committed to this engine"
+            exp = ref.expected(self.arch, sd, self.cfg, self.T, eng.tp_rank, self.dtype)
+            assert sorted(exp) == sorted(eng.tensors)
+            for name, want in exp.items():
+                got = seen[version][name]
+                ok = torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
+                if not ok:
+                    bad = (got.float() != want.float()) | got.float().isnan()
+                    raise AssertionError(f"{self.arch} v{version} replica {eng.replica_id} tp {eng.tp_rank} {name}: "
+                                         f"{int(bad.sum())} of {got.numel()} elements differ")
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for e in self.engines for t in e.tensors.values())
+
+    def close(self):
+        for e in self.engines:
+            e.close()

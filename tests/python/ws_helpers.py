@@ -1,0 +1,112 @@
+"""Test helpers: the source-tree package on sys.path, multi-process runs, the daemon process."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PKG = REPO / "client" / "python"
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(PKG))
+sys.path.insert(0, str(HERE))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_dist(scenario: str, world: int, args: dict, timeout: float = 600) -> list:
+    """Runs dist_worker.py SCENARIO on `world` gloo ranks; returns every rank's JSON result."""
+    out = tempfile.mkdtemp(prefix="ws-dist-")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PKG), str(HERE), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    port = _free_port()
+    procs, logs = [], []
+    for r in range(world):
+        log = open(os.path.join(out, f"rank{r}.log"), "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(HERE / "dist_worker.py"), scenario, str(r), str(world), str(port), out,
+             json.dumps(args)], stdout=log, stderr=subprocess.STDOUT, env=env))
+    deadline = time.time() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        text = ""
+        for r in failed[:2]:
+            text += f"\n--- rank {r} (rc {procs[r].returncode}) ---\n" + Path(out, f"rank{r}.log").read_text()[-6000:]
+        pytest.fail(f"{scenario} on {world} ranks failed on ranks {failed}:{text}", pytrace=False)
+    results = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+def daemon_binary() -> Path:
+    return Path(os.environ.get("WS_BUILD_DIR", REPO / "build")) / "weightsyncd"
+
+
+class DaemonProcess:
+    def __init__(self, tmp: str):
+        binary = daemon_binary()
+        if not binary.exists():
+            pytest.fail(f"the daemon binary {binary} does not exist: build it (scripts/build.sh) or point "
+                        "WS_BUILD_DIR at the build directory", pytrace=False)
+        self.sock = os.path.join(tmp, "ws.sock")
+        self.address = "unix:" + self.sock
+        self.log_path = os.path.join(tmp, "weightsyncd.log")
+        self._log = open(self.log_path, "w")
+        layouts = os.environ.get("WS_LAYOUTS_DIR", str(REPO / "config" / "layouts"))
+        self.proc = subprocess.Popen([str(binary), "--listen", self.address, "--layouts-dir", layouts],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        import weightsync
+        deadline = time.time() + 30
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"weightsyncd exited with {self.proc.returncode}:\n{self.log()}", pytrace=False)
+            if os.path.exists(self.sock):
+                try:
+                    with weightsync.Daemon(self.address) as d:
+                        d.status(timeout=2)
+                    break
+                except weightsync.WeightSyncError:
+                    pass
+            if time.time() > deadline:
+                self.stop()
+                pytest.fail(f"weightsyncd did not come up on {self.address}:\n{self.log()}", pytrace=False)
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        self._log.flush()
+        return Path(self.log_path).read_text()[-8000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
