@@ -62,6 +62,7 @@ struct PushOptions {
   std::string inject;
   int64_t crash_after_layers = -1;
   std::string device = "host";  // host | cuda | cuda:N: where each rank's shard buffer lives
+  bool processes = false;       // a process per rank (always with cuda)
 };
 
 int RunHealth(const GlobalOptions& g, const HealthOptions& o);

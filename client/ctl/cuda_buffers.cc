@@ -1,6 +1,7 @@
 #include "client/ctl/cuda_buffers.h"
 
 #include <cctype>
+#include <cstring>
 
 #if WS_WITH_CUDA
 #include <cuda_runtime.h>
@@ -101,6 +102,47 @@ Status DeviceBuffer::CopyOut(uint64_t, void*, uint64_t) const { return Unimpleme
 Status DeviceBuffer::Fill(uint8_t) { return Unimplemented(what_ + ": no CUDA"); }
 
 #endif
+
+Result<RankBuffer> RankBuffer::Create(const DeviceSpec& dev, uint64_t bytes, const std::string& tag,
+                                     const std::string& what) {
+  RankBuffer b;
+  if (dev.cuda) {
+    WS_ASSIGN_OR_RETURN(b.dev_, DeviceBuffer::Allocate(dev.ordinal, bytes, what));
+  } else {
+    auto shm = ShmObject::Create(ShmObject::UniqueName(tag), bytes);
+    if (!shm.ok()) return shm.status().WithContext(what);
+    b.shm_ = std::move(shm).value();
+  }
+  return b;
+}
+
+Status RankBuffer::CopyIn(uint64_t offset, const void* src, uint64_t n) {
+  if (dev_) return dev_->CopyIn(offset, src, n);
+  if (offset > shm_.size() || n > shm_.size() - offset) return OutOfRange(shm_.name() + ": copy-in past the end");
+  if (n > 0) std::memcpy(shm_.data() + offset, src, n);
+  return Status::Ok();
+}
+
+Status RankBuffer::Fill(uint8_t byte) {
+  if (dev_) return dev_->Fill(byte);
+  std::memset(shm_.data(), byte, shm_.size());
+  return Status::Ok();
+}
+
+Result<const uint8_t*> RankBuffer::Snapshot() {
+  if (!dev_) return static_cast<const uint8_t*>(shm_.data());
+  host_.resize(dev_->size());
+  WS_RETURN_IF_ERROR(dev_->CopyOut(0, host_.data(), host_.size()));
+  return static_cast<const uint8_t*>(host_.data());
+}
+
+void RankBuffer::Ref(uint64_t offset, uint64_t length, pb::MemoryRef* ref) const {
+  if (dev_) return dev_->Ref(offset, length, ref->mutable_cuda_ipc());
+  pb::HostShmRef* h = ref->mutable_host_shm();
+  h->set_name(shm_.name());
+  h->set_offset(offset);
+  h->set_length(length);
+}
 
 void DeviceBuffer::Ref(uint64_t offset, uint64_t length, pb::CudaIpcRef* ref) const {
   ref->set_handle(handle_);

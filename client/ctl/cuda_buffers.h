@@ -1,20 +1,23 @@
-// Device memory for weightsyncctl's stand-in trainer and engine ranks:
-// --device parsing and one cudaMalloc'ed buffer per rank, exported once as a
-// legacy CUDA IPC handle and referenced by MemoryRef.cuda_ipc.
+// Rank buffers for weightsyncctl's stand-in trainer and engine ranks:
+// --device parsing, one cudaMalloc'ed buffer per rank (exported once as a
+// legacy CUDA IPC handle, referenced by MemoryRef.cuda_ipc) or one shm
+// object per rank (MemoryRef.host_shm), behind one RankBuffer.
 //
 // CUDA must not be initialised before fork(): callers fork their rank
-// processes first and create DeviceBuffers in the children. Without CUDA
-// (WS_WITH_CUDA off) ParseDevice refuses "cuda" and Allocate is
-// Unimplemented. No CUDA headers here.
+// processes first and create device buffers in the children. Without CUDA
+// (WS_WITH_CUDA off) ParseDevice refuses "cuda" and DeviceBuffer::Allocate
+// is Unimplemented. No CUDA headers here.
 //
-// Thread-safety: a DeviceBuffer is used by one thread at a time.
+// Thread-safety: a DeviceBuffer / RankBuffer is used by one thread at a time.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "client/cpp/client.h"
+#include "client/cpp/shm.h"
 #include "daemon/core/status.h"
 
 namespace ws::ctl {
@@ -58,6 +61,28 @@ class DeviceBuffer {
   std::string handle_;      // cudaIpcMemHandle_t bytes
   std::string uuid_;        // "GPU-xxxxxxxx-...", as the daemon's CUDA domain formats and parses it
   uint64_t base_offset_ = 0;  // ptr_'s offset in the exported allocation (0 for cudaMalloc)
+};
+
+// A rank's buffer: a shm object (host) or a DeviceBuffer (cuda).
+class RankBuffer {
+ public:
+  // `tag` names the shm object ("/ws-<pid>-<tag>-<n>"), `what` the buffer in errors.
+  static Result<RankBuffer> Create(const DeviceSpec& dev, uint64_t bytes, const std::string& tag,
+                                   const std::string& what);
+  uint64_t size() const { return dev_ ? dev_->size() : shm_.size(); }
+  Status CopyIn(uint64_t offset, const void* src, uint64_t n);
+  Status Fill(uint8_t byte);
+  // The bytes as they are now (device: copied into a host buffer first).
+  Result<const uint8_t*> Snapshot();
+  // host: the mapped bytes; device: nullptr.
+  uint8_t* host_data() const { return dev_ ? nullptr : shm_.data(); }
+  // The reference for [offset, offset + length); the offset is not checked.
+  void Ref(uint64_t offset, uint64_t length, pb::MemoryRef* ref) const;
+
+ private:
+  ShmObject shm_;
+  std::unique_ptr<DeviceBuffer> dev_;
+  std::vector<uint8_t> host_;  // device: snapshot copy
 };
 
 }  // namespace ws::ctl

@@ -82,6 +82,8 @@ int main(int argc, char** argv) {
                    "host (shared memory, a thread per rank) or cuda[:N] (a process per rank, shards in one "
                    "cudaMalloc'ed buffer per rank, shared by CUDA IPC)")
       ->capture_default_str();
+  push->add_flag("--processes", po.processes, "run each rank as its own process (implied by --device cuda)")
+      ->envname("WEIGHTSYNC_PUSH_PROCESSES");
 
   CLI11_PARSE(app, argc, argv);
 

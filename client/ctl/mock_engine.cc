@@ -25,7 +25,6 @@
 
 #include "client/cpp/client.h"
 #include "client/cpp/safetensors.h"
-#include "client/cpp/shm.h"
 #include "client/ctl/commands.h"
 #include "client/ctl/cuda_buffers.h"
 
@@ -82,46 +81,7 @@ Status Dump(const Setup& s, const Rank& r, const uint8_t* base, const std::strin
   return Status::Ok();
 }
 
-// A rank's parameter memory: one shm object, or one device buffer (plus a
-// host copy for dumps).
-class RankMemory {
- public:
-  static Result<RankMemory> Create(const Setup& s, const Rank& r) {
-    RankMemory m;
-    const std::string tag = "engine-r" + std::to_string(r.replica) + "-t" + std::to_string(r.rank);
-    if (s.device.cuda) {
-      WS_ASSIGN_OR_RETURN(m.dev_, DeviceBuffer::Allocate(s.device.ordinal, r.total, "parameters of " + Tag(r)));
-      WS_RETURN_IF_ERROR(m.dev_->Fill(0x5A));  // garbage: zero-fill and untouched bytes stay visible
-    } else {
-      WS_ASSIGN_OR_RETURN(m.shm_, ShmObject::Create(ShmObject::UniqueName(tag), r.total));
-      std::memset(m.shm_.data(), 0x5A, r.total);
-    }
-    return m;
-  }
-
-  // The bytes as they are now.
-  Result<const uint8_t*> Snapshot() {
-    if (!dev_) return static_cast<const uint8_t*>(shm_.data());
-    host_.resize(dev_->size());
-    WS_RETURN_IF_ERROR(dev_->CopyOut(0, host_.data(), host_.size()));
-    return static_cast<const uint8_t*>(host_.data());
-  }
-
-  void Ref(uint64_t offset, uint64_t length, pb::MemoryRef* m) const {
-    if (dev_) return dev_->Ref(offset, length, m->mutable_cuda_ipc());
-    pb::HostShmRef* ref = m->mutable_host_shm();
-    ref->set_name(shm_.name());
-    ref->set_offset(offset);
-    ref->set_length(length);
-  }
-
- private:
-  ShmObject shm_;
-  std::unique_ptr<DeviceBuffer> dev_;
-  std::vector<uint8_t> host_;
-};
-
-Status DumpNow(const Setup& s, const Rank& r, RankMemory& mem, const std::string& subdir) {
+Status DumpNow(const Setup& s, const Rank& r, RankBuffer& mem, const std::string& subdir) {
   WS_ASSIGN_OR_RETURN(const uint8_t* base, mem.Snapshot());
   return Dump(s, r, base, subdir);
 }
@@ -151,9 +111,11 @@ void WaitForCommitToSettle(WeightSyncClient& client, const std::string& model, u
 
 int ChildMain(const Setup& s, const Rank& r, const sigset_t& sigs) {
   const std::string tag = Tag(r);
-  auto mem = RankMemory::Create(s, r);
-  if (!mem.ok()) {
-    Err(tag + ": " + mem.status().ToString());
+  auto mem = RankBuffer::Create(s.device, r.total, "engine-r" + std::to_string(r.replica) + "-t" + std::to_string(r.rank),
+                                "parameters of " + tag);
+  Status filled = mem.ok() ? mem->Fill(0x5A) : mem.status();  // garbage: zero-fill and untouched bytes stay visible
+  if (!filled.ok()) {
+    Err(tag + ": " + filled.ToString());
     return 1;
   }
   if (Status st = s.no_dump ? Status::Ok() : DumpNow(s, r, *mem, "initial"); !st.ok()) {

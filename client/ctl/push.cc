@@ -3,12 +3,12 @@
 // with --shard-dim 1); each rank's shards are packed into one buffer and
 // pushed layer by layer over the rank's own connection.
 //
-// --device host (default): one process, a thread per rank, one shm object per
-// rank. --device cuda[:N]: one process per rank (forked before any CUDA or
-// gRPC state exists: a process cannot open its own CUDA IPC handles, and
-// neither library survives fork), one cudaMalloc'ed buffer per rank; rank 0
-// begins and commits, the ranks meet at a process-shared barrier around each
-// sync.
+// --device host (default): one shm object per rank, a thread per rank (or,
+// with --processes, a process per rank). --device cuda[:N]: one
+// cudaMalloc'ed buffer per rank, always a process per rank (a process cannot
+// open its own CUDA IPC handles). Rank processes are forked before any CUDA
+// or gRPC state exists (neither survives fork); rank 0 begins and commits,
+// and the ranks meet at a process-shared barrier around each step of a sync.
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -403,13 +403,19 @@ int PushHost(const GlobalOptions& g, const PushOptions& o, const Plan& p) {
 
 // ---------------------------------------------------------------- CUDA: a process per rank
 
-// Lives in a MAP_SHARED anonymous mapping made before fork.
+// Lives in a MAP_SHARED anonymous mapping made before fork. Each flag is
+// written only in the phase before the barrier after which every rank reads
+// it (a flag read at a later barrier could be set while a slow rank has yet
+// to read it, and the ranks would part ways).
 struct Shared {
   pthread_barrier_t barrier;
-  std::atomic<int> failed_rank{-1};  // first rank that recorded an error
-  std::atomic<int> stop{0};          // every rank leaves after the current barrier
-  std::atomic<uint64_t> sync_id{0};
-  char error[16384];                 // failed_rank's message, NUL-terminated
+  std::atomic<int> setup_failed{0};   // read after barrier S
+  std::atomic<int> begin_failed{0};   // rank 0; read after barrier A
+  std::atomic<int> push_failed{0};    // read after barrier B (and between layers)
+  std::atomic<int> commit_failed{0};  // rank 0; read after barrier C
+  std::atomic<uint64_t> sync_id{0};   // rank 0, before barrier A
+  std::atomic<int> failed_rank{-1};   // first rank that recorded an error
+  char error[16384];                  // its message, NUL-terminated
 };
 
 // Records the first error (message as printed after "weightsyncctl push: ").
@@ -434,46 +440,62 @@ const uint8_t* ContiguousShard(const Tensor& t, const ShardSpec& s) {
   return t.data + static_cast<uint64_t>(s.start) * row;
 }
 
-// Allocates rank r's buffer and copies its shards in.
-Result<std::unique_ptr<DeviceBuffer>> LoadRank(const Plan& p, const DeviceSpec& dev, uint32_t r) {
-  WS_ASSIGN_OR_RETURN(auto buf, DeviceBuffer::Allocate(dev.ordinal, p.rank_bytes[r], "trainer rank " + std::to_string(r)));
-  WS_RETURN_IF_ERROR(buf->Fill(0));  // injected tensors are zeros
+// Copies rank r's shards into its buffer through copy_in(offset, src, n).
+Status LoadRank(const Plan& p, uint32_t r, const std::function<Status(uint64_t, const void*, uint64_t)>& copy_in) {
   std::vector<uint8_t> staging;
   for (const Tensor& t : p.tensors) {
-    if (t.data == nullptr) continue;
     for (size_t k = 0; k < t.shards.size(); ++k) {
       const ShardSpec& s = t.shards[k];
       if (s.rank != r) continue;
-      const uint8_t* src = ContiguousShard(t, s);
+      const uint8_t* src = t.data ? ContiguousShard(t, s) : nullptr;
       if (src == nullptr) {
-        staging.resize(t.bytes[k]);
-        fsdp::PackShard(t.data, t.shape, DTypeSize(t.dtype), s, staging.data());
+        staging.assign(t.bytes[k], 0);  // injected tensors are zeros
+        if (t.data) fsdp::PackShard(t.data, t.shape, DTypeSize(t.dtype), s, staging.data());
         src = staging.data();
       }
-      if (Status st = buf->CopyIn(t.offset[k], src, t.bytes[k]); !st.ok()) return st.WithContext("tensor " + t.name);
+      if (Status st = copy_in(t.offset[k], src, t.bytes[k]); !st.ok()) return st.WithContext("tensor " + t.name);
     }
   }
-  return buf;
+  return Status::Ok();
 }
 
+// Rank r's process. `shm` is its shm object (host; made by the parent, so it
+// is unlinked however the rank ends), or null: a device buffer is made here.
 int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const DeviceSpec& dev, uint32_t r,
-             Shared* sh) {
+             const ShmObject* shm, Shared* sh) {
   const std::string tag = "rank " + std::to_string(r);
   // Setup: every rank reaches the barrier, failed or not.
   std::unique_ptr<DeviceBuffer> buf;
-  std::unique_ptr<WeightSyncClient> client;
-  if (auto b = LoadRank(p, dev, r); !b.ok()) {
-    RecordError(sh, r, tag + ": " + b.status().ToString());
+  Status st;
+  if (shm != nullptr) {
+    st = LoadRank(p, r, [&](uint64_t off, const void* src, uint64_t n) {
+      std::memcpy(shm->data() + off, src, n);
+      return Status::Ok();
+    });
+  } else if (auto b = DeviceBuffer::Allocate(dev.ordinal, p.rank_bytes[r], "trainer " + tag); !b.ok()) {
+    st = b.status();
   } else {
     buf = std::move(b).value();
-    client = std::make_unique<WeightSyncClient>(g.daemon);
-    if (Status s = client->Connect(); !s.ok()) RecordError(sh, r, tag + ": " + s.ToString());
+    st = LoadRank(p, r, [&](uint64_t off, const void* src, uint64_t n) { return buf->CopyIn(off, src, n); });
   }
-  Barrier(sh);
-  if (sh->failed_rank >= 0) return 1;
+  std::unique_ptr<WeightSyncClient> client;
+  if (st.ok()) {
+    client = std::make_unique<WeightSyncClient>(g.daemon);
+    st = client->Connect();
+  }
+  if (!st.ok()) {
+    RecordError(sh, r, tag + ": " + st.ToString());
+    sh->setup_failed = 1;
+  }
+  Barrier(sh);  // S: every rank is loaded and connected (or nobody goes on)
+  if (sh->setup_failed) return 1;
 
   const RefFn ref = [&](uint32_t, uint64_t offset, uint64_t length, pb::MemoryRef* m) {
-    buf->Ref(offset, length, m->mutable_cuda_ipc());
+    if (buf) return buf->Ref(offset, length, m->mutable_cuda_ipc());
+    pb::HostShmRef* h = m->mutable_host_shm();
+    h->set_name(shm->name());
+    h->set_offset(offset);
+    h->set_length(length);
   };
   pb::BeginSyncRequest begin = p.begin;
   for (uint32_t rep = 0; rep < o.repeat; ++rep) {
@@ -488,16 +510,17 @@ int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const 
         sh->sync_id = started->sync_id();
       } else {
         RecordError(sh, r, "BeginSync version " + std::to_string(rpt.version) + ": " + started.status().ToString());
-        sh->stop = 1;
+        sh->begin_failed = 1;
       }
       rpt.begin_s = Since(t0);
     }
     Barrier(sh);  // A: the sync exists (or nobody goes on)
-    if (sh->stop) return 1;
+    if (sh->begin_failed) return 1;
     const uint64_t sync_id = rpt.sync_id = sh->sync_id;
     const std::string where = "sync " + std::to_string(sync_id) + " version " + std::to_string(rpt.version);
     const auto t1 = Clock::now();
     auto fail = [&](const Status& s) {
+      sh->push_failed = 1;
       if (RecordError(sh, r, where + " aborted: rank " + std::to_string(r) + ": " + s.ToString()))
         (void)client->Abort(sync_id, "trainer rank " + std::to_string(r) + ": " + s.ToString());
     };
@@ -508,7 +531,7 @@ int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const 
       bool oob_done = false;
       if (r == 0 && o.crash_after_layers == 0) ::_exit(17);
       for (const Layer& layer : p.layers) {
-        if (sh->failed_rank >= 0) {
+        if (sh->push_failed) {
           (*stream)->Cancel();
           return;
         }
@@ -522,7 +545,7 @@ int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const 
       if (Status s = (*stream)->Finish(); !s.ok()) fail(s);
     }();
     Barrier(sh);  // B: every rank has pushed (or failed)
-    if (sh->failed_rank >= 0) return 1;
+    if (sh->push_failed) return 1;
     if (r == 0) {
       rpt.push_s = Since(t1);
       const auto t2 = Clock::now();
@@ -530,7 +553,7 @@ int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const 
       if (!committed.ok()) {
         (void)client->Abort(sync_id, "commit failed: " + committed.status().ToString());
         RecordError(sh, r, "Commit " + where + ": " + committed.status().ToString());
-        sh->stop = 1;
+        sh->commit_failed = 1;
       } else {
         rpt.commit_s = Since(t2);
         rpt.client_s = Since(t0);
@@ -539,13 +562,19 @@ int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const 
       }
     }
     Barrier(sh);  // C: committed (or nobody goes on)
-    if (sh->stop) return 1;
+    if (sh->commit_failed) return 1;
   }
   return 0;
 }
 
 int PushProcesses(const GlobalOptions& g, const PushOptions& o, const Plan& p, const DeviceSpec& dev) {
   const uint32_t W = o.world_size;
+  std::vector<ShmObject> shm;  // host: made here, unlinked when this returns
+  for (uint32_t r = 0; r < W && !dev.cuda; ++r) {
+    auto obj = ShmObject::Create(ShmObject::UniqueName("trainer" + std::to_string(r)), p.rank_bytes[r]);
+    if (!obj.ok()) return Fail(obj.status().ToString());
+    shm.push_back(std::move(*obj));
+  }
   void* mem = ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (mem == MAP_FAILED) return Fail(std::string("mmap of the ranks' shared state: ") + std::strerror(errno));
   Shared* sh = new (mem) Shared();
@@ -568,7 +597,7 @@ int PushProcesses(const GlobalOptions& g, const PushOptions& o, const Plan& p, c
     if (pid == 0) {
       ::prctl(PR_SET_PDEATHSIG, SIGKILL);
       if (::getppid() != parent) ::_exit(1);
-      ::_exit(RankMain(g, o, p, dev, r, sh));
+      ::_exit(RankMain(g, o, p, dev, r, dev.cuda ? nullptr : &shm[r], sh));
     }
     children[pid] = r;
   }
@@ -601,7 +630,8 @@ int PushProcesses(const GlobalOptions& g, const PushOptions& o, const Plan& p, c
     }
   }
   if (sh->failed_rank >= 0) Err(std::string("weightsyncctl push: ") + sh->error);
-  pthread_barrier_destroy(&sh->barrier);
+  // No pthread_barrier_destroy: it waits for waiters, and killed ranks may
+  // have died waiting. Unmapping is enough.
   sh->~Shared();
   ::munmap(mem, sizeof(Shared));
   return code;
@@ -616,7 +646,7 @@ int RunPush(const GlobalOptions& g, const PushOptions& o) {
   if (!ckpt.ok()) return Fail(ckpt.status().ToString());
   auto plan = MakePlan(*ckpt, o);
   if (!plan.ok()) return Fail(plan.status().message());
-  return dev->cuda ? PushProcesses(g, o, *plan, *dev) : PushHost(g, o, *plan);
+  return dev->cuda || o.processes ? PushProcesses(g, o, *plan, *dev) : PushHost(g, o, *plan);
 }
 
 }  // namespace ws::ctl

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "daemon/dataplane/executor.h"
@@ -178,6 +179,64 @@ TEST_F(GpuTest, CudaExecutorMatchesReferenceOnRandomOps) {
                           << " " << op.rows << "x" << op.cols << " T=" << int(op.transpose) << " Z=" << int(op.zero_fill);
     }
   }
+}
+
+TEST_F(GpuTest, ConcurrentRunsFromManyThreadsMatchReference) {
+  // Runs on one device are enqueued under a lock and waited for outside it,
+  // each holding one of a ring of upload slots: more threads than slots.
+  auto ex = cuda::MakeCudaExecutor();
+  ASSERT_TRUE(ex.ok()) << ex.status().ToString();
+  constexpr int kWorkers = 12, kRunsEach = 10;
+  std::vector<std::string> errors(kWorkers);
+  std::vector<std::thread> workers;
+  for (int w = 0; w < kWorkers; ++w) {
+    workers.emplace_back([&, w] {
+      std::mt19937_64 rng(1000 + w);
+      std::string& err = errors[w];
+      for (int run = 0; run < kRunsEach && err.empty(); ++run) {
+        std::vector<RandOp> cases;
+        for (int i = 0; i < 1 + static_cast<int>(rng() % 6); ++i) cases.push_back(MakeRandOp(rng));
+        std::vector<std::unique_ptr<DevBuf<unsigned char>>> srcs, dsts;
+        std::vector<CopyOp> ops;
+        for (auto& c : cases) {
+          srcs.push_back(std::make_unique<DevBuf<unsigned char>>(c.src.size()));
+          dsts.push_back(std::make_unique<DevBuf<unsigned char>>(c.dst_init.size()));
+          if (!srcs.back()->p || !dsts.back()->p ||
+              cudaMemcpy(srcs.back()->p, c.src.data(), c.src.size(), cudaMemcpyHostToDevice) != cudaSuccess ||
+              cudaMemcpy(dsts.back()->p, c.dst_init.data(), c.dst_init.size(), cudaMemcpyHostToDevice) != cudaSuccess) {
+            err = "allocation or upload failed";
+            return;
+          }
+          CopyOp op = c.op;
+          op.src = srcs.back()->p;
+          op.dst = dsts.back()->p;
+          ops.push_back(op);
+        }
+        auto r = (*ex)->Run(ops);
+        if (!r.ok()) {
+          err = r.status().ToString();
+          return;
+        }
+        for (size_t i = 0; i < cases.size() && err.empty(); ++i) {
+          std::vector<unsigned char> ref = cases[i].dst_init, got(ref.size());
+          CopyOp op = cases[i].op;
+          op.src = cases[i].src.data();
+          op.dst = ref.data();
+          RunOpReference(op);
+          if (cudaMemcpy(got.data(), dsts[i]->p, got.size(), cudaMemcpyDeviceToHost) != cudaSuccess) {
+            err = "download failed";
+          } else if (got != ref) {
+            err = "worker " + std::to_string(w) + " run " + std::to_string(run) + " op " + std::to_string(i) + " " +
+                  std::to_string(op.src_dtype) + "->" + std::to_string(op.dst_dtype) + " " + std::to_string(op.rows) +
+                  "x" + std::to_string(op.cols) + " T=" + std::to_string(op.transpose) +
+                  " Z=" + std::to_string(op.zero_fill) + " differs from the reference";
+          }
+        }
+      }
+    });
+  }
+  for (auto& t : workers) t.join();
+  for (int w = 0; w < kWorkers; ++w) EXPECT_TRUE(errors[w].empty()) << errors[w];
 }
 
 TEST_F(GpuTest, PinnedHostSourceThroughDispatchingExecutor) {

@@ -1,11 +1,21 @@
 // CUDA executor: per destination device one stream; all kernel-path ops of a
-// Run() go out as ONE launch per device (the kernel walks a prefix sum of op
-// sizes and runs kernels::RunElement, the same arithmetic as the host);
-// large same-dtype pieces go to the copy engines (cudaMemcpy2DAsync), large
-// zero fills to cudaMemset2DAsync. Completion by event.
+// Run() go out as ONE launch per device; large same-dtype pieces go to the
+// copy engines (cudaMemcpy2DAsync), large zero fills to cudaMemset2DAsync.
+//
+// The kernel works in tiles of kTile consecutive destination elements of one
+// op: a block finds its tile's op once (binary search over a prefix sum of
+// tile counts), splits the flat index into (row, col) once per thread and
+// then steps through the tile, loads before stores, with the per-element
+// casts of kernels:: (bit-identical to the host executor).
+//
+// Runs on one device are enqueued under a lock but waited for outside it, so
+// the next Run's work is queued while the current one executes (the stream
+// keeps the order); each in-flight Run holds one of kSlots op-upload slots.
 #include <algorithm>
+#include <array>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -18,20 +28,115 @@ namespace {
 
 using kernels::CopyOp;
 
-__global__ void BatchedCopyKernel(const CopyOp* __restrict__ ops, const int64_t* __restrict__ starts, int n,
-                                  int64_t total) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total; k += stride) {
-    int lo = 0, hi = n - 1;  // last op with starts[op] <= k
+constexpr int kThreads = 256;       // threads per block
+constexpr int kUnroll = 4;          // elements loaded per thread before storing
+constexpr int64_t kTile = 8192;     // destination elements per tile
+constexpr int kSlots = 8;           // Runs in flight per device
+
+int64_t TilesOf(const CopyOp& op) { return (op.rows * op.cols + kTile - 1) / kTile; }
+
+// Elements [k0, k1) of `op` (flat destination order, k = i * cols + j).
+// S/D: source/destination dtype; T: transpose; Z: zero fill (S unused).
+template <uint8_t S, uint8_t D, bool T, bool Z>
+__device__ __forceinline__ void CopyTile(const CopyOp& op, int64_t k0, int64_t k1) {
+  using Raw = std::conditional_t<S == kernels::kF32, uint32_t, uint16_t>;
+  using Out = std::conditional_t<D == kernels::kF32, uint32_t, uint16_t>;
+  int64_t k = k0 + threadIdx.x;
+  if (k >= k1) return;
+  const int64_t cols = op.cols;
+  int64_t i = k / cols, j = k - i * cols;
+  const int64_t di = kThreads / cols, dj = kThreads - di * cols;  // (i, j) step per kThreads elements
+  const Raw* __restrict__ src = static_cast<const Raw*>(op.src);
+  Out* __restrict__ dst = static_cast<Out*>(op.dst);
+  for (; k < k1; k += kUnroll * kThreads) {
+    Raw v[kUnroll];
+    int64_t d[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      d[u] = -1;
+      if (k + u * kThreads < k1) {
+        d[u] = op.dst_offset + i * op.dst_ld + j;
+        if constexpr (!Z) v[u] = src[op.src_offset + (T ? j * op.src_ld + i : i * op.src_ld + j)];
+      }
+      i += di;
+      j += dj;
+      if (j >= cols) {
+        j -= cols;
+        ++i;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (d[u] < 0) continue;
+      if constexpr (Z) {
+        kernels::StoreFromF32(dst, D, d[u], 0.0f);
+      } else if constexpr (S == D) {
+        dst[d[u]] = v[u];  // bit copy, as kernels::CopyElement
+      } else {
+        float f;
+        if constexpr (S == kernels::kF32) {
+          f = kernels::BitsFloat(v[u]);
+        } else if constexpr (S == kernels::kBF16) {
+          f = kernels::BF16ToF32(v[u]);
+        } else {
+          f = kernels::F16ToF32(v[u]);
+        }
+        kernels::StoreFromF32(dst, D, d[u], f);
+      }
+    }
+  }
+}
+
+template <uint8_t S, uint8_t D>
+__device__ __forceinline__ void CopyTileT(const CopyOp& op, int64_t k0, int64_t k1) {
+  if (op.transpose) {
+    CopyTile<S, D, true, false>(op, k0, k1);
+  } else {
+    CopyTile<S, D, false, false>(op, k0, k1);
+  }
+}
+
+// Dtype codes were checked on the host (ValidateCopyOp); others write nothing.
+__device__ __forceinline__ void RunTile(const CopyOp& op, int64_t k0, int64_t k1) {
+  using namespace kernels;
+  if (op.zero_fill) {
+    if (op.dst_dtype == kF32) CopyTile<kF32, kF32, false, true>(op, k0, k1);
+    if (op.dst_dtype == kBF16) CopyTile<kF32, kBF16, false, true>(op, k0, k1);
+    if (op.dst_dtype == kF16) CopyTile<kF32, kF16, false, true>(op, k0, k1);
+    return;
+  }
+  switch (op.src_dtype * 3 + op.dst_dtype) {
+    case kF32 * 3 + kF32: return CopyTileT<kF32, kF32>(op, k0, k1);
+    case kF32 * 3 + kBF16: return CopyTileT<kF32, kBF16>(op, k0, k1);
+    case kF32 * 3 + kF16: return CopyTileT<kF32, kF16>(op, k0, k1);
+    case kBF16 * 3 + kF32: return CopyTileT<kBF16, kF32>(op, k0, k1);
+    case kBF16 * 3 + kBF16: return CopyTileT<kBF16, kBF16>(op, k0, k1);
+    case kBF16 * 3 + kF16: return CopyTileT<kBF16, kF16>(op, k0, k1);
+    case kF16 * 3 + kF32: return CopyTileT<kF16, kF32>(op, k0, k1);
+    case kF16 * 3 + kBF16: return CopyTileT<kF16, kBF16>(op, k0, k1);
+    case kF16 * 3 + kF16: return CopyTileT<kF16, kF16>(op, k0, k1);
+    default: return;
+  }
+}
+
+// tile_starts[o]: first tile of op o (every op has at least one tile).
+__global__ void __launch_bounds__(kThreads) BatchedCopyKernel(const CopyOp* __restrict__ ops,
+                                                              const int64_t* __restrict__ tile_starts, int n,
+                                                              int64_t total_tiles) {
+  for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+    int lo = 0, hi = n - 1;  // last op with tile_starts[op] <= t (uniform across the block)
     while (lo < hi) {
       const int mid = (lo + hi + 1) >> 1;
-      if (starts[mid] <= k) {
+      if (tile_starts[mid] <= t) {
         lo = mid;
       } else {
         hi = mid - 1;
       }
     }
-    kernels::RunElement(ops[lo], k - starts[lo]);
+    const CopyOp op = ops[lo];
+    const int64_t k0 = (t - tile_starts[lo]) * kTile;
+    const int64_t n = op.rows * op.cols;
+    RunTile(op, k0, k0 + kTile < n ? k0 + kTile : n);
   }
 }
 
@@ -44,36 +149,14 @@ std::string LabelsOf(const std::vector<std::string>& labels) {
   return s;
 }
 
-// Per-device stream, completion event and op-upload buffers. `mu` is held by
-// a Run() from enqueue to completion, so concurrent Runs on one device
-// serialize (the device is saturated by one batch anyway).
-struct DeviceState {
-  int device = -1;
-  int sms = 1;
-  std::mutex mu;
-  cudaStream_t stream = nullptr;
+// Op-upload buffers of one in-flight Run. `done` is recorded after the
+// Run's last piece; the slot is reused only once it has fired.
+struct Slot {
   cudaEvent_t done = nullptr;
+  bool used = false;          // `done` has been recorded at least once
   void* dev_buf = nullptr;
-  void* host_buf = nullptr;  // pinned staging for the op array
+  void* host_buf = nullptr;   // pinned staging for the op array
   size_t cap = 0;
-
-  ~DeviceState() {
-    ScopedDevice scoped(device);
-    if (dev_buf) cudaFree(dev_buf);
-    if (host_buf) cudaFreeHost(host_buf);
-    if (done) cudaEventDestroy(done);
-    if (stream) cudaStreamDestroy(stream);
-  }
-
-  Status Init(int d) {
-    device = d;
-    const std::string what = "CUDA executor on device " + std::to_string(d);
-    ScopedDevice scoped(d);
-    WS_CUDA_RETURN(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d), what);
-    WS_CUDA_RETURN(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), what);
-    WS_CUDA_RETURN(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), what);
-    return Status::Ok();
-  }
 
   Status Reserve(size_t bytes, const std::string& what) {
     if (bytes <= cap) return Status::Ok();
@@ -86,6 +169,50 @@ struct DeviceState {
     WS_CUDA_RETURN(cudaMallocHost(&host_buf, want), what);
     cap = want;
     return Status::Ok();
+  }
+};
+
+// Per-device stream and upload slots. `mu` is held while a Run enqueues (so
+// a device's batches queue in order and slots are handed out one at a time),
+// not while it waits.
+struct DeviceState {
+  int device = -1;
+  int sms = 1;
+  int blocks_per_sm = 1;  // resident BatchedCopyKernel blocks per SM
+  std::mutex mu;
+  cudaStream_t stream = nullptr;
+  std::array<Slot, kSlots> slots;
+  size_t next_slot = 0;
+
+  ~DeviceState() {
+    ScopedDevice scoped(device);
+    if (stream) cudaStreamSynchronize(stream);
+    for (Slot& s : slots) {
+      if (s.dev_buf) cudaFree(s.dev_buf);
+      if (s.host_buf) cudaFreeHost(s.host_buf);
+      if (s.done) cudaEventDestroy(s.done);
+    }
+    if (stream) cudaStreamDestroy(stream);
+  }
+
+  Status Init(int d) {
+    device = d;
+    const std::string what = "CUDA executor on device " + std::to_string(d);
+    ScopedDevice scoped(d);
+    WS_CUDA_RETURN(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d), what);
+    WS_CUDA_RETURN(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, BatchedCopyKernel, kThreads, 0), what);
+    blocks_per_sm = std::max(1, blocks_per_sm);
+    WS_CUDA_RETURN(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), what);
+    for (Slot& s : slots) WS_CUDA_RETURN(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), what);
+    return Status::Ok();
+  }
+
+  // The next slot, once its previous Run has completed. Called under `mu`.
+  Result<Slot*> TakeSlot(const std::string& what) {
+    Slot* s = &slots[next_slot];
+    next_slot = (next_slot + 1) % kSlots;
+    if (s->used) WS_CUDA_RETURN(cudaEventSynchronize(s->done), what + " (waiting for an upload slot)");
+    return s;
   }
 };
 
@@ -150,23 +277,23 @@ class CudaExecutor final : public Executor {
       bytes += op_bytes;
     }
 
-    std::vector<std::unique_lock<std::mutex>> locks;
-    std::vector<int> used;
-    for (size_t d = 0; d < devs_.size(); ++d) {  // ascending: no lock-order inversions
-      if (work[d].kernel_ops.empty() && work[d].engine_ops.empty()) continue;
-      locks.emplace_back(devs_[d]->mu);
-      used.push_back(static_cast<int>(d));
-    }
+    // Enqueue on every device (one lock at a time), then wait for each
+    // Run's own completion event without holding any lock.
     Status first_error;
-    std::vector<int> enqueued;
-    for (int d : used) {
-      Status st = Enqueue(*devs_[d], work[d]);
-      if (!st.ok() && first_error.ok()) (void)(first_error = st);
-      enqueued.push_back(d);  // wait even after a failure: earlier pieces may be in flight
+    std::vector<std::pair<int, cudaEvent_t>> enqueued;
+    for (size_t d = 0; d < devs_.size(); ++d) {
+      if (work[d].kernel_ops.empty() && work[d].engine_ops.empty()) continue;
+      auto ev = Enqueue(*devs_[d], work[d], &first_error);
+      if (ev.ok()) {
+        enqueued.emplace_back(static_cast<int>(d), *ev);  // wait even after a failure: pieces may be in flight
+      } else if (first_error.ok()) {
+        first_error = ev.status();
+      }
     }
-    for (int d : enqueued) {
+    for (auto [d, done] : enqueued) {
       ScopedDevice scoped(d);
-      cudaError_t e = cudaEventSynchronize(devs_[d]->done);
+      cudaError_t e = cudaEventSynchronize(done);
+      cudaEventDestroy(done);
       if (e != cudaSuccess && first_error.ok()) {
         std::vector<std::string> all = work[d].kernel_labels;
         for (auto& [op, l] : work[d].engine_ops) all.push_back(l);
@@ -219,14 +346,26 @@ class CudaExecutor final : public Executor {
     return Status::Ok();
   }
 
-  // Records the completion event even after a failed enqueue, so the caller
-  // waits for whatever did get queued.
-  Status Enqueue(DeviceState& ds, const DeviceWork& w) {
+  // Queues `w` on the device's stream and returns a new event recorded after
+  // it (the caller waits on and destroys it). The event is recorded even
+  // after a failed enqueue, so the caller waits for whatever did get queued;
+  // the failure goes to *error. No event (an error) means nothing to wait for.
+  Result<cudaEvent_t> Enqueue(DeviceState& ds, const DeviceWork& w, Status* error) {
+    const std::string what = "device " + std::to_string(ds.device);
     ScopedDevice scoped(ds.device);
+    cudaEvent_t done = nullptr;
+    WS_CUDA_RETURN(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), what);
+    std::lock_guard<std::mutex> lock(ds.mu);
     Status st = EnqueueBody(ds, w);
-    cudaError_t e = cudaEventRecord(ds.done, ds.stream);
-    if (e != cudaSuccess && st.ok()) return CudaError(e, "cudaEventRecord", "device " + std::to_string(ds.device));
-    return st;
+    if (!st.ok() && error->ok()) *error = st;
+    cudaError_t e = cudaEventRecord(done, ds.stream);
+    if (e != cudaSuccess) {
+      cudaEventDestroy(done);
+      // Nothing marks the end of what was queued: wait for the whole stream.
+      cudaStreamSynchronize(ds.stream);
+      return CudaError(e, "cudaEventRecord", what);
+    }
+    return done;
   }
 
   Status EnqueueBody(DeviceState& ds, const DeviceWork& w) {
@@ -251,24 +390,27 @@ class CudaExecutor final : public Executor {
       const std::string what = "copy kernel on device " + std::to_string(ds.device) + " for " + LabelsOf(w.kernel_labels);
       const int n = static_cast<int>(w.kernel_ops.size());
       const size_t ops_bytes = n * sizeof(CopyOp);
-      WS_RETURN_IF_ERROR(ds.Reserve(ops_bytes + n * sizeof(int64_t), what));
-      auto* hops = static_cast<CopyOp*>(ds.host_buf);
-      auto* hstarts = reinterpret_cast<int64_t*>(static_cast<char*>(ds.host_buf) + ops_bytes);
-      int64_t total = 0;
+      WS_ASSIGN_OR_RETURN(Slot * slot, ds.TakeSlot(what));
+      WS_RETURN_IF_ERROR(slot->Reserve(ops_bytes + n * sizeof(int64_t), what));
+      auto* hops = static_cast<CopyOp*>(slot->host_buf);
+      auto* hstarts = reinterpret_cast<int64_t*>(static_cast<char*>(slot->host_buf) + ops_bytes);
+      int64_t tiles = 0;
       for (int i = 0; i < n; ++i) {
         hops[i] = w.kernel_ops[i];
-        hstarts[i] = total;
-        total += w.kernel_ops[i].rows * w.kernel_ops[i].cols;
+        hstarts[i] = tiles;
+        tiles += TilesOf(w.kernel_ops[i]);
       }
-      WS_CUDA_RETURN(cudaMemcpyAsync(ds.dev_buf, ds.host_buf, ops_bytes + n * sizeof(int64_t), cudaMemcpyHostToDevice,
-                                     ds.stream),
+      WS_CUDA_RETURN(cudaMemcpyAsync(slot->dev_buf, slot->host_buf, ops_bytes + n * sizeof(int64_t),
+                                     cudaMemcpyHostToDevice, ds.stream),
                      what);
-      const int threads = 256;
-      const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((total + threads - 1) / threads, int64_t{ds.sms} * 16));
-      BatchedCopyKernel<<<static_cast<unsigned>(blocks), threads, 0, ds.stream>>>(
-          static_cast<const CopyOp*>(ds.dev_buf),
-          reinterpret_cast<const int64_t*>(static_cast<const char*>(ds.dev_buf) + ops_bytes), n, total);
-      WS_CUDA_RETURN(cudaGetLastError(), what + " (launch of BatchedCopyKernel)");
+      const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(tiles, int64_t{ds.sms} * ds.blocks_per_sm));
+      BatchedCopyKernel<<<static_cast<unsigned>(blocks), kThreads, 0, ds.stream>>>(
+          static_cast<const CopyOp*>(slot->dev_buf),
+          reinterpret_cast<const int64_t*>(static_cast<const char*>(slot->dev_buf) + ops_bytes), n, tiles);
+      const cudaError_t launched = cudaGetLastError();
+      slot->used = true;  // busy until everything queued before its event has run
+      WS_CUDA_RETURN(cudaEventRecord(slot->done, ds.stream), what);
+      if (launched != cudaSuccess) return CudaError(launched, "BatchedCopyKernel<<<...>>>", what);
     }
     return Status::Ok();
   }
