@@ -67,6 +67,7 @@ int main(int argc, char** argv) {
   int threads = 0;
   uint64_t chunk_bytes = 4u << 20;
   double ack_timeout = 60;
+  double idle_timeout = 300;
   uint64_t max_message_bytes = 512u << 20;
   double shutdown_grace = 2;
 
@@ -88,6 +89,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--ack-timeout", ack_timeout, "Seconds Commit waits for every engine's AckVersion")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--sync-idle-timeout", idle_timeout,
+                 "Seconds without trainer activity after which an uncommitted sync is aborted (0 = never)")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_option("--max-message-bytes", max_message_bytes,
                  "Largest gRPC message accepted (BeginSync carries the whole manifest), e.g. 512MiB")
@@ -131,6 +136,7 @@ int main(int argc, char** argv) {
 
   ws::server::CoordinatorOptions co;
   co.ack_timeout = std::chrono::milliseconds(static_cast<int64_t>(ack_timeout * 1000));
+  co.idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(idle_timeout * 1000));
   ws::server::Coordinator coordinator(layouts.value(), domain.get(), executor.get(), co);
 
   ws::server::ServerOptions so;

@@ -217,6 +217,20 @@ void HostShmDomain::Trim() {
   }
 }
 
+void HostShmDomain::TrimStale() {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  for (auto it = impl_->cache.begin(); it != impl_->cache.end();) {
+    struct stat st;
+    const ShmObject& o = *it->second;
+    const bool gone = ::stat(o.path.c_str(), &st) != 0 || st.st_dev != o.dev || st.st_ino != o.ino;
+    if (gone && it->second.use_count() == 1) {
+      it = impl_->cache.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
 size_t HostShmDomain::cached_objects() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
   return impl_->cache.size();

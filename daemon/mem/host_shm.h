@@ -39,6 +39,7 @@ class HostShmDomain final : public MemoryDomain {
   DomainCaps caps() const override;
   Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what) override;
   void Trim() override;
+  void TrimStale() override;
 
   // Objects currently held by the cache (for tests and status).
   size_t cached_objects() const;

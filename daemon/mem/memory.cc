@@ -58,6 +58,7 @@ class CompositeDomain final : public MemoryDomain {
     host_->Trim();
     if (cuda_) cuda_->Trim();
   }
+  void TrimStale() override { host_->TrimStale(); }
 
  private:
   std::unique_ptr<MemoryDomain> host_;

@@ -64,6 +64,11 @@ class MemoryDomain {
   virtual Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what) = 0;
   // Drops cached objects that are no longer referenced by any live Mapping.
   virtual void Trim() = 0;
+  // Drops only unreferenced cached objects whose owner has gone: the name no
+  // longer exists or now names another object (a trainer that exited and
+  // unlinked its shm). Cheap enough to call every few seconds; keeps live
+  // trainers' objects cached across syncs.
+  virtual void TrimStale() {}
 };
 
 // Host shared memory (POSIX shm / files under /dev/shm).

@@ -132,6 +132,7 @@ struct Coordinator::Sync {
   bool aborted_sent = false;
   std::set<std::string> pending_acks;
   Clock::time_point begin = Clock::now();
+  Clock::time_point last_activity = Clock::now();  // BeginSync / PushLayer, for the idle timeout
   Clock::time_point end;
   uint64_t bytes_written = 0;
   uint64_t bytes_read = 0;
@@ -151,9 +152,42 @@ Coordinator::Coordinator(std::shared_ptr<const LayoutRegistry> layouts, MemoryDo
   next_sync_id_ = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
                                             std::chrono::system_clock::now().time_since_epoch())
                                             .count());
+  housekeeping_ = std::thread([this] { HousekeepingLoop(); });
 }
 
-Coordinator::~Coordinator() = default;
+Coordinator::~Coordinator() {
+  {
+    std::lock_guard lk(mu_);
+    stop_housekeeping_ = true;
+  }
+  housekeeping_cv_.notify_all();
+  if (housekeeping_.joinable()) housekeeping_.join();
+}
+
+void Coordinator::HousekeepingLoop() {
+  std::unique_lock lk(mu_);
+  while (!housekeeping_cv_.wait_for(lk, opts_.housekeeping_interval, [&] { return stop_housekeeping_; })) {
+    if (opts_.idle_timeout.count() > 0) {
+      const auto now = Clock::now();
+      std::vector<std::shared_ptr<Sync>> idle;
+      for (const auto& [id, s] : syncs_)
+        if ((s->state == SyncState::kPlanning || s->state == SyncState::kStreaming) && s->writers == 0 &&
+            now - s->last_activity > opts_.idle_timeout)
+          idle.push_back(s);
+      for (const auto& s : idle) {
+        AbortLocked(*s, fmt::format("no trainer activity for {:.1f} s before Commit (trainer gone?)",
+                                    opts_.idle_timeout.count() / 1000.0));
+        trim_pending_ = true;
+      }
+    }
+    const bool trim = trim_pending_;
+    trim_pending_ = false;
+    lk.unlock();
+    if (trim) domain_->Trim();
+    domain_->TrimStale();
+    lk.lock();
+  }
+}
 
 Coordinator::TrimGuard::~TrimGuard() {
   bool trim;
@@ -553,6 +587,7 @@ Result<LayerResult> Coordinator::PushLayer(uint64_t sync_id, uint32_t rank, cons
     };
     if (sync->state != SyncState::kStreaming)
       return fail(FailedPrecondition(where + ": arrived after Commit; no more layers are accepted"));
+    sync->last_activity = Clock::now();
     if (rank >= mf.world_size)
       return fail(InvalidArgument(where + ": rank is not below world_size " + std::to_string(mf.world_size)));
     std::vector<std::string> errors;
@@ -602,6 +637,7 @@ Result<LayerResult> Coordinator::PushLayer(uint64_t sync_id, uint32_t rank, cons
   auto finish = [&](Status st) -> Status {
     std::lock_guard lk(mu_);
     sync->writers--;
+    sync->last_activity = Clock::now();
     if (!st.ok()) AbortLocked(*sync, st.message());
     ReleaseIfIdleLocked(*sync);
     cv_.notify_all();

@@ -28,6 +28,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -60,6 +61,13 @@ class EventSink {
 
 struct CoordinatorOptions {
   std::chrono::milliseconds ack_timeout{60000};  // Commit's wait for every engine's AckVersion
+  // A sync that has seen no BeginSync/PushLayer activity for this long before
+  // Commit is aborted ("trainer gone"): a trainer that died between BeginSync
+  // and its first layer would otherwise hold the model forever. 0 = never.
+  std::chrono::milliseconds idle_timeout{300000};
+  // How often the housekeeping thread checks idle syncs and unmaps shm
+  // objects whose owners unlinked them (MemoryDomain::TrimStale).
+  std::chrono::milliseconds housekeeping_interval{1000};
 };
 
 struct BeginSyncResult {
@@ -184,6 +192,11 @@ class Coordinator {
   const CoordinatorOptions opts_;
   const std::chrono::steady_clock::time_point started_;
   const std::string boot_id_;
+
+  void HousekeepingLoop();
+  std::condition_variable housekeeping_cv_;  // wakes the loop early on shutdown
+  bool stop_housekeeping_ = false;           // guarded by mu_
+  std::thread housekeeping_;                 // started last in the constructor, joined first
 
   mutable std::mutex mu_;
   std::condition_variable cv_;  // writers drained, acks arrived, syncs aborted

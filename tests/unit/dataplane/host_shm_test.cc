@@ -14,6 +14,8 @@
 #include "daemon/mem/host_shm.h"
 #include "daemon/mem/memory.h"
 
+#include <memory>
+
 namespace ws {
 namespace {
 
@@ -162,6 +164,26 @@ TEST(HostShmTest, TrimDropsOnlyUnreferencedObjects) {
   ma = Status(Code::kCancelled, "drop");
   dom.Trim();
   EXPECT_EQ(dom.cached_objects(), 0u);
+}
+
+TEST(HostShmTest, TrimStaleDropsOnlyUnlinkedUnreferencedObjects) {
+  auto live = std::make_unique<ShmObj>(64, 1);
+  auto gone = std::make_unique<ShmObj>(64, 2);
+  auto held = std::make_unique<ShmObj>(64, 3);
+  HostShmDomain dom;
+  { ASSERT_TRUE(dom.Map(Ref(live->name(), 0, 64), "live").ok()); }
+  { ASSERT_TRUE(dom.Map(Ref(gone->name(), 0, 64), "gone").ok()); }
+  auto mh = dom.Map(Ref(held->name(), 0, 64), "held");
+  ASSERT_TRUE(mh.ok());
+  gone.reset();  // its owner exited and unlinked it
+  held.reset();  // unlinked, but a sync still uses it
+  EXPECT_EQ(dom.cached_objects(), 3u);
+  dom.TrimStale();
+  EXPECT_EQ(dom.cached_objects(), 2u) << "only the unlinked, unreferenced object goes";
+  EXPECT_EQ(static_cast<unsigned char*>((*mh)->data())[0], 3);
+  mh = Status(Code::kCancelled, "drop");
+  dom.TrimStale();
+  EXPECT_EQ(dom.cached_objects(), 1u) << "the live trainer's object stays cached";
 }
 
 TEST(HostShmTest, PinHookRunsOncePerObjectAndIsReleasedBeforeUnmap) {

@@ -35,7 +35,9 @@ class CoordinatorTest : public ::testing::Test {
  protected:
   void SetUp() override { Init(/*T=*/2, /*W=*/2); }
 
-  void Init(uint32_t T, uint32_t W, std::chrono::milliseconds ack_timeout = std::chrono::seconds(10)) {
+  void Init(uint32_t T, uint32_t W, std::chrono::milliseconds ack_timeout = std::chrono::seconds(10),
+            std::chrono::milliseconds idle_timeout = std::chrono::minutes(5)) {
+    coord_.reset();  // its housekeeping thread uses the domain replaced below
     T_ = T;
     W_ = W;
     auto reg = LayoutRegistry::LoadTexts({{"toy.json", kToyRules}});
@@ -44,6 +46,8 @@ class CoordinatorTest : public ::testing::Test {
     exec_ = std::make_unique<TestExecutor>();
     CoordinatorOptions o;
     o.ack_timeout = ack_timeout;
+    o.idle_timeout = idle_timeout;
+    o.housekeeping_interval = std::chrono::milliseconds(20);
     coord_ = std::make_unique<Coordinator>(*reg, domain_.get(), exec_.get(), o);
     sources_.clear();
     auto add = [&](const std::string& n, Shape s) {
@@ -488,6 +492,20 @@ TEST_F(CoordinatorTest, EngineLeavingBeforeItsAckAbortsTheCommit) {
   auto c = fut.get();
   EXPECT_EQ(c.status().code(), Code::kAborted);
   EXPECT_ERR(c.status(), "unregistered");
+}
+
+TEST_F(CoordinatorTest, IdleSyncIsAbortedAndFreesTheModel) {
+  Init(2, 2, std::chrono::seconds(10), std::chrono::milliseconds(200));
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Manifest(8));  // the trainer then dies before its first layer
+  ASSERT_TRUE(b.ok());
+  for (auto& e : engines) ASSERT_TRUE(e.sink->WaitFor(Kind::kAborted, b->sync_id, std::chrono::seconds(5)));
+  EXPECT_ERR(coord_->Commit(b->sync_id).status(), "no trainer activity");
+  auto again = coord_->BeginSync(Manifest(9));  // the model is free again
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  PushAll(again->sync_id);
+  auto c = CommitAcked(again->sync_id, engines);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
 }
 
 TEST_F(CoordinatorTest, FailedAckAbortsWithEngineError) {
