@@ -12,6 +12,7 @@
 #include "client/cpp/fsdp.h"
 #include "client/cpp/safetensors.h"
 #include "client/ctl/commands.h"
+#include "client/ctl/parallel.h"
 
 namespace ws::ctl {
 namespace {
@@ -52,18 +53,6 @@ void FillBlock(uint64_t seed, uint64_t name_hash, uint64_t block, float* out, ui
   }
 }
 
-// Runs fn(i) for i in [0, n) on all cores.
-template <typename Fn>
-void ParallelFor(size_t n, Fn fn) {
-  const size_t k = std::min<size_t>(n, std::max(1u, std::thread::hardware_concurrency()));
-  std::atomic<size_t> next{0};
-  std::vector<std::thread> ts;
-  for (size_t t = 0; t < k; ++t)
-    ts.emplace_back([&] {
-      for (size_t i; (i = next.fetch_add(1)) < n;) fn(i);
-    });
-  for (auto& t : ts) t.join();
-}
 
 struct Override {
   const char* flag;

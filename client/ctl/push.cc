@@ -31,6 +31,7 @@
 #include "client/cpp/safetensors.h"
 #include "client/cpp/shm.h"
 #include "client/ctl/commands.h"
+#include "client/ctl/parallel.h"
 #include "client/ctl/cuda_buffers.h"
 
 namespace ws::ctl {
@@ -69,18 +70,6 @@ std::string Fixed(double v, int prec) {
   return buf;
 }
 
-// Runs fn(i) for i in [0, n) on up to hardware_concurrency threads.
-template <typename Fn>
-void ParallelFor(size_t n, Fn fn) {
-  const size_t k = std::min<size_t>(n, std::max(1u, std::thread::hardware_concurrency()));
-  std::atomic<size_t> next{0};
-  std::vector<std::thread> ts;
-  for (size_t t = 0; t < k; ++t)
-    ts.emplace_back([&] {
-      for (size_t i; (i = next.fetch_add(1)) < n;) fn(i);
-    });
-  for (auto& t : ts) t.join();
-}
 
 // Splits the checkpoint, lays out each rank's buffer and builds the manifest
 // (with --inject applied). Errors are returned as the message to print.
