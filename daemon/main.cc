@@ -88,11 +88,11 @@ int main(int argc, char** argv) {
       ->transform(CLI::AsSizeValue(/*kb_is_1000=*/true))
       ->capture_default_str();
   app.add_option("--ack-timeout", ack_timeout, "Seconds Commit waits for every engine's AckVersion")
-      ->check(CLI::PositiveNumber)
+      ->check(CLI::Range(0.001, 1e6))
       ->capture_default_str();
   app.add_option("--sync-idle-timeout", idle_timeout,
                  "Seconds without trainer activity after which an uncommitted sync is aborted (0 = never)")
-      ->check(CLI::NonNegativeNumber)
+      ->check(CLI::Range(0.0, 1e6))
       ->capture_default_str();
   app.add_option("--max-message-bytes", max_message_bytes,
                  "Largest gRPC message accepted (BeginSync carries the whole manifest), e.g. 512MiB")

@@ -92,23 +92,6 @@ std::string Label() {
   return std::string(host) + ":" + std::to_string(::getpid());
 }
 
-// Before leaving after the last commit: the daemon may still be waiting for
-// other ranks' acks, and an engine that leaves mid-commit aborts the sync.
-// Waits (bounded) until the daemon no longer lists version v as in flight.
-void WaitForCommitToSettle(WeightSyncClient& client, const std::string& model, uint64_t v,
-                           const std::atomic<bool>& stop) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (!stop && std::chrono::steady_clock::now() < deadline) {
-    auto st = client.GetStatus();
-    if (!st.ok()) return;
-    bool pending = false;
-    for (const auto& c : st->current_syncs())
-      if (c.model() == model && c.version() == v) pending = true;
-    if (!pending) return;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-}
-
 int ChildMain(const Setup& s, const Rank& r, const sigset_t& sigs) {
   const std::string tag = Tag(r);
   auto mem = RankBuffer::Create(s.device, r.total, "engine-r" + std::to_string(r.replica) + "-t" + std::to_string(r.rank),
@@ -194,10 +177,7 @@ int ChildMain(const Setup& s, const Rank& r, const sigset_t& sigs) {
       Status ack = client.AckVersion(engine_id, v, st.ok(), st.ok() ? "" : st.ToString());
       if (!ack.ok()) Err(tag + ": AckVersion " + std::to_string(v) + ": " + ack.ToString());
       Out(tag + ": committed version " + std::to_string(v));
-      if (s.syncs > 0 && ++commits >= s.syncs) {
-        WaitForCommitToSettle(client, s.model, v, stop);
-        break;
-      }
+      if (s.syncs > 0 && ++commits >= s.syncs) break;  // leaving after the ack keeps the commit
     } else if (ev->has_aborted()) {
       const uint64_t v = ev->aborted().version();
       Status st = DumpNow(s, r, *mem, "aborted-v" + std::to_string(v));

@@ -454,6 +454,12 @@ Status ForEach(Env& env, const std::vector<Loop>& loops, size_t i, const std::fu
   int64_t b = 0;
   if (l.begin) { WS_ASSIGN_OR_RETURN(b, env.Eval(*l.begin)); }
   WS_ASSIGN_OR_RETURN(int64_t e, env.Eval(l.end));
+  // Configs come from engines: a loop bound like num_hidden_layers = 1e12 must
+  // be refused, not iterated.
+  constexpr int64_t kMaxIterations = 1 << 20;
+  if (e - b > kMaxIterations)
+    return InvalidArgument("loop " + l.var + " over [" + std::to_string(b) + ", " + std::to_string(e) +
+                           ") has more than " + std::to_string(kMaxIterations) + " iterations");
   for (int64_t v = b; v < e; ++v) {
     env.Push(l.var, v);
     Status st = ForEach(env, loops, i + 1, fn, quiet);

@@ -8,6 +8,16 @@ int64_t NumElements(const Shape& s) {
   return n;
 }
 
+bool ShapeInRange(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) {
+    if (d < 0) return false;
+    if (d != 0 && n > kMaxTensorElements / d) return false;
+    n *= d;
+  }
+  return n <= kMaxTensorElements;
+}
+
 std::string ShapeToString(const Shape& s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) {

@@ -15,6 +15,13 @@ namespace ws {
 using Shape = std::vector<int64_t>;
 
 int64_t NumElements(const Shape& s);
+
+// Largest tensor weightsync accepts (2^50 elements): with every dim >= 0 and
+// this bound, offset arithmetic on shapes cannot overflow int64.
+inline constexpr int64_t kMaxTensorElements = int64_t{1} << 50;
+// True when every dim is >= 0 and the element count is <= kMaxTensorElements
+// (computed without overflow).
+bool ShapeInRange(const Shape& s);
 std::string ShapeToString(const Shape& s);  // "[4096, 128]"
 
 // Every tensor is viewed as 2-D for planning: [prod(shape[:-1]), shape[-1]];

@@ -45,6 +45,10 @@ struct TensorInfo {
 // Checks one tensor's shards; fills `info` when they are valid.
 void CheckShards(const SourceTensor& t, uint32_t world, std::vector<std::string>* errs, TensorInfo* info) {
   const std::string who = "source tensor " + t.name;
+  if (!ShapeInRange(t.shape)) {
+    errs->push_back(who + ": shape " + ShapeToString(t.shape) + " has a negative dim or more than 2^50 elements");
+    return;
+  }
   size_t before = errs->size();
   std::map<std::tuple<int64_t, int64_t>, std::vector<uint32_t>> ranges;
   std::set<uint32_t> dims;
@@ -62,7 +66,7 @@ void CheckShards(const SourceTensor& t, uint32_t world, std::vector<std::string>
       continue;
     }
     int64_t extent = t.shape.empty() ? 1 : t.shape[s.dim];
-    if (s.start < 0 || s.length < 0 || s.start + s.length > extent) {
+    if (s.start < 0 || s.length < 0 || s.start > extent || s.length > extent - s.start) {
       errs->push_back(sw + ": range " + Range(s.start, s.start + s.length) + " along dim " + std::to_string(s.dim) +
                       " is outside [0, " + std::to_string(extent) + ")");
       continue;
@@ -113,6 +117,11 @@ Status ValidateEngine(const EngineRankSpec& spec, const RankLayout& layout) {
   std::set<std::string> registered;
   std::vector<std::string> unfilled;
   for (const EngineParamSpec& p : spec.params) {
+    if (!ShapeInRange(p.shape)) {
+      errs.push_back("parameter " + p.name + ": shape " + ShapeToString(p.shape) +
+                     " has a negative dim or more than 2^50 elements");
+      continue;
+    }
     if (!registered.insert(p.name).second) {
       errs.push_back("parameter " + p.name + " is registered twice");
       continue;

@@ -62,6 +62,14 @@ class HostMapping final : public Mapping {
   MemoryKind kind() const override { return MemoryKind::kHostShm; }
   int device() const override { return -1; }
   bool writable() const override { return obj_->writable; }
+  Status CheckBacked() const override {
+    struct stat st;
+    if (::stat(obj_->path.c_str(), &st) == 0 && st.st_dev == obj_->dev && st.st_ino == obj_->ino &&
+        static_cast<uint64_t>(st.st_size) < offset_ + length_)
+      return FailedPrecondition("host memory '" + obj_->path + "' shrank to " + std::to_string(st.st_size) +
+                                " bytes after it was mapped (" + std::to_string(offset_ + length_) + " needed)");
+    return Status::Ok();  // unlinked objects stay valid while mapped
+  }
 
  private:
   std::shared_ptr<ShmObject> obj_;

@@ -46,6 +46,9 @@ class Mapping {
   // False when the object could only be opened read-only (fine for trainer
   // sources; engine destinations must check it).
   virtual bool writable() const { return true; }
+  // Checks that the mapped range is still backed by its object (a peer that
+  // truncates a mapped shm object would make the next access SIGBUS).
+  virtual Status CheckBacked() const { return Status::Ok(); }
 };
 
 struct DomainCaps {

@@ -55,13 +55,24 @@ uint64_t ShardElements(const SourceTensor& t, const ShardSpec& s) {
 // against the mapped sizes (a planner bug must not write outside a buffer).
 bool OpInBounds(const kernels::CopyOp& op, uint64_t src_elems, uint64_t dst_elems) {
   if (op.rows <= 0 || op.cols <= 0) return true;
+  // Computed with overflow checks: a wrapped index must fail the check.
+  auto last = [](int64_t offset, int64_t outer, int64_t ld, int64_t inner, uint64_t* out) {
+    int64_t a, b;
+    if (__builtin_mul_overflow(outer - 1, ld, &a) || __builtin_add_overflow(offset, a, &b) ||
+        __builtin_add_overflow(b, inner - 1, &b))
+      return false;
+    *out = static_cast<uint64_t>(b);
+    return true;
+  };
   if (op.dst_offset < 0 || op.dst_ld < (op.rows > 1 ? op.cols : 0)) return false;
-  uint64_t dst_last = op.dst_offset + (op.rows - 1) * op.dst_ld + (op.cols - 1);
-  if (dst_last >= dst_elems) return false;
+  uint64_t dst_last;
+  if (!last(op.dst_offset, op.rows, op.dst_ld, op.cols, &dst_last) || dst_last >= dst_elems) return false;
   if (op.zero_fill) return true;
   if (op.src_offset < 0 || op.src_ld < 0) return false;
-  uint64_t src_last = op.transpose ? op.src_offset + (op.cols - 1) * op.src_ld + (op.rows - 1)
-                                   : op.src_offset + (op.rows - 1) * op.src_ld + (op.cols - 1);
+  uint64_t src_last;
+  if (!(op.transpose ? last(op.src_offset, op.cols, op.src_ld, op.rows, &src_last)
+                     : last(op.src_offset, op.rows, op.src_ld, op.cols, &src_last)))
+    return false;
   return src_last < src_elems;
 }
 
@@ -131,6 +142,7 @@ struct Coordinator::Sync {
   bool started_sent = false;
   bool aborted_sent = false;
   std::set<std::string> pending_acks;
+  std::set<std::string> acked;  // engines that applied this sync's version
   Clock::time_point begin = Clock::now();
   Clock::time_point last_activity = Clock::now();  // BeginSync / PushLayer, for the idle timeout
   Clock::time_point end;
@@ -375,8 +387,7 @@ Status Coordinator::UnregisterEngine(const std::string& engine_id) {
     // applied it: its leaving does not undo the commit for the others.
     if (auto sit = syncs_.find(m.busy_sync); sit != syncs_.end() && !Terminal(sit->second->state) &&
                                              !(sit->second->state == SyncState::kCommitting &&
-                                               e->applied_version == sit->second->manifest.version &&
-                                               !sit->second->pending_acks.count(e->id)))
+                                               sit->second->acked.count(e->id)))
       sync = sit->second;
     else if (m.engine_count == 0 && m.busy_sync == 0)
       models_.erase(mit);
@@ -524,10 +535,15 @@ Result<BeginSyncResult> Coordinator::BeginSync(SourceManifest manifest) {
   }
 
   // Plan without the lock. Engine specs and layouts are immutable after registration.
+  Status backed;
+  for (const auto& e : sync->engines)
+    for (size_t i = 0; i < e->maps.size() && backed.ok(); ++i)
+      if (Status st = e->maps[i]->CheckBacked(); !st.ok())
+        backed = FailedPrecondition(e->Describe() + " param " + e->spec.params[i].name + ": " + st.message());
   std::vector<PlanEngine> pe;
   pe.reserve(sync->engines.size());
   for (const auto& e : sync->engines) pe.push_back(PlanEngine{e->id, e->spec, e->layout});
-  auto plan = BuildPlan(sync->manifest, pe);
+  auto plan = backed.ok() ? BuildPlan(sync->manifest, pe) : Result<SyncPlan>(backed);
 
   std::lock_guard lk(mu_);
   const SourceManifest& mf = sync->manifest;
@@ -585,6 +601,8 @@ Result<LayerResult> Coordinator::PushLayer(uint64_t sync_id, uint32_t rank, cons
       AbortLocked(*sync, st.message());
       return st;
     };
+    if (sync->state == SyncState::kCommitting)  // refuse, but the commit stands
+      return FailedPrecondition(where + ": arrived after Commit; no more layers are accepted");
     if (sync->state != SyncState::kStreaming)
       return fail(FailedPrecondition(where + ": arrived after Commit; no more layers are accepted"));
     sync->last_activity = Clock::now();
@@ -818,6 +836,7 @@ Status Coordinator::AckVersion(const std::string& engine_id, uint64_t version, b
   }
   e.applied_version = version;
   sync->pending_acks.erase(engine_id);
+  sync->acked.insert(engine_id);
   cv_.notify_all();
   return Status::Ok();
 }
@@ -833,14 +852,21 @@ void Coordinator::TrainerStreamClosed(uint64_t sync_id, uint32_t rank, bool clea
     AbortLocked(*sync, "trainer rank " + std::to_string(rank) + " disconnected");
 }
 
-void Coordinator::AbortAll(const std::string& reason) {
+void Coordinator::AbortAll(const std::string& reason, std::chrono::milliseconds drain) {
   TrimGuard trim{this};
-  std::lock_guard lk(mu_);
+  std::unique_lock lk(mu_);
   shutting_down_ = true;
   std::vector<std::shared_ptr<Sync>> live;
   for (const auto& [id, s] : syncs_) live.push_back(s);
   for (const auto& s : live) AbortLocked(*s, reason);
   cv_.notify_all();
+  // Aborted is sent once a sync's running copies have finished; wait for that
+  // (bounded) so engines hear it before the caller closes their streams.
+  cv_.wait_for(lk, drain, [&] {
+    for (const auto& s : live)
+      if (s->writers > 0) return false;
+    return true;
+  });
 }
 
 StatusSnapshot Coordinator::GetStatus() const {

@@ -161,7 +161,8 @@ class Coordinator {
   // A trainer rank's Push stream ended; an unclean end before Commit aborts.
   void TrainerStreamClosed(uint64_t sync_id, uint32_t rank, bool clean);
   // Aborts every in-flight sync and refuses new registrations and syncs.
-  void AbortAll(const std::string& reason);
+  void AbortAll(const std::string& reason,
+                std::chrono::milliseconds drain = std::chrono::milliseconds(0));
 
   StatusSnapshot GetStatus() const;
 

@@ -104,7 +104,7 @@ void Server::Stop(std::chrono::milliseconds grace) {
     health->SetServingStatus("", false);
     health->SetServingStatus(kServiceName, false);
   }
-  coord_->AbortAll("the daemon is shutting down");
+  coord_->AbortAll("the daemon is shutting down", grace);
   service_.BeginShutdown();
   server_->Shutdown(std::chrono::system_clock::now() + grace);
   server_->Wait();

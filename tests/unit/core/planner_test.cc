@@ -1,3 +1,4 @@
+#include <limits>
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -232,6 +233,8 @@ TEST(BuildPlan, ShardCoverageErrors) {
   // Out of bounds.
   EXPECT_ERR(with("a", {{0, 0, 0, 7}}), "source tensor a shard 0 (rank 0): range [0, 7) along dim 0 is outside [0, 6)");
   EXPECT_ERR(with("a", {{0, 0, -1, 7}}), "is outside [0, 6)");
+  // start + length overflowing int64 must not pass the range check.
+  EXPECT_ERR(with("a", {{0, 0, 0, 6}, {1, 0, 6, std::numeric_limits<int64_t>::max()}}), "is outside [0, 6)");
   EXPECT_ERR(with("b", {{0, 1, 0, 7}}), "source tensor b shard 0 (rank 0): range [0, 7) along dim 1 is outside [0, 6)");
   // No data at all.
   EXPECT_ERR(with("a", {{0, 0, 0, 0}}), "source tensor a: no shard holds any of its data");
@@ -271,3 +274,18 @@ TEST(BuildPlan, ExplicitSourcesAreNotUnknown) {
 
 }  // namespace
 }  // namespace ws::testing
+
+namespace ws {
+namespace {
+
+TEST(ShapeInRange, RejectsNegativeAndOverflowingShapes) {
+  EXPECT_TRUE(ShapeInRange({}));
+  EXPECT_TRUE(ShapeInRange({0, int64_t{1} << 62}));
+  EXPECT_TRUE(ShapeInRange({int64_t{1} << 25, int64_t{1} << 25}));
+  EXPECT_FALSE(ShapeInRange({-1, 4}));
+  EXPECT_FALSE(ShapeInRange({4, (int64_t{1} << 62) + 1}));  // would wrap to a small byte count
+  EXPECT_FALSE(ShapeInRange({int64_t{1} << 30, int64_t{1} << 30, int64_t{1} << 30}));
+}
+
+}  // namespace
+}  // namespace ws
