@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-[ "${WS_SKIP_DEPS:-0}" = 1 ] || scripts/install-deps.sh
+[ "${WS_SKIP_DEPS:-0}" = 1 ] || WS_NO_TORCH=${WS_NO_TORCH:-1} scripts/install-deps.sh  # the check needs numpy only
 [ "${WS_SKIP_BUILD:-0}" = 1 ] || scripts/build.sh
 
 W=${WS_QUICKSTART_DIR:-/tmp/weightsync-quickstart}
