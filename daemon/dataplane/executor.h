@@ -6,6 +6,16 @@
 // streams; the pool is shared. Ops passed to one Run() call must not write
 // overlapping destination ranges with ops of a concurrent call (the planner
 // guarantees this: every engine element has exactly one source).
+//
+// Signals: the host executor installs a process-wide SIGBUS handler (once,
+// on first construction; a previous handler is kept and chained to). Each
+// host work item runs with a per-thread guard armed; a SIGBUS on that thread
+// while armed (a peer truncated a mapped shm object mid-copy) jumps back out
+// of the item, and Run/RunLabeled return FailedPrecondition naming the op's
+// label, with the remaining items skipped and the destination partly
+// written. A SIGBUS anywhere else goes to the previous handler, or kills the
+// process as before (core dump). Only SIGBUS is guarded, and only host
+// copies: GPU reads of truncated host memory are not covered.
 #pragma once
 
 #include <cstddef>

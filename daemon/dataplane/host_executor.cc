@@ -2,7 +2,9 @@
 // chunk_bytes destination bytes and run on a shared thread pool. Per item:
 // memcpy (same dtype), a tight per-row cast loop (vectorizable; the casts are
 // copy_math.h's, shared with the GPU), a cache-blocked transpose, or memset
-// for zero fill.
+// for zero fill. Every item runs under a SIGBUS fault guard (see
+// executor.h): a peer that truncates a mapped shm object mid-copy fails the
+// Run with an error naming the op instead of killing the process.
 
 // The branch-free f16 casts contain a float add; GCC only turns their selects
 // into vector code when FP ops may be assumed not to trap. Results are
@@ -11,9 +13,17 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <limits>
+#include <mutex>
 #include <thread>
 
 #include "daemon/dataplane/executor.h"
@@ -154,30 +164,136 @@ void Split(const CopyOp* op, size_t chunk_bytes, std::vector<Item>* items) {
     for (int64_t c = 0; c < op->cols; c += chunk) items->push_back({op, r, r + 1, c, std::min(c + chunk, op->cols)});
 }
 
+// SIGBUS fault guard. One process-wide handler; each thread's guard is
+// armed only while that thread runs a work item. Constant-initialized so the
+// handler touches no lazily-constructed TLS (the arming thread has already
+// touched it anyway).
+struct FaultGuard {
+  sigjmp_buf jump;
+  volatile sig_atomic_t active;
+  void* volatile addr;  // faulting address of the last caught fault
+};
+thread_local FaultGuard t_guard{};
+struct sigaction g_prev_sigbus;  // disposition before ours, for unguarded faults
+
+// Async-signal-safe only: no allocation, no locks.
+void OnSigbus(int sig, siginfo_t* info, void* ctx) {
+  FaultGuard& g = t_guard;
+  if (g.active) {
+    g.active = 0;
+    g.addr = info != nullptr ? info->si_addr : nullptr;
+    siglongjmp(g.jump, 1);
+  }
+  // Not ours: a genuine bug. Hand it to the previous handler, or die with the
+  // default action (core dump) once this handler returns.
+  if ((g_prev_sigbus.sa_flags & SA_SIGINFO) != 0 && g_prev_sigbus.sa_sigaction != nullptr) {
+    g_prev_sigbus.sa_sigaction(sig, info, ctx);
+    return;
+  }
+  if (g_prev_sigbus.sa_handler != SIG_DFL && g_prev_sigbus.sa_handler != SIG_IGN) {
+    g_prev_sigbus.sa_handler(sig);
+    return;
+  }
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  sigemptyset(&dfl.sa_mask);
+  sigaction(SIGBUS, &dfl, nullptr);
+  raise(SIGBUS);  // blocked until return; a fault also re-faults on return
+}
+
+void InstallSigbusHandler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa {};
+    sa.sa_sigaction = OnSigbus;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &g_prev_sigbus);
+  });
+}
+
+// Runs one item with the guard armed. Returns false (and the faulting
+// address) when it hit SIGBUS; the item is then partly written. The jump
+// target is this frame, live for the whole copy; CopyItem holds no locks
+// and no objects with destructors, so abandoning it is safe.
+bool GuardedCopyItem(const Item& it, void** fault_addr) {
+  if (sigsetjmp(t_guard.jump, 0) != 0) {
+    // Jumped out of the handler: SIGBUS is still blocked in this thread
+    // (savemask 0 keeps the fast path free of syscalls); unblock it.
+    sigset_t bus;
+    sigemptyset(&bus);
+    sigaddset(&bus, SIGBUS);
+    pthread_sigmask(SIG_UNBLOCK, &bus, nullptr);
+    *fault_addr = t_guard.addr;
+    return false;
+  }
+  t_guard.active = 1;
+  std::atomic_signal_fence(std::memory_order_seq_cst);  // no copy access before arming
+  CopyItem(it);
+  std::atomic_signal_fence(std::memory_order_seq_cst);  // nor after disarming
+  t_guard.active = 0;
+  return true;
+}
+
+// Whether `p` lies in the destination rows op `o` writes.
+bool InDestination(const CopyOp& o, const void* p) {
+  const size_t es = ElemSize(o.dst_dtype);
+  const char* lo = static_cast<const char*>(o.dst) + o.dst_offset * es;
+  const char* hi = lo + ((o.rows - 1) * o.dst_ld + o.cols) * es;
+  return p >= lo && p < hi;
+}
+
 class HostExecutor final : public Executor {
  public:
   explicit HostExecutor(const ExecutorOptions& opts)
       : threads_(opts.threads > 0 ? opts.threads : std::max(1u, std::thread::hardware_concurrency())),
         chunk_bytes_(std::max<size_t>(opts.chunk_bytes, 1)),
-        pool_(threads_ - 1) {}
+        pool_(threads_ - 1) {
+    InstallSigbusHandler();
+  }
 
   Result<uint64_t> Run(const std::vector<CopyOp>& ops) override { return RunLabeled(ops, {}); }
 
   Result<uint64_t> RunLabeled(const std::vector<CopyOp>& ops, const std::vector<std::string>& labels) override {
+    auto what = [&](size_t i) {
+      return i < labels.size() && !labels[i].empty() ? labels[i] : "copy op " + std::to_string(i);
+    };
     std::vector<CopyOp> norm;
+    std::vector<size_t> index;  // norm[k] is ops[index[k]]
     norm.reserve(ops.size());
+    index.reserve(ops.size());
     uint64_t bytes = 0;
     for (size_t i = 0; i < ops.size(); ++i) {
-      WS_RETURN_IF_ERROR(ValidateCopyOp(ops[i], i < labels.size() && !labels[i].empty()
-                                                    ? labels[i]
-                                                    : "copy op " + std::to_string(i)));
+      WS_RETURN_IF_ERROR(ValidateCopyOp(ops[i], what(i)));
       if (ops[i].rows == 0 || ops[i].cols == 0) continue;
       norm.push_back(Normalize(ops[i]));
+      index.push_back(i);
       bytes += static_cast<uint64_t>(ops[i].rows * ops[i].cols) * ElemSize(ops[i].dst_dtype);
     }
     std::vector<Item> items;
     for (const CopyOp& op : norm) Split(&op, chunk_bytes_, &items);
-    pool_.ParallelFor(items.size(), [&](size_t i) { CopyItem(items[i]); });
+    constexpr size_t kNone = std::numeric_limits<size_t>::max();
+    std::atomic<size_t> failed{kNone};  // norm index of the first faulted op
+    std::atomic<void*> failed_addr{nullptr};
+    pool_.ParallelFor(items.size(), [&](size_t i) {
+      if (failed.load(std::memory_order_relaxed) != kNone) return;  // already failing: skip the rest
+      void* addr = nullptr;
+      if (GuardedCopyItem(items[i], &addr)) return;
+      size_t expect = kNone;
+      if (failed.compare_exchange_strong(expect, static_cast<size_t>(items[i].op - norm.data()))) {
+        failed_addr.store(addr);
+      }
+    });
+    if (const size_t k = failed.load(); k != kNone) {
+      const CopyOp& op = ops[index[k]];
+      const void* addr = failed_addr.load();
+      const bool dst = op.zero_fill || InDestination(op, addr);
+      char where[32];
+      std::snprintf(where, sizeof where, "%p", addr);
+      return FailedPrecondition(what(index[k]) + ": shared memory object was truncated while being copied (SIGBUS " +
+                                (dst ? "writing the destination" : "reading the source") + " at " + where +
+                                "); the copy is incomplete");
+    }
     return bytes;
   }
 
