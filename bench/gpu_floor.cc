@@ -9,6 +9,7 @@
 //   {"case", "device", "device_name", "bytes", "chunk_bytes", "repeats",
 //    "seconds" (median), "best_seconds", "gbps" (bytes / median / 1e9)}
 // Exit 0 with {"skipped": reason} when built without CUDA; 1 on a CUDA error.
+#include "bench/bench_args.h"
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -28,17 +29,9 @@ namespace {
 }
 
 uint64_t ParseU64(const char* s, const char* flag) {
-  char* end = nullptr;
-  unsigned long long v = std::strtoull(s, &end, 10);
-  if (end == s) Usage((std::string("bad value for ") + flag).c_str());
-  switch (*end) {  // optional K/M/G suffix (binary)
-    case 'K': case 'k': v <<= 10; ++end; break;
-    case 'M': case 'm': v <<= 20; ++end; break;
-    case 'G': case 'g': v <<= 30; ++end; break;
-    default: break;
-  }
-  if (*end != '\0') Usage((std::string("bad value for ") + flag).c_str());
-  return v;
+  auto v = ws::bench::ParseSize(s);
+  if (!v) Usage((std::string("bad value for ") + flag).c_str());
+  return *v;
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 //   memcpy_floor [--threads N] [--bytes B] [--repeats R]
 // prints one JSON line:
 //   {"bytes": B, "threads": N, "repeats": R, "seconds": median, "best_seconds": min, "gbps": B/median/1e9}
+#include "bench/bench_args.h"
 #include <algorithm>
 #include <barrier>
 #include <chrono>
@@ -25,17 +26,9 @@ namespace {
 }
 
 uint64_t ParseU64(const char* s, const char* flag) {
-  char* end = nullptr;
-  unsigned long long v = std::strtoull(s, &end, 10);
-  if (end == s) Usage((std::string("bad value for ") + flag).c_str());
-  switch (*end) {  // optional K/M/G suffix (binary)
-    case 'K': case 'k': v <<= 10; ++end; break;
-    case 'M': case 'm': v <<= 20; ++end; break;
-    case 'G': case 'g': v <<= 30; ++end; break;
-    default: break;
-  }
-  if (*end != '\0') Usage((std::string("bad value for ") + flag).c_str());
-  return v;
+  auto v = ws::bench::ParseSize(s);
+  if (!v) Usage((std::string("bad value for ") + flag).c_str());
+  return *v;
 }
 
 }  // namespace
