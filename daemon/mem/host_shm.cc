@@ -62,6 +62,7 @@ class HostMapping final : public Mapping {
   MemoryKind kind() const override { return MemoryKind::kHostShm; }
   int device() const override { return -1; }
   bool writable() const override { return obj_->writable; }
+  const void* object() const override { return obj_.get(); }
   Status CheckBacked() const override {
     struct stat st;
     if (::stat(obj_->path.c_str(), &st) == 0 && st.st_dev == obj_->dev && st.st_ino == obj_->ino &&

@@ -49,6 +49,9 @@ class Mapping {
   // Checks that the mapped range is still backed by its object (a peer that
   // truncates a mapped shm object would make the next access SIGBUS).
   virtual Status CheckBacked() const { return Status::Ok(); }
+  // Identity of the underlying object: mappings of one object return the same
+  // pointer, so callers can check each object once rather than every range.
+  virtual const void* object() const { return this; }
 };
 
 struct DomainCaps {

@@ -536,10 +536,18 @@ Result<BeginSyncResult> Coordinator::BeginSync(SourceManifest manifest) {
 
   // Plan without the lock. Engine specs and layouts are immutable after registration.
   Status backed;
-  for (const auto& e : sync->engines)
-    for (size_t i = 0; i < e->maps.size() && backed.ok(); ++i)
-      if (Status st = e->maps[i]->CheckBacked(); !st.ok())
+  for (const auto& e : sync->engines) {
+    // One stat per object: the param reaching furthest into it decides.
+    std::map<const void*, size_t> furthest;
+    auto end = [&](size_t i) { return static_cast<const char*>(e->maps[i]->data()) + e->maps[i]->size(); };
+    for (size_t i = 0; i < e->maps.size(); ++i) {
+      auto [it, inserted] = furthest.emplace(e->maps[i]->object(), i);
+      if (!inserted && end(i) > end(it->second)) it->second = i;
+    }
+    for (const auto& [obj, i] : furthest)
+      if (Status st = e->maps[i]->CheckBacked(); !st.ok() && backed.ok())
         backed = FailedPrecondition(e->Describe() + " param " + e->spec.params[i].name + ": " + st.message());
+  }
   std::vector<PlanEngine> pe;
   pe.reserve(sync->engines.size());
   for (const auto& e : sync->engines) pe.push_back(PlanEngine{e->id, e->spec, e->layout});

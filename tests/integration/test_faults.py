@@ -4,10 +4,12 @@ daemon stays healthy, nothing half-written is committed, and a following good
 sync lands bit-exactly."""
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +164,18 @@ def test_sigterm_during_sync(ctl, daemon, engines, checkpoint_cache):
         if push.poll() is None:
             push.send_signal(signal.SIGKILL)
             push.wait()
+
+
+def test_truncated_engine_memory_refused_at_begin(ctl, daemon, engines, checkpoint_cache):
+    """An engine shm object that shrinks after registration is refused before any byte moves."""
+    a = checkpoint_cache("LlamaForCausalLM", **SMALL)
+    eng = engines("m", a, tp=T, replicas=R, syncs=1)
+    # replica 0, rank 0 of this engine: the newest such object (older runs may have left some)
+    victims = list(Path("/dev/shm").glob("ws-*-engine-r0-t0-*"))
+    assert victims, "mock-engine's shm objects not found"
+    os.truncate(max(victims, key=lambda p: p.stat().st_mtime_ns), 0)
+    cp = ctl.push(a, "m", W, "--version", 1, check=False)
+    assert cp.returncode != 0, describe(cp)
+    assert "shrank" in cp.stderr and "param" in cp.stderr, describe(cp)
+    assert_serving(ctl, daemon)
+    assert eng.versions() == []
