@@ -140,10 +140,13 @@ def main():
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     try:
         result = SCENARIOS[scenario](rank, world, args)
+        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        # Leave gloo together: a rank tearing its group down while a peer is
+        # still using it can abort in gloo's threads ("terminate called ...").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
 
 
 if __name__ == "__main__":
