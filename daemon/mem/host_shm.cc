@@ -63,6 +63,10 @@ class HostMapping final : public Mapping {
   int device() const override { return -1; }
   bool writable() const override { return obj_->writable; }
   const void* object() const override { return obj_.get(); }
+  MemoryExtent extent() const override {
+    return MemoryExtent{MemoryKind::kHostShm, static_cast<uint64_t>(obj_->dev), static_cast<uint64_t>(obj_->ino),
+                        offset_, offset_ + length_};
+  }
   Status CheckBacked() const override {
     struct stat st;
     if (::stat(obj_->path.c_str(), &st) == 0 && st.st_dev == obj_->dev && st.st_ino == obj_->ino &&
@@ -159,7 +163,8 @@ DomainCaps HostShmDomain::caps() const {
   return c;
 }
 
-Result<std::shared_ptr<Mapping>> HostShmDomain::Map(const MemoryRef& ref, const std::string& what) {
+Result<std::shared_ptr<Mapping>> HostShmDomain::Map(const MemoryRef& ref, const std::string& what,
+                                                   const Accessor& by) {
   if (ref.kind != MemoryKind::kHostShm) {
     return InvalidArgument(what + ": " + ref.ToString() + " is not host shared memory");
   }

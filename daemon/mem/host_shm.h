@@ -37,7 +37,8 @@ class HostShmDomain final : public MemoryDomain {
   ~HostShmDomain() override;
 
   DomainCaps caps() const override;
-  Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what) override;
+  using MemoryDomain::Map;
+  Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what, const Accessor& by) override;
   void Trim() override;
   void TrimStale() override;
 

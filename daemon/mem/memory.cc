@@ -1,5 +1,7 @@
 #include "daemon/mem/memory.h"
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <utility>
 
@@ -25,6 +27,15 @@ std::string MemoryRef::ToString() const {
   return s + " offset=" + std::to_string(offset) + " length=" + std::to_string(length) + "}";
 }
 
+Accessor Accessor::Self() {
+  Accessor a;
+  a.local = true;
+  a.uid = static_cast<uint32_t>(::geteuid());
+  a.gids = {static_cast<uint32_t>(::getegid())};
+  a.who = "the daemon (uid " + std::to_string(a.uid) + ")";
+  return a;
+}
+
 namespace {
 
 // Host shm always; CUDA IPC when a CUDA domain could be created, otherwise
@@ -44,10 +55,11 @@ class CompositeDomain final : public MemoryDomain {
     return c;
   }
 
-  Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what) override {
-    if (ref.kind == MemoryKind::kHostShm) return host_->Map(ref, what);
+  using MemoryDomain::Map;
+  Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what, const Accessor& by) override {
+    if (ref.kind == MemoryKind::kHostShm) return host_->Map(ref, what, by);
     if (ref.kind == MemoryKind::kCudaIpc) {
-      if (cuda_) return cuda_->Map(ref, what);
+      if (cuda_) return cuda_->Map(ref, what, by);
       return Status(cuda_unavailable_.code(),
                     what + ": " + ref.ToString() + " is CUDA memory, but " + cuda_unavailable_.message());
     }

@@ -20,6 +20,35 @@ namespace ws {
 
 enum class MemoryKind : uint8_t { kHostShm = 0, kCudaIpc = 1 };
 
+// Who a mapping is made for. The daemon maps memory on behalf of a peer and
+// only memory that peer owns (docs/security.md): host objects must be regular
+// files directly under /dev/shm owned by `uid` (or by a group in `gids`);
+// CUDA IPC references are accepted only from `local` peers whose credentials
+// the kernel vouched for (unix socket SO_PEERCRED, or the daemon itself).
+struct Accessor {
+  bool local = false;       // credentials known (unix-socket peer or in-process)
+  bool any_owner = false;   // admin: objects of any owner (still only files directly under /dev/shm)
+  uint32_t uid = 0;
+  std::vector<uint32_t> gids;  // groups whose objects this peer may map (allowed by config and held by the peer)
+  std::string who;             // for messages, e.g. "uid 1000 (pid 42)"
+
+  // The daemon process itself (tests, in-process tools): its effective uid.
+  static Accessor Self();
+};
+
+// Where a mapping's bytes live, comparable across mappings and engines:
+// two extents overlap iff they name the same object and their ranges meet.
+// Host shm: object = (st_dev, st_ino), range = file offsets. CUDA: object =
+// (device ordinal, 0), range = device virtual addresses in the daemon.
+struct MemoryExtent {
+  MemoryKind kind = MemoryKind::kHostShm;
+  uint64_t object_a = 0, object_b = 0;
+  uint64_t begin = 0, end = 0;  // [begin, end)
+  bool Overlaps(const MemoryExtent& o) const {
+    return kind == o.kind && object_a == o.object_a && object_b == o.object_b && begin < o.end && o.begin < end;
+  }
+};
+
 // The domain form of a proto MemoryRef.
 struct MemoryRef {
   MemoryKind kind = MemoryKind::kHostShm;
@@ -52,6 +81,8 @@ class Mapping {
   // Identity of the underlying object: mappings of one object return the same
   // pointer, so callers can check each object once rather than every range.
   virtual const void* object() const { return this; }
+  // The bytes this mapping covers, for overlap checks between parameters.
+  virtual MemoryExtent extent() const = 0;
 };
 
 struct DomainCaps {
@@ -64,10 +95,15 @@ class MemoryDomain {
  public:
   virtual ~MemoryDomain() = default;
   virtual DomainCaps caps() const = 0;
-  // Maps `ref`, validating offset+length against the object's size. Objects
-  // are opened once and cached by identity; repeated calls are cheap. Errors
-  // name `what` (the tensor or parameter the reference belongs to).
-  virtual Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what) = 0;
+  // Maps `ref` for `by`, validating offset+length against the object's size
+  // and that `by` may use the object (see Accessor). Objects are opened once
+  // and cached by identity; repeated calls are cheap. Errors name `what` (the
+  // tensor or parameter the reference belongs to).
+  virtual Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what, const Accessor& by) = 0;
+  // For the daemon itself and tests: Map(ref, what, Accessor::Self()).
+  Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what) {
+    return Map(ref, what, Accessor::Self());
+  }
   // Drops cached objects that are no longer referenced by any live Mapping.
   virtual void Trim() = 0;
   // Drops only unreferenced cached objects whose owner has gone: the name no

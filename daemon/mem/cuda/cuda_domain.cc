@@ -62,6 +62,10 @@ class CudaMapping final : public Mapping {
   MemoryKind kind() const override { return MemoryKind::kCudaIpc; }
   int device() const override { return a_->device; }
   bool writable() const override { return true; }
+  MemoryExtent extent() const override {
+    const auto begin = reinterpret_cast<uint64_t>(a_->base) + offset_;
+    return MemoryExtent{MemoryKind::kCudaIpc, static_cast<uint64_t>(a_->device), 0, begin, begin + length_};
+  }
 
  private:
   std::shared_ptr<IpcAllocation> a_;
@@ -77,7 +81,8 @@ class CudaIpcDomain final : public MemoryDomain {
     return c;
   }
 
-  Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what) override {
+  using MemoryDomain::Map;
+  Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what, const Accessor& by) override {
     if (ref.kind != MemoryKind::kCudaIpc) return InvalidArgument(what + ": not a CUDA IPC reference");
     if (ref.cuda_handle.size() != sizeof(cudaIpcMemHandle_t)) {
       return InvalidArgument(what + ": " + Describe(ref) + ": handle must be " +

@@ -58,7 +58,8 @@ class FakeDomain final : public MemoryDomain {
 
   DomainCaps caps() const override { return DomainCaps{true, false, false}; }
 
-  Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what) override {
+  using MemoryDomain::Map;
+  Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what, const Accessor&) override {
     std::lock_guard lk(mu_);
     ++map_calls_;
     if (ref.kind != MemoryKind::kHostShm) return FailedPrecondition(what + ": fake domain has host memory only");
@@ -82,6 +83,9 @@ class FakeDomain final : public MemoryDomain {
     MemoryKind kind() const override { return MemoryKind::kHostShm; }
     int device() const override { return -1; }
     bool writable() const override { return b_->writable; }
+    MemoryExtent extent() const override {
+      return MemoryExtent{MemoryKind::kHostShm, reinterpret_cast<uint64_t>(b_.get()), 0, off_, off_ + len_};
+    }
 
    private:
     std::shared_ptr<Buffer> b_;
