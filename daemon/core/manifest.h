@@ -65,6 +65,10 @@ struct EngineParamSpec {
   Shape shape;  // per-rank
   DType dtype = DType::kBF16;
   std::string mapping_json;  // optional explicit mapping (docs/layouts.md)
+  // Names another param of the same rank whose memory this one shares exactly
+  // (a tied copy, e.g. lm_head.weight tied to embed_tokens.weight). Only
+  // declared ties may overlap in memory.
+  std::string tied_to;
 };
 
 // What one engine rank declares about itself (memory references are kept by

@@ -22,6 +22,8 @@ enum class Code {
   kCancelled,
   kInternal,
   kUnimplemented,
+  kPermissionDenied,   // the caller may not act on (or map) what it named
+  kResourceExhausted,  // a configured limit, or out of space/memory
 };
 
 const char* CodeName(Code c);
@@ -56,6 +58,8 @@ inline Status DeadlineExceeded(std::string m) { return {Code::kDeadlineExceeded,
 inline Status Cancelled(std::string m) { return {Code::kCancelled, std::move(m)}; }
 inline Status Internal(std::string m) { return {Code::kInternal, std::move(m)}; }
 inline Status Unimplemented(std::string m) { return {Code::kUnimplemented, std::move(m)}; }
+inline Status PermissionDenied(std::string m) { return {Code::kPermissionDenied, std::move(m)}; }
+inline Status ResourceExhausted(std::string m) { return {Code::kResourceExhausted, std::move(m)}; }
 
 // Result<T>: a T or a non-OK Status.
 template <typename T>

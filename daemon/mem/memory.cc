@@ -27,6 +27,13 @@ std::string MemoryRef::ToString() const {
   return s + " offset=" + std::to_string(offset) + " length=" + std::to_string(length) + "}";
 }
 
+std::string MemoryExtent::ToString() const {
+  std::string obj = kind == MemoryKind::kHostShm
+                        ? "shm inode " + std::to_string(object_a) + ":" + std::to_string(object_b)
+                        : "cuda device " + std::to_string(object_a) + " address";
+  return obj + " bytes [" + std::to_string(begin) + ", " + std::to_string(end) + ")";
+}
+
 Accessor Accessor::Self() {
   Accessor a;
   a.local = true;

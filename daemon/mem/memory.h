@@ -45,8 +45,10 @@ struct MemoryExtent {
   uint64_t object_a = 0, object_b = 0;
   uint64_t begin = 0, end = 0;  // [begin, end)
   bool Overlaps(const MemoryExtent& o) const {
-    return kind == o.kind && object_a == o.object_a && object_b == o.object_b && begin < o.end && o.begin < end;
+    return kind == o.kind && object_a == o.object_a && object_b == o.object_b && begin < end && o.begin < o.end &&
+           begin < o.end && o.begin < end;
   }
+  std::string ToString() const;  // "shm inode 12:345 bytes [0, 4096)"
 };
 
 // The domain form of a proto MemoryRef.

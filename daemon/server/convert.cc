@@ -16,6 +16,8 @@ grpc::StatusCode ToGrpcCode(Code code) {
     case Code::kCancelled: return grpc::StatusCode::CANCELLED;
     case Code::kInternal: return grpc::StatusCode::INTERNAL;
     case Code::kUnimplemented: return grpc::StatusCode::UNIMPLEMENTED;
+    case Code::kPermissionDenied: return grpc::StatusCode::PERMISSION_DENIED;
+    case Code::kResourceExhausted: return grpc::StatusCode::RESOURCE_EXHAUSTED;
   }
   return grpc::StatusCode::UNKNOWN;
 }
@@ -100,6 +102,7 @@ Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req) {
     WS_ASSIGN_OR_RETURN(ps.shape, ShapeFromProto(p.shape(), what));
     WS_ASSIGN_OR_RETURN(ps.dtype, FromProto(p.dtype(), what));
     ps.mapping_json = p.mapping_json();
+    ps.tied_to = p.tied_to();
     WS_ASSIGN_OR_RETURN(MemoryRef m, FromProto(p.memory(), what));
     s.params.push_back(std::move(ps));
     r.memory.push_back(std::move(m));

@@ -1,6 +1,7 @@
 #include "daemon/server/coordinator.h"
 
 #include <algorithm>
+#include <tuple>
 #include <random>
 #include <set>
 #include <sstream>
@@ -40,15 +41,25 @@ std::string RandomHex(int digits) {
   return s;
 }
 
-// Elements of one trainer shard (a contiguous range along `dim` of the tensor).
+// Elements of one trainer shard (a contiguous range along `dim` of the
+// tensor). Saturates at UINT64_MAX (no length can match it) on overflow or a
+// negative extent; the planner has refused such manifests already.
 uint64_t ShardElements(const SourceTensor& t, const ShardSpec& s) {
   if (s.length <= 0) return 0;
   if (t.shape.empty()) return 1;
   if (s.dim >= t.shape.size()) return 0;
-  int64_t other = 1;
-  for (size_t i = 0; i < t.shape.size(); ++i)
-    if (i != s.dim) other *= t.shape[i];
-  return static_cast<uint64_t>(other) * static_cast<uint64_t>(s.length);
+  uint64_t n = static_cast<uint64_t>(s.length);
+  for (size_t i = 0; i < t.shape.size(); ++i) {
+    if (i == s.dim) continue;
+    if (t.shape[i] < 0 || __builtin_mul_overflow(n, static_cast<uint64_t>(t.shape[i]), &n)) return UINT64_MAX;
+  }
+  return n;
+}
+
+// Bytes of `elems` elements of `dt`, saturating.
+uint64_t ElemBytes(uint64_t elems, DType dt) {
+  uint64_t b;
+  return __builtin_mul_overflow(elems, static_cast<uint64_t>(DTypeSize(dt)), &b) ? UINT64_MAX : b;
 }
 
 // Largest element index an op touches on each side, for a bounds check
@@ -103,10 +114,12 @@ std::string JoinRanks(const std::vector<uint32_t>& v) {
 
 struct Coordinator::Engine {
   std::string id;
+  std::string owner;  // principal of the peer that registered it
   std::string label;
   EngineRankSpec spec;
   RankLayout layout;
   std::vector<std::shared_ptr<Mapping>> maps;  // one per spec.params entry
+  std::vector<MemoryExtent> extents;           // maps[i]->extent()
   uint64_t bytes = 0;
   EventSink* sink = nullptr;  // null once unregistered
   uint64_t applied_version = 0;
@@ -121,6 +134,7 @@ struct Coordinator::Engine {
 
 struct Coordinator::Model {
   std::string name;
+  std::string owner;  // principal of its first engine; only it (or an admin) registers and syncs
   std::string architecture;
   nlohmann::json config;
   uint32_t tp_size = 1;
@@ -132,6 +146,7 @@ struct Coordinator::Model {
 
 struct Coordinator::Sync {
   uint64_t id = 0;
+  std::string owner;  // principal of the BeginSync caller
   SourceManifest manifest;
   std::map<std::string, uint32_t> tensor_index;
   std::vector<std::shared_ptr<Engine>> engines;  // keeps mappings alive while copies run
@@ -230,8 +245,48 @@ Status Coordinator::CheckModelCompatibleLocked(const Model& m, const EngineRankS
   return Status::Ok();
 }
 
-Result<std::string> Coordinator::RegisterEngine(EngineRankSpec spec, std::vector<MemoryRef> memory,
-                                                EventSink* sink, std::string label) {
+Status Coordinator::CheckIsolationLocked(const Engine& e, const std::string& who) const {
+  // Within the registration: sort by (object, start) and compare each extent
+  // with the furthest-reaching earlier one of the same object.
+  std::vector<size_t> order(e.extents.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  auto key = [&](size_t i) {
+    const MemoryExtent& x = e.extents[i];
+    return std::tuple(static_cast<int>(x.kind), x.object_a, x.object_b, x.begin, x.end);
+  };
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return key(a) < key(b); });
+  auto same_object = [](const MemoryExtent& a, const MemoryExtent& b) {
+    return a.kind == b.kind && a.object_a == b.object_a && a.object_b == b.object_b;
+  };
+  for (size_t k = 1, reach = order.empty() ? 0 : order[0]; k < order.size(); ++k) {
+    const size_t i = order[k];
+    const MemoryExtent& x = e.extents[i];
+    const MemoryExtent& r = e.extents[reach];
+    if (x.Overlaps(r)) {
+      const auto& pi = e.spec.params[i];
+      const auto& pr = e.spec.params[reach];
+      const bool tied = x.begin == r.begin && x.end == r.end && pi.dtype == pr.dtype && pi.shape == pr.shape &&
+                        (pi.tied_to == pr.name || pr.tied_to == pi.name);
+      if (!tied)
+        return InvalidArgument(who + ": param " + pi.name + " and param " + pr.name + " overlap in memory (" +
+                               x.ToString() + " and " + r.ToString() +
+                               "); parameters may share memory only as a declared tied copy (tied_to) of the same range");
+    }
+    if (!same_object(x, r) || x.end > r.end) reach = i;
+  }
+  for (const auto& [id, other] : engines_)
+    for (size_t j = 0; j < other->extents.size(); ++j)
+      for (size_t i = 0; i < e.extents.size(); ++i)
+        if (e.extents[i].Overlaps(other->extents[j]))
+          return InvalidArgument(who + ": param " + e.spec.params[i].name + " " + e.extents[i].ToString() +
+                                 " overlaps the memory of " + other->Describe() + " param " +
+                                 other->spec.params[j].name + " " + other->extents[j].ToString() +
+                                 "; engines may not share parameter memory");
+  return Status::Ok();
+}
+
+Result<std::string> Coordinator::RegisterEngine(const Peer& caller, EngineRankSpec spec,
+                                                std::vector<MemoryRef> memory, EventSink* sink, std::string label) {
   TrimGuard trim{this};  // a refusal after mapping lets the domain drop those objects
   if (spec.model.empty()) return InvalidArgument("model is empty");
   if (spec.architecture.empty()) return InvalidArgument("architecture is empty");
@@ -252,13 +307,26 @@ Result<std::string> Coordinator::RegisterEngine(EngineRankSpec spec, std::vector
     for (const auto& p : spec.params)
       if (!names.insert(p.name).second) return InvalidArgument("param " + p.name + " is registered twice");
   }
-  {  // Cheap refusals first, before resolving and mapping; re-checked below.
-    std::lock_guard lk(mu_);
+  // Cheap refusals first, before resolving and mapping; re-checked below.
+  auto admit_locked = [&]() -> Status {
     if (shutting_down_) return Unavailable("the daemon is shutting down");
     auto it = models_.find(spec.model);
+    if (it != models_.end() && !caller.Owns(it->second.owner))
+      return PermissionDenied("model " + spec.model + " belongs to " + it->second.owner + "; " + caller.Describe() +
+                              " (" + caller.principal + ") may not register engines for it");
     if (it != models_.end() && it->second.busy_sync)
       return FailedPrecondition("model " + spec.model + " has sync " + std::to_string(it->second.busy_sync) +
                                 " in flight; register after it ends");
+    auto n = engines_by_owner_.find(caller.principal);
+    if (n != engines_by_owner_.end() && n->second >= opts_.max_engines_per_peer)
+      return ResourceExhausted(caller.Describe() + " (" + caller.principal + ") already has " +
+                               std::to_string(n->second) + " engine ranks registered (limit max_engines_per_peer = " +
+                               std::to_string(opts_.max_engines_per_peer) + ")");
+    return Status::Ok();
+  };
+  {
+    std::lock_guard lk(mu_);
+    WS_RETURN_IF_ERROR(admit_locked());
   }
 
   // Layout: the architecture's rule file, plus explicit per-param mappings.
@@ -304,7 +372,9 @@ Result<std::string> Coordinator::RegisterEngine(EngineRankSpec spec, std::vector
   }
   if (Status st = ValidateEngine(spec, layout); !st.ok()) return st.WithContext(who);
 
-  // Memory: exactly numel * dtype size bytes per param, mapped writable.
+  // Memory: exactly numel * dtype size bytes per param, aligned to the
+  // element size, owned by the caller, mapped writable.
+  const Accessor access = caller.ToAccessor();
   std::vector<std::shared_ptr<Mapping>> maps;
   uint64_t bytes = 0;
   auto refuse = [&](Status st) {
@@ -314,12 +384,20 @@ Result<std::string> Coordinator::RegisterEngine(EngineRankSpec spec, std::vector
   };
   for (size_t i = 0; i < spec.params.size(); ++i) {
     const auto& p = spec.params[i];
-    uint64_t want = static_cast<uint64_t>(NumElements(p.shape)) * DTypeSize(p.dtype);
+    uint64_t want = ElemBytes(static_cast<uint64_t>(NumElements(p.shape)), p.dtype);
+    if (memory[i].offset % DTypeSize(p.dtype) != 0)
+      return refuse(InvalidArgument(who + ": param " + p.name + ": memory offset " + std::to_string(memory[i].offset) +
+                                    " is not a multiple of the " + DTypeName(p.dtype) + " element size " +
+                                    std::to_string(DTypeSize(p.dtype))));
+    if (!p.tied_to.empty() && std::none_of(spec.params.begin(), spec.params.end(),
+                                           [&](const EngineParamSpec& q) { return q.name == p.tied_to; }))
+      return refuse(InvalidArgument(who + ": param " + p.name + " is tied_to " + p.tied_to +
+                                    ", which this rank does not register"));
     if (memory[i].length != want)
       return refuse(InvalidArgument(who + ": param " + p.name + ": memory length " + std::to_string(memory[i].length) +
                              " bytes does not match shape " + ShapeToString(p.shape) + " " + DTypeName(p.dtype) +
                              " (" + std::to_string(want) + " bytes)"));
-    auto m = domain_->Map(memory[i], "param " + p.name);
+    auto m = domain_->Map(memory[i], "param " + p.name, access);
     if (!m.ok()) return refuse(m.status().WithContext(who));
     if (!m.value()->writable())
       return refuse(InvalidArgument(who + ": param " + p.name + ": memory " + memory[i].ToString() +
@@ -332,21 +410,21 @@ Result<std::string> Coordinator::RegisterEngine(EngineRankSpec spec, std::vector
   e->label = std::move(label);
   e->layout = std::move(layout);
   e->maps = std::move(maps);
+  for (const auto& m : e->maps) e->extents.push_back(m->extent());
   e->bytes = bytes;
   e->sink = sink;
+  e->spec.params = spec.params;  // for messages of the isolation check; replaced by the whole spec below
 
   std::lock_guard lk(mu_);
   auto refuse_locked = [&](Status st) {
     trim_pending_ = true;
     return st;
   };
-  if (shutting_down_) return refuse_locked(Unavailable("the daemon is shutting down"));
+  if (Status st = admit_locked(); !st.ok()) return refuse_locked(st);
+  if (Status st = CheckIsolationLocked(*e, who); !st.ok()) return refuse_locked(st);
   auto it = models_.find(spec.model);
   if (it != models_.end()) {
     const Model& m = it->second;
-    if (m.busy_sync)
-      return refuse_locked(FailedPrecondition("model " + spec.model + " has sync " + std::to_string(m.busy_sync) +
-                                              " in flight; register after it ends"));
     if (Status st = CheckModelCompatibleLocked(m, spec); !st.ok()) return refuse_locked(st);
     for (const auto& [id, other] : engines_)
       if (other->spec.model == spec.model && other->spec.replica_id == spec.replica_id &&
@@ -355,6 +433,7 @@ Result<std::string> Coordinator::RegisterEngine(EngineRankSpec spec, std::vector
   } else {
     Model m;
     m.name = spec.model;
+    m.owner = caller.principal;
     m.architecture = spec.architecture;
     m.config = std::move(cfg);
     m.tp_size = spec.tp_size;
@@ -362,22 +441,35 @@ Result<std::string> Coordinator::RegisterEngine(EngineRankSpec spec, std::vector
     it = models_.emplace(spec.model, std::move(m)).first;
   }
   it->second.engine_count++;
+  engines_by_owner_[caller.principal]++;
   e->id = "eng-" + boot_id_ + "-" + std::to_string(next_engine_++);
+  e->owner = caller.principal;
   e->spec = std::move(spec);
   engines_[e->id] = e;
-  spdlog::info("engine registered: {} params={} bytes={} layout={}", e->Describe(), e->spec.params.size(),
-               e->bytes, e->layout.rule_file);
+  spdlog::info("engine registered: {} params={} bytes={} layout={} by {}", e->Describe(), e->spec.params.size(),
+               e->bytes, e->layout.rule_file, caller.Describe());
   return e->id;
 }
 
-Status Coordinator::UnregisterEngine(const std::string& engine_id) {
-  TrimGuard trim{this};
-  std::lock_guard lk(mu_);
+Result<std::shared_ptr<Coordinator::Engine>> Coordinator::FindOwnedEngineLocked(const Peer& caller,
+                                                                              const std::string& engine_id,
+                                                                              const char* action) {
   auto it = engines_.find(engine_id);
   if (it == engines_.end()) return NotFound("engine " + engine_id + " is not registered");
-  std::shared_ptr<Engine> e = it->second;
+  if (!caller.Owns(it->second->owner))
+    return PermissionDenied(it->second->Describe() + " belongs to " + it->second->owner + "; " + caller.Describe() +
+                            " (" + caller.principal + ") may not " + action + " it");
+  return it->second;
+}
+
+Status Coordinator::UnregisterEngine(const Peer& caller, const std::string& engine_id) {
+  TrimGuard trim{this};
+  std::lock_guard lk(mu_);
+  WS_ASSIGN_OR_RETURN(std::shared_ptr<Engine> e, FindOwnedEngineLocked(caller, engine_id, "unregister"));
   e->sink = nullptr;
-  engines_.erase(it);
+  engines_.erase(engine_id);
+  if (auto n = engines_by_owner_.find(e->owner); n != engines_by_owner_.end() && --n->second == 0)
+    engines_by_owner_.erase(n);
   trim_pending_ = true;
   std::shared_ptr<Sync> sync;
   if (auto mit = models_.find(e->spec.model); mit != models_.end()) {
@@ -439,7 +531,11 @@ void Coordinator::FinishLocked(Sync& sync, bool committed) {
   }
   last_sync_ = st;
   finished_[sync.id] = st;
-  while (finished_.size() > 64) finished_.erase(finished_.begin());
+  finished_owner_[sync.id] = sync.owner;
+  while (finished_.size() > 64) {
+    finished_owner_.erase(finished_.begin()->first);
+    finished_.erase(finished_.begin());
+  }
   // The one summary line per sync.
   auto line = fmt::format("sync {} model={} version={} engines={} world_size={} bytes={} seconds={:.3f} gbps={:.3f} outcome={}",
                           sync.id, st.model, st.version, st.engines, st.world_size, st.bytes_written, st.seconds,
@@ -476,6 +572,18 @@ void Coordinator::ReleaseIfIdleLocked(Sync& sync) {
   cv_.notify_all();
 }
 
+Result<std::shared_ptr<Coordinator::Sync>> Coordinator::FindOwnedLocked(const Peer& caller, uint64_t sync_id,
+                                                                       const char* action) {
+  // Ownership first: a peer learns nothing about other principals' syncs.
+  std::string owner;
+  if (auto it = syncs_.find(sync_id); it != syncs_.end()) owner = it->second->owner;
+  else if (auto f = finished_owner_.find(sync_id); f != finished_owner_.end()) owner = f->second;
+  if (!owner.empty() && !caller.Owns(owner))
+    return PermissionDenied("sync " + std::to_string(sync_id) + " belongs to " + owner + "; " + caller.Describe() +
+                            " (" + caller.principal + ") may not " + action + " it");
+  return FindLiveLocked(sync_id);
+}
+
 Result<std::shared_ptr<Coordinator::Sync>> Coordinator::FindLiveLocked(uint64_t sync_id) {
   const std::string name = "sync " + std::to_string(sync_id);
   if (auto it = syncs_.find(sync_id); it != syncs_.end()) {
@@ -489,9 +597,10 @@ Result<std::shared_ptr<Coordinator::Sync>> Coordinator::FindLiveLocked(uint64_t 
   return NotFound(name + " is not in flight on this daemon");
 }
 
-Result<BeginSyncResult> Coordinator::BeginSync(SourceManifest manifest) {
+Result<BeginSyncResult> Coordinator::BeginSync(const Peer& caller, SourceManifest manifest) {
   if (manifest.model.empty()) return InvalidArgument("model is empty");
   if (manifest.world_size == 0) return InvalidArgument("world_size must be at least 1");
+  if (manifest.version == 0) return InvalidArgument("version must be at least 1");
   auto sync = std::make_shared<Sync>();
   {
     std::lock_guard lk(mu_);
@@ -500,6 +609,21 @@ Result<BeginSyncResult> Coordinator::BeginSync(SourceManifest manifest) {
     if (mit == models_.end() || mit->second.engine_count == 0)
       return FailedPrecondition("no engines registered for model " + manifest.model);
     Model& m = mit->second;
+    if (!caller.Owns(m.owner))
+      return PermissionDenied("model " + m.name + " belongs to " + m.owner + "; " + caller.Describe() + " (" +
+                              caller.principal + ") may not sync it");
+    if (manifest.version <= m.committed_version)
+      return FailedPrecondition("model " + m.name + ": version " + std::to_string(manifest.version) +
+                                " is not above the committed version " + std::to_string(m.committed_version) +
+                                "; versions must strictly increase");
+    {
+      uint32_t mine = 0;
+      for (const auto& [id, s] : syncs_) mine += s->owner == caller.principal ? 1 : 0;
+      if (mine >= opts_.max_syncs_per_peer)
+        return ResourceExhausted(caller.Describe() + " (" + caller.principal + ") already has " +
+                                 std::to_string(mine) + " syncs in flight (limit max_syncs_per_peer = " +
+                                 std::to_string(opts_.max_syncs_per_peer) + ")");
+    }
     if (m.busy_sync) {
       auto sit = syncs_.find(m.busy_sync);
       std::string what = sit != syncs_.end() && Terminal(sit->second->state)
@@ -528,6 +652,7 @@ Result<BeginSyncResult> Coordinator::BeginSync(SourceManifest manifest) {
     if (!missing.empty())
       return FailedPrecondition("model " + m.name + " is not fully registered:" + missing);
     sync->id = next_sync_id_++;
+    sync->owner = caller.principal;
     sync->engines = std::move(engines);
     sync->manifest = std::move(manifest);
     m.busy_sync = sync->id;
@@ -589,7 +714,8 @@ Result<BeginSyncResult> Coordinator::BeginSync(SourceManifest manifest) {
   return r;
 }
 
-Result<LayerResult> Coordinator::PushLayer(uint64_t sync_id, uint32_t rank, const std::string& layer,
+Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id, uint32_t rank,
+                                           const std::string& layer,
                                            const std::vector<std::pair<std::string, MemoryRef>>& shards) {
   TrimGuard trim{this};
   struct Item {
@@ -603,7 +729,7 @@ Result<LayerResult> Coordinator::PushLayer(uint64_t sync_id, uint32_t rank, cons
                             layer + "\"";
   {
     std::lock_guard lk(mu_);
-    WS_ASSIGN_OR_RETURN(sync, FindLiveLocked(sync_id));
+    WS_ASSIGN_OR_RETURN(sync, FindOwnedLocked(caller, sync_id, "push layers to"));
     const SourceManifest& mf = sync->manifest;
     auto fail = [&](Status st) {
       AbortLocked(*sync, st.message());
@@ -641,7 +767,12 @@ Result<LayerResult> Coordinator::PushLayer(uint64_t sync_id, uint32_t rank, cons
                                                                      std::to_string(rank) + " in the manifest");
         continue;
       }
-      uint64_t want = ShardElements(t, t.shards[*pick]) * DTypeSize(t.dtype);
+      uint64_t want = ElemBytes(ShardElements(t, t.shards[*pick]), t.dtype);
+      if (ref.offset % DTypeSize(t.dtype) != 0) {
+        errors.push_back(what + ": memory offset " + std::to_string(ref.offset) + " is not a multiple of the " +
+                         DTypeName(t.dtype) + " element size " + std::to_string(DTypeSize(t.dtype)));
+        continue;
+      }
       if (ref.length != want) {
         errors.push_back(what + ": memory length " + std::to_string(ref.length) + " bytes does not match the shard (" +
                          std::to_string(want) + " bytes of " + DTypeName(t.dtype) + ")");
@@ -659,7 +790,8 @@ Result<LayerResult> Coordinator::PushLayer(uint64_t sync_id, uint32_t rank, cons
     sync->writers++;
   }
 
-  // Map every shard of the layer before any byte moves.
+  // Map every shard of the layer (as the caller) before any byte moves.
+  const Accessor access = caller.ToAccessor();
   auto finish = [&](Status st) -> Status {
     std::lock_guard lk(mu_);
     sync->writers--;
@@ -673,7 +805,7 @@ Result<LayerResult> Coordinator::PushLayer(uint64_t sync_id, uint32_t rank, cons
   };
   std::vector<std::shared_ptr<Mapping>> src(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
-    auto m = domain_->Map(*items[i].ref, items[i].what);
+    auto m = domain_->Map(*items[i].ref, items[i].what, access);
     if (!m.ok()) return finish(m.status().WithContext(where));
     src[i] = std::move(m).value();
   }
@@ -733,10 +865,10 @@ Result<LayerResult> Coordinator::PushLayer(uint64_t sync_id, uint32_t rank, cons
   return LayerResult{layer, ran.value(), secs};
 }
 
-Result<SyncStats> Coordinator::Commit(uint64_t sync_id) {
+Result<SyncStats> Coordinator::Commit(const Peer& caller, uint64_t sync_id) {
   TrimGuard trim{this};
   std::unique_lock lk(mu_);
-  WS_ASSIGN_OR_RETURN(std::shared_ptr<Sync> sync, FindLiveLocked(sync_id));
+  WS_ASSIGN_OR_RETURN(std::shared_ptr<Sync> sync, FindOwnedLocked(caller, sync_id, "commit"));
   const std::string where = "sync " + std::to_string(sync_id);
   auto aborted = [&] { return Aborted(where + " was aborted: " + sync->error); };
   if (sync->state != SyncState::kStreaming)
@@ -815,20 +947,20 @@ Result<SyncStats> Coordinator::Commit(uint64_t sync_id) {
   return StatsLocked(*sync);
 }
 
-Status Coordinator::Abort(uint64_t sync_id, const std::string& reason) {
+Status Coordinator::Abort(const Peer& caller, uint64_t sync_id, const std::string& reason) {
   TrimGuard trim{this};
   std::lock_guard lk(mu_);
-  WS_ASSIGN_OR_RETURN(std::shared_ptr<Sync> sync, FindLiveLocked(sync_id));
+  WS_ASSIGN_OR_RETURN(std::shared_ptr<Sync> sync, FindOwnedLocked(caller, sync_id, "abort"));
   AbortLocked(*sync, reason.empty() ? std::string("aborted (no reason given)") : reason);
   return Status::Ok();
 }
 
-Status Coordinator::AckVersion(const std::string& engine_id, uint64_t version, bool ok, const std::string& error) {
+Status Coordinator::AckVersion(const Peer& caller, const std::string& engine_id, uint64_t version, bool ok,
+                               const std::string& error) {
   TrimGuard trim{this};
   std::lock_guard lk(mu_);
-  auto it = engines_.find(engine_id);
-  if (it == engines_.end()) return NotFound("engine " + engine_id + " is not registered");
-  Engine& e = *it->second;
+  WS_ASSIGN_OR_RETURN(std::shared_ptr<Engine> owned, FindOwnedEngineLocked(caller, engine_id, "acknowledge versions for"));
+  Engine& e = *owned;
   auto mit = models_.find(e.spec.model);
   std::shared_ptr<Sync> sync;
   if (mit != models_.end() && mit->second.busy_sync)
@@ -849,12 +981,12 @@ Status Coordinator::AckVersion(const std::string& engine_id, uint64_t version, b
   return Status::Ok();
 }
 
-void Coordinator::TrainerStreamClosed(uint64_t sync_id, uint32_t rank, bool clean) {
+void Coordinator::TrainerStreamClosed(const Peer& caller, uint64_t sync_id, uint32_t rank, bool clean) {
   TrimGuard trim{this};
   if (clean) return;
   std::lock_guard lk(mu_);
   auto it = syncs_.find(sync_id);
-  if (it == syncs_.end()) return;
+  if (it == syncs_.end() || !caller.Owns(it->second->owner)) return;
   std::shared_ptr<Sync> sync = it->second;
   if (sync->state == SyncState::kStreaming || sync->state == SyncState::kPlanning)
     AbortLocked(*sync, "trainer rank " + std::to_string(rank) + " disconnected");

@@ -38,6 +38,7 @@
 #include "daemon/core/status.h"
 #include "daemon/dataplane/executor.h"
 #include "daemon/mem/memory.h"
+#include "daemon/server/peer.h"
 
 namespace ws::server {
 
@@ -68,6 +69,10 @@ struct CoordinatorOptions {
   // How often the housekeeping thread checks idle syncs and unmaps shm
   // objects whose owners unlinked them (MemoryDomain::TrimStale).
   std::chrono::milliseconds housekeeping_interval{1000};
+  // Per-peer quotas (a peer = one principal, see Peer): engine ranks it has
+  // registered and syncs it has in flight. Refusals name the limit.
+  uint32_t max_engines_per_peer = 4096;
+  uint32_t max_syncs_per_peer = 64;
 };
 
 struct BeginSyncResult {
@@ -141,25 +146,34 @@ class Coordinator {
   // `memory` (one ref per spec.params entry, numel*dtype bytes each), maps every
   // param for the registration's lifetime. Returns the engine id. `sink` must
   // stay valid until UnregisterEngine(id) returns.
-  Result<std::string> RegisterEngine(EngineRankSpec spec, std::vector<MemoryRef> memory, EventSink* sink,
-                                     std::string label = "");
+  //
+  // Every method takes the calling peer. Engines, models and syncs belong to
+  // the principal that created them (a model to the principal of its first
+  // engine); only that principal or an admin peer may act on them. Memory is
+  // mapped for the caller (Peer::ToAccessor), and a parameter's memory may not
+  // overlap any other registered parameter's (of any engine or model) unless
+  // it is the same range declared as a tied copy (EngineParamSpec::tied_to).
+  Result<std::string> RegisterEngine(const Peer& caller, EngineRankSpec spec, std::vector<MemoryRef> memory,
+                                     EventSink* sink, std::string label = "");
   // Drops the registration (and its mappings once no running copy uses them);
   // aborts an in-flight sync of its model.
-  Status UnregisterEngine(const std::string& engine_id);
+  Status UnregisterEngine(const Peer& caller, const std::string& engine_id);
 
   // Plans a sync over every engine rank of manifest.model. Nothing is written.
-  Result<BeginSyncResult> BeginSync(SourceManifest manifest);
+  Result<BeginSyncResult> BeginSync(const Peer& caller, SourceManifest manifest);
   // Maps and validates every shard of one layer, then copies them into the
   // engines (blocking). Any error aborts the sync.
-  Result<LayerResult> PushLayer(uint64_t sync_id, uint32_t rank, const std::string& layer,
+  Result<LayerResult> PushLayer(const Peer& caller, uint64_t sync_id, uint32_t rank, const std::string& layer,
                                 const std::vector<std::pair<std::string, MemoryRef>>& shards);
   // Zero fills, Committed to every engine, waits for every AckVersion.
-  Result<SyncStats> Commit(uint64_t sync_id);
+  Result<SyncStats> Commit(const Peer& caller, uint64_t sync_id);
   // Aborts an in-flight sync; engines hear Aborted with `reason` as given.
-  Status Abort(uint64_t sync_id, const std::string& reason);
-  Status AckVersion(const std::string& engine_id, uint64_t version, bool ok, const std::string& error);
+  Status Abort(const Peer& caller, uint64_t sync_id, const std::string& reason);
+  Status AckVersion(const Peer& caller, const std::string& engine_id, uint64_t version, bool ok,
+                    const std::string& error);
   // A trainer rank's Push stream ended; an unclean end before Commit aborts.
-  void TrainerStreamClosed(uint64_t sync_id, uint32_t rank, bool clean);
+  // Ignored unless `caller` owns the sync.
+  void TrainerStreamClosed(const Peer& caller, uint64_t sync_id, uint32_t rank, bool clean);
   // Aborts every in-flight sync and refuses new registrations and syncs.
   void AbortAll(const std::string& reason,
                 std::chrono::milliseconds drain = std::chrono::milliseconds(0));
@@ -185,6 +199,13 @@ class Coordinator {
   void EmitLocked(const Sync& sync, EngineEvent::Kind kind, const std::string& reason = "");
   SyncStats StatsLocked(const Sync& sync) const;
   Result<std::shared_ptr<Sync>> FindLiveLocked(uint64_t sync_id);
+  // FindLiveLocked, then PermissionDenied unless `caller` owns the sync.
+  Result<std::shared_ptr<Sync>> FindOwnedLocked(const Peer& caller, uint64_t sync_id, const char* action);
+  Result<std::shared_ptr<Engine>> FindOwnedEngineLocked(const Peer& caller, const std::string& engine_id,
+                                                        const char* action);
+  // Refuses memory of `e` that overlaps itself (except declared ties) or any
+  // registered engine's.
+  Status CheckIsolationLocked(const Engine& e, const std::string& who) const;
   Status CheckModelCompatibleLocked(const Model& model, const EngineRankSpec& spec) const;
 
   const std::shared_ptr<const LayoutRegistry> layouts_;
@@ -207,8 +228,10 @@ class Coordinator {
   uint64_t next_sync_id_;
   std::map<std::string, std::shared_ptr<Engine>> engines_;
   std::map<std::string, Model> models_;
+  std::map<std::string, uint32_t> engines_by_owner_;  // principal -> registered engine ranks
   std::map<uint64_t, std::shared_ptr<Sync>> syncs_;    // in flight (incl. aborted, draining)
   std::map<uint64_t, SyncStats> finished_;             // the most recent ones, for messages
+  std::map<uint64_t, std::string> finished_owner_;     // their owners
   std::optional<SyncStats> last_sync_;
   uint64_t syncs_committed_ = 0;
   uint64_t syncs_aborted_ = 0;

@@ -50,7 +50,7 @@ Status PrepareUnixSocket(const std::string& path) {
 }
 
 Server::Server(Coordinator* coordinator, ServerOptions opts)
-    : coord_(coordinator), opts_(std::move(opts)), service_(coordinator) {}
+    : coord_(coordinator), opts_(std::move(opts)), auth_(opts_.auth), service_(coordinator, &auth_) {}
 
 Server::~Server() { Stop(std::chrono::milliseconds(0)); }
 

@@ -21,6 +21,7 @@ namespace ws::server {
 struct ServerOptions {
   std::vector<std::string> listen = {"unix:/tmp/weightsync.sock"};  // unix:/path or host:port
   int max_message_bytes = 512 << 20;  // largest request (BeginSync carries the whole manifest)
+  AuthOptions auth;
 };
 
 // For "unix:/p", "unix:///p", "unix:p" returns the socket path; "" otherwise.
@@ -46,6 +47,7 @@ class Server {
  private:
   Coordinator* const coord_;
   const ServerOptions opts_;
+  Authenticator auth_;
   WeightSyncService service_;
   std::unique_ptr<grpc::Server> server_;
   std::vector<std::string> bound_;

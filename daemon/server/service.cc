@@ -60,7 +60,8 @@ class WeightSyncService::EventQueue final : public EventSink {
   grpc::Status why_;
 };
 
-WeightSyncService::WeightSyncService(Coordinator* coordinator) : coord_(coordinator) {}
+WeightSyncService::WeightSyncService(Coordinator* coordinator, const Authenticator* auth)
+    : coord_(coordinator), auth_(auth) {}
 WeightSyncService::~WeightSyncService() = default;
 
 void WeightSyncService::BeginShutdown() {
@@ -71,11 +72,13 @@ void WeightSyncService::BeginShutdown() {
 
 grpc::Status WeightSyncService::RegisterEngine(grpc::ServerContext* ctx, const pb::RegisterEngineRequest* req,
                                                grpc::ServerWriter<pb::EngineEvent>* writer) {
+  auto peer = auth_->Identify(ctx);
+  if (!peer.ok()) return Failed("RegisterEngine", peer.status());
   if (stopping_) return Failed("RegisterEngine", Unavailable("the daemon is shutting down"));
   auto reg = FromProto(*req);
   if (!reg.ok()) return Failed("RegisterEngine", reg.status());
   auto q = std::make_shared<EventQueue>();
-  auto id = coord_->RegisterEngine(std::move(reg->spec), std::move(reg->memory), q.get(), reg->label);
+  auto id = coord_->RegisterEngine(*peer, std::move(reg->spec), std::move(reg->memory), q.get(), reg->label);
   if (!id.ok()) {
     spdlog::warn("engine registration refused ({}): {}", ctx->peer(), id.status().ToString());
     return ToGrpc(id.status());
@@ -101,32 +104,38 @@ grpc::Status WeightSyncService::RegisterEngine(grpc::ServerContext* ctx, const p
     std::lock_guard lk(mu_);
     streams_.erase(*id);
   }
-  Status st = coord_->UnregisterEngine(*id);  // NotFound after an explicit UnregisterEngine
+  Status st = coord_->UnregisterEngine(*peer, *id);  // NotFound after an explicit UnregisterEngine
   if (!st.ok() && st.code() != Code::kNotFound) spdlog::warn("unregistering {}: {}", *id, st.ToString());
   if (!alive) return grpc::Status(grpc::StatusCode::CANCELLED, "engine stream closed");
   return q->why();
 }
 
-grpc::Status WeightSyncService::AckVersion(grpc::ServerContext*, const pb::AckVersionRequest* req,
+grpc::Status WeightSyncService::AckVersion(grpc::ServerContext* ctx, const pb::AckVersionRequest* req,
                                            pb::AckVersionResponse*) {
-  Status st = coord_->AckVersion(req->engine_id(), req->version(), req->ok(), req->error());
+  auto peer = auth_->Identify(ctx);
+  if (!peer.ok()) return Failed("AckVersion", peer.status());
+  Status st = coord_->AckVersion(*peer, req->engine_id(), req->version(), req->ok(), req->error());
   return st.ok() ? grpc::Status::OK : Failed("AckVersion", st);
 }
 
-grpc::Status WeightSyncService::UnregisterEngine(grpc::ServerContext*, const pb::UnregisterEngineRequest* req,
+grpc::Status WeightSyncService::UnregisterEngine(grpc::ServerContext* ctx, const pb::UnregisterEngineRequest* req,
                                                  pb::UnregisterEngineResponse*) {
-  Status st = coord_->UnregisterEngine(req->engine_id());
+  auto peer = auth_->Identify(ctx);
+  if (!peer.ok()) return Failed("UnregisterEngine", peer.status());
+  Status st = coord_->UnregisterEngine(*peer, req->engine_id());
   if (!st.ok()) return Failed("UnregisterEngine", st);
   std::lock_guard lk(mu_);
   if (auto it = streams_.find(req->engine_id()); it != streams_.end()) it->second->Close(grpc::Status::OK);
   return grpc::Status::OK;
 }
 
-grpc::Status WeightSyncService::BeginSync(grpc::ServerContext*, const pb::BeginSyncRequest* req,
+grpc::Status WeightSyncService::BeginSync(grpc::ServerContext* ctx, const pb::BeginSyncRequest* req,
                                           pb::BeginSyncResponse* resp) {
+  auto peer = auth_->Identify(ctx);
+  if (!peer.ok()) return Failed("BeginSync", peer.status());
   auto manifest = FromProto(*req);
   if (!manifest.ok()) return Failed("BeginSync", manifest.status());
-  auto r = coord_->BeginSync(std::move(manifest).value());
+  auto r = coord_->BeginSync(*peer, std::move(manifest).value());
   if (!r.ok()) return Failed("BeginSync", r.status());
   resp->set_sync_id(r->sync_id);
   resp->set_engines(r->engines);
@@ -137,6 +146,8 @@ grpc::Status WeightSyncService::BeginSync(grpc::ServerContext*, const pb::BeginS
 
 grpc::Status WeightSyncService::Push(grpc::ServerContext* ctx,
                                      grpc::ServerReaderWriter<pb::LayerAck, pb::LayerData>* stream) {
+  auto peer = auth_->Identify(ctx);
+  if (!peer.ok()) return Failed("Push", peer.status());
   pb::LayerData msg;
   uint64_t sync_id = 0;
   uint32_t rank = 0;
@@ -150,45 +161,51 @@ grpc::Status WeightSyncService::Push(grpc::ServerContext* ctx,
       Status st = InvalidArgument("Push stream of sync " + std::to_string(sync_id) + " rank " + std::to_string(rank) +
                                   " received layer \"" + msg.layer() + "\" for sync " +
                                   std::to_string(msg.sync_id()) + " rank " + std::to_string(msg.rank()));
-      (void)coord_->Abort(sync_id, st.message());
+      (void)coord_->Abort(*peer, sync_id, st.message());
       return Failed("Push", st);
     }
     auto shards = FromProto(msg);
     if (!shards.ok()) {
       Status st = shards.status().WithContext("sync " + std::to_string(sync_id) + " rank " + std::to_string(rank));
-      (void)coord_->Abort(sync_id, st.message());
+      (void)coord_->Abort(*peer, sync_id, st.message());
       return Failed("Push", st);
     }
-    auto r = coord_->PushLayer(sync_id, rank, msg.layer(), *shards);
+    auto r = coord_->PushLayer(*peer, sync_id, rank, msg.layer(), *shards);
     if (!r.ok()) return Failed("Push", r.status());
     pb::LayerAck ack;
     ack.set_layer(r->layer);
     ack.set_bytes_written(r->bytes_written);
     ack.set_seconds(r->seconds);
     if (!stream->Write(ack)) {
-      coord_->TrainerStreamClosed(sync_id, rank, /*clean=*/false);
+      coord_->TrainerStreamClosed(*peer, sync_id, rank, /*clean=*/false);
       return grpc::Status(grpc::StatusCode::CANCELLED, "trainer stream closed");
     }
   }
   bool clean = !ctx->IsCancelled();
-  if (sync_id != 0) coord_->TrainerStreamClosed(sync_id, rank, clean);
+  if (sync_id != 0) coord_->TrainerStreamClosed(*peer, sync_id, rank, clean);
   return clean ? grpc::Status::OK : grpc::Status(grpc::StatusCode::CANCELLED, "trainer stream cancelled");
 }
 
-grpc::Status WeightSyncService::Commit(grpc::ServerContext*, const pb::CommitRequest* req, pb::CommitResponse* resp) {
-  auto r = coord_->Commit(req->sync_id());
+grpc::Status WeightSyncService::Commit(grpc::ServerContext* ctx, const pb::CommitRequest* req, pb::CommitResponse* resp) {
+  auto peer = auth_->Identify(ctx);
+  if (!peer.ok()) return Failed("Commit", peer.status());
+  auto r = coord_->Commit(*peer, req->sync_id());
   if (!r.ok()) return Failed("Commit", r.status());
   ToProto(*r, resp->mutable_stats());
   return grpc::Status::OK;
 }
 
-grpc::Status WeightSyncService::Abort(grpc::ServerContext*, const pb::AbortRequest* req, pb::AbortResponse*) {
+grpc::Status WeightSyncService::Abort(grpc::ServerContext* ctx, const pb::AbortRequest* req, pb::AbortResponse*) {
+  auto peer = auth_->Identify(ctx);
+  if (!peer.ok()) return Failed("Abort", peer.status());
   std::string reason = "aborted by the trainer: " + (req->reason().empty() ? std::string("no reason given") : req->reason());
-  Status st = coord_->Abort(req->sync_id(), reason);
+  Status st = coord_->Abort(*peer, req->sync_id(), reason);
   return st.ok() ? grpc::Status::OK : Failed("Abort", st);
 }
 
-grpc::Status WeightSyncService::GetStatus(grpc::ServerContext*, const pb::StatusRequest*, pb::StatusResponse* resp) {
+grpc::Status WeightSyncService::GetStatus(grpc::ServerContext* ctx, const pb::StatusRequest*, pb::StatusResponse* resp) {
+  auto peer = auth_->Identify(ctx);
+  if (!peer.ok()) return Failed("GetStatus", peer.status());
   ToProto(coord_->GetStatus(), resp);
   resp->set_daemon_version(WS_VERSION);
   return grpc::Status::OK;

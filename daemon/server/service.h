@@ -12,6 +12,7 @@
 #include <mutex>
 #include <string>
 
+#include "daemon/server/auth.h"
 #include "daemon/server/coordinator.h"
 #include "weightsync/v1/weightsync.grpc.pb.h"
 
@@ -19,7 +20,8 @@ namespace ws::server {
 
 class WeightSyncService final : public ::weightsync::v1::WeightSync::Service {
  public:
-  explicit WeightSyncService(Coordinator* coordinator);
+  // `auth` identifies the caller of every RPC; both must outlive the service.
+  WeightSyncService(Coordinator* coordinator, const Authenticator* auth);
   ~WeightSyncService() override;
 
   // Ends every engine event stream once its queued events (e.g. the Aborted
@@ -47,6 +49,7 @@ class WeightSyncService final : public ::weightsync::v1::WeightSync::Service {
   class EventQueue;
 
   Coordinator* const coord_;
+  const Authenticator* const auth_;
   std::atomic<bool> stopping_{false};
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<EventQueue>> streams_;  // engine id -> its open stream

@@ -146,7 +146,7 @@ class CoordinatorTest : public ::testing::Test {
     EngineHandle h;
     std::vector<MemoryRef> mem;
     EngineRankSpec spec = Spec(replica, tp, &mem, &h);
-    auto id = coord_->RegisterEngine(spec, mem, h.sink.get(), "test:" + std::to_string(tp));
+    auto id = coord_->RegisterEngine(Self(), spec, mem, h.sink.get(), "test:" + std::to_string(tp));
     EXPECT_TRUE(id.ok()) << id.status().ToString();
     if (id.ok()) h.id = *id;
     sinks_.push_back(h.sink);  // a sink must outlive its registration
@@ -188,7 +188,7 @@ class CoordinatorTest : public ::testing::Test {
   void PushAll(uint64_t sync_id) {
     for (uint32_t r = 0; r < W_; ++r)
       for (const auto& l : Layers()) {
-        auto res = coord_->PushLayer(sync_id, r, l, Layer(r, l));
+        auto res = coord_->PushLayer(Self(), sync_id, r, l, Layer(r, l));
         ASSERT_TRUE(res.ok()) << res.status().ToString();
         EXPECT_EQ(res->layer, l);
       }
@@ -196,10 +196,10 @@ class CoordinatorTest : public ::testing::Test {
 
   // Commit on another thread; ack from every engine once it hears Committed.
   Result<SyncStats> CommitAcked(uint64_t sync_id, std::vector<EngineHandle>& engines, const std::string& fail_id = "") {
-    auto fut = std::async(std::launch::async, [&] { return coord_->Commit(sync_id); });
+    auto fut = std::async(std::launch::async, [&] { return coord_->Commit(Self(), sync_id); });
     for (auto& e : engines) {
       if (!e.sink->WaitFor(Kind::kCommitted, sync_id, std::chrono::seconds(5))) break;
-      Status st = coord_->AckVersion(e.id, e.sink->events().back().version, e.id != fail_id,
+      Status st = coord_->AckVersion(Self(), e.id, e.sink->events().back().version, e.id != fail_id,
                                      e.id == fail_id ? "out of memory applying weights" : "");
       EXPECT_TRUE(st.ok()) << st.ToString();
     }
@@ -248,7 +248,7 @@ class CoordinatorTest : public ::testing::Test {
 
 TEST_F(CoordinatorTest, FullSyncWritesVllmLayout) {
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest(7));
+  auto b = coord_->BeginSync(Self(), Manifest(7));
   ASSERT_TRUE(b.ok()) << b.status().ToString();
   EXPECT_EQ(b->engines, 2u);
   EXPECT_GT(b->copy_ops, 0u);
@@ -284,7 +284,7 @@ TEST_F(CoordinatorTest, FullSyncWritesVllmLayout) {
   EXPECT_TRUE(s.current_syncs.empty());
 
   // The next version reuses the registrations.
-  auto b2 = coord_->BeginSync(Manifest(8));
+  auto b2 = coord_->BeginSync(Self(), Manifest(8));
   ASSERT_TRUE(b2.ok()) << b2.status().ToString();
   PushAll(b2->sync_id);
   ASSERT_TRUE(CommitAcked(b2->sync_id, engines).ok());
@@ -294,7 +294,7 @@ TEST_F(CoordinatorTest, FullSyncWritesVllmLayout) {
 TEST_F(CoordinatorTest, TwoReplicasAndTp1) {
   Init(/*T=*/1, /*W=*/3);
   auto engines = RegisterAll(/*replicas=*/2);
-  auto b = coord_->BeginSync(Manifest());
+  auto b = coord_->BeginSync(Self(), Manifest());
   ASSERT_TRUE(b.ok()) << b.status().ToString();
   EXPECT_EQ(b->engines, 2u);
   PushAll(b->sync_id);
@@ -311,7 +311,7 @@ TEST_F(CoordinatorTest, BadManifestNamesTensorAndWritesNothing) {
   SourceTensor extra = m.tensors[0];
   extra.name = "bogus.weight";
   m.tensors.push_back(extra);
-  auto b = coord_->BeginSync(m);
+  auto b = coord_->BeginSync(Self(), m);
   ASSERT_FALSE(b.ok());
   EXPECT_ERR(b.status(), "bogus.weight");
   EXPECT_ERR(b.status(), "layers.0.q.weight");
@@ -321,18 +321,18 @@ TEST_F(CoordinatorTest, BadManifestNamesTensorAndWritesNothing) {
   }
   EXPECT_EQ(domain_->map_calls(), maps_before);  // no trainer memory was even mapped
   // The model is free again: a good manifest begins.
-  auto ok = coord_->BeginSync(Manifest());
+  auto ok = coord_->BeginSync(Self(), Manifest());
   EXPECT_TRUE(ok.ok()) << ok.status().ToString();
 }
 
 TEST_F(CoordinatorTest, BadMemoryRefInFirstLayerAbortsBeforeAnyByteMoves) {
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest(3));
+  auto b = coord_->BeginSync(Self(), Manifest(3));
   ASSERT_TRUE(b.ok()) << b.status().ToString();
   auto layer = Layer(0, "layers.0");
   ASSERT_GE(layer.size(), 2u);
   layer.back().second.name = "/no-such-object";  // the last shard of the layer is bad
-  auto r = coord_->PushLayer(b->sync_id, 0, "layers.0", layer);
+  auto r = coord_->PushLayer(Self(), b->sync_id, 0, "layers.0", layer);
   ASSERT_FALSE(r.ok());
   EXPECT_ERR(r.status(), layer.back().first);
   EXPECT_ERR(r.status(), "/no-such-object");
@@ -344,10 +344,10 @@ TEST_F(CoordinatorTest, BadMemoryRefInFirstLayerAbortsBeforeAnyByteMoves) {
     EXPECT_TRUE(Has(e.sink->last_reason(), layer.back().first)) << e.sink->last_reason();
   }
   // Later pushes and Commit hear that the sync was aborted.
-  auto again = coord_->PushLayer(b->sync_id, 1, "embed", Layer(1, "embed"));
+  auto again = coord_->PushLayer(Self(), b->sync_id, 1, "embed", Layer(1, "embed"));
   EXPECT_EQ(again.status().code(), Code::kAborted);
   EXPECT_ERR(again.status(), "was aborted");
-  EXPECT_EQ(coord_->Commit(b->sync_id).status().code(), Code::kAborted);
+  EXPECT_EQ(coord_->Commit(Self(), b->sync_id).status().code(), Code::kAborted);
   StatusSnapshot s = coord_->GetStatus();
   EXPECT_EQ(s.syncs_aborted, 1u);
   ASSERT_TRUE(s.last_sync.has_value());
@@ -357,19 +357,19 @@ TEST_F(CoordinatorTest, BadMemoryRefInFirstLayerAbortsBeforeAnyByteMoves) {
 
 TEST_F(CoordinatorTest, OutOfRangeAndWrongLengthRefsAbort) {
   RegisterAll();
-  auto b = coord_->BeginSync(Manifest());
+  auto b = coord_->BeginSync(Self(), Manifest());
   ASSERT_TRUE(b.ok());
   auto layer = Layer(0, "embed");
   layer[0].second.offset = 1u << 20;  // past the end of the trainer buffer
-  auto r = coord_->PushLayer(b->sync_id, 0, "embed", layer);
+  auto r = coord_->PushLayer(Self(), b->sync_id, 0, "embed", layer);
   EXPECT_EQ(r.status().code(), Code::kOutOfRange) << r.status().ToString();
   EXPECT_ERR(r.status(), "embed.weight (rank 0)");
 
-  auto b2 = coord_->BeginSync(Manifest());
+  auto b2 = coord_->BeginSync(Self(), Manifest());
   ASSERT_TRUE(b2.ok()) << b2.status().ToString();
   layer = Layer(1, "layers.1");
   layer[0].second.length -= 4;
-  r = coord_->PushLayer(b2->sync_id, 1, "layers.1", layer);
+  r = coord_->PushLayer(Self(), b2->sync_id, 1, "layers.1", layer);
   EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
   EXPECT_ERR(r.status(), layer[0].first + " (rank 1): memory length");
 }
@@ -393,37 +393,37 @@ TEST_F(CoordinatorTest, PushErrorsNameTheTensor) {
       {[&] { return Layer(0, "embed"); }, 5, "rank is not below world_size 2"},
   };
   for (const auto& c : cases) {
-    auto b = coord_->BeginSync(Manifest());
+    auto b = coord_->BeginSync(Self(), Manifest());
     ASSERT_TRUE(b.ok()) << b.status().ToString();
-    auto r = coord_->PushLayer(b->sync_id, c.rank, "L", c.layer());
+    auto r = coord_->PushLayer(Self(), b->sync_id, c.rank, "L", c.layer());
     ASSERT_FALSE(r.ok());
     EXPECT_ERR(r.status(), c.needle);
     EXPECT_EQ(coord_->GetStatus().current_syncs.size(), 0u) << "the sync must be aborted";
   }
   // A shard pushed twice in separate layers.
-  auto b = coord_->BeginSync(Manifest());
+  auto b = coord_->BeginSync(Self(), Manifest());
   ASSERT_TRUE(b.ok());
-  ASSERT_TRUE(coord_->PushLayer(b->sync_id, 0, "embed", Layer(0, "embed")).ok());
-  auto r = coord_->PushLayer(b->sync_id, 0, "embed-again", Layer(0, "embed"));
+  ASSERT_TRUE(coord_->PushLayer(Self(), b->sync_id, 0, "embed", Layer(0, "embed")).ok());
+  auto r = coord_->PushLayer(Self(), b->sync_id, 0, "embed-again", Layer(0, "embed"));
   EXPECT_ERR(r.status(), "embed.weight (rank 0) was already received");
 }
 
 TEST_F(CoordinatorTest, NoShardForRank) {
   Init(/*T=*/2, /*W=*/4);  // norm weights have 4 rows: every rank has one; embed (6 rows) leaves rank 3 empty
   RegisterAll();
-  auto b = coord_->BeginSync(Manifest());
+  auto b = coord_->BeginSync(Self(), Manifest());
   ASSERT_TRUE(b.ok()) << b.status().ToString();
-  auto r = coord_->PushLayer(b->sync_id, 3, "embed", {{"embed.weight", ShardRef(2, "embed.weight")}});
+  auto r = coord_->PushLayer(Self(), b->sync_id, 3, "embed", {{"embed.weight", ShardRef(2, "embed.weight")}});
   EXPECT_ERR(r.status(), "tensor embed.weight has no shard for rank 3");
 }
 
 TEST_F(CoordinatorTest, CommitListsMissingShards) {
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest());
+  auto b = coord_->BeginSync(Self(), Manifest());
   ASSERT_TRUE(b.ok());
-  for (const auto& l : Layers()) ASSERT_TRUE(coord_->PushLayer(b->sync_id, 0, l, Layer(0, l)).ok());
-  ASSERT_TRUE(coord_->PushLayer(b->sync_id, 1, "embed", Layer(1, "embed")).ok());
-  auto c = coord_->Commit(b->sync_id);
+  for (const auto& l : Layers()) ASSERT_TRUE(coord_->PushLayer(Self(), b->sync_id, 0, l, Layer(0, l)).ok());
+  ASSERT_TRUE(coord_->PushLayer(Self(), b->sync_id, 1, "embed", Layer(1, "embed")).ok());
+  auto c = coord_->Commit(Self(), b->sync_id);
   EXPECT_EQ(c.status().code(), Code::kFailedPrecondition);
   EXPECT_ERR(c.status(), "layers.0.q.weight (rank 1)");
   EXPECT_ERR(c.status(), "layers.1.norm.weight (rank 1)");
@@ -433,49 +433,49 @@ TEST_F(CoordinatorTest, CommitListsMissingShards) {
 
 TEST_F(CoordinatorTest, TrainerDisconnectAborts) {
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest());
+  auto b = coord_->BeginSync(Self(), Manifest());
   ASSERT_TRUE(b.ok());
-  ASSERT_TRUE(coord_->PushLayer(b->sync_id, 0, "embed", Layer(0, "embed")).ok());
-  coord_->TrainerStreamClosed(b->sync_id, 0, /*clean=*/true);  // a finished rank: fine
+  ASSERT_TRUE(coord_->PushLayer(Self(), b->sync_id, 0, "embed", Layer(0, "embed")).ok());
+  coord_->TrainerStreamClosed(Self(), b->sync_id, 0, /*clean=*/true);  // a finished rank: fine
   EXPECT_EQ(coord_->GetStatus().current_syncs.size(), 1u);
-  coord_->TrainerStreamClosed(b->sync_id, 1, /*clean=*/false);
+  coord_->TrainerStreamClosed(Self(), b->sync_id, 1, /*clean=*/false);
   for (auto& e : engines) {
     EXPECT_EQ(e.sink->kinds(), "SA");
     EXPECT_EQ(e.sink->last_reason(), "trainer rank 1 disconnected");
   }
-  EXPECT_EQ(coord_->Commit(b->sync_id).status().code(), Code::kAborted);
+  EXPECT_EQ(coord_->Commit(Self(), b->sync_id).status().code(), Code::kAborted);
 }
 
 TEST_F(CoordinatorTest, AckTimeoutAborts) {
   Init(2, 2, std::chrono::milliseconds(200));
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest(4));
+  auto b = coord_->BeginSync(Self(), Manifest(4));
   ASSERT_TRUE(b.ok());
   PushAll(b->sync_id);
-  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(b->sync_id); });
+  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(Self(), b->sync_id); });
   ASSERT_TRUE(engines[0].sink->WaitFor(Kind::kCommitted));
-  ASSERT_TRUE(coord_->AckVersion(engines[0].id, 4, true, "").ok());  // only engine 0 acks
+  ASSERT_TRUE(coord_->AckVersion(Self(), engines[0].id, 4, true, "").ok());  // only engine 0 acks
   auto c = fut.get();
   EXPECT_EQ(c.status().code(), Code::kDeadlineExceeded);
   EXPECT_ERR(c.status(), engines[1].id);
   EXPECT_FALSE(Has(c.status().message(), engines[0].id + " ")) << c.status().ToString();
   for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "SCA");
   // A late ack is refused, harmlessly.
-  EXPECT_EQ(coord_->AckVersion(engines[1].id, 4, true, "").code(), Code::kFailedPrecondition);
+  EXPECT_EQ(coord_->AckVersion(Self(), engines[1].id, 4, true, "").code(), Code::kFailedPrecondition);
   EXPECT_EQ(coord_->GetStatus().models[0].committed_version, 0u);
 }
 
 TEST_F(CoordinatorTest, EngineLeavingAfterItsAckDoesNotAbortTheCommit) {
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest(6));
+  auto b = coord_->BeginSync(Self(), Manifest(6));
   ASSERT_TRUE(b.ok());
   PushAll(b->sync_id);
-  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(b->sync_id); });
+  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(Self(), b->sync_id); });
   ASSERT_TRUE(engines[0].sink->WaitFor(Kind::kCommitted));
-  ASSERT_TRUE(coord_->AckVersion(engines[0].id, 6, true, "").ok());
-  ASSERT_TRUE(coord_->UnregisterEngine(engines[0].id).ok());  // applied, then left
+  ASSERT_TRUE(coord_->AckVersion(Self(), engines[0].id, 6, true, "").ok());
+  ASSERT_TRUE(coord_->UnregisterEngine(Self(), engines[0].id).ok());  // applied, then left
   ASSERT_TRUE(engines[1].sink->WaitFor(Kind::kCommitted));
-  ASSERT_TRUE(coord_->AckVersion(engines[1].id, 6, true, "").ok());
+  ASSERT_TRUE(coord_->AckVersion(Self(), engines[1].id, 6, true, "").ok());
   auto c = fut.get();
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(engines[1].sink->kinds(), "SC");
@@ -483,12 +483,12 @@ TEST_F(CoordinatorTest, EngineLeavingAfterItsAckDoesNotAbortTheCommit) {
 
 TEST_F(CoordinatorTest, EngineLeavingBeforeItsAckAbortsTheCommit) {
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest(7));
+  auto b = coord_->BeginSync(Self(), Manifest(7));
   ASSERT_TRUE(b.ok());
   PushAll(b->sync_id);
-  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(b->sync_id); });
+  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(Self(), b->sync_id); });
   ASSERT_TRUE(engines[0].sink->WaitFor(Kind::kCommitted));
-  ASSERT_TRUE(coord_->UnregisterEngine(engines[0].id).ok());  // left without applying
+  ASSERT_TRUE(coord_->UnregisterEngine(Self(), engines[0].id).ok());  // left without applying
   auto c = fut.get();
   EXPECT_EQ(c.status().code(), Code::kAborted);
   EXPECT_ERR(c.status(), "unregistered");
@@ -497,11 +497,11 @@ TEST_F(CoordinatorTest, EngineLeavingBeforeItsAckAbortsTheCommit) {
 TEST_F(CoordinatorTest, IdleSyncIsAbortedAndFreesTheModel) {
   Init(2, 2, std::chrono::seconds(10), std::chrono::milliseconds(200));
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest(8));  // the trainer then dies before its first layer
+  auto b = coord_->BeginSync(Self(), Manifest(8));  // the trainer then dies before its first layer
   ASSERT_TRUE(b.ok());
   for (auto& e : engines) ASSERT_TRUE(e.sink->WaitFor(Kind::kAborted, b->sync_id, std::chrono::seconds(5)));
-  EXPECT_ERR(coord_->Commit(b->sync_id).status(), "no trainer activity");
-  auto again = coord_->BeginSync(Manifest(9));  // the model is free again
+  EXPECT_ERR(coord_->Commit(Self(), b->sync_id).status(), "no trainer activity");
+  auto again = coord_->BeginSync(Self(), Manifest(9));  // the model is free again
   ASSERT_TRUE(again.ok()) << again.status().ToString();
   PushAll(again->sync_id);
   auto c = CommitAcked(again->sync_id, engines);
@@ -510,7 +510,7 @@ TEST_F(CoordinatorTest, IdleSyncIsAbortedAndFreesTheModel) {
 
 TEST_F(CoordinatorTest, FailedAckAbortsWithEngineError) {
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest(5));
+  auto b = coord_->BeginSync(Self(), Manifest(5));
   ASSERT_TRUE(b.ok());
   PushAll(b->sync_id);
   auto c = CommitAcked(b->sync_id, engines, /*fail_id=*/engines[1].id);
@@ -522,30 +522,30 @@ TEST_F(CoordinatorTest, FailedAckAbortsWithEngineError) {
 
 TEST_F(CoordinatorTest, OneSyncPerModel) {
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest(1));
+  auto b = coord_->BeginSync(Self(), Manifest(1));
   ASSERT_TRUE(b.ok());
-  auto b2 = coord_->BeginSync(Manifest(2));
+  auto b2 = coord_->BeginSync(Self(), Manifest(2));
   EXPECT_EQ(b2.status().code(), Code::kFailedPrecondition);
   EXPECT_ERR(b2.status(), "one sync per model");
   // A new engine rank of the model cannot join mid-sync.
   EngineHandle h;
   std::vector<MemoryRef> mem;
   auto spec = Spec(1, 0, &mem, &h);
-  auto r = coord_->RegisterEngine(spec, mem, h.sink.get());
+  auto r = coord_->RegisterEngine(Self(), spec, mem, h.sink.get());
   EXPECT_EQ(r.status().code(), Code::kFailedPrecondition);
   EXPECT_ERR(r.status(), "in flight");
-  ASSERT_TRUE(coord_->Abort(b->sync_id, "trainer restarts").ok());
+  ASSERT_TRUE(coord_->Abort(Self(), b->sync_id, "trainer restarts").ok());
   for (auto& e : engines) EXPECT_EQ(e.sink->last_reason(), "trainer restarts");
-  EXPECT_EQ(coord_->Abort(b->sync_id, "again").code(), Code::kAborted);
-  EXPECT_EQ(coord_->Abort(12345, "x").code(), Code::kNotFound);
-  EXPECT_TRUE(coord_->BeginSync(Manifest(2)).ok());
+  EXPECT_EQ(coord_->Abort(Self(), b->sync_id, "again").code(), Code::kAborted);
+  EXPECT_EQ(coord_->Abort(Self(), 12345, "x").code(), Code::kNotFound);
+  EXPECT_TRUE(coord_->BeginSync(Self(), Manifest(2)).ok());
 }
 
 TEST_F(CoordinatorTest, BeginSyncNeedsEveryTpRank) {
-  EXPECT_ERR(coord_->BeginSync(Manifest()).status(), "no engines registered for model toy");
+  EXPECT_ERR(coord_->BeginSync(Self(), Manifest()).status(), "no engines registered for model toy");
   Register(0, 0);
   Register(1, 1);
-  auto b = coord_->BeginSync(Manifest());
+  auto b = coord_->BeginSync(Self(), Manifest());
   EXPECT_EQ(b.status().code(), Code::kFailedPrecondition);
   EXPECT_ERR(b.status(), "replica 0 is missing tp ranks 1 (tp_size 2)");
   EXPECT_ERR(b.status(), "replica 1 is missing tp ranks 0 (tp_size 2)");
@@ -559,7 +559,7 @@ TEST_F(CoordinatorTest, RegistrationErrors) {
     std::vector<MemoryRef> mem;
     EngineRankSpec spec = Spec(replica, tp, &mem, &h);
     edit(spec, mem);
-    return coord_->RegisterEngine(spec, mem, h.sink.get()).status();
+    return coord_->RegisterEngine(Self(), spec, mem, h.sink.get()).status();
   };
   auto nop = [](EngineRankSpec&, std::vector<MemoryRef>&) {};
   Status s = try_reg(nop, 0, 0);
@@ -598,7 +598,7 @@ TEST_F(CoordinatorTest, RegistrationErrors) {
     EngineHandle h;
     std::vector<MemoryRef> mem;
     EngineRankSpec spec = Spec(1, 0, &mem, &h, /*tp_size=*/1);
-    s = coord_->RegisterEngine(spec, mem, h.sink.get()).status();
+    s = coord_->RegisterEngine(Self(), spec, mem, h.sink.get()).status();
     EXPECT_ERR(s, "tp_size 1 but the model's other engines use tp_size 2");
   }
   {
@@ -606,7 +606,7 @@ TEST_F(CoordinatorTest, RegistrationErrors) {
     std::vector<MemoryRef> mem;
     EngineRankSpec spec = Spec(0, 1, &mem, &h);
     domain_->Add(h.buffer, domain_->Get(h.buffer)->bytes.size(), /*writable=*/false);
-    s = coord_->RegisterEngine(spec, mem, h.sink.get()).status();
+    s = coord_->RegisterEngine(Self(), spec, mem, h.sink.get()).status();
     EXPECT_ERR(s, "param embed.weight: memory");
     EXPECT_ERR(s, "not writable");
   }
@@ -632,7 +632,7 @@ TEST_F(CoordinatorTest, ExplicitMappingCoversUnknownArchitecture) {
   MemoryRef ref;
   ref.name = h.buffer;
   ref.length = 64;
-  auto id = coord_->RegisterEngine(spec, {ref}, h.sink.get());
+  auto id = coord_->RegisterEngine(Self(), spec, {ref}, h.sink.get());
   ASSERT_TRUE(id.ok()) << id.status().ToString();
   h.id = *id;
 
@@ -645,12 +645,12 @@ TEST_F(CoordinatorTest, ExplicitMappingCoversUnknownArchitecture) {
   m.version = 1;
   m.world_size = 1;
   m.tensors.push_back(SourceTensor{"w_src", {4, 4}, DType::kF32, {ShardSpec{0, 0, 0, 4}}});
-  auto b = coord_->BeginSync(m);
+  auto b = coord_->BeginSync(Self(), m);
   ASSERT_TRUE(b.ok()) << b.status().ToString();
   MemoryRef sref;
   sref.name = "/custom-trainer";
   sref.length = 64;
-  ASSERT_TRUE(coord_->PushLayer(b->sync_id, 0, "all", {{"w_src", sref}}).ok());
+  ASSERT_TRUE(coord_->PushLayer(Self(), b->sync_id, 0, "all", {{"w_src", sref}}).ok());
   std::vector<EngineHandle> engines{h};
   ASSERT_TRUE(CommitAcked(b->sync_id, engines).ok());
   const float* out = reinterpret_cast<const float*>(buf->bytes.data());
@@ -660,81 +660,81 @@ TEST_F(CoordinatorTest, ExplicitMappingCoversUnknownArchitecture) {
 
 TEST_F(CoordinatorTest, UnregisterAbortsInFlightSync) {
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest());
+  auto b = coord_->BeginSync(Self(), Manifest());
   ASSERT_TRUE(b.ok());
-  ASSERT_TRUE(coord_->UnregisterEngine(engines[1].id).ok());
+  ASSERT_TRUE(coord_->UnregisterEngine(Self(), engines[1].id).ok());
   EXPECT_EQ(engines[0].sink->kinds(), "SA");
   EXPECT_ERR(Status(Code::kAborted, engines[0].sink->last_reason()), engines[1].id + " (toy replica 0 tp_rank 1");
   EXPECT_ERR(Status(Code::kAborted, engines[0].sink->last_reason()), "unregistered");
   EXPECT_EQ(engines[1].sink->kinds(), "S");  // a departed engine hears nothing more
-  EXPECT_EQ(coord_->UnregisterEngine(engines[1].id).code(), Code::kNotFound);
+  EXPECT_EQ(coord_->UnregisterEngine(Self(), engines[1].id).code(), Code::kNotFound);
   EXPECT_GE(domain_->trims(), 1);
   // It can come back; the model then syncs again.
   engines[1] = Register(0, 1);
-  auto b2 = coord_->BeginSync(Manifest());
+  auto b2 = coord_->BeginSync(Self(), Manifest());
   ASSERT_TRUE(b2.ok()) << b2.status().ToString();
   PushAll(b2->sync_id);
   ASSERT_TRUE(CommitAcked(b2->sync_id, engines).ok());
   // The last engine leaving forgets the model (a re-registration may change TP).
-  for (auto& e : engines) ASSERT_TRUE(coord_->UnregisterEngine(e.id).ok());
+  for (auto& e : engines) ASSERT_TRUE(coord_->UnregisterEngine(Self(), e.id).ok());
   EXPECT_TRUE(coord_->GetStatus().models.empty());
 }
 
 TEST_F(CoordinatorTest, AbortWaitsForRunningCopyBeforeTellingEngines) {
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest());
+  auto b = coord_->BeginSync(Self(), Manifest());
   ASSERT_TRUE(b.ok());
   exec_->Hold();
   auto push = std::async(std::launch::async,
-                         [&] { return coord_->PushLayer(b->sync_id, 0, "embed", Layer(0, "embed")); });
+                         [&] { return coord_->PushLayer(Self(), b->sync_id, 0, "embed", Layer(0, "embed")); });
   ASSERT_TRUE(exec_->WaitInRun());
-  ASSERT_TRUE(coord_->Abort(b->sync_id, "operator said so").ok());
+  ASSERT_TRUE(coord_->Abort(Self(), b->sync_id, "operator said so").ok());
   // The copy is still running: engines must not hear Aborted yet, and the
   // model stays busy.
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "S");
-  EXPECT_ERR(coord_->BeginSync(Manifest()).status(), "still finishing its copies");
+  EXPECT_ERR(coord_->BeginSync(Self(), Manifest()).status(), "still finishing its copies");
   exec_->Release();
   auto r = push.get();
   EXPECT_EQ(r.status().code(), Code::kAborted);
   for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "SA");
-  EXPECT_TRUE(coord_->BeginSync(Manifest()).ok());
+  EXPECT_TRUE(coord_->BeginSync(Self(), Manifest()).ok());
 }
 
 TEST_F(CoordinatorTest, ExecutorFailureAborts) {
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest());
+  auto b = coord_->BeginSync(Self(), Manifest());
   ASSERT_TRUE(b.ok());
   exec_->FailWith(Internal("device lost"));
-  auto r = coord_->PushLayer(b->sync_id, 0, "embed", Layer(0, "embed"));
+  auto r = coord_->PushLayer(Self(), b->sync_id, 0, "embed", Layer(0, "embed"));
   EXPECT_ERR(r.status(), "device lost");
   for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "SA");
 }
 
 TEST_F(CoordinatorTest, AbortAllStopsEverything) {
   auto engines = RegisterAll();
-  auto b = coord_->BeginSync(Manifest());
+  auto b = coord_->BeginSync(Self(), Manifest());
   ASSERT_TRUE(b.ok());
   PushAll(b->sync_id);
-  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(b->sync_id); });
+  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(Self(), b->sync_id); });
   ASSERT_TRUE(engines[0].sink->WaitFor(Kind::kCommitted));
   coord_->AbortAll("the daemon is shutting down");
   auto c = fut.get();  // the waiting Commit returns at once
   EXPECT_EQ(c.status().code(), Code::kAborted);
   EXPECT_ERR(c.status(), "shutting down");
   for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "SCA");
-  EXPECT_EQ(coord_->BeginSync(Manifest()).status().code(), Code::kUnavailable);
+  EXPECT_EQ(coord_->BeginSync(Self(), Manifest()).status().code(), Code::kUnavailable);
   EngineHandle h;
   std::vector<MemoryRef> mem;
   auto spec = Spec(3, 0, &mem, &h);
-  EXPECT_EQ(coord_->RegisterEngine(spec, mem, h.sink.get()).status().code(), Code::kUnavailable);
+  EXPECT_EQ(coord_->RegisterEngine(Self(), spec, mem, h.sink.get()).status().code(), Code::kUnavailable);
 }
 
 TEST_F(CoordinatorTest, ConcurrentRanksPushInParallel) {
   Init(/*T=*/2, /*W=*/4);
   auto engines = RegisterAll(/*replicas=*/2);
   for (int round = 0; round < 5; ++round) {
-    auto b = coord_->BeginSync(Manifest(round + 1));
+    auto b = coord_->BeginSync(Self(), Manifest(round + 1));
     ASSERT_TRUE(b.ok()) << b.status().ToString();
     std::vector<std::thread> ranks;
     std::atomic<int> failures{0};
@@ -742,7 +742,7 @@ TEST_F(CoordinatorTest, ConcurrentRanksPushInParallel) {
       ranks.emplace_back([&, r] {
         for (const auto& l : Layers()) {
           auto layer = Layer(r, l);
-          if (!coord_->PushLayer(b->sync_id, r, l, layer).ok()) failures++;
+          if (!coord_->PushLayer(Self(), b->sync_id, r, l, layer).ok()) failures++;
         }
       });
     for (auto& t : ranks) t.join();
@@ -793,7 +793,7 @@ TEST(CoordinatorRealLayouts, LlamaExampleConfigSyncs) {
     domain.Add(buf, off);
     engine_bytes += off;
     sinks.push_back(std::make_shared<RecordingSink>());
-    auto id = coord.RegisterEngine(spec, mem, sinks.back().get());
+    auto id = coord.RegisterEngine(Self(), spec, mem, sinks.back().get());
     ASSERT_TRUE(id.ok()) << id.status().ToString();
     ids.push_back(*id);
   }
@@ -819,17 +819,17 @@ TEST(CoordinatorRealLayouts, LlamaExampleConfigSyncs) {
     }
     m.tensors.push_back(std::move(t));
   }
-  auto b = coord.BeginSync(m);
+  auto b = coord.BeginSync(Self(), m);
   ASSERT_TRUE(b.ok()) << b.status().ToString();
   EXPECT_EQ(b->bytes_planned, engine_bytes);
   for (uint32_t r = 0; r < W; ++r) {
-    auto res = coord.PushLayer(b->sync_id, r, "all", per_rank[r]);
+    auto res = coord.PushLayer(Self(), b->sync_id, r, "all", per_rank[r]);
     ASSERT_TRUE(res.ok()) << res.status().ToString();
   }
-  auto fut = std::async(std::launch::async, [&] { return coord.Commit(b->sync_id); });
+  auto fut = std::async(std::launch::async, [&] { return coord.Commit(Self(), b->sync_id); });
   for (size_t i = 0; i < ids.size(); ++i) {
     ASSERT_TRUE(sinks[i]->WaitFor(Kind::kCommitted));
-    ASSERT_TRUE(coord.AckVersion(ids[i], 1, true, "").ok());
+    ASSERT_TRUE(coord.AckVersion(Self(), ids[i], 1, true, "").ok());
   }
   auto c = fut.get();
   ASSERT_TRUE(c.ok()) << c.status().ToString();

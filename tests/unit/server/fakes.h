@@ -23,6 +23,12 @@
 
 namespace ws::server::testing {
 
+// The in-process caller (admin, the test's own uid) for coordinator calls.
+inline const Peer& Self() {
+  static const Peer p = Peer::InProcess();
+  return p;
+}
+
 inline bool Has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
 #define EXPECT_ERR(st, needle) \
   EXPECT_TRUE(::ws::server::testing::Has((st).message(), (needle))) << "expected \"" << (needle) << "\" in: " << (st).ToString()
