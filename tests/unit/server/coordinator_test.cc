@@ -48,6 +48,7 @@ class CoordinatorTest : public ::testing::Test {
     o.ack_timeout = ack_timeout;
     o.idle_timeout = idle_timeout;
     o.housekeeping_interval = std::chrono::milliseconds(20);
+    o.max_engines_per_peer = max_engines_per_peer_;
     coord_ = std::make_unique<Coordinator>(*reg, domain_.get(), exec_.get(), o);
     sources_.clear();
     auto add = [&](const std::string& n, Shape s) {
@@ -238,6 +239,7 @@ class CoordinatorTest : public ::testing::Test {
   }
 
   uint32_t T_ = 2, W_ = 2;
+  uint32_t max_engines_per_peer_ = 4096;
   std::vector<Source> sources_;
   std::vector<std::map<std::string, std::pair<uint64_t, uint64_t>>> shard_offsets_;
   std::vector<std::shared_ptr<RecordingSink>> sinks_;
@@ -834,6 +836,169 @@ TEST(CoordinatorRealLayouts, LlamaExampleConfigSyncs) {
   auto c = fut.get();
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(c->bytes_written, engine_bytes);
+}
+
+
+// ---------------------------------------------------------------- trust boundary
+
+Peer UnixPeer(uint32_t uid) {
+  Peer p;
+  p.via = Peer::Via::kUnix;
+  p.has_creds = true;
+  p.uid = p.gid = uid;
+  p.pid = 4000 + static_cast<int32_t>(uid);
+  p.principal = "uid:" + std::to_string(uid);
+  return p;
+}
+
+class OwnershipTest : public CoordinatorTest {
+ protected:
+  EngineHandle RegisterAs(const Peer& who, uint32_t replica, uint32_t tp, Status* st = nullptr) {
+    EngineHandle h;
+    std::vector<MemoryRef> mem;
+    EngineRankSpec spec = Spec(replica, tp, &mem, &h);
+    auto id = coord_->RegisterEngine(who, spec, mem, h.sink.get());
+    if (st) *st = id.status();
+    if (id.ok()) h.id = *id;
+    sinks_.push_back(h.sink);
+    return h;
+  }
+  const Peer alice_ = UnixPeer(1000), bob_ = UnixPeer(1001);
+};
+
+TEST_F(OwnershipTest, OnlyTheOwnerActsOnEnginesModelsAndSyncs) {
+  std::vector<EngineHandle> engines{RegisterAs(alice_, 0, 0), RegisterAs(alice_, 0, 1)};
+  ASSERT_FALSE(engines[0].id.empty());
+  ASSERT_FALSE(engines[1].id.empty());
+
+  // Another principal can neither remove, acknowledge, join nor sync alice's model.
+  Status st = coord_->UnregisterEngine(bob_, engines[0].id);
+  EXPECT_EQ(st.code(), Code::kPermissionDenied);
+  EXPECT_ERR(st, "belongs to uid:1000");
+  EXPECT_ERR(st, "uid 1001 pid 5001");
+  EXPECT_EQ(coord_->AckVersion(bob_, engines[0].id, 1, true, "").code(), Code::kPermissionDenied);
+  Status join;
+  RegisterAs(bob_, 1, 0, &join);  // a fake replica would block every sync of the model
+  EXPECT_EQ(join.code(), Code::kPermissionDenied);
+  EXPECT_ERR(join, "may not register engines");
+  EXPECT_EQ(coord_->BeginSync(bob_, Manifest()).status().code(), Code::kPermissionDenied);
+
+  auto b = coord_->BeginSync(alice_, Manifest(1));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  EXPECT_EQ(coord_->Abort(bob_, b->sync_id, "hostile").code(), Code::kPermissionDenied);
+  EXPECT_EQ(coord_->PushLayer(bob_, b->sync_id, 0, "embed", Layer(0, "embed")).status().code(),
+            Code::kPermissionDenied);
+  EXPECT_EQ(coord_->Commit(bob_, b->sync_id).status().code(), Code::kPermissionDenied);
+  coord_->TrainerStreamClosed(bob_, b->sync_id, 0, /*clean=*/false);  // ignored: not bob's sync
+  for (uint32_t r = 0; r < W_; ++r)
+    for (const auto& l : Layers()) ASSERT_TRUE(coord_->PushLayer(alice_, b->sync_id, r, l, Layer(r, l)).ok());
+  auto fut = std::async(std::launch::async, [&] { return coord_->Commit(alice_, b->sync_id); });
+  for (auto& e : engines) {
+    ASSERT_TRUE(e.sink->WaitFor(Kind::kCommitted, b->sync_id, std::chrono::seconds(5)));
+    // A bogus ack from another principal does not count for the engine.
+    EXPECT_EQ(coord_->AckVersion(bob_, e.id, 1, true, "").code(), Code::kPermissionDenied);
+    ASSERT_TRUE(coord_->AckVersion(alice_, e.id, 1, true, "").ok());
+  }
+  auto c = fut.get();
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  for (const auto& e : engines) EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e));
+
+  // An admin (root or configured) may act on anything.
+  auto b2 = coord_->BeginSync(alice_, Manifest(2));
+  ASSERT_TRUE(b2.ok());
+  EXPECT_TRUE(coord_->Abort(Self(), b2->sync_id, "operator").ok());
+  EXPECT_TRUE(coord_->UnregisterEngine(Self(), engines[1].id).ok());
+  EXPECT_TRUE(coord_->UnregisterEngine(alice_, engines[0].id).ok());
+}
+
+TEST_F(OwnershipTest, VersionsStrictlyIncrease) {
+  auto engines = RegisterAll();
+  EXPECT_ERR(coord_->BeginSync(Self(), Manifest(0)).status(), "version must be at least 1");
+  auto b = coord_->BeginSync(Self(), Manifest(5));
+  ASSERT_TRUE(b.ok());
+  PushAll(b->sync_id);
+  ASSERT_TRUE(CommitAcked(b->sync_id, engines).ok());
+  for (uint64_t v : {5, 4}) {
+    auto again = coord_->BeginSync(Self(), Manifest(v));
+    EXPECT_EQ(again.status().code(), Code::kFailedPrecondition);
+    EXPECT_ERR(again.status(), "not above the committed version 5");
+  }
+  auto next = coord_->BeginSync(Self(), Manifest(6));
+  EXPECT_TRUE(next.ok()) << next.status().ToString();
+}
+
+TEST_F(OwnershipTest, EngineQuotaPerPeer) {
+  max_engines_per_peer_ = 1;
+  Init(2, 2);
+  Status st;
+  RegisterAs(alice_, 0, 0, &st);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  RegisterAs(alice_, 0, 1, &st);
+  EXPECT_EQ(st.code(), Code::kResourceExhausted);
+  EXPECT_ERR(st, "max_engines_per_peer = 1");
+}
+
+TEST_F(OwnershipTest, AliasAcrossModelsAndWithinARankRefused) {
+  // Model toy, replica 0, and a second model whose rank 0 reuses toy's memory.
+  EngineHandle a;
+  std::vector<MemoryRef> mem_a;
+  EngineRankSpec spec_a = Spec(0, 0, &mem_a, &a);
+  ASSERT_TRUE(coord_->RegisterEngine(Self(), spec_a, mem_a, a.sink.get()).ok());
+  sinks_.push_back(a.sink);
+
+  EngineRankSpec spec_b = spec_a;
+  spec_b.model = "toy2";
+  std::vector<MemoryRef> mem_b = mem_a;  // same object, same ranges
+  auto rb = coord_->RegisterEngine(Self(), spec_b, mem_b, a.sink.get());
+  EXPECT_EQ(rb.status().code(), Code::kInvalidArgument);
+  EXPECT_ERR(rb.status(), "overlaps the memory of engine");
+  EXPECT_ERR(rb.status(), "toy replica 0 tp_rank 0");
+
+  // Within one rank: two params on one range.
+  EngineHandle c;
+  std::vector<MemoryRef> mem_c;
+  EngineRankSpec spec_c = Spec(1, 0, &mem_c, &c);
+  // layers.0.norm.weight and layers.1.norm.weight have the same shape: alias them.
+  size_t n0 = 2, n1 = 4;
+  ASSERT_EQ(spec_c.params[n0].name, "layers.0.norm.weight");
+  ASSERT_EQ(spec_c.params[n1].name, "layers.1.norm.weight");
+  mem_c[n1] = mem_c[n0];
+  auto rc = coord_->RegisterEngine(Self(), spec_c, mem_c, c.sink.get());
+  EXPECT_EQ(rc.status().code(), Code::kInvalidArgument);
+  EXPECT_ERR(rc.status(), "overlap in memory");
+  // ... unless declared as a tied copy.
+  spec_c.params[n1].tied_to = "layers.0.norm.weight";
+  auto tied = coord_->RegisterEngine(Self(), spec_c, mem_c, c.sink.get());
+  EXPECT_TRUE(tied.ok()) << tied.status().ToString();
+  sinks_.push_back(c.sink);
+  // A tie must name a param of the same rank.
+  EngineHandle d;
+  std::vector<MemoryRef> mem_d;
+  EngineRankSpec spec_d = Spec(1, 1, &mem_d, &d);
+  spec_d.params[1].tied_to = "no.such.param";
+  EXPECT_ERR(coord_->RegisterEngine(Self(), spec_d, mem_d, d.sink.get()).status(), "tied_to no.such.param");
+}
+
+TEST_F(OwnershipTest, MemoryReferencesAlignedToTheirElementSize) {
+  EngineHandle h;
+  std::vector<MemoryRef> mem;
+  EngineRankSpec spec = Spec(0, 0, &mem, &h);
+  mem[1].offset += 1;
+  auto r = coord_->RegisterEngine(Self(), spec, mem, h.sink.get());
+  EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
+  EXPECT_ERR(r.status(), "is not a multiple of the bf16 element size 2");
+
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Self(), Manifest(1));
+  ASSERT_TRUE(b.ok());
+  auto layer = Layer(0, "embed");
+  domain_->Add("/odd", layer[0].second.length + 2);
+  layer[0].second.name = "/odd";
+  layer[0].second.offset = 2;
+  auto res = coord_->PushLayer(Self(), b->sync_id, 0, "embed", layer);
+  EXPECT_EQ(res.status().code(), Code::kInvalidArgument);
+  EXPECT_ERR(res.status(), "is not a multiple of the f32 element size 4");
+  for (const auto& e : engines) EXPECT_TRUE(Untouched(e));
 }
 
 }  // namespace
