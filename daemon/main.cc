@@ -67,7 +67,7 @@ int main(int argc, char** argv) {
   int threads = 0;
   uint64_t chunk_bytes = 4u << 20;
   double ack_timeout = 60;
-  double idle_timeout = 300;
+  double progress_timeout = 30;
   uint64_t max_message_bytes = 512u << 20;
   double shutdown_grace = 2;
 
@@ -90,8 +90,9 @@ int main(int argc, char** argv) {
   app.add_option("--ack-timeout", ack_timeout, "Seconds Commit waits for every engine's AckVersion")
       ->check(CLI::Range(0.001, 1e6))
       ->capture_default_str();
-  app.add_option("--sync-idle-timeout", idle_timeout,
-                 "Seconds without trainer activity after which an uncommitted sync is aborted (0 = never)")
+  app.add_option("--sync-progress-timeout,--sync-idle-timeout", progress_timeout,
+                 "Seconds an uncommitted sync may go without progress (BeginSync, a layer landing) before it is "
+                 "aborted and its model freed, even while the trainer's streams are open (0 = never)")
       ->check(CLI::Range(0.0, 1e6))
       ->capture_default_str();
   app.add_option("--max-message-bytes", max_message_bytes,
@@ -136,7 +137,7 @@ int main(int argc, char** argv) {
 
   ws::server::CoordinatorOptions co;
   co.ack_timeout = std::chrono::milliseconds(static_cast<int64_t>(ack_timeout * 1000));
-  co.idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(idle_timeout * 1000));
+  co.progress_timeout = std::chrono::milliseconds(static_cast<int64_t>(progress_timeout * 1000));
   ws::server::Coordinator coordinator(layouts.value(), domain.get(), executor.get(), co);
 
   ws::server::ServerOptions so;
@@ -176,6 +177,16 @@ int main(int argc, char** argv) {
     got = g_signal;
   }
   spdlog::info("received {}; shutting down (aborting in-flight syncs)", strsignal(got));
+  // Whatever is in flight, the daemon is gone a few seconds after the grace
+  // period: a supervisor's stop must not hang on a stuck peer or copy.
+  const auto hard_limit = std::chrono::milliseconds(static_cast<int64_t>(shutdown_grace * 1000)) +
+                          std::chrono::seconds(3);
+  std::thread([hard_limit] {
+    std::this_thread::sleep_for(hard_limit);
+    std::fprintf(stderr, "weightsyncd: shutdown did not finish within %.1f s; exiting now\n",
+                 std::chrono::duration<double>(hard_limit).count());
+    _exit(1);
+  }).detach();
   server.Stop(std::chrono::milliseconds(static_cast<int64_t>(shutdown_grace * 1000)));
   spdlog::info("stopped");
   spdlog::shutdown();

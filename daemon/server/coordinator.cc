@@ -194,16 +194,17 @@ Coordinator::~Coordinator() {
 void Coordinator::HousekeepingLoop() {
   std::unique_lock lk(mu_);
   while (!housekeeping_cv_.wait_for(lk, opts_.housekeeping_interval, [&] { return stop_housekeeping_; })) {
-    if (opts_.idle_timeout.count() > 0) {
+    if (opts_.progress_timeout.count() > 0) {
       const auto now = Clock::now();
       std::vector<std::shared_ptr<Sync>> idle;
       for (const auto& [id, s] : syncs_)
         if ((s->state == SyncState::kPlanning || s->state == SyncState::kStreaming) && s->writers == 0 &&
-            now - s->last_activity > opts_.idle_timeout)
+            now - s->last_activity > opts_.progress_timeout)
           idle.push_back(s);
       for (const auto& s : idle) {
-        AbortLocked(*s, fmt::format("no trainer activity for {:.1f} s before Commit (trainer gone?)",
-                                    opts_.idle_timeout.count() / 1000.0));
+        AbortLocked(*s, fmt::format("no trainer activity for {:.1f} s before Commit (trainer gone or stuck?); "
+                                    "see --sync-progress-timeout",
+                                    opts_.progress_timeout.count() / 1000.0));
         trim_pending_ = true;
       }
     }

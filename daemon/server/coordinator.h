@@ -62,10 +62,12 @@ class EventSink {
 
 struct CoordinatorOptions {
   std::chrono::milliseconds ack_timeout{60000};  // Commit's wait for every engine's AckVersion
-  // A sync that has seen no BeginSync/PushLayer activity for this long before
-  // Commit is aborted ("trainer gone"): a trainer that died between BeginSync
-  // and its first layer would otherwise hold the model forever. 0 = never.
-  std::chrono::milliseconds idle_timeout{300000};
+  // A sync that makes no progress (BeginSync, a layer landing) for this long
+  // before Commit is aborted and its model freed, whether or not the
+  // trainer's streams are still open: a trainer that died or hung between
+  // BeginSync and its layers would otherwise hold the model. Time spent
+  // copying a layer does not count. 0 = never.
+  std::chrono::milliseconds progress_timeout{30000};
   // How often the housekeeping thread checks idle syncs and unmaps shm
   // objects whose owners unlinked them (MemoryDomain::TrimStale).
   std::chrono::milliseconds housekeeping_interval{1000};

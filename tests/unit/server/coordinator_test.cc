@@ -36,7 +36,7 @@ class CoordinatorTest : public ::testing::Test {
   void SetUp() override { Init(/*T=*/2, /*W=*/2); }
 
   void Init(uint32_t T, uint32_t W, std::chrono::milliseconds ack_timeout = std::chrono::seconds(10),
-            std::chrono::milliseconds idle_timeout = std::chrono::minutes(5)) {
+            std::chrono::milliseconds progress_timeout = std::chrono::minutes(5)) {
     coord_.reset();  // its housekeeping thread uses the domain replaced below
     T_ = T;
     W_ = W;
@@ -46,7 +46,7 @@ class CoordinatorTest : public ::testing::Test {
     exec_ = std::make_unique<TestExecutor>();
     CoordinatorOptions o;
     o.ack_timeout = ack_timeout;
-    o.idle_timeout = idle_timeout;
+    o.progress_timeout = progress_timeout;
     o.housekeeping_interval = std::chrono::milliseconds(20);
     o.max_engines_per_peer = max_engines_per_peer_;
     coord_ = std::make_unique<Coordinator>(*reg, domain_.get(), exec_.get(), o);
