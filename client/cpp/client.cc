@@ -25,6 +25,7 @@ Status FromGrpc(const grpc::Status& s) {
     case grpc::StatusCode::ABORTED: c = Code::kAborted; break;
     case grpc::StatusCode::OUT_OF_RANGE: c = Code::kOutOfRange; break;
     case grpc::StatusCode::UNIMPLEMENTED: c = Code::kUnimplemented; break;
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: c = Code::kResourceExhausted; break;
     case grpc::StatusCode::UNAVAILABLE: c = Code::kUnavailable; break;
     default: c = Code::kInternal; break;
   }

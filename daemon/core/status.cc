@@ -16,6 +16,7 @@ const char* CodeName(Code c) {
     case Code::kCancelled: return "CANCELLED";
     case Code::kInternal: return "INTERNAL";
     case Code::kUnimplemented: return "UNIMPLEMENTED";
+    case Code::kResourceExhausted: return "RESOURCE_EXHAUSTED";
   }
   return "UNKNOWN";
 }

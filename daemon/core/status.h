@@ -22,6 +22,7 @@ enum class Code {
   kCancelled,
   kInternal,
   kUnimplemented,
+  kResourceExhausted,  // out of space or memory (e.g. /dev/shm full)
 };
 
 const char* CodeName(Code c);
@@ -56,6 +57,7 @@ inline Status DeadlineExceeded(std::string m) { return {Code::kDeadlineExceeded,
 inline Status Cancelled(std::string m) { return {Code::kCancelled, std::move(m)}; }
 inline Status Internal(std::string m) { return {Code::kInternal, std::move(m)}; }
 inline Status Unimplemented(std::string m) { return {Code::kUnimplemented, std::move(m)}; }
+inline Status ResourceExhausted(std::string m) { return {Code::kResourceExhausted, std::move(m)}; }
 
 // Result<T>: a T or a non-OK Status.
 template <typename T>

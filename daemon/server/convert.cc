@@ -16,6 +16,7 @@ grpc::StatusCode ToGrpcCode(Code code) {
     case Code::kCancelled: return grpc::StatusCode::CANCELLED;
     case Code::kInternal: return grpc::StatusCode::INTERNAL;
     case Code::kUnimplemented: return grpc::StatusCode::UNIMPLEMENTED;
+    case Code::kResourceExhausted: return grpc::StatusCode::RESOURCE_EXHAUSTED;
   }
   return grpc::StatusCode::UNKNOWN;
 }

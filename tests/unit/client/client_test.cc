@@ -223,7 +223,8 @@ TEST(ClientNoServer, UnreachableIsUnavailable) {
 TEST(ClientConvert, DTypes) {
   for (DType d : {DType::kF32, DType::kBF16, DType::kF16}) EXPECT_EQ(FromProto(ToProto(d)), d);
   EXPECT_FALSE(FromProto(pb::DTYPE_UNSPECIFIED).has_value());
-  EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "x")).code(), Code::kInternal);
+  EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "x")).code(), Code::kResourceExhausted);
+  EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::DATA_LOSS, "x")).code(), Code::kInternal);
   EXPECT_TRUE(FromGrpc(grpc::Status::OK).ok());
 }
 
