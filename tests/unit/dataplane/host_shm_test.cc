@@ -691,6 +691,23 @@ TEST(MemoryDomainTest, FactoryHandlesHostAndRefusesCudaClearly) {
   EXPECT_NE(r.status().message().find("CUDA"), std::string::npos) << r.status().ToString();
 }
 
+TEST(MemoryDomainTest, CudaNeedsALocalPeer) {
+  auto dom = MakeMemoryDomain();
+  MemoryRef cuda;
+  cuda.kind = MemoryKind::kCudaIpc;
+  cuda.cuda_handle = std::string(64, '\x01');
+  cuda.device_uuid = "GPU-00000000-0000-0000-0000-000000000000";
+  cuda.length = 16;
+  Accessor remote = Accessor::Self();
+  remote.local = false;
+  remote.any_owner = true;
+  remote.who = "tcp peer 10.0.0.7";
+  auto r = dom->Map(cuda, "engine.embed_tokens.weight", remote);
+  ExpectRefused(r, Code::kFailedPrecondition,
+                {"engine.embed_tokens.weight", "CUDA IPC references need a local peer with known credentials",
+                 "tcp peer 10.0.0.7"});
+}
+
 TEST(MemoryRefTest, ToStringNamesTheObject) {
   MemoryRef r = Ref("/ws-x", 5, 6);
   EXPECT_EQ(r.ToString(), "host_shm{name=/ws-x offset=5 length=6}");
