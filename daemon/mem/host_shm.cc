@@ -143,7 +143,8 @@ class HostMapping final : public Mapping {
   Status Reserve() const override {
     if (length_ == 0) return Status::Ok();
     if (!writable_)
-      return FailedPrecondition("host memory " + obj_->Quoted() + " is mapped read-only; only writable ranges are reserved");
+      return FailedPrecondition("host memory " + obj_->Quoted() +
+                                " is mapped read-only; only writable ranges are reserved");
     int rc;
     do {
       rc = ::fallocate(obj_->fd.get(), FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset_), static_cast<off_t>(length_));
@@ -241,7 +242,10 @@ struct HostShmDomain::Impl {
     if (fd >= 0) return std::make_pair(Fd(fd), rw);
     const int e = errno;
     if (e == ENOENT) return NotFound(desc + " does not exist in " + opts.dir);
-    if (e == ELOOP) return InvalidArgument(desc + " is a symbolic link; host memory must be a regular file directly under " + opts.dir);
+    if (e == ELOOP) {
+      return InvalidArgument(desc + " is a symbolic link; host memory must be a regular file directly under " +
+                             opts.dir);
+    }
     // Say what it is for messages only (EISDIR, ENXIO for sockets, ...);
     // nothing is decided from this lookup.
     struct stat st;
@@ -320,7 +324,8 @@ Result<std::shared_ptr<Mapping>> HostShmDomain::Map(const MemoryRef& ref, const 
   auto [fd, rw] = std::move(opened).value();
   struct stat st;
   if (::fstat(fd.get(), &st) != 0) return Internal(what + ": " + desc + ": fstat: " + Errno(errno));
-  if (!S_ISREG(st.st_mode)) return InvalidArgument(what + ": " + desc + " is " + TypeName(st.st_mode) + ", not a regular file");
+  if (!S_ISREG(st.st_mode))
+    return InvalidArgument(what + ": " + desc + " is " + TypeName(st.st_mode) + ", not a regular file");
   auto access = AccessFor(st, by, desc);
   if (!access.ok()) return access.status().WithContext(what);
   const bool writable = rw && access->write;
