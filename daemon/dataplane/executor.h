@@ -12,7 +12,8 @@
 // host work item runs with a per-thread guard armed; a SIGBUS on that thread
 // while armed (a peer truncated a mapped shm object mid-copy) jumps back out
 // of the item, and Run/RunLabeled return FailedPrecondition naming the op's
-// label, with the remaining items skipped and the destination partly
+// label and the cause (DiagnoseMemoryFault: truncated, or out of space in
+// /dev/shm), with the remaining items skipped and the destination partly
 // written. A SIGBUS anywhere else goes to the previous handler, or kills the
 // process as before (core dump). Only SIGBUS is guarded, and only host
 // copies: GPU reads of truncated host memory are not covered.

@@ -3,8 +3,9 @@
 // memcpy (same dtype), a tight per-row cast loop (vectorizable; the casts are
 // copy_math.h's, shared with the GPU), a cache-blocked transpose, or memset
 // for zero fill. Every item runs under a SIGBUS fault guard (see
-// executor.h): a peer that truncates a mapped shm object mid-copy fails the
-// Run with an error naming the op instead of killing the process.
+// executor.h): a peer that truncates a mapped shm object mid-copy (or a
+// full /dev/shm) fails the Run with an error naming the op and, from the
+// memory domain, the cause, instead of killing the process.
 
 // The branch-free f16 casts contain a float add; GCC only turns their selects
 // into vector code when FP ops may be assumed not to trap. Results are
@@ -28,6 +29,7 @@
 
 #include "daemon/dataplane/executor.h"
 #include "daemon/dataplane/thread_pool.h"
+#include "daemon/mem/memory.h"
 
 namespace ws {
 namespace {
@@ -290,7 +292,10 @@ class HostExecutor final : public Executor {
       const bool dst = op.zero_fill || InDestination(op, addr);
       char where[32];
       std::snprintf(where, sizeof where, "%p", addr);
-      return FailedPrecondition(what(index[k]) + ": shared memory object was truncated while being copied (SIGBUS " +
+      // The memory's domain knows whether its object shrank or ran out of space.
+      std::string cause = DiagnoseMemoryFault(addr, dst);
+      if (cause.empty()) cause = "shared memory object was truncated while being copied";
+      return FailedPrecondition(what(index[k]) + ": " + cause + " (SIGBUS " +
                                 (dst ? "writing the destination" : "reading the source") + " at " + where +
                                 "); the copy is incomplete");
     }

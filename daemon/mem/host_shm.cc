@@ -3,11 +3,13 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
-#include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -16,15 +18,57 @@
 namespace ws {
 namespace {
 
-constexpr char kShmDir[] = "/dev/shm/";
-
 std::string Errno(int e) { return std::string(std::strerror(e)) + " (errno " + std::to_string(e) + ")"; }
+
+// A name from a peer, safe to quote: non-printable bytes as \xNN, long names cut.
+std::string Printable(const std::string& s) {
+  constexpr size_t kMax = 300;
+  std::string out;
+  for (size_t i = 0; i < s.size() && i < kMax; ++i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out += static_cast<char>(c);
+    } else {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    }
+  }
+  if (s.size() > kMax) out += "... (" + std::to_string(s.size()) + " bytes)";
+  return out;
+}
+
+const char* TypeName(mode_t mode) {
+  if (S_ISFIFO(mode)) return "a FIFO";
+  if (S_ISDIR(mode)) return "a directory";
+  if (S_ISCHR(mode)) return "a character device";
+  if (S_ISBLK(mode)) return "a block device";
+  if (S_ISSOCK(mode)) return "a socket";
+  if (S_ISLNK(mode)) return "a symbolic link";
+  return "not a regular file";
+}
+
+std::string Who(const Accessor& by) { return by.who.empty() ? "uid " + std::to_string(by.uid) : by.who; }
+
+std::string Octal(mode_t mode) {
+  char buf[8];
+  std::snprintf(buf, sizeof buf, "%04o", static_cast<unsigned>(mode & 07777));
+  return buf;
+}
 
 class Fd {
  public:
-  explicit Fd(int fd) : fd_(fd) {}
+  explicit Fd(int fd = -1) : fd_(fd) {}
   ~Fd() {
     if (fd_ >= 0) ::close(fd_);
+  }
+  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  Fd& operator=(Fd&& o) noexcept {
+    if (this != &o) {
+      if (fd_ >= 0) ::close(fd_);
+      fd_ = std::exchange(o.fd_, -1);
+    }
+    return *this;
   }
   Fd(const Fd&) = delete;
   Fd& operator=(const Fd&) = delete;
@@ -34,103 +78,189 @@ class Fd {
   int fd_;
 };
 
-// One mapped shm object. Unmapped (after releasing the pin token) when the
-// last holder (cache or Mapping) drops it.
+struct ShmObject;
+
+// Every mapped ShmObject by base address, for DiagnoseMemoryFault(). An
+// object leaves before it is unmapped; the lock keeps it alive while a
+// diagnosis reads it.
+std::mutex g_mapped_mu;
+std::map<uintptr_t, const ShmObject*> g_mapped;
+
+// One mapped shm object, with the fd it was opened by. Unregistered, then
+// unpinned, then unmapped when the last holder (cache or Mapping) drops it.
 struct ShmObject {
-  std::string path;
+  std::string name;  // the directory entry it was opened by (one component)
+  std::string dir;   // for messages: "/dev/shm"
+  Fd fd;
   dev_t dev = 0;
   ino_t ino = 0;
   uint64_t size = 0;
   void* base = nullptr;  // nullptr for a zero-size object
-  bool writable = false;
+  bool writable = false;  // mapped PROT_WRITE (fd opened O_RDWR)
+  bool registered = false;
   std::shared_ptr<void> pin;
 
+  ShmObject() = default;
+  ShmObject(const ShmObject&) = delete;
+  ShmObject& operator=(const ShmObject&) = delete;
   ~ShmObject() {
+    if (registered) {
+      std::lock_guard<std::mutex> lock(g_mapped_mu);
+      g_mapped.erase(reinterpret_cast<uintptr_t>(base));
+    }
     pin.reset();
     if (base != nullptr) ::munmap(base, size);
   }
+  std::string Quoted() const { return "'/" + Printable(name) + "'"; }
 };
 
 class HostMapping final : public Mapping {
  public:
-  HostMapping(std::shared_ptr<ShmObject> obj, uint64_t offset, uint64_t length)
-      : obj_(std::move(obj)), offset_(offset), length_(length) {}
+  HostMapping(std::shared_ptr<ShmObject> obj, uint64_t offset, uint64_t length, bool writable)
+      : obj_(std::move(obj)), offset_(offset), length_(length), writable_(writable) {}
   void* data() const override {
     return obj_->base == nullptr ? nullptr : static_cast<char*>(obj_->base) + offset_;
   }
   uint64_t size() const override { return length_; }
   MemoryKind kind() const override { return MemoryKind::kHostShm; }
   int device() const override { return -1; }
-  bool writable() const override { return obj_->writable; }
+  bool writable() const override { return writable_; }
   const void* object() const override { return obj_.get(); }
   MemoryExtent extent() const override {
     return MemoryExtent{MemoryKind::kHostShm, static_cast<uint64_t>(obj_->dev), static_cast<uint64_t>(obj_->ino),
                         offset_, offset_ + length_};
   }
+  // The object's own fd: also sees objects unlinked (or renamed over) since.
   Status CheckBacked() const override {
     struct stat st;
-    if (::stat(obj_->path.c_str(), &st) == 0 && st.st_dev == obj_->dev && st.st_ino == obj_->ino &&
-        static_cast<uint64_t>(st.st_size) < offset_ + length_)
-      return FailedPrecondition("host memory '" + obj_->path + "' shrank to " + std::to_string(st.st_size) +
+    if (::fstat(obj_->fd.get(), &st) != 0)
+      return Internal("host memory " + obj_->Quoted() + ": fstat: " + Errno(errno));
+    if (static_cast<uint64_t>(st.st_size) < offset_ + length_)
+      return FailedPrecondition("host memory " + obj_->Quoted() + " shrank to " + std::to_string(st.st_size) +
                                 " bytes after it was mapped (" + std::to_string(offset_ + length_) + " needed)");
-    return Status::Ok();  // unlinked objects stay valid while mapped
+    return Status::Ok();
+  }
+  Status Reserve() const override {
+    if (length_ == 0) return Status::Ok();
+    if (!writable_)
+      return FailedPrecondition("host memory " + obj_->Quoted() +
+                                " is mapped read-only; only writable ranges are reserved");
+    int rc;
+    do {
+      rc = ::fallocate(obj_->fd.get(), FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset_), static_cast<off_t>(length_));
+    } while (rc != 0 && errno == EINTR);
+    if (rc == 0) return Status::Ok();
+    const int e = errno;
+    if (e == EOPNOTSUPP) return Status::Ok();  // cannot reserve here: writes allocate as they go
+    if (e == ENOSPC) {
+      struct statvfs vfs;
+      const std::string free = ::fstatvfs(obj_->fd.get(), &vfs) == 0
+                                   ? std::to_string(static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize)
+                                   : std::string("unknown");
+      return ResourceExhausted("out of space in " + obj_->dir + ": " + free + " bytes free (statvfs), host memory " +
+                               obj_->Quoted() + " needs " + std::to_string(length_) + " bytes at offset " +
+                               std::to_string(offset_));
+    }
+    return FailedPrecondition("host memory " + obj_->Quoted() + ": reserving " + std::to_string(length_) +
+                              " bytes at offset " + std::to_string(offset_) + ": fallocate: " + Errno(e));
   }
 
  private:
   std::shared_ptr<ShmObject> obj_;
   uint64_t offset_, length_;
+  bool writable_;
 };
 
 using Key = std::pair<dev_t, ino_t>;
 
+// What `by` may do with an object, decided from the opened fd's fstat: the
+// owner class uses the owner bits, a group in by.gids the group bits, an
+// any_owner Accessor may read and write anything else.
+struct Access {
+  bool read = false, write = false;
+};
+
+Result<Access> AccessFor(const struct stat& st, const Accessor& by, const std::string& desc) {
+  const mode_t m = st.st_mode;
+  if (st.st_uid == by.uid) {
+    if (!(m & S_IRUSR))
+      return PermissionDenied(desc + " (mode " + Octal(m) + ") is not readable by its owner (" + Who(by) + ")");
+    return Access{true, (m & S_IWUSR) != 0};
+  }
+  if (std::find(by.gids.begin(), by.gids.end(), static_cast<uint32_t>(st.st_gid)) != by.gids.end()) {
+    if (!(m & S_IRGRP))
+      return PermissionDenied(desc + " (mode " + Octal(m) + ") is not readable by its group " +
+                                std::to_string(st.st_gid) + " (" + Who(by) + ")");
+    return Access{true, (m & S_IWGRP) != 0};
+  }
+  if (by.any_owner) return Access{true, true};
+  return PermissionDenied(desc + " is owned by uid " + std::to_string(st.st_uid) + " (group " +
+                            std::to_string(st.st_gid) + "), not by the caller (" + Who(by) + ")");
+}
+
 }  // namespace
 
-Result<std::string> ResolveShmPath(const std::string& name) {
-  std::string path;
-  if (name.size() > 1 && name[0] == '/' && name.find('/', 1) == std::string::npos) {
-    path = std::string("/dev/shm") + name;  // what shm_open(name) opens on Linux
-  } else if (name.rfind(kShmDir, 0) == 0 && name.size() > sizeof(kShmDir) - 1) {
-    path = name;
+Result<std::string> ShmObjectName(const std::string& name, const std::string& dir) {
+  std::string prefix = dir;
+  while (prefix.size() > 1 && prefix.back() == '/') prefix.pop_back();
+  prefix += '/';
+  std::string obj;
+  if (name.size() > prefix.size() - 1 && name.compare(0, prefix.size(), prefix) == 0) {
+    obj = name.substr(prefix.size());
+  } else if (!name.empty() && name[0] == '/') {
+    obj = name.substr(1);
   } else {
-    return InvalidArgument("host memory name '" + name +
-                           "' is neither a POSIX shm name (\"/ws-x\") nor an absolute path under /dev/shm");
+    return InvalidArgument("host memory name '" + Printable(name) + "' is neither a POSIX shm name (\"/ws-x\") nor " +
+                           prefix + "NAME");
   }
-  char buf[PATH_MAX];
-  if (::realpath(path.c_str(), buf) == nullptr) {
-    int e = errno;
-    if (e == ENOENT) return NotFound("host memory '" + name + "' does not exist (" + path + ")");
-    return InvalidArgument("host memory '" + name + "': cannot resolve " + path + ": " + Errno(e));
+  if (obj.empty() || obj == "." || obj == ".." || obj.find('/') != std::string::npos ||
+      obj.find('\0') != std::string::npos || obj.size() > NAME_MAX) {
+    return InvalidArgument("host memory '" + Printable(name) + "' must be a name directly under " + dir +
+                           " (one component: no '/', not '.' or '..', no NUL, at most " + std::to_string(NAME_MAX) +
+                           " bytes)");
   }
-  std::string real(buf);
-  if (real.rfind(kShmDir, 0) != 0) {
-    return InvalidArgument("host memory '" + name + "' resolves to " + real + ", outside /dev/shm");
-  }
-  return real;
+  return obj;
 }
 
 struct HostShmDomain::Impl {
   HostShmOptions opts;
+  Fd dir;             // O_PATH fd of opts.dir; -1 when it could not be opened
+  Status dir_error;   // why not
   mutable std::mutex mu;
   std::map<Key, std::shared_ptr<ShmObject>> cache;
 
-  Result<std::shared_ptr<ShmObject>> Open(const std::string& name, const std::string& path) {
-    bool writable = true;
-    int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
-    if (fd < 0 && (errno == EACCES || errno == EROFS || errno == EPERM)) {
-      writable = false;
-      fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  // Opens `name` in the directory without following symbolic links or
+  // blocking (FIFOs); falls back to read-only when writing is refused.
+  Result<std::pair<Fd, bool>> OpenEntry(const std::string& name, const std::string& desc) const {
+    constexpr int kFlags = O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC;
+    bool rw = true;
+    int fd = ::openat(dir.get(), name.c_str(), O_RDWR | kFlags);
+    if (fd < 0 && (errno == EACCES || errno == EPERM || errno == EROFS)) {
+      rw = false;
+      fd = ::openat(dir.get(), name.c_str(), O_RDONLY | kFlags);
     }
-    if (fd < 0) {
-      int e = errno;
-      if (e == ENOENT) return NotFound("host memory '" + name + "' does not exist (" + path + ")");
-      return FailedPrecondition("host memory '" + name + "': open " + path + ": " + Errno(e));
+    if (fd >= 0) return std::make_pair(Fd(fd), rw);
+    const int e = errno;
+    if (e == ENOENT) return NotFound(desc + " does not exist in " + opts.dir);
+    if (e == ELOOP) {
+      return InvalidArgument(desc + " is a symbolic link; host memory must be a regular file directly under " +
+                             opts.dir);
     }
-    Fd guard(fd);
+    // Say what it is for messages only (EISDIR, ENXIO for sockets, ...);
+    // nothing is decided from this lookup.
     struct stat st;
-    if (::fstat(fd, &st) != 0) return Internal("host memory '" + name + "': fstat: " + Errno(errno));
-    if (!S_ISREG(st.st_mode)) return InvalidArgument("host memory '" + name + "' (" + path + ") is not a regular file");
+    if (::fstatat(dir.get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && !S_ISREG(st.st_mode))
+      return InvalidArgument(desc + " is " + TypeName(st.st_mode) + ", not a regular file");
+    return FailedPrecondition(desc + ": open: " + Errno(e));
+  }
+
+  // Maps the opened object (whole). `fd` moves into the object.
+  Result<std::shared_ptr<ShmObject>> MapObject(const std::string& name, const std::string& desc, Fd fd,
+                                               const struct stat& st, bool writable) const {
     auto obj = std::make_shared<ShmObject>();
-    obj->path = path;
+    obj->name = name;
+    obj->dir = opts.dir;
+    obj->fd = std::move(fd);
     obj->dev = st.st_dev;
     obj->ino = st.st_ino;
     obj->size = static_cast<uint64_t>(st.st_size);
@@ -138,14 +268,18 @@ struct HostShmDomain::Impl {
     if (obj->size > 0) {
       int prot = PROT_READ | (writable ? PROT_WRITE : 0);
       int flags = MAP_SHARED | (opts.populate ? MAP_POPULATE : 0);
-      void* p = ::mmap(nullptr, obj->size, prot, flags, fd, 0);
+      void* p = ::mmap(nullptr, obj->size, prot, flags, obj->fd.get(), 0);
       if (p == MAP_FAILED) {
-        return FailedPrecondition("host memory '" + name + "': mmap of " + std::to_string(obj->size) +
-                                  " bytes failed: " + Errno(errno));
+        return FailedPrecondition(desc + ": mmap of " + std::to_string(obj->size) + " bytes failed: " + Errno(errno));
       }
       obj->base = p;
+      {
+        std::lock_guard<std::mutex> lock(g_mapped_mu);
+        g_mapped[reinterpret_cast<uintptr_t>(p)] = obj.get();
+        obj->registered = true;
+      }
       if (opts.pin) {
-        auto token = opts.pin(p, obj->size, writable, name);
+        auto token = opts.pin(p, obj->size, writable, "/" + name);
         if (!token.ok()) return token.status();
         obj->pin = std::move(token).value();
       }
@@ -154,7 +288,15 @@ struct HostShmDomain::Impl {
   }
 };
 
-HostShmDomain::HostShmDomain(HostShmOptions opts) : impl_(std::make_unique<Impl>()) { impl_->opts = std::move(opts); }
+HostShmDomain::HostShmDomain(HostShmOptions opts) : impl_(std::make_unique<Impl>()) {
+  impl_->opts = std::move(opts);
+  int fd = ::open(impl_->opts.dir.c_str(), O_DIRECTORY | O_PATH | O_CLOEXEC);
+  if (fd < 0) {
+    impl_->dir_error = FailedPrecondition("cannot open the shared memory directory " + impl_->opts.dir + ": " +
+                                          Errno(errno));
+  }
+  impl_->dir = Fd(fd);
+}
 HostShmDomain::~HostShmDomain() = default;
 
 DomainCaps HostShmDomain::caps() const {
@@ -168,45 +310,57 @@ Result<std::shared_ptr<Mapping>> HostShmDomain::Map(const MemoryRef& ref, const 
   if (ref.kind != MemoryKind::kHostShm) {
     return InvalidArgument(what + ": " + ref.ToString() + " is not host shared memory");
   }
-  auto path = ResolveShmPath(ref.name);
-  if (!path.ok()) return path.status().WithContext(what);
-
-  struct stat st;
-  if (::stat(path->c_str(), &st) != 0) {
-    int e = errno;
-    if (e == ENOENT) return NotFound(what + ": host memory '" + ref.name + "' does not exist");
-    return FailedPrecondition(what + ": host memory '" + ref.name + "': stat: " + Errno(e));
+  auto name = ShmObjectName(ref.name, impl_->opts.dir);
+  if (!name.ok()) return name.status().WithContext(what);
+  const std::string desc = "host memory '" + Printable(ref.name) + "'";
+  if (!by.local) {
+    return PermissionDenied(what + ": " + desc + " cannot be mapped for " + Who(by) +
+                              ": host memory needs a local peer with known credentials");
   }
+  if (impl_->dir.get() < 0) return impl_->dir_error.WithContext(what);
+
+  auto opened = impl_->OpenEntry(*name, desc);
+  if (!opened.ok()) return opened.status().WithContext(what);
+  auto [fd, rw] = std::move(opened).value();
+  struct stat st;
+  if (::fstat(fd.get(), &st) != 0) return Internal(what + ": " + desc + ": fstat: " + Errno(errno));
+  if (!S_ISREG(st.st_mode))
+    return InvalidArgument(what + ": " + desc + " is " + TypeName(st.st_mode) + ", not a regular file");
+  auto access = AccessFor(st, by, desc);
+  if (!access.ok()) return access.status().WithContext(what);
+  const bool writable = rw && access->write;
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+
   const Key key{st.st_dev, st.st_ino};
   std::shared_ptr<ShmObject> obj;
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
     auto it = impl_->cache.find(key);
     if (it != impl_->cache.end()) {
-      if (it->second->size == static_cast<uint64_t>(st.st_size)) {
-        obj = it->second;
-      } else {
+      if (it->second->size != size) {
         impl_->cache.erase(it);  // resized: remap; live Mappings keep the old one
-      }
+      } else if (it->second->writable || !writable) {
+        obj = it->second;
+      }  // else mapped read-only for an earlier peer: remap writable below
     }
   }
   if (!obj) {
-    auto opened = impl_->Open(ref.name, *path);
-    if (!opened.ok()) return opened.status().WithContext(what);
-    obj = std::move(opened).value();
+    auto mapped = impl_->MapObject(*name, desc, std::move(fd), st, writable);
+    if (!mapped.ok()) return mapped.status().WithContext(what);
+    obj = std::move(mapped).value();
     std::lock_guard<std::mutex> lock(impl_->mu);
     // A re-created name leaves its old inode in the cache; drop entries for
-    // the same path so a stale object is not kept mapped until Trim().
+    // the same name so a stale object is not kept mapped until Trim().
     for (auto it = impl_->cache.begin(); it != impl_->cache.end();) {
-      if (it->second->path == obj->path && it->first != Key{obj->dev, obj->ino}) {
+      if (it->second->name == obj->name && it->first != key) {
         it = impl_->cache.erase(it);
       } else {
         ++it;
       }
     }
-    auto [it, inserted] = impl_->cache.emplace(Key{obj->dev, obj->ino}, obj);
+    auto [it, inserted] = impl_->cache.emplace(key, obj);
     if (!inserted) {
-      if (it->second->size == obj->size) {
+      if (it->second->size == obj->size && (it->second->writable || !obj->writable)) {
         obj = it->second;  // another thread mapped it first; ours unmaps here
       } else {
         it->second = obj;
@@ -214,10 +368,10 @@ Result<std::shared_ptr<Mapping>> HostShmDomain::Map(const MemoryRef& ref, const 
     }
   }
   if (ref.offset > obj->size || ref.length > obj->size - ref.offset) {
-    return OutOfRange(what + ": host memory '" + ref.name + "' offset " + std::to_string(ref.offset) + " + length " +
+    return OutOfRange(what + ": " + desc + " offset " + std::to_string(ref.offset) + " + length " +
                       std::to_string(ref.length) + " exceeds the object size " + std::to_string(obj->size));
   }
-  return std::shared_ptr<Mapping>(std::make_shared<HostMapping>(std::move(obj), ref.offset, ref.length));
+  return std::shared_ptr<Mapping>(std::make_shared<HostMapping>(std::move(obj), ref.offset, ref.length, writable));
 }
 
 void HostShmDomain::Trim() {
@@ -236,7 +390,8 @@ void HostShmDomain::TrimStale() {
   for (auto it = impl_->cache.begin(); it != impl_->cache.end();) {
     struct stat st;
     const ShmObject& o = *it->second;
-    const bool gone = ::stat(o.path.c_str(), &st) != 0 || st.st_dev != o.dev || st.st_ino != o.ino;
+    const bool gone = ::fstatat(impl_->dir.get(), o.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 ||
+                      st.st_dev != o.dev || st.st_ino != o.ino;
     if (gone && it->second.use_count() == 1) {
       it = impl_->cache.erase(it);
     } else {
@@ -251,5 +406,31 @@ size_t HostShmDomain::cached_objects() const {
 }
 
 std::unique_ptr<MemoryDomain> MakeHostShmDomain() { return std::make_unique<HostShmDomain>(); }
+
+std::string DiagnoseMemoryFault(const void* addr, bool writing) {
+  const auto a = reinterpret_cast<uintptr_t>(addr);
+  std::lock_guard<std::mutex> lock(g_mapped_mu);
+  auto it = g_mapped.upper_bound(a);
+  if (it == g_mapped.begin()) return {};
+  --it;
+  const ShmObject& o = *it->second;
+  if (a - it->first >= o.size) return {};
+  const uint64_t offset = a - it->first;
+  struct stat st;
+  if (::fstat(o.fd.get(), &st) != 0) return {};
+  // A fault past the end of the file is a truncation; inside it, the
+  // filesystem could not allocate the page (tmpfs full).
+  if (static_cast<uint64_t>(st.st_size) <= offset) {
+    return "shared memory object " + o.Quoted() + " was truncated while being copied: it is now " +
+           std::to_string(st.st_size) + " bytes, the fault was at offset " + std::to_string(offset);
+  }
+  struct statvfs vfs;
+  const std::string free = ::fstatvfs(o.fd.get(), &vfs) == 0
+                               ? std::to_string(static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize)
+                               : std::string("unknown");
+  return "out of space in " + o.dir + " while " + (writing ? "writing" : "reading") + " shared memory object " +
+         o.Quoted() + " at offset " + std::to_string(offset) + " (" + free +
+         " bytes free, statvfs)";
+}
 
 }  // namespace ws

@@ -1,12 +1,33 @@
 // Host shared-memory domain: POSIX shm objects ("/ws-x", shm_open) and
-// files under /dev/shm, each mapped once, whole, MAP_SHARED.
+// files directly under /dev/shm, each mapped once, whole, MAP_SHARED.
 //
-// Objects are cached by (st_dev, st_ino). Every Map() stats the name, so an
-// object re-created under the same name (new inode) or resized is remapped
-// instead of reusing a stale mapping. A cached object stays mapped while the
+// Untrusted local clients name the objects and the daemon may run as root,
+// so nothing is ever resolved or checked by path:
+//  - a ref name is "/NAME" or "/dev/shm/NAME": exactly one component (no
+//    '/', not "." or "..", no NUL, at most NAME_MAX bytes); subdirectories
+//    are refused;
+//  - NAME is opened relative to a directory fd of /dev/shm taken once at
+//    construction, with O_NOFOLLOW|O_NONBLOCK (a symbolic link fails with
+//    ELOOP, a FIFO cannot block the open), and every check uses fstat() of
+//    the opened fd: only regular files, owned by the Accessor's uid (owner
+//    permission bits apply), or by one of its gids (group bits apply), or
+//    any owner for an `any_owner` Accessor; the Accessor must be `local`.
+//    An object its class may only read is mapped read-only.
+//
+// Objects are cached by (st_dev, st_ino) of the opened fd. Every Map()
+// opens and fstats the name (cheap), so an object re-created under the same
+// name (new inode) or resized is remapped instead of reusing a stale
+// mapping. A cached object keeps its fd open and stays mapped while the
 // cache or any Mapping holds it; Trim() drops the cache's reference to
 // objects no Mapping uses. Since a cached mapping keeps its inode alive, an
 // inode number cannot be recycled for a different object while cached.
+// CheckBacked() fstats the object's own fd; TrimStale() looks the name up
+// with fstatat(AT_SYMLINK_NOFOLLOW) in the directory fd.
+//
+// Mapping::Reserve() fallocates the range (FALLOC_FL_KEEP_SIZE): tmpfs
+// allocates the pages now, and a full /dev/shm is ResourceExhausted at
+// registration instead of a SIGBUS mid-copy. DiagnoseMemoryFault() (memory.h)
+// explains faults in objects mapped here: truncated, or out of space.
 //
 // Thread-safety: all methods are thread-safe; mmap runs outside the lock.
 #pragma once
@@ -20,6 +41,9 @@
 namespace ws {
 
 struct HostShmOptions {
+  // The directory objects live in. Only tests use another one (e.g. a small
+  // tmpfs); ref names "/NAME" and "<dir>/NAME" then name dir/NAME.
+  std::string dir = "/dev/shm";
   // Pre-fault the page tables at map time (once per object) so copies do not
   // take a page fault per 4 KiB on every first touch.
   bool populate = true;
@@ -33,6 +57,7 @@ struct HostShmOptions {
 
 class HostShmDomain final : public MemoryDomain {
  public:
+  // Opens opts.dir once; if that fails, every Map() reports why.
   explicit HostShmDomain(HostShmOptions opts = {});
   ~HostShmDomain() override;
 
@@ -50,9 +75,10 @@ class HostShmDomain final : public MemoryDomain {
   std::unique_ptr<Impl> impl_;
 };
 
-// Resolves a host ref name to a filesystem path: "/ws-x" -> "/dev/shm/ws-x";
-// "/dev/shm/a/b" stays. Anything else (relative names, other directories,
-// ".." components) is InvalidArgument.
-Result<std::string> ResolveShmPath(const std::string& name);
+// The object name a host ref names in `dir`: "/ws-x" -> "ws-x" and
+// "<dir>/ws-x" -> "ws-x". Pure string check, no filesystem access. Anything
+// else (relative names, other directories, subdirectories, "." and "..",
+// NUL bytes, names over NAME_MAX) is InvalidArgument naming `name`.
+Result<std::string> ShmObjectName(const std::string& name, const std::string& dir = "/dev/shm");
 
 }  // namespace ws

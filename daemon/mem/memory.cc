@@ -66,6 +66,11 @@ class CompositeDomain final : public MemoryDomain {
   Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what, const Accessor& by) override {
     if (ref.kind == MemoryKind::kHostShm) return host_->Map(ref, what, by);
     if (ref.kind == MemoryKind::kCudaIpc) {
+      if (!by.local) {
+        return PermissionDenied(what + ": " + ref.ToString() +
+                                  ": CUDA IPC references need a local peer with known credentials (not " +
+                                  (by.who.empty() ? "uid " + std::to_string(by.uid) : by.who) + ")");
+      }
       if (cuda_) return cuda_->Map(ref, what, by);
       return Status(cuda_unavailable_.code(),
                     what + ": " + ref.ToString() + " is CUDA memory, but " + cuda_unavailable_.message());

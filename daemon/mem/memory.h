@@ -21,10 +21,13 @@ namespace ws {
 enum class MemoryKind : uint8_t { kHostShm = 0, kCudaIpc = 1 };
 
 // Who a mapping is made for. The daemon maps memory on behalf of a peer and
-// only memory that peer owns (docs/security.md): host objects must be regular
-// files directly under /dev/shm owned by `uid` (or by a group in `gids`);
-// CUDA IPC references are accepted only from `local` peers whose credentials
-// the kernel vouched for (unix socket SO_PEERCRED, or the daemon itself).
+// only memory that peer owns (docs/security.md). Nothing is mapped for a peer
+// that is not `local` (credentials the kernel vouched for: unix socket
+// SO_PEERCRED, or the daemon itself). Host objects must be regular files
+// directly under /dev/shm (no subdirectories, no symbolic links, no FIFOs or
+// devices), owned by `uid` (mapped as the owner permission bits allow) or by
+// a group in `gids` (as the group bits allow); `any_owner` lifts only the
+// ownership rule. CUDA IPC references need a `local` peer.
 struct Accessor {
   bool local = false;       // credentials known (unix-socket peer or in-process)
   bool any_owner = false;   // admin: objects of any owner (still only files directly under /dev/shm)
@@ -54,7 +57,7 @@ struct MemoryExtent {
 // The domain form of a proto MemoryRef.
 struct MemoryRef {
   MemoryKind kind = MemoryKind::kHostShm;
-  std::string name;          // host: shm_open name ("/ws-x") or a path under /dev/shm
+  std::string name;          // host: shm_open name ("/ws-x") or "/dev/shm/ws-x" (one component)
   std::string cuda_handle;   // cuda: 64-byte cudaIpcMemHandle_t
   std::string device_uuid;   // cuda: "GPU-xxxxxxxx-..."
   uint64_t offset = 0;
@@ -80,6 +83,11 @@ class Mapping {
   // Checks that the mapped range is still backed by its object (a peer that
   // truncates a mapped shm object would make the next access SIGBUS).
   virtual Status CheckBacked() const { return Status::Ok(); }
+  // For writable destinations, at registration: allocates the backing store
+  // of the range now, so later writes cannot run out of space (host shm:
+  // fallocate; a full /dev/shm is ResourceExhausted saying how much is free).
+  // CUDA memory is allocated already: Ok.
+  virtual Status Reserve() const { return Status::Ok(); }
   // Identity of the underlying object: mappings of one object return the same
   // pointer, so callers can check each object once rather than every range.
   virtual const void* object() const { return this; }
@@ -117,6 +125,14 @@ class MemoryDomain {
 
 // Host shared memory (POSIX shm / files under /dev/shm).
 std::unique_ptr<MemoryDomain> MakeHostShmDomain();
+
+// For fault guards that caught a SIGBUS at `addr` (`writing`: the faulting
+// access was a write): why, from the live host object mapped there, e.g.
+// "shared memory object '/ws-x' was truncated while being copied: ..." or
+// "out of space in /dev/shm while writing shared memory object '/ws-x' ...".
+// Empty when no live host mapping covers addr. Not async-signal-safe: call it
+// after leaving the signal handler.
+std::string DiagnoseMemoryFault(const void* addr, bool writing);
 
 // The factory: host domain always; CUDA IPC too when built with CUDA and a
 // device is present (otherwise CUDA refs are refused with a clear error).

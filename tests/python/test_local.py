@@ -32,6 +32,21 @@ def test_shm_index_finds_shm_tensors_only():
     assert idx.locate_tensor(t.t()) is None  # not contiguous
 
 
+def test_shm_index_skips_subdirectories():
+    import os
+    import tempfile
+    d = tempfile.mkdtemp(dir="/dev/shm", prefix="ws-test-dir-")
+    try:
+        path = os.path.join(d, "x")
+        with open(path, "wb") as f:
+            f.write(bytes(64))
+        t = torch.from_file(path, shared=True, size=16, dtype=torch.float32)
+        assert ShmIndex().locate_tensor(t) is None  # the daemon would refuse the name
+    finally:
+        os.unlink(os.path.join(d, "x"))
+        os.rmdir(d)
+
+
 def test_dtype_policy():
     p = DtypePolicy("bfloat16")
     assert p.wire_dtype("model.layers.0.mlp.up_proj.weight", torch.float32, torch.bfloat16) == torch.bfloat16

@@ -121,7 +121,7 @@ class ShmLocation:
 
 
 class ShmIndex:
-    """Snapshot of this process's mappings of /dev/shm files (from /proc/self/maps)."""
+    """Snapshot of this process's mappings of files directly under /dev/shm (from /proc/self/maps)."""
 
     def __init__(self):
         starts, entries = [], []
@@ -137,6 +137,8 @@ class ShmIndex:
             path = parts[5].rstrip("\n")
             if not path.startswith(SHM_DIR + "/") or path.endswith(" (deleted)") or "s" not in parts[1]:
                 continue
+            if "/" in path[len(SHM_DIR) + 1:]:
+                continue  # the daemon maps only names directly under /dev/shm
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
             starts.append(lo)
             entries.append((lo, hi, int(parts[2], 16), path))

@@ -84,6 +84,11 @@ class CudaIpcDomain final : public MemoryDomain {
   using MemoryDomain::Map;
   Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what, const Accessor& by) override {
     if (ref.kind != MemoryKind::kCudaIpc) return InvalidArgument(what + ": not a CUDA IPC reference");
+    if (!by.local) {
+      return PermissionDenied(what + ": " + Describe(ref) +
+                                ": CUDA IPC references need a local peer with known credentials (not " +
+                                (by.who.empty() ? "uid " + std::to_string(by.uid) : by.who) + ")");
+    }
     if (ref.cuda_handle.size() != sizeof(cudaIpcMemHandle_t)) {
       return InvalidArgument(what + ": " + Describe(ref) + ": handle must be " +
                              std::to_string(sizeof(cudaIpcMemHandle_t)) + " bytes (cudaIpcMemHandle_t), got " +

@@ -32,8 +32,9 @@ Result<int> DeviceByUuid(const std::string& uuid);
 // The CUDA IPC memory domain. Handles are opened once per (device, handle)
 // and cached; an opened allocation is closed when the cache (see Trim()) and
 // every Mapping of it are gone. Offsets are validated against the
-// allocation's size (cuMemGetAddressRange). FailedPrecondition when no
-// device is usable.
+// allocation's size (cuMemGetAddressRange); references from an Accessor
+// that is not `local` are refused. FailedPrecondition when no device is
+// usable.
 Result<std::unique_ptr<MemoryDomain>> MakeCudaIpcDomain();
 
 // HostShmOptions::pin for host objects on a CUDA machine: registers the

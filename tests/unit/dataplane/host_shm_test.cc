@@ -11,10 +11,21 @@
 #include <thread>
 #include <vector>
 
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/sysmacros.h>
+#include <sys/un.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <future>
+#include <memory>
+#include <stdexcept>
+
+#include "daemon/dataplane/executor.h"
 #include "daemon/mem/host_shm.h"
 #include "daemon/mem/memory.h"
-
-#include <memory>
 
 namespace ws {
 namespace {
@@ -111,7 +122,8 @@ TEST(HostShmTest, ZeroSizeObjectAndZeroLengthShard) {
 
 TEST(HostShmTest, BadNamesAndMissingObjects) {
   HostShmDomain dom;
-  for (const char* name : {"relative", "", "/", "/etc/passwd", "/dev/shm/", "/dev/shm/../etc/passwd"}) {
+  for (const char* name : {"relative", "", "/", "/etc/passwd", "/dev/shm/", "/dev/shm/../etc/passwd", "/dev/shm/a/b",
+                           "/dev/shm/..", "/..", "/.", "//ws-x", "/dev/shm//ws-x", "dev/shm/ws-x"}) {
     auto r = dom.Map(Ref(name, 0, 0), "w");
     ASSERT_FALSE(r.ok()) << name;
     EXPECT_TRUE(r.status().code() == Code::kInvalidArgument || r.status().code() == Code::kNotFound)
@@ -130,6 +142,7 @@ TEST(HostShmTest, BadNamesAndMissingObjects) {
   unlink(link.c_str());
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("symbolic link"), std::string::npos) << r.status().ToString();
 }
 
 TEST(HostShmTest, RecreatedObjectIsRemapped) {
@@ -219,6 +232,7 @@ TEST(HostShmTest, PinHookRunsOncePerObjectAndIsReleasedBeforeUnmap) {
 
 TEST(HostShmTest, ReadOnlyObjectFallsBackToReadOnlyMapping) {
   ShmObj obj(128, 4, 0444);
+  if (geteuid() == 0) ASSERT_EQ(chown(obj.path().c_str(), 65534, 65534), 0);  // the child's own object
   auto check = [&]() -> int {
     HostShmDomain dom;
     auto r = dom.Map(Ref(obj.name(), 0, 128), "ro");
@@ -263,6 +277,405 @@ TEST(HostShmTest, ConcurrentMapsShareOneObject) {
   EXPECT_EQ(dom.cached_objects(), 1u);
 }
 
+// ---------------------------------------------------------------- who may map what
+
+Accessor Peer(uint32_t uid, std::vector<uint32_t> gids = {}, bool any_owner = false) {
+  Accessor a;
+  a.local = true;
+  a.any_owner = any_owner;
+  a.uid = uid;
+  a.gids = std::move(gids);
+  a.who = "uid " + std::to_string(uid) + " (pid 42)";
+  return a;
+}
+
+void ExpectRefused(const Result<std::shared_ptr<Mapping>>& r, Code code, const std::vector<std::string>& parts) {
+  ASSERT_FALSE(r.ok()) << "mapped, but should have been refused";
+  EXPECT_EQ(r.status().code(), code) << r.status().ToString();
+  for (const auto& p : parts)
+    EXPECT_NE(r.status().message().find(p), std::string::npos) << "missing '" << p << "' in: " << r.status().message();
+}
+
+#define REQUIRE_ROOT() \
+  if (geteuid() != 0) GTEST_SKIP() << "needs root (chown, mknod, mount)"
+
+TEST(HostShmAccessTest, OwnerOnlyUnlessAnyOwner) {
+  REQUIRE_ROOT();
+  ShmObj obj(4096, 6);
+  ASSERT_EQ(chown(obj.path().c_str(), 65534, 65534), 0);
+  HostShmDomain dom;
+  ExpectRefused(dom.Map(Ref(obj.name(), 0, 64), "param model.norm.weight", Peer(1000, {1000})),
+                Code::kPermissionDenied,
+                {"param model.norm.weight", obj.name(), "owned by uid 65534", "not by the caller (uid 1000 (pid 42))"});
+  // The daemon itself (root) is not the owner either.
+  ExpectRefused(dom.Map(Ref(obj.name(), 0, 64), "w"), Code::kPermissionDenied, {"owned by uid 65534"});
+
+  auto owner = dom.Map(Ref(obj.name(), 0, 64), "w", Peer(65534));
+  ASSERT_TRUE(owner.ok()) << owner.status().ToString();
+  EXPECT_TRUE((*owner)->writable());
+  EXPECT_EQ(static_cast<unsigned char*>((*owner)->data())[0], 6);
+  auto admin = dom.Map(Ref(obj.path(), 0, 64), "w", Peer(1000, {}, /*any_owner=*/true));
+  ASSERT_TRUE(admin.ok()) << admin.status().ToString();
+  EXPECT_TRUE((*admin)->writable());
+
+  // Credentials unknown: nothing, not even for an admin.
+  Accessor remote = Peer(65534, {}, true);
+  remote.local = false;
+  ExpectRefused(dom.Map(Ref(obj.name(), 0, 64), "w", remote), Code::kPermissionDenied,
+                {obj.name(), "local peer with known credentials"});
+}
+
+TEST(HostShmAccessTest, OwnerAndGroupPermissionBitsApply) {
+  REQUIRE_ROOT();
+  ShmObj obj(4096, 3);
+  ASSERT_EQ(chown(obj.path().c_str(), 65534, 4242), 0);
+  const Accessor member = Peer(1000, {1000, 4242});
+  auto map = [&](const Accessor& by) {
+    HostShmDomain dom;  // fresh: nothing cached from an earlier mode
+    return dom.Map(Ref(obj.name(), 0, 4096), "engine.qkv", by);
+  };
+
+  ASSERT_EQ(chmod(obj.path().c_str(), 0660), 0);
+  auto rw = map(member);
+  ASSERT_TRUE(rw.ok()) << rw.status().ToString();
+  EXPECT_TRUE((*rw)->writable());
+
+  ASSERT_EQ(chmod(obj.path().c_str(), 0640), 0);
+  auto ro = map(member);
+  ASSERT_TRUE(ro.ok()) << ro.status().ToString();
+  EXPECT_FALSE((*ro)->writable()) << "the group may only read it";
+  EXPECT_EQ(static_cast<unsigned char*>((*ro)->data())[4095], 3);
+
+  ASSERT_EQ(chmod(obj.path().c_str(), 0600), 0);
+  ExpectRefused(map(member), Code::kPermissionDenied, {obj.name(), "not readable by its group 4242"});
+  ExpectRefused(map(Peer(1000, {1000, 4243})), Code::kPermissionDenied, {"owned by uid 65534 (group 4242)"});
+
+  ASSERT_EQ(chmod(obj.path().c_str(), 0460), 0);
+  auto owner = map(Peer(65534));
+  ASSERT_TRUE(owner.ok()) << owner.status().ToString();
+  EXPECT_FALSE((*owner)->writable()) << "the owner bits say read-only, even though the group may write";
+}
+
+TEST(HostShmAccessTest, ReadOnlyPeerThenWritablePeerGetsAWritableMapping) {
+  REQUIRE_ROOT();
+  ShmObj obj(4096, 1, 0640);
+  ASSERT_EQ(chown(obj.path().c_str(), 65534, 4242), 0);
+  HostShmDomain dom;
+  auto ro = dom.Map(Ref(obj.name(), 0, 4096), "w", Peer(1000, {4242}));
+  ASSERT_TRUE(ro.ok()) << ro.status().ToString();
+  EXPECT_FALSE((*ro)->writable());
+  auto rw = dom.Map(Ref(obj.name(), 0, 4096), "w", Peer(65534));
+  ASSERT_TRUE(rw.ok()) << rw.status().ToString();
+  ASSERT_TRUE((*rw)->writable());
+  static_cast<unsigned char*>((*rw)->data())[0] = 8;  // would SIGSEGV on a read-only mapping
+  EXPECT_EQ(static_cast<unsigned char*>((*ro)->data())[0], 8) << "both map the same object";
+  // The read-only peer still gets a read-only view of the (now writable) cached object.
+  auto ro2 = dom.Map(Ref(obj.name(), 0, 4096), "w", Peer(1000, {4242}));
+  ASSERT_TRUE(ro2.ok());
+  EXPECT_FALSE((*ro2)->writable());
+  EXPECT_EQ(dom.cached_objects(), 1u);
+}
+
+// A temporary directory, removed (recursively, one level) at the end.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& base = "/tmp") {
+    std::string tmpl = base + "/ws-dp-test-XXXXXX";
+    if (mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp in " + base);
+    path_ = tmpl;
+  }
+  ~TempDir() {
+    std::string cmd = "rm -rf '" + path_ + "'";
+    if (std::system(cmd.c_str()) != 0) std::fprintf(stderr, "cannot remove %s\n", path_.c_str());
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+void WriteFile(const std::string& path, const std::string& bytes, mode_t mode) {
+  int fd = open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, mode);
+  if (fd < 0) throw std::runtime_error("create " + path + ": " + std::strerror(errno));
+  if (write(fd, bytes.data(), bytes.size()) != static_cast<ssize_t>(bytes.size())) throw std::runtime_error("write");
+  fchmod(fd, mode);
+  close(fd);
+}
+
+std::string Unique(const std::string& tag) {
+  static std::atomic<int> n{0};
+  return "ws-dp-test-" + tag + "-" + std::to_string(getpid()) + "-" + std::to_string(n++);
+}
+
+TEST(HostShmAccessTest, SymlinksAreRefusedEvenForAdmins) {
+  TempDir outside;
+  const std::string target = outside.path() + "/weights";
+  WriteFile(target, std::string(4096, 'x'), 0600);
+  ShmObj inside(4096, 2);
+  HostShmDomain dom;
+  for (const std::string& to : {target, inside.path()}) {
+    const std::string name = Unique("link");
+    const std::string link = "/dev/shm/" + name;
+    ASSERT_EQ(symlink(to.c_str(), link.c_str()), 0);
+    auto r = dom.Map(Ref("/" + name, 0, 16), "param lm_head.weight", Peer(geteuid(), {}, true));
+    unlink(link.c_str());
+    ExpectRefused(r, Code::kInvalidArgument, {"param lm_head.weight", name, "is a symbolic link"});
+  }
+}
+
+TEST(HostShmAccessTest, SubdirectoriesAndDotDotAreRefused) {
+  const std::string dir_name = Unique("dir");
+  const std::string dir = "/dev/shm/" + dir_name;
+  ASSERT_EQ(mkdir(dir.c_str(), 0700), 0);
+  WriteFile(dir + "/x", std::string(64, 'd'), 0600);
+  HostShmDomain dom;
+  const Accessor admin = Peer(geteuid(), {}, true);
+  for (const std::string& name : {dir + "/x", "/" + dir_name + "/x", dir + "/../" + dir_name + "/x",
+                                  "/dev/shm/../shm/" + dir_name + "/x", std::string("/dev/shm/..")}) {
+    ExpectRefused(dom.Map(Ref(name, 0, 16), "w", admin), Code::kInvalidArgument, {name, "directly under /dev/shm"});
+  }
+  ExpectRefused(dom.Map(Ref("/" + dir_name, 0, 0), "w", admin), Code::kInvalidArgument,
+                {dir_name, "is a directory, not a regular file"});
+  unlink((dir + "/x").c_str());
+  rmdir(dir.c_str());
+}
+
+TEST(HostShmAccessTest, NameRules) {
+  EXPECT_EQ(*ShmObjectName("/ws-x"), "ws-x");
+  EXPECT_EQ(*ShmObjectName("/dev/shm/ws-x"), "ws-x");
+  EXPECT_EQ(*ShmObjectName("/dev"), "dev") << "a POSIX name, not the directory /dev";
+  EXPECT_EQ(*ShmObjectName("/tmp/t/ws-x", "/tmp/t/"), "ws-x");
+  EXPECT_EQ(*ShmObjectName("/ws-x", "/tmp/t"), "ws-x");
+  EXPECT_EQ(*ShmObjectName("/" + std::string(NAME_MAX, 'n')), std::string(NAME_MAX, 'n'));
+  for (const std::string& bad : {std::string("/") + std::string(NAME_MAX + 1, 'n'), std::string("/a\0b", 4),
+                                 std::string("/dev/shm/a\0", 11), std::string("/a/"), std::string("/dev/shm/x/"),
+                                 std::string("ws-x"), std::string("/."), std::string("/dev/shm/.")}) {
+    auto r = ShmObjectName(bad);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
+    EXPECT_EQ(r.status().message().find('\0'), std::string::npos) << "NUL bytes are escaped";
+  }
+  EXPECT_NE(ShmObjectName(std::string("/a\0b", 4)).status().message().find("a\\x00b"), std::string::npos);
+}
+
+TEST(HostShmAccessTest, FifoIsRefusedWithoutBlocking) {
+  const std::string name = Unique("fifo");
+  const std::string path = "/dev/shm/" + name;
+  ASSERT_EQ(mkfifo(path.c_str(), 0600), 0);
+  HostShmDomain dom;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto done = std::async(std::launch::async,
+                         [&] { return dom.Map(Ref("/" + name, 0, 0), "param x", Peer(geteuid(), {}, true)); });
+  if (done.wait_for(std::chrono::seconds(2)) != std::future_status::ready) {
+    // Blocked in open(): release it (a writer appears) so the test fails instead of hanging.
+    int w = open(path.c_str(), O_WRONLY | O_NONBLOCK);
+    ADD_FAILURE() << "Map of a FIFO blocked";
+    if (w >= 0) close(w);
+  }
+  auto r = done.get();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  unlink(path.c_str());
+  ExpectRefused(r, Code::kInvalidArgument, {"param x", name, "is a FIFO, not a regular file"});
+  EXPECT_LT(secs, 0.5);
+}
+
+TEST(HostShmAccessTest, CharacterDeviceIsRefused) {
+  const std::string dev = Unique("chr");
+  if (mknod(("/dev/shm/" + dev).c_str(), S_IFCHR | 0666, makedev(1, 3)) != 0)  // like /dev/null
+    GTEST_SKIP() << "cannot mknod a character device in /dev/shm: " << std::strerror(errno);
+  HostShmDomain dom;
+  auto r = dom.Map(Ref("/" + dev, 0, 0), "w", Peer(geteuid(), {}, true));
+  unlink(("/dev/shm/" + dev).c_str());
+  ExpectRefused(r, Code::kInvalidArgument, {dev, "is a character device, not a regular file"});
+}
+
+TEST(HostShmAccessTest, SocketIsRefused) {
+  // open() fails (ENXIO); the error still says what it is.
+  const std::string sock = Unique("sock");
+  int s = socket(AF_UNIX, SOCK_STREAM, 0);
+  ASSERT_GE(s, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::snprintf(addr.sun_path, sizeof addr.sun_path, "/dev/shm/%s", sock.c_str());
+  ASSERT_EQ(bind(s, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  HostShmDomain dom;
+  auto r = dom.Map(Ref("/" + sock, 0, 0), "w", Peer(geteuid(), {}, true));
+  close(s);
+  unlink(addr.sun_path);
+  ExpectRefused(r, Code::kInvalidArgument, {sock, "is a socket, not a regular file"});
+}
+
+// A peer keeps swapping its entry between its own regular file and a
+// symlink to a root-only file elsewhere while the daemon maps the name:
+// every mapping that succeeds must be the peer's file.
+TEST(HostShmAccessTest, SwappingTheEntryForASymlinkNeverMapsTheTarget) {
+  REQUIRE_ROOT();
+  TempDir outside;
+  const std::string secret = outside.path() + "/secret";
+  const std::string marker = "ROOT-ONLY-MARKER";
+  std::string secret_bytes;
+  while (secret_bytes.size() < 4096) secret_bytes += marker;
+  secret_bytes.resize(4096);
+  WriteFile(secret, secret_bytes, 0600);
+
+  const std::string name = Unique("race");
+  const std::string entry = "/dev/shm/" + name;
+  const std::string file = entry + ".file";
+  WriteFile(file, std::string(4096, 'A'), 0600);
+  ASSERT_EQ(chown(file.c_str(), 1000, 1000), 0);
+
+  std::atomic<bool> stop{false};
+  std::thread swapper([&] {
+    const std::string tmp_file = entry + ".tmpf", tmp_link = entry + ".tmpl";
+    while (!stop.load()) {
+      unlink(tmp_file.c_str());
+      if (link(file.c_str(), tmp_file.c_str()) == 0) rename(tmp_file.c_str(), entry.c_str());
+      unlink(tmp_link.c_str());
+      if (symlink(secret.c_str(), tmp_link.c_str()) == 0) rename(tmp_link.c_str(), entry.c_str());
+    }
+    unlink(tmp_file.c_str());
+    unlink(tmp_link.c_str());
+  });
+
+  HostShmDomain dom;
+  const Accessor peer = Peer(1000, {1000}), admin = Peer(1000, {}, true);
+  int mapped = 0, refused = 0, bad = 0;
+  const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(300);
+  for (int i = 0; std::chrono::steady_clock::now() < end; ++i) {
+    auto r = dom.Map(Ref(i % 2 ? "/" + name : entry, 0, 4096), "param w", i % 3 ? peer : admin);
+    if (!r.ok()) {
+      ++refused;
+      continue;
+    }
+    ++mapped;
+    const char* p = static_cast<const char*>((*r)->data());
+    if (std::string(p, 4096) != std::string(4096, 'A')) ++bad;
+    if (i % 64 == 0) dom.Trim();
+  }
+  stop = true;
+  swapper.join();
+  unlink(entry.c_str());
+  unlink(file.c_str());
+  EXPECT_EQ(bad, 0) << "mapped something other than the peer's file";
+  EXPECT_GT(mapped, 0) << "the race never let the regular file through (refused " << refused << ")";
+  std::printf("race: %d mapped, %d refused\n", mapped, refused);
+}
+
+TEST(HostShmAccessTest, CheckBackedAndTrimStaleUseTheObjectNotTheName) {
+  ShmObj obj(8192, 1);
+  HostShmDomain dom;
+  auto m = dom.Map(Ref(obj.name(), 4096, 4096), "w");
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  int fd = open(obj.path().c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  // Unlinked, then replaced by a symlink to a large file: the name no longer
+  // says anything about the mapped object.
+  ASSERT_EQ(shm_unlink(obj.name().c_str()), 0);
+  ShmObj big(1 << 16, 2);
+  ASSERT_EQ(symlink(big.path().c_str(), obj.path().c_str()), 0);
+  EXPECT_TRUE((*m)->CheckBacked().ok());
+  ASSERT_EQ(ftruncate(fd, 4096), 0);  // the peer still holds it and shrinks it
+  close(fd);
+  Status st = (*m)->CheckBacked();
+  EXPECT_EQ(st.code(), Code::kFailedPrecondition) << st.ToString();
+  EXPECT_NE(st.message().find("shrank to 4096 bytes"), std::string::npos) << st.ToString();
+  m = Status(Code::kCancelled, "drop");
+  EXPECT_EQ(dom.cached_objects(), 1u);
+  dom.TrimStale();
+  EXPECT_EQ(dom.cached_objects(), 0u) << "the name now is a symlink, not the cached object";
+  unlink(obj.path().c_str());
+}
+
+// ---------------------------------------------------------------- out of space
+
+// A 1 MiB tmpfs, unmounted at the end.
+class SmallTmpfs {
+ public:
+  SmallTmpfs() {
+    if (mount("tmpfs", dir_.path().c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=1777") != 0)
+      error_ = std::strerror(errno);
+  }
+  ~SmallTmpfs() {
+    if (error_.empty()) umount2(dir_.path().c_str(), MNT_DETACH);
+  }
+  bool ok() const { return error_.empty(); }
+  const std::string& error() const { return error_; }
+  const std::string& path() const { return dir_.path(); }
+
+ private:
+  TempDir dir_;
+  std::string error_;
+};
+
+TEST(HostShmSpaceTest, ReserveAndSigbusSayOutOfSpace) {
+  REQUIRE_ROOT();
+  SmallTmpfs fs;
+  if (!fs.ok()) GTEST_SKIP() << "cannot mount a tmpfs: " << fs.error();
+  HostShmOptions opts;
+  opts.dir = fs.path();
+  HostShmDomain dom(opts);
+
+  // A small destination: reserved, its pages allocated.
+  int fd = open((fs.path() + "/small").c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, 64 << 10), 0);
+  auto small = dom.Map(Ref(fs.path() + "/small", 0, 64 << 10), "w");
+  ASSERT_TRUE(small.ok()) << small.status().ToString();
+  EXPECT_TRUE((*small)->Reserve().ok());
+  struct stat st;
+  ASSERT_EQ(fstat(fd, &st), 0);
+  EXPECT_GE(st.st_blocks * 512, 64 << 10);
+  EXPECT_EQ(st.st_size, 64 << 10) << "FALLOC_FL_KEEP_SIZE";
+  close(fd);
+
+  // A sparse 4 MiB destination on the 1 MiB filesystem.
+  constexpr size_t kBig = 4u << 20;
+  fd = open((fs.path() + "/big").c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, kBig), 0);
+  close(fd);
+  auto big = dom.Map(Ref("/big", 0, kBig), "w");
+  ASSERT_TRUE(big.ok()) << big.status().ToString();
+  Status reserved = (*big)->Reserve();
+  EXPECT_EQ(reserved.code(), Code::kResourceExhausted) << reserved.ToString();
+  for (const std::string& s : {"out of space in " + fs.path(), std::string("bytes free (statvfs)"),
+                               std::string("'/big' needs 4194304 bytes")})
+    EXPECT_NE(reserved.message().find(s), std::string::npos) << "missing '" << s << "' in: " << reserved.message();
+
+  // Not reserved, written anyway: the fault guard says why.
+  std::vector<float> src(kBig / 4, 1.f);
+  kernels::CopyOp op;
+  op.src = src.data();
+  op.dst = (*big)->data();
+  op.rows = 1;
+  op.cols = static_cast<int64_t>(src.size());
+  op.src_ld = op.dst_ld = op.cols;
+  op.src_dtype = op.dst_dtype = kernels::kF32;
+  ExecutorOptions eo;
+  eo.threads = 2;
+  eo.chunk_bytes = 64 << 10;
+  auto ran = MakeHostExecutor(eo)->RunLabeled({op}, {"engine-0 param lm_head.weight"});
+  ASSERT_FALSE(ran.ok());
+  const std::string& msg = ran.status().message();
+  for (const std::string& s : {std::string("engine-0 param lm_head.weight"),
+                               "out of space in " + fs.path() + " while writing", std::string("'/big'"),
+                               std::string("writing the destination")})
+    EXPECT_NE(msg.find(s), std::string::npos) << "missing '" << s << "' in: " << msg;
+  EXPECT_EQ(ran.status().message().find("truncated"), std::string::npos) << ran.status().message();
+
+  // A read-only mapping has nothing to reserve for.
+  ASSERT_EQ(chmod((fs.path() + "/small").c_str(), 0400), 0);
+  auto ro = dom.Map(Ref("/small", 0, 16), "w");
+  ASSERT_TRUE(ro.ok()) << ro.status().ToString();
+  EXPECT_EQ((*ro)->Reserve().code(), Code::kFailedPrecondition);
+}
+
+TEST(HostShmSpaceTest, DiagnoseIgnoresMemoryItDidNotMap) {
+  std::vector<char> heap(64);
+  EXPECT_EQ(DiagnoseMemoryFault(heap.data(), true), "");
+  EXPECT_EQ(DiagnoseMemoryFault(nullptr, false), "");
+}
+
 TEST(MemoryDomainTest, FactoryHandlesHostAndRefusesCudaClearly) {
   ShmObj obj(64, 1);
   auto dom = MakeMemoryDomain();
@@ -280,6 +693,23 @@ TEST(MemoryDomainTest, FactoryHandlesHostAndRefusesCudaClearly) {
       << r.status().ToString();
   EXPECT_NE(r.status().message().find("engine.embed_tokens.weight"), std::string::npos) << r.status().ToString();
   EXPECT_NE(r.status().message().find("CUDA"), std::string::npos) << r.status().ToString();
+}
+
+TEST(MemoryDomainTest, CudaNeedsALocalPeer) {
+  auto dom = MakeMemoryDomain();
+  MemoryRef cuda;
+  cuda.kind = MemoryKind::kCudaIpc;
+  cuda.cuda_handle = std::string(64, '\x01');
+  cuda.device_uuid = "GPU-00000000-0000-0000-0000-000000000000";
+  cuda.length = 16;
+  Accessor remote = Accessor::Self();
+  remote.local = false;
+  remote.any_owner = true;
+  remote.who = "tcp peer 10.0.0.7";
+  auto r = dom->Map(cuda, "engine.embed_tokens.weight", remote);
+  ExpectRefused(r, Code::kPermissionDenied,
+                {"engine.embed_tokens.weight", "CUDA IPC references need a local peer with known credentials",
+                 "tcp peer 10.0.0.7"});
 }
 
 TEST(MemoryRefTest, ToStringNamesTheObject) {

@@ -21,6 +21,7 @@ TEST(Convert, StatusCodeTable) {
       {Code::kCancelled, grpc::StatusCode::CANCELLED},
       {Code::kInternal, grpc::StatusCode::INTERNAL},
       {Code::kUnimplemented, grpc::StatusCode::UNIMPLEMENTED},
+      {Code::kResourceExhausted, grpc::StatusCode::RESOURCE_EXHAUSTED},
   };
   for (const auto& [code, grpc_code] : table) {
     EXPECT_EQ(ToGrpcCode(code), grpc_code) << CodeName(code);
