@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 PKGS=(build-essential cmake ninja-build pkg-config ccache git
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
       libspdlog-dev libcli11-dev nlohmann-json3-dev libgtest-dev libgmock-dev
-      python3 python3-venv python3-pip systemd)
+      python3 python3-venv python3-pip systemd
+      python3-grpcio python3-protobuf passwd util-linux)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -402,7 +402,10 @@ Result<std::string> Coordinator::RegisterEngine(const Peer& caller, EngineRankSp
     if (!m.ok()) return refuse(m.status().WithContext(who));
     if (!m.value()->writable())
       return refuse(InvalidArgument(who + ": param " + p.name + ": memory " + memory[i].ToString() +
-                                    " is not writable by the daemon"));
+                                    " is read-only for " + caller.Describe()));
+    // Allocate the backing pages now: a full /dev/shm is a refusal naming
+    // the param, not a fault in the middle of a sync.
+    if (Status st = m.value()->Reserve(); !st.ok()) return refuse(st.WithContext(who + ": param " + p.name));
     maps.push_back(std::move(m).value());
     bytes += want;
   }

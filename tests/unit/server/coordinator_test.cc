@@ -610,7 +610,7 @@ TEST_F(CoordinatorTest, RegistrationErrors) {
     domain_->Add(h.buffer, domain_->Get(h.buffer)->bytes.size(), /*writable=*/false);
     s = coord_->RegisterEngine(Self(), spec, mem, h.sink.get()).status();
     EXPECT_ERR(s, "param embed.weight: memory");
-    EXPECT_ERR(s, "not writable");
+    EXPECT_ERR(s, "is read-only for in-process caller");
   }
   s = try_reg([](EngineRankSpec& sp, std::vector<MemoryRef>& m) { sp.tp_rank = 2; });
   EXPECT_ERR(s, "tp_rank 2 is not below tp_size 2");
