@@ -6,10 +6,10 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
-#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -237,9 +237,11 @@ int main(int argc, char** argv) {
     std::string admins = "uid 0";
     for (uint32_t u : auth.admin_uids) admins += ", uid " + std::to_string(u);
     for (const auto& cn : auth.admin_cns) admins += ", cn " + cn;
-    const char* tcp = !tls_cert.empty() ? (tls_client_ca.empty() ? "TLS" : "TLS with client certificates")
-                      : insecure_tcp    ? "plaintext (--insecure-tcp)"
-                                        : "off";
+    bool has_tcp = false;
+    for (const auto& a : server.addresses()) has_tcp |= a.rfind("unix:", 0) != 0;
+    const char* tcp = !has_tcp              ? "not served"
+                      : !tls_cert.empty()   ? (tls_client_ca.empty() ? "TLS" : "TLS with client certificates")
+                                            : "plaintext (--insecure-tcp)";
     spdlog::info("access: unix socket mode {:04o}; TCP {}; token {}; admins: {}; shm groups: {}", sock_mode, tcp,
                  auth.token.empty() ? "not required" : "required", admins, auth.shm_gids.size());
   }

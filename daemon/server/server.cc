@@ -161,7 +161,8 @@ Status Server::Start() {
   }
   if (opts_.insecure_tcp && !tcp.empty()) {
     std::string where;
-    for (const auto& a : tcp) where += (where.empty() ? "" : ", ") + a;
+    for (const auto& a : bound_)
+      if (a.rfind("unix:", 0) != 0) where += (where.empty() ? "" : ", ") + a;
     spdlog::warn("serving plaintext TCP without TLS on {} (--insecure-tcp): anyone who can reach it can read and "
                  "forge its traffic{}",
                  where,

@@ -246,7 +246,9 @@ TEST(DaemonProcess, TokenSocketModeAndPlaintextTcpFromTheConfigFile) {
 
   // The TCP port (logged as bound) serves plaintext, with a warning at startup.
   std::string log = ReadFile(out);
-  EXPECT_TRUE(Has(log, "serving plaintext TCP without TLS on 127.0.0.1:0 (--insecure-tcp)")) << log;
+  EXPECT_TRUE(Has(log, "serving plaintext TCP without TLS on 127.0.0.1:")) << log;
+  EXPECT_TRUE(Has(log, "TCP plaintext (--insecure-tcp); token required; admins: uid 0, uid 1234; shm groups: 1"))
+      << log;
   EXPECT_TRUE(Has(log, "token required")) << log;
   EXPECT_FALSE(Has(log, "tok-123")) << log;
   auto at = log.find("127.0.0.1:", log.find("serving on"));
