@@ -349,8 +349,29 @@ std::string Line(const std::string& output, const std::string& key) {
   return "";
 }
 
-#define REQUIRE_ROOT() \
-  if (::geteuid() != 0) GTEST_SKIP() << "needs root (to run a peer as uid " << kNobody << ")"
+// Whether users other than the owner may execute this binary (every
+// directory above it searchable by others, the file executable by others).
+bool OthersCanRunThisBinary() {
+  char buf[4096];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return false;
+  std::string path(buf, static_cast<size_t>(n));
+  for (size_t at = path.find('/', 1); at != std::string::npos; at = path.find('/', at + 1)) {
+    struct stat st {};
+    if (::stat(path.substr(0, at).c_str(), &st) != 0 || (st.st_mode & S_IXOTH) == 0) return false;
+  }
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && (st.st_mode & S_IXOTH) != 0;
+}
+
+// Skips (visibly) unless this process can run a peer as uid 65534.
+#define REQUIRE_ROOT()                                                                              \
+  do {                                                                                              \
+    if (::geteuid() != 0) GTEST_SKIP() << "needs root (to run a peer as uid " << kNobody << ")";    \
+    if (!OthersCanRunThisBinary())                                                                  \
+      GTEST_SKIP() << "uid " << kNobody << " cannot execute this test binary (a directory above it " \
+                   << "is not searchable by others)";                                               \
+  } while (0)
 
 // ---- unix socket peers ----------------------------------------------------
 
