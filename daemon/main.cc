@@ -1,14 +1,17 @@
 // weightsyncd: the per-node weight sync daemon. Flags or a TOML config file
 // (keys are the long flag names; flags win), then serve until SIGTERM/SIGINT.
 // Exit status: 0 after a clean shutdown, 2 when it cannot start.
+#include <grp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -18,6 +21,7 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/core/layout.h"
+#include "daemon/core/token.h"
 #include "daemon/dataplane/executor.h"
 #include "daemon/mem/memory.h"
 #include "daemon/server/coordinator.h"
@@ -41,6 +45,33 @@ int g_signal = 0;
 int StartupError(const std::string& msg) {
   std::fprintf(stderr, "weightsyncd: %s\n", msg.c_str());
   return kExitStartup;
+}
+
+// "1234" -> 1234; false when not a decimal number below 2^32.
+bool ParseId(const std::string& s, uint32_t* out) {
+  if (s.empty() || s.size() > 10) return false;
+  uint64_t v = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + static_cast<uint64_t>(c - '0');
+  }
+  if (v > 0xffffffffull) return false;
+  *out = static_cast<uint32_t>(v);
+  return true;
+}
+
+// A --shm-group value: a gid, or a group name looked up in the group database.
+ws::Result<uint32_t> ResolveGroup(const std::string& g) {
+  uint32_t gid = 0;
+  if (ParseId(g, &gid)) return gid;
+  std::vector<char> buf(16384);
+  group gr{};
+  group* found = nullptr;
+  int rc;
+  while ((rc = getgrnam_r(g.c_str(), &gr, buf.data(), buf.size(), &found)) == ERANGE && buf.size() < (1u << 20))
+    buf.resize(buf.size() * 2);
+  if (rc != 0 || found == nullptr) return ws::InvalidArgument("--shm-group " + g + ": no such group");
+  return static_cast<uint32_t>(gr.gr_gid);
 }
 
 }  // namespace
@@ -70,6 +101,10 @@ int main(int argc, char** argv) {
   double progress_timeout = 30;
   uint64_t max_message_bytes = 512u << 20;
   double shutdown_grace = 2;
+  std::string tls_cert, tls_key, tls_client_ca, token_file, socket_mode = "0660";
+  bool insecure_tcp = false;
+  std::vector<uint32_t> admin_uids;
+  std::vector<std::string> admin_cns, shm_groups;
 
   app.add_option("--listen", listen,
                  "Address to serve on, repeatable: unix:/path/to.sock or host:port (a stale socket file is replaced)")
@@ -102,6 +137,26 @@ int main(int argc, char** argv) {
   app.add_option("--shutdown-grace", shutdown_grace, "Seconds in-flight RPCs get to finish on SIGTERM/SIGINT")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app.add_option("--socket-mode", socket_mode,
+                 "Permission bits (octal) of the unix socket files; who may connect at all (every call is then "
+                 "authorized by the caller's uid)")
+      ->capture_default_str();
+  app.add_option("--tls-cert", tls_cert, "PEM server certificate for TCP addresses (with --tls-key)");
+  app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert");
+  app.add_option("--tls-client-ca", tls_client_ca,
+                 "PEM CA certificates: TCP clients must present a certificate they signed; its CN is the "
+                 "caller's identity (cn:NAME)");
+  app.add_flag("--insecure-tcp", insecure_tcp,
+               "Serve TCP addresses as plaintext without TLS (anyone who can reach them can call every RPC)");
+  app.add_option("--token-file", token_file,
+                 "File with a shared token every RPC must carry as \"authorization: Bearer <token>\" (all "
+                 "transports; the health service is exempt); must not be readable by other users");
+  app.add_option("--admin-uid", admin_uids,
+                 "Unix uid that may act on every engine and sync, besides root (repeatable)");
+  app.add_option("--admin-cn", admin_cns, "TLS client certificate CN that may act on every engine and sync (repeatable)");
+  app.add_option("--shm-group", shm_groups,
+                 "Group (name or gid) whose shared-memory objects its members may name, besides their own "
+                 "(repeatable)");
 
   try {
     app.parse(argc, argv);
@@ -118,6 +173,28 @@ int main(int argc, char** argv) {
   if (chunk_bytes == 0) return StartupError("--chunk-bytes must be positive");
   if (max_message_bytes < (1u << 20) || max_message_bytes > (2047ull << 20))
     return StartupError("--max-message-bytes must be between 1MiB and 2047MiB");
+
+  uint32_t sock_mode = 0;
+  {
+    char* end = nullptr;
+    unsigned long m = socket_mode.empty() ? 01000 : std::strtoul(socket_mode.c_str(), &end, 8);
+    if (socket_mode.empty() || *end != '\0' || m > 0777)
+      return StartupError("--socket-mode " + socket_mode + ": not an octal mode 0..0777 (e.g. 0660)");
+    sock_mode = static_cast<uint32_t>(m);
+  }
+  ws::server::AuthOptions auth;
+  auth.admin_uids = admin_uids;
+  auth.admin_cns = admin_cns;
+  for (const auto& g : shm_groups) {
+    auto gid = ResolveGroup(g);
+    if (!gid.ok()) return StartupError(gid.status().message());
+    auth.shm_gids.push_back(*gid);
+  }
+  if (!token_file.empty()) {
+    auto token = ws::ReadTokenFile(token_file, /*refuse_other_access=*/true);
+    if (!token.ok()) return StartupError(token.status().message());
+    auth.token = std::move(token).value();
+  }
 
   ws::server::LogOptions lo;
   lo.format = log_format == "json" ? ws::server::LogFormat::kJson : ws::server::LogFormat::kText;
@@ -143,6 +220,12 @@ int main(int argc, char** argv) {
   ws::server::ServerOptions so;
   so.listen = listen;
   so.max_message_bytes = static_cast<int>(max_message_bytes);
+  so.auth = auth;
+  so.tls.cert_file = tls_cert;
+  so.tls.key_file = tls_key;
+  so.tls.client_ca_file = tls_client_ca;
+  so.insecure_tcp = insecure_tcp;
+  so.socket_mode = sock_mode;
   ws::server::Server server(&coordinator, so);
   if (ws::Status st = server.Start(); !st.ok()) return StartupError(st.message());
 
@@ -151,6 +234,18 @@ int main(int argc, char** argv) {
   for (const auto& a : server.addresses()) addrs += (addrs.empty() ? "" : " ") + a;
   spdlog::info("weightsyncd {} serving on {}; {} architectures from {}; {} copy threads; memory: host_shm={} cuda_ipc={}",
                WS_VERSION, addrs, archs.size(), layouts_dir, executor->threads(), caps.host_shm, caps.cuda_ipc);
+  {
+    std::string admins = "uid 0";
+    for (uint32_t u : auth.admin_uids) admins += ", uid " + std::to_string(u);
+    for (const auto& cn : auth.admin_cns) admins += ", cn " + cn;
+    bool has_tcp = false;
+    for (const auto& a : server.addresses()) has_tcp |= a.rfind("unix:", 0) != 0;
+    const char* tcp = !has_tcp              ? "not served"
+                      : !tls_cert.empty()   ? (tls_client_ca.empty() ? "TLS" : "TLS with client certificates")
+                                            : "plaintext (--insecure-tcp)";
+    spdlog::info("access: unix socket mode {:04o}; TCP {}; token {}; admins: {}; shm groups: {}", sock_mode, tcp,
+                 auth.token.empty() ? "not required" : "required", admins, auth.shm_gids.size());
+  }
 
   std::thread([] {
     int sig = 0;

@@ -1,6 +1,10 @@
 #include "client/cpp/client.h"
 
 #include <chrono>
+#include <fstream>
+#include <sstream>
+
+#include "daemon/core/token.h"
 
 namespace ws {
 namespace {
@@ -8,6 +12,34 @@ namespace {
 std::chrono::system_clock::time_point DeadlineAfter(double seconds) {
   return std::chrono::system_clock::now() +
          std::chrono::duration_cast<std::chrono::system_clock::duration>(std::chrono::duration<double>(seconds));
+}
+
+Result<std::string> ReadPem(const std::string& path, const char* what) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return FailedPrecondition(std::string("cannot read ") + what + " " + path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  std::string pem = ss.str();
+  if (pem.find("-----BEGIN ") == std::string::npos)
+    return InvalidArgument(std::string(what) + " " + path + " is not PEM (no -----BEGIN line)");
+  return pem;
+}
+
+// Channel credentials for `target`: TLS for host:port when any TLS option is set.
+Result<std::shared_ptr<grpc::ChannelCredentials>> Credentials(const std::string& target, const ClientOptions& o) {
+  const bool tls = !o.tls_ca_file.empty() || !o.tls_cert_file.empty() || !o.tls_key_file.empty();
+  if (!tls || target.rfind("unix:", 0) == 0) return grpc::InsecureChannelCredentials();
+  if (o.tls_cert_file.empty() != o.tls_key_file.empty())
+    return InvalidArgument("a TLS client certificate needs its key and vice versa (tls cert and key options)");
+  grpc::SslCredentialsOptions so;
+  if (!o.tls_ca_file.empty()) {
+    WS_ASSIGN_OR_RETURN(so.pem_root_certs, ReadPem(o.tls_ca_file, "TLS CA file"));
+  }
+  if (!o.tls_cert_file.empty()) {
+    WS_ASSIGN_OR_RETURN(so.pem_cert_chain, ReadPem(o.tls_cert_file, "TLS client certificate"));
+    WS_ASSIGN_OR_RETURN(so.pem_private_key, ReadPem(o.tls_key_file, "TLS client key"));
+  }
+  return grpc::SslCredentials(so);
 }
 
 }  // namespace
@@ -27,6 +59,7 @@ Status FromGrpc(const grpc::Status& s) {
     case grpc::StatusCode::UNIMPLEMENTED: c = Code::kUnimplemented; break;
     case grpc::StatusCode::PERMISSION_DENIED: c = Code::kPermissionDenied; break;
     case grpc::StatusCode::RESOURCE_EXHAUSTED: c = Code::kResourceExhausted; break;
+    case grpc::StatusCode::UNAUTHENTICATED: c = Code::kUnauthenticated; break;
     case grpc::StatusCode::UNAVAILABLE: c = Code::kUnavailable; break;
     default: c = Code::kInternal; break;
   }
@@ -139,17 +172,28 @@ EngineSession::~EngineSession() {
 // ---- WeightSyncClient ---------------------------------------------------------
 
 WeightSyncClient::WeightSyncClient(const std::string& target, ClientOptions opts)
-    : target_(NormalizeTarget(target)), opts_(opts) {
+    : target_(NormalizeTarget(target)), opts_(std::move(opts)) {
+  if (opts_.token.empty() && !opts_.token_file.empty()) {
+    auto t = ReadTokenFile(opts_.token_file, /*refuse_other_access=*/false);
+    if (t.ok()) opts_.token = std::move(t).value();
+    else setup_ = t.status();
+  } else if (!opts_.token.empty()) {
+    setup_ = ValidateToken(opts_.token, "the token");
+  }
+  auto creds = Credentials(target_, opts_);
+  if (!creds.ok()) setup_ = creds.status();
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // a connection of our own
   args.SetMaxReceiveMessageSize(-1);
   args.SetMaxSendMessageSize(-1);
-  channel_ = grpc::CreateCustomChannel(target_, grpc::InsecureChannelCredentials(), args);
+  // A channel even when setup failed (calls then return setup_), so stubs are never null.
+  channel_ = grpc::CreateCustomChannel(target_, creds.ok() ? *creds : grpc::InsecureChannelCredentials(), args);
   stub_ = pb::WeightSync::NewStub(channel_);
   health_ = grpc::health::v1::Health::NewStub(channel_);
 }
 
 Status WeightSyncClient::Connect(double timeout_s) {
+  if (!setup_.ok()) return setup_;
   if (channel_->WaitForConnected(DeadlineAfter(timeout_s))) return Status::Ok();
   return Unavailable("cannot connect to " + target_ + " within " + std::to_string(timeout_s) + " s");
 }
@@ -157,11 +201,18 @@ Status WeightSyncClient::Connect(double timeout_s) {
 void WeightSyncClient::Prepare(grpc::ClientContext* ctx) const {
   if (opts_.rpc_timeout_s > 0) ctx->set_deadline(DeadlineAfter(opts_.rpc_timeout_s));
   ctx->set_wait_for_ready(opts_.wait_for_ready);
+  AddToken(ctx);
+}
+
+void WeightSyncClient::AddToken(grpc::ClientContext* ctx) const {
+  if (!opts_.token.empty()) ctx->AddMetadata("authorization", "Bearer " + opts_.token);
 }
 
 Result<HealthState> WeightSyncClient::Health(const std::string& service, double timeout_s) {
+  if (!setup_.ok()) return setup_;
   grpc::ClientContext ctx;
   if (timeout_s > 0) ctx.set_deadline(DeadlineAfter(timeout_s));
+  AddToken(&ctx);
   grpc::health::v1::HealthCheckRequest req;
   req.set_service(service);
   grpc::health::v1::HealthCheckResponse resp;
@@ -177,6 +228,7 @@ Result<HealthState> WeightSyncClient::Health(const std::string& service, double 
 }
 
 Result<pb::StatusResponse> WeightSyncClient::GetStatus() {
+  if (!setup_.ok()) return setup_;
   grpc::ClientContext ctx;
   Prepare(&ctx);
   pb::StatusResponse resp;
@@ -186,6 +238,7 @@ Result<pb::StatusResponse> WeightSyncClient::GetStatus() {
 }
 
 Result<pb::BeginSyncResponse> WeightSyncClient::BeginSync(const pb::BeginSyncRequest& req) {
+  if (!setup_.ok()) return setup_;
   grpc::ClientContext ctx;
   Prepare(&ctx);
   pb::BeginSyncResponse resp;
@@ -195,13 +248,16 @@ Result<pb::BeginSyncResponse> WeightSyncClient::BeginSync(const pb::BeginSyncReq
 }
 
 Result<std::unique_ptr<PushStream>> WeightSyncClient::OpenPush() {
+  if (!setup_.ok()) return setup_;
   std::unique_ptr<PushStream> p(new PushStream());
+  AddToken(&p->ctx_);
   p->rw_ = stub_->Push(&p->ctx_);
   if (!p->rw_) return Internal("cannot open a push stream to " + target_);
   return p;
 }
 
 Result<pb::CommitResponse> WeightSyncClient::Commit(uint64_t sync_id) {
+  if (!setup_.ok()) return setup_;
   grpc::ClientContext ctx;
   Prepare(&ctx);
   pb::CommitRequest req;
@@ -213,6 +269,7 @@ Result<pb::CommitResponse> WeightSyncClient::Commit(uint64_t sync_id) {
 }
 
 Status WeightSyncClient::Abort(uint64_t sync_id, const std::string& reason) {
+  if (!setup_.ok()) return setup_;
   grpc::ClientContext ctx;
   Prepare(&ctx);
   pb::AbortRequest req;
@@ -223,8 +280,10 @@ Status WeightSyncClient::Abort(uint64_t sync_id, const std::string& reason) {
 }
 
 Result<std::unique_ptr<EngineSession>> WeightSyncClient::RegisterEngine(const pb::RegisterEngineRequest& req) {
+  if (!setup_.ok()) return setup_;
   std::unique_ptr<EngineSession> e(new EngineSession());
   e->ctx_.set_wait_for_ready(opts_.wait_for_ready);
+  AddToken(&e->ctx_);
   e->reader_ = stub_->RegisterEngine(&e->ctx_, req);
   if (!e->reader_) return Internal("cannot open the event stream to " + target_);
   pb::EngineEvent ev;
@@ -242,6 +301,7 @@ Result<std::unique_ptr<EngineSession>> WeightSyncClient::RegisterEngine(const pb
 
 Status WeightSyncClient::AckVersion(const std::string& engine_id, uint64_t version, bool ok,
                                     const std::string& error) {
+  if (!setup_.ok()) return setup_;
   grpc::ClientContext ctx;
   Prepare(&ctx);
   pb::AckVersionRequest req;
@@ -254,6 +314,7 @@ Status WeightSyncClient::AckVersion(const std::string& engine_id, uint64_t versi
 }
 
 Status WeightSyncClient::UnregisterEngine(const std::string& engine_id) {
+  if (!setup_.ok()) return setup_;
   grpc::ClientContext ctx;
   Prepare(&ctx);
   pb::UnregisterEngineRequest req;

@@ -3,7 +3,7 @@
 // or engine rank) gets its own connection.
 //
 // Errors come back as ws::Status carrying the daemon's message; gRPC codes map
-// onto ws::Code one to one (UNKNOWN/DATA_LOSS/RESOURCE_EXHAUSTED/... -> kInternal).
+// onto ws::Code one to one (UNKNOWN/DATA_LOSS -> kInternal).
 //
 // Thread-safety: WeightSyncClient's methods may be called from any thread.
 // A PushStream is used by one thread at a time; an EngineSession's Next() by
@@ -40,6 +40,14 @@ const char* HealthStateName(HealthState s);  // "SERVING", ...
 struct ClientOptions {
   double rpc_timeout_s = 0;     // deadline of unary calls (not Health); 0 = none
   bool wait_for_ready = false;  // unary calls wait for the channel instead of failing fast
+  // TLS, for host:port targets (unix sockets are never TLS; these are then
+  // unused): any of the three set => the channel is TLS.
+  std::string tls_ca_file;    // PEM CAs that signed the daemon's certificate ("" = the system's roots)
+  std::string tls_cert_file;  // PEM client certificate, for daemons that require one (with tls_key_file)
+  std::string tls_key_file;
+  // Sent as "authorization: Bearer <token>" on every call, for daemons with --token-file.
+  std::string token;
+  std::string token_file;  // read at construction when token is empty
 };
 
 // One Push stream: Send(LayerData), then Read() its LayerAck.
@@ -87,6 +95,7 @@ class EngineSession {
 
 class WeightSyncClient {
  public:
+  // An unreadable TLS or token file makes every call fail with the reason.
   explicit WeightSyncClient(const std::string& target, ClientOptions opts = {});
   const std::string& target() const { return target_; }
   // Establishes the connection now (it is otherwise made by the first call).
@@ -110,8 +119,10 @@ class WeightSyncClient {
 
  private:
   void Prepare(grpc::ClientContext* ctx) const;
+  void AddToken(grpc::ClientContext* ctx) const;
   std::string target_;
   ClientOptions opts_;
+  Status setup_;  // why the channel could not be set up (a TLS or token file)
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<pb::WeightSync::Stub> stub_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "client/cpp/client.h"
 #include "daemon/core/layout.h"
 #include "daemon/core/status.h"
 
@@ -14,6 +15,7 @@ namespace ws::ctl {
 
 struct GlobalOptions {
   std::string daemon = "unix:/tmp/weightsync.sock";
+  ClientOptions client;  // TLS files and token (file) for every connection
 };
 
 struct StatusOptions {

@@ -1,5 +1,7 @@
 // weightsyncctl: operate a weightsync daemon and stand in for trainers and
 // engines in tests and benchmarks.
+#include <cstdlib>
+
 #include <CLI/CLI.hpp>
 
 #include "client/ctl/commands.h"
@@ -18,6 +20,16 @@ int main(int argc, char** argv) {
   app.add_option("--daemon", g.daemon, "daemon address: unix:/path or host:port")
       ->envname("WEIGHTSYNC_DAEMON")
       ->capture_default_str();
+  app.add_option("--tls-ca", g.client.tls_ca_file,
+                 "PEM CA certificates that signed the daemon's TLS certificate (host:port daemons)")
+      ->envname("WEIGHTSYNC_TLS_CA");
+  app.add_option("--tls-cert", g.client.tls_cert_file, "PEM client certificate, for daemons that require one")
+      ->envname("WEIGHTSYNC_TLS_CERT");
+  app.add_option("--tls-key", g.client.tls_key_file, "PEM private key of --tls-cert")->envname("WEIGHTSYNC_TLS_KEY");
+  app.add_option("--token-file", g.client.token_file,
+                 "file with the daemon's token, sent as \"authorization: Bearer <token>\" (or the token itself in "
+                 "$WEIGHTSYNC_TOKEN)")
+      ->envname("WEIGHTSYNC_TOKEN_FILE");
 
   HealthOptions ho;
   auto* health = app.add_subcommand("health", "print SERVING / NOT_SERVING; exit 0 only when serving");
@@ -86,6 +98,9 @@ int main(int argc, char** argv) {
       ->envname("WEIGHTSYNC_PUSH_PROCESSES");
 
   CLI11_PARSE(app, argc, argv);
+  // The token itself may come from the environment (never from the command line, where ps shows it).
+  if (const char* t = std::getenv("WEIGHTSYNC_TOKEN"); t != nullptr && *t != '\0' && g.client.token_file.empty())
+    g.client.token = t;
 
   if (health->parsed()) return RunHealth(g, ho);
   if (status->parsed()) return RunStatus(g, so);

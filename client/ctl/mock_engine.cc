@@ -48,6 +48,7 @@ struct Rank {
 
 struct Setup {
   std::string daemon, model, architecture, config_text, dump;
+  ClientOptions client;  // TLS and token options of the connection
   bool no_dump = false;
   DeviceSpec device;
   DType dtype = DType::kBF16;
@@ -121,7 +122,7 @@ int ChildMain(const Setup& s, const Rank& r, const sigset_t& sigs) {
     }
   }).detach();
 
-  ClientOptions copts;
+  ClientOptions copts = s.client;
   copts.rpc_timeout_s = 30;  // AckVersion / GetStatus / UnregisterEngine; the event stream has none
   WeightSyncClient client(s.daemon, copts);
   pb::RegisterEngineRequest req;
@@ -229,6 +230,7 @@ int RunMockEngine(const GlobalOptions& g, const MockEngineOptions& o) {
   };
   Setup s;
   s.daemon = g.daemon;
+  s.client = g.client;
   s.model = o.model;
   s.dump = o.dump;
   s.no_dump = o.no_dump;

@@ -107,7 +107,7 @@ Result<std::shared_ptr<const LayoutRegistry>> LoadRegistry(const std::string& fl
 }
 
 int RunHealth(const GlobalOptions& g, const HealthOptions& o) {
-  WeightSyncClient client(g.daemon);
+  WeightSyncClient client(g.daemon, g.client);
   auto st = client.Health(o.service, o.timeout_s);
   if (!st.ok()) {
     Out("UNKNOWN");
@@ -119,7 +119,7 @@ int RunHealth(const GlobalOptions& g, const HealthOptions& o) {
 }
 
 int RunStatus(const GlobalOptions& g, const StatusOptions& o) {
-  WeightSyncClient client(g.daemon);
+  WeightSyncClient client(g.daemon, g.client);
   auto r = client.GetStatus();
   if (!r.ok()) {
     Err("weightsyncctl status: " + client.target() + ": " + r.status().ToString());
@@ -156,11 +156,11 @@ int RunStatus(const GlobalOptions& g, const StatusOptions& o) {
   if (s.engines().empty()) {
     out += "  (none)\n";
   } else {
-    Table t({"  ENGINE", "MODEL", "REPLICA", "RANK", "TP", "PARAMS", "BYTES", "APPLIED", "LABEL"});
+    Table t({"  ENGINE", "MODEL", "REPLICA", "RANK", "TP", "PARAMS", "BYTES", "APPLIED", "OWNER", "LABEL"});
     for (const auto& e : s.engines())
       t.Add({"  " + e.engine_id(), e.model(), std::to_string(e.replica_id()), std::to_string(e.tp_rank()),
              std::to_string(e.tp_size()), std::to_string(e.params()), HumanBytes(e.bytes()),
-             std::to_string(e.applied_version()), e.label()});
+             std::to_string(e.applied_version()), e.owner(), e.label()});
     out += t.Render();
   }
   out += "\ncurrent syncs:\n";

@@ -310,7 +310,7 @@ int PushHost(const GlobalOptions& g, const PushOptions& o, const Plan& p) {
   // One connection per rank, made before the clock starts.
   std::vector<std::unique_ptr<WeightSyncClient>> clients;
   for (uint32_t r = 0; r < W; ++r) {
-    clients.push_back(std::make_unique<WeightSyncClient>(g.daemon));
+    clients.push_back(std::make_unique<WeightSyncClient>(g.daemon, g.client));
     if (Status s = clients.back()->Connect(); !s.ok()) return Fail("rank " + std::to_string(r) + ": " + s.ToString());
   }
 
@@ -469,7 +469,7 @@ int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const 
   }
   std::unique_ptr<WeightSyncClient> client;
   if (st.ok()) {
-    client = std::make_unique<WeightSyncClient>(g.daemon);
+    client = std::make_unique<WeightSyncClient>(g.daemon, g.client);
     st = client->Connect();
   }
   if (!st.ok()) {

@@ -18,6 +18,7 @@ const char* CodeName(Code c) {
     case Code::kUnimplemented: return "UNIMPLEMENTED";
     case Code::kPermissionDenied: return "PERMISSION_DENIED";
     case Code::kResourceExhausted: return "RESOURCE_EXHAUSTED";
+    case Code::kUnauthenticated: return "UNAUTHENTICATED";
   }
   return "UNKNOWN";
 }

@@ -24,6 +24,7 @@ enum class Code {
   kUnimplemented,
   kPermissionDenied,   // the caller may not act on (or map) what it named
   kResourceExhausted,  // a configured limit, or out of space/memory
+  kUnauthenticated,    // the caller's identity could not be established (no/wrong token, unknown connection)
 };
 
 const char* CodeName(Code c);
@@ -60,6 +61,7 @@ inline Status Internal(std::string m) { return {Code::kInternal, std::move(m)}; 
 inline Status Unimplemented(std::string m) { return {Code::kUnimplemented, std::move(m)}; }
 inline Status PermissionDenied(std::string m) { return {Code::kPermissionDenied, std::move(m)}; }
 inline Status ResourceExhausted(std::string m) { return {Code::kResourceExhausted, std::move(m)}; }
+inline Status Unauthenticated(std::string m) { return {Code::kUnauthenticated, std::move(m)}; }
 
 // Result<T>: a T or a non-OK Status.
 template <typename T>

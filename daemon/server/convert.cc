@@ -18,6 +18,7 @@ grpc::StatusCode ToGrpcCode(Code code) {
     case Code::kUnimplemented: return grpc::StatusCode::UNIMPLEMENTED;
     case Code::kPermissionDenied: return grpc::StatusCode::PERMISSION_DENIED;
     case Code::kResourceExhausted: return grpc::StatusCode::RESOURCE_EXHAUSTED;
+    case Code::kUnauthenticated: return grpc::StatusCode::UNAUTHENTICATED;
   }
   return grpc::StatusCode::UNKNOWN;
 }
@@ -188,6 +189,7 @@ void ToProto(const StatusSnapshot& s, pb::StatusResponse* out) {
     o->set_bytes(e.bytes);
     o->set_applied_version(e.applied_version);
     o->set_label(e.label);
+    o->set_owner(e.owner);
   }
   for (const auto& m : s.models) {
     auto* o = out->add_models();

@@ -1030,6 +1030,7 @@ StatusSnapshot Coordinator::GetStatus() const {
     i.bytes = e->bytes;
     i.applied_version = e->applied_version;
     i.label = e->label;
+    i.owner = e->owner;
     s.engines.push_back(std::move(i));
     replicas[e->spec.model].insert(e->spec.replica_id);
   }

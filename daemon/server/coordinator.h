@@ -115,6 +115,7 @@ struct EngineInfo {
   uint64_t bytes = 0;
   uint64_t applied_version = 0;
   std::string label;
+  std::string owner;  // principal of the peer that registered it
 };
 
 struct ModelInfo {

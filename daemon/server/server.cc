@@ -7,6 +7,8 @@
 
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
@@ -54,42 +56,117 @@ Server::Server(Coordinator* coordinator, ServerOptions opts)
 
 Server::~Server() { Stop(std::chrono::milliseconds(0)); }
 
+namespace {
+
+Result<std::string> ReadPem(const std::string& path, const char* what) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return FailedPrecondition(std::string("cannot read ") + what + " " + path + ": " + std::strerror(errno));
+  std::stringstream ss;
+  ss << f.rdbuf();
+  std::string pem = ss.str();
+  if (pem.find("-----BEGIN ") == std::string::npos)
+    return InvalidArgument(std::string(what) + " " + path + " is not PEM (no -----BEGIN line)");
+  return pem;
+}
+
+}  // namespace
+
 Status Server::Start() {
   if (opts_.listen.empty()) return InvalidArgument("no listen address given");
+  const TlsOptions& tls = opts_.tls;
+  const bool use_tls = !tls.cert_file.empty() || !tls.key_file.empty();
+  if (use_tls && (tls.cert_file.empty() || tls.key_file.empty()))
+    return InvalidArgument("TLS needs both a certificate and its key (--tls-cert and --tls-key)");
+  if (!tls.client_ca_file.empty() && !use_tls)
+    return InvalidArgument("--tls-client-ca needs a server certificate too (--tls-cert and --tls-key)");
+  if (use_tls && opts_.insecure_tcp)
+    return InvalidArgument("--insecure-tcp contradicts --tls-cert/--tls-key: choose TLS or plaintext for TCP");
+  if (opts_.socket_mode > 0777) return InvalidArgument("socket mode must be within 0..0777");
+
+  std::vector<std::string> tcp;
+  for (const auto& a : opts_.listen) {
+    if (a.rfind("unix:", 0) != 0) {
+      tcp.push_back(a);
+      continue;
+    }
+    std::string path = UnixSocketPath(a);
+    if (path.empty() || path.back() == '/') return InvalidArgument("listen address " + a + " has no socket path");
+  }
+  if (!tcp.empty() && !use_tls && !opts_.insecure_tcp)
+    return FailedPrecondition("listen address " + tcp[0] +
+                              " is TCP, which needs TLS: give --tls-cert and --tls-key (and --tls-client-ca to "
+                              "require client certificates), or --insecure-tcp to serve it as plaintext without "
+                              "authentication of the peer");
+  std::shared_ptr<grpc::ServerCredentials> tcp_creds = grpc::InsecureServerCredentials();
+  if (use_tls) {
+    grpc::SslServerCredentialsOptions so(tls.client_ca_file.empty()
+                                             ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                             : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    WS_ASSIGN_OR_RETURN(std::string cert, ReadPem(tls.cert_file, "TLS certificate"));
+    WS_ASSIGN_OR_RETURN(std::string key, ReadPem(tls.key_file, "TLS key"));
+    so.pem_key_cert_pairs.push_back({key, cert});
+    if (!tls.client_ca_file.empty()) {
+      WS_ASSIGN_OR_RETURN(so.pem_root_certs, ReadPem(tls.client_ca_file, "TLS client CA"));
+    }
+    tcp_creds = grpc::SslServerCredentials(so);
+    if (tcp.empty()) spdlog::warn("TLS options given but no TCP listen address: they are unused");
+  }
+
+  std::vector<std::unique_ptr<UnixListener>> listeners;
   for (const auto& a : opts_.listen) {
     if (a.rfind("unix:", 0) != 0) continue;
     std::string path = UnixSocketPath(a);
-    if (path.empty() || path.back() == '/') return InvalidArgument("listen address " + a + " has no socket path");
     WS_RETURN_IF_ERROR(PrepareUnixSocket(path).WithContext("listen " + a));
+    WS_ASSIGN_OR_RETURN(auto l, UnixListener::Bind(path, opts_.socket_mode));
+    listeners.push_back(std::move(l));
   }
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
-  std::vector<int> ports(opts_.listen.size(), 0);
-  for (size_t i = 0; i < opts_.listen.size(); ++i)
-    builder.AddListeningPort(opts_.listen[i], grpc::InsecureServerCredentials(), &ports[i]);
+  std::vector<int> ports(tcp.size(), 0);
+  for (size_t i = 0; i < tcp.size(); ++i) builder.AddListeningPort(tcp[i], tcp_creds, &ports[i]);
   builder.RegisterService(&service_);
   builder.SetMaxReceiveMessageSize(opts_.max_message_bytes);
   builder.SetMaxSendMessageSize(opts_.max_message_bytes);
   server_ = builder.BuildAndStart();
   std::string failed;
   for (size_t i = 0; i < ports.size(); ++i)
-    if (ports[i] == 0) failed += (failed.empty() ? "" : ", ") + opts_.listen[i];
+    if (ports[i] == 0) failed += (failed.empty() ? "" : ", ") + tcp[i];
   if (!server_ || !failed.empty()) {
     if (server_) server_->Shutdown();
     server_.reset();
     return Unavailable("cannot listen on " + (failed.empty() ? std::string("the configured addresses") : failed) +
-                       " (address in use, bad address, or no permission)");
+                       (use_tls ? " (address in use, bad address, no permission, or a TLS certificate/key gRPC "
+                                  "cannot use)"
+                                : " (address in use, bad address, or no permission)"));
   }
-  for (size_t i = 0; i < opts_.listen.size(); ++i) {
-    const std::string& a = opts_.listen[i];
-    std::string path = UnixSocketPath(a);
-    if (!path.empty()) {
-      socket_files_.push_back(path);
-      bound_.push_back(a);
-    } else {
-      auto colon = a.rfind(':');
-      bound_.push_back(colon == std::string::npos ? a : a.substr(0, colon + 1) + std::to_string(ports[i]));
+  for (auto& l : listeners) {
+    if (Status st = l->Start(server_.get(), &auth_); !st.ok()) {
+      for (auto& m : listeners) m->Stop();
+      server_->Shutdown();
+      server_.reset();
+      return st;
     }
+  }
+  listeners_ = std::move(listeners);
+  size_t t = 0;
+  for (const auto& a : opts_.listen) {
+    if (a.rfind("unix:", 0) == 0) {
+      bound_.push_back(a);
+      continue;
+    }
+    auto colon = a.rfind(':');
+    bound_.push_back(colon == std::string::npos ? a : a.substr(0, colon + 1) + std::to_string(ports[t]));
+    ++t;
+  }
+  if (opts_.insecure_tcp && !tcp.empty()) {
+    std::string where;
+    for (const auto& a : bound_)
+      if (a.rfind("unix:", 0) != 0) where += (where.empty() ? "" : ", ") + a;
+    spdlog::warn("serving plaintext TCP without TLS on {} (--insecure-tcp): anyone who can reach it can read and "
+                 "forge its traffic{}",
+                 where,
+                 opts_.auth.token.empty() ? " and call every RPC as principal \"tcp\"" : ", the token included");
   }
   auto* health = server_->GetHealthCheckService();
   health->SetServingStatus("", true);
@@ -104,12 +181,12 @@ void Server::Stop(std::chrono::milliseconds grace) {
     health->SetServingStatus("", false);
     health->SetServingStatus(kServiceName, false);
   }
+  for (auto& l : listeners_) l->Stop();
   coord_->AbortAll("the daemon is shutting down", grace);
   service_.BeginShutdown();
   server_->Shutdown(std::chrono::system_clock::now() + grace);
   server_->Wait();
-  for (const auto& p : socket_files_) ::unlink(p.c_str());
-  socket_files_.clear();
+  listeners_.clear();  // removes the socket files
 }
 
 }  // namespace ws::server

@@ -68,7 +68,10 @@ def daemon_binary() -> Path:
 
 
 class DaemonProcess:
-    def __init__(self, tmp: str):
+    """weightsyncd on a unix socket in `tmp`, plus `args`; `connect`: weightsync.Daemon options
+    for the readiness check (e.g. the token)."""
+
+    def __init__(self, tmp: str, args=(), connect: "dict | None" = None):
         binary = daemon_binary()
         if not binary.exists():
             pytest.fail(f"the daemon binary {binary} does not exist: build it (scripts/build.sh) or point "
@@ -78,7 +81,8 @@ class DaemonProcess:
         self.log_path = os.path.join(tmp, "weightsyncd.log")
         self._log = open(self.log_path, "w")
         layouts = os.environ.get("WS_LAYOUTS_DIR", str(REPO / "config" / "layouts"))
-        self.proc = subprocess.Popen([str(binary), "--listen", self.address, "--layouts-dir", layouts],
+        self.proc = subprocess.Popen([str(binary), "--listen", self.address, "--layouts-dir", layouts,
+                                      *[str(a) for a in args]],
                                      stdout=self._log, stderr=subprocess.STDOUT)
         import weightsync
         deadline = time.time() + 30
@@ -87,7 +91,7 @@ class DaemonProcess:
                 pytest.fail(f"weightsyncd exited with {self.proc.returncode}:\n{self.log()}", pytrace=False)
             if os.path.exists(self.sock):
                 try:
-                    with weightsync.Daemon(self.address) as d:
+                    with weightsync.Daemon(self.address, **(connect or {})) as d:
                         d.status(timeout=2)
                     break
                 except weightsync.WeightSyncError:

@@ -53,8 +53,11 @@ def _config_json(hf_config) -> str:
 class Engine:
     def __init__(self, daemon, model: str, hf_config, *, architecture: "str | None" = None, tp_rank: int = 0,
                  tp_size: int = 1, replica_id: int = 0, dtype=torch.bfloat16, options: "dict | None" = None,
-                 label: "str | None" = None, shm_mode: int = 0o600, segment_bytes: int = 256 << 20):
-        self.daemon = as_daemon(daemon)
+                 label: "str | None" = None, shm_mode: int = 0o600, segment_bytes: int = 256 << 20,
+                 tls_ca=None, tls_cert=None, tls_key=None, token: "str | None" = None, token_file=None):
+        # daemon: address or Daemon; tls_*/token/token_file: connection options (see weightsync.Daemon)
+        self.daemon = as_daemon(daemon, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token,
+                                token_file=token_file)
         self.model = model
         self.config_json = _config_json(hf_config)
         if architecture is None:

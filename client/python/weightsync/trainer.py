@@ -137,6 +137,8 @@ class Trainer:
     cuda_transport: "ipc" sends CUDA tensors by CUDA IPC, in place when their
         dtype and layout already fit, else through a CUDA staging ring; "host"
         copies them into the host shm ring (for daemons without CUDA).
+    tls_ca / tls_cert / tls_key / token / token_file: how to connect to a
+        daemon given by address (TLS over TCP, the daemon's token); see Daemon.
     """
 
     def __init__(self, daemon: "Daemon | str", model: str, rank: "int | None" = None,
@@ -146,12 +148,14 @@ class Trainer:
                  name_hook: "Callable[[str], str | None] | None" = None, exclude=DEFAULT_EXCLUDE,
                  skip_lora_adapters: bool = False, hf_conversions: bool = True,
                  layer_of: Callable[[str], str] = default_layer_of, cuda_transport: str = "ipc",
-                 shm_mode: int = 0o600, timeout: "float | None" = 600.0):
+                 shm_mode: int = 0o600, timeout: "float | None" = 600.0,
+                 tls_ca=None, tls_cert=None, tls_key=None, token: "str | None" = None, token_file=None):
         r, w = _default_rank_world(group)
         self.rank = r if rank is None else rank
         self.world_size = w if world_size is None else world_size
         self.comm = _Comm(self.rank, self.world_size, group)
-        self.daemon = as_daemon(daemon)
+        self.daemon = as_daemon(daemon, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token,
+                                token_file=token_file)
         self.model = model
         self.max_inflight_bytes = int(max_inflight_bytes)
         self.policy = dtype_policy or DtypePolicy(engine_dtype, keep_fp32, dtype_overrides)

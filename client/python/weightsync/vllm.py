@@ -77,8 +77,14 @@ class WorkerExtension:
     """Mixed into vLLM's worker class by --worker-extension-cls weightsync.vllm.WorkerExtension."""
 
     def weightsync_start(self, daemon: str, model: str, replica_id: "int | None" = None,
-                         options: "dict | None" = None, exclude=(), timeout: float = 60.0) -> str:
-        """Registers this worker's parameters under `model`; returns the engine id."""
+                         options: "dict | None" = None, exclude=(), timeout: float = 60.0, *,
+                         tls_ca=None, tls_cert=None, tls_key=None, token: "str | None" = None,
+                         token_file=None) -> str:
+        """Registers this worker's parameters under `model`; returns the engine id.
+
+        tls_ca / tls_cert / tls_key / token / token_file: connection options
+        (see weightsync.Daemon; paths, read on the worker).
+        """
         if getattr(self, "_weightsync", None) is not None:
             raise WeightSyncError("weightsync_start called twice on this worker")
         net = self.model_runner.model
@@ -90,7 +96,8 @@ class WorkerExtension:
                 "enable_expert_parallel": int(bool(getattr(pc, "enable_expert_parallel", False)))}
         opts.update(options or {})
         eng = Engine(daemon, model, mc.hf_config, tp_rank=tp_rank, tp_size=tp_size, replica_id=replica_id,
-                     dtype=mc.dtype, options=opts)
+                     dtype=mc.dtype, options=opts, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                     token=token, token_file=token_file)
         index = ShmIndex()
         self._weightsync_params = {}
         for name, p in net.named_parameters():

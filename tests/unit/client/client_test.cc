@@ -3,12 +3,19 @@
 
 #include <unistd.h>
 
+#include <sys/stat.h>
+
 #include <atomic>
 #include <chrono>
+#include <fstream>
+#include <mutex>
+#include <set>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+
+#include "tests/unit/tls_certs.h"
 
 namespace ws {
 namespace {
@@ -26,23 +33,46 @@ class FakeHealth final : public grpc::health::v1::Health::Service {
   }
 };
 
+// The "authorization" metadata of every call, as "Method: value" ("-" when absent).
+class AuthLog {
+ public:
+  void Record(const char* method, const grpc::ServerContext* ctx) {
+    auto it = ctx->client_metadata().find("authorization");
+    std::string v = it == ctx->client_metadata().end() ? "-" : std::string(it->second.data(), it->second.size());
+    std::lock_guard lk(mu_);
+    seen_.insert(std::string(method) + ": " + v);
+  }
+  std::set<std::string> seen() {
+    std::lock_guard lk(mu_);
+    return seen_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::set<std::string> seen_;
+};
+
 class FakeDaemon final : public pb::WeightSync::Service {
  public:
   std::atomic<int> acks{0};
   std::atomic<uint64_t> last_ack_version{0};
+  AuthLog auth;
 
-  grpc::Status GetStatus(grpc::ServerContext*, const pb::StatusRequest*, pb::StatusResponse* resp) override {
+  grpc::Status GetStatus(grpc::ServerContext* ctx, const pb::StatusRequest*, pb::StatusResponse* resp) override {
+    auth.Record("GetStatus", ctx);
     resp->set_daemon_version("fake");
     return grpc::Status::OK;
   }
-  grpc::Status BeginSync(grpc::ServerContext*, const pb::BeginSyncRequest* req, pb::BeginSyncResponse* resp) override {
+  grpc::Status BeginSync(grpc::ServerContext* ctx, const pb::BeginSyncRequest* req, pb::BeginSyncResponse* resp) override {
+    auth.Record("BeginSync", ctx);
     if (req->model() == "bad")
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "tensor \"x\": shape [2] differs from [3]");
     resp->set_sync_id(7);
     resp->set_engines(2);
     return grpc::Status::OK;
   }
-  grpc::Status Push(grpc::ServerContext*, grpc::ServerReaderWriter<pb::LayerAck, pb::LayerData>* rw) override {
+  grpc::Status Push(grpc::ServerContext* ctx, grpc::ServerReaderWriter<pb::LayerAck, pb::LayerData>* rw) override {
+    auth.Record("Push", ctx);
     pb::LayerData msg;
     while (rw->Read(&msg)) {
       if (msg.layer() == "fail")
@@ -54,13 +84,15 @@ class FakeDaemon final : public pb::WeightSync::Service {
     }
     return grpc::Status::OK;
   }
-  grpc::Status Commit(grpc::ServerContext*, const pb::CommitRequest* req, pb::CommitResponse* resp) override {
+  grpc::Status Commit(grpc::ServerContext* ctx, const pb::CommitRequest* req, pb::CommitResponse* resp) override {
+    auth.Record("Commit", ctx);
     resp->mutable_stats()->set_sync_id(req->sync_id());
     resp->mutable_stats()->set_state("committed");
     return grpc::Status::OK;
   }
   grpc::Status RegisterEngine(grpc::ServerContext* ctx, const pb::RegisterEngineRequest* req,
                               grpc::ServerWriter<pb::EngineEvent>* w) override {
+    auth.Record("RegisterEngine", ctx);
     if (req->model() == "refuse")
       return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "num_attention_heads (4) must be divisible by tp_size (3)");
     pb::EngineEvent ev;
@@ -74,10 +106,20 @@ class FakeDaemon final : public pb::WeightSync::Service {
     while (!ctx->IsCancelled()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
     return grpc::Status::CANCELLED;
   }
-  grpc::Status AckVersion(grpc::ServerContext*, const pb::AckVersionRequest* req, pb::AckVersionResponse*) override {
+  grpc::Status AckVersion(grpc::ServerContext* ctx, const pb::AckVersionRequest* req, pb::AckVersionResponse*) override {
+    auth.Record("AckVersion", ctx);
     if (req->engine_id().empty()) return grpc::Status(grpc::StatusCode::NOT_FOUND, "no engine \"\"");
     ++acks;
     last_ack_version = req->version();
+    return grpc::Status::OK;
+  }
+  grpc::Status Abort(grpc::ServerContext* ctx, const pb::AbortRequest*, pb::AbortResponse*) override {
+    auth.Record("Abort", ctx);
+    return grpc::Status::OK;
+  }
+  grpc::Status UnregisterEngine(grpc::ServerContext* ctx, const pb::UnregisterEngineRequest*,
+                                pb::UnregisterEngineResponse*) override {
+    auth.Record("UnregisterEngine", ctx);
     return grpc::Status::OK;
   }
 };
@@ -208,6 +250,118 @@ TEST_F(ClientTest, RegisterEngineEventsAndCancel) {
   EXPECT_EQ(end.status().code(), Code::kUnavailable);
 }
 
+// Every call the client makes carries the token.
+void CallEverything(WeightSyncClient& c) {
+  EXPECT_TRUE(c.GetStatus().ok());
+  EXPECT_TRUE(c.BeginSync(pb::BeginSyncRequest()).ok());
+  auto p = c.OpenPush();
+  ASSERT_TRUE(p.ok());
+  EXPECT_TRUE((*p)->Finish().ok());
+  EXPECT_TRUE(c.Commit(7).ok());
+  EXPECT_TRUE(c.Abort(7, "x").ok());
+  pb::RegisterEngineRequest req;
+  req.set_model("close");
+  auto e = c.RegisterEngine(req);
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  EXPECT_TRUE(c.AckVersion("e-0", 3, true).ok());
+  EXPECT_TRUE(c.UnregisterEngine("e-0").ok());
+}
+
+TEST_F(ClientTest, TokenOnEveryCall) {
+  ClientOptions o;
+  o.token = "t0ken";
+  WeightSyncClient c(target_, o);
+  CallEverything(c);
+  const std::set<std::string> want = {"GetStatus: Bearer t0ken", "BeginSync: Bearer t0ken", "Push: Bearer t0ken",
+                                      "Commit: Bearer t0ken",    "Abort: Bearer t0ken",     "RegisterEngine: Bearer t0ken",
+                                      "AckVersion: Bearer t0ken", "UnregisterEngine: Bearer t0ken"};
+  EXPECT_EQ(daemon_.auth.seen(), want);
+
+  WeightSyncClient none(target_);
+  EXPECT_TRUE(none.GetStatus().ok());
+  EXPECT_EQ(daemon_.auth.seen().count("GetStatus: -"), 1u);
+}
+
+TEST_F(ClientTest, TokenFile) {
+  char dir[] = "/tmp/ws-client-token-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir), nullptr);
+  const std::string path = std::string(dir) + "/token";
+  std::ofstream(path) << "from-file\n";
+  ClientOptions o;
+  o.token_file = path;
+  WeightSyncClient c(target_, o);
+  EXPECT_TRUE(c.GetStatus().ok());
+  EXPECT_EQ(daemon_.auth.seen().count("GetStatus: Bearer from-file"), 1u);
+
+  // An unreadable token file fails every call, naming the file.
+  o.token_file = std::string(dir) + "/missing";
+  WeightSyncClient bad(target_, o);
+  auto s = bad.GetStatus();
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.status().message().find(o.token_file), std::string::npos) << s.status().ToString();
+  EXPECT_FALSE(bad.Connect(1).ok());
+  EXPECT_FALSE(bad.Health().ok());
+  EXPECT_FALSE(bad.OpenPush().ok());
+  std::system(("rm -rf '" + std::string(dir) + "'").c_str());
+}
+
+TEST(ClientTls, TcpTargetsUseTlsWhenAsked) {
+  WS_REQUIRE_TEST_CERTS(certs);
+  FakeDaemon daemon;
+  FakeHealth health;
+  grpc::SslServerCredentialsOptions so(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  so.pem_root_certs = certs->Pem("ca.pem");
+  so.pem_key_cert_pairs.push_back({certs->Pem("server.key"), certs->Pem("server.pem")});
+  grpc::ServerBuilder b;
+  int port = 0;
+  b.AddListeningPort("127.0.0.1:0", grpc::SslServerCredentials(so), &port);
+  b.RegisterService(&daemon);
+  b.RegisterService(&health);
+  auto server = b.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+  ASSERT_GT(port, 0);
+  const std::string target = "127.0.0.1:" + std::to_string(port);
+
+  ClientOptions o;
+  o.tls_ca_file = certs->Path("ca.pem");
+  o.tls_cert_file = certs->Path("client.pem");
+  o.tls_key_file = certs->Path("client.key");
+  {
+    WeightSyncClient c(target, o);
+    auto h = c.Health("", 5);
+    ASSERT_TRUE(h.ok()) << h.status().ToString();
+    EXPECT_EQ(*h, HealthState::kServing);
+    EXPECT_TRUE(c.GetStatus().ok());
+  }
+  {
+    WeightSyncClient plaintext(target);
+    EXPECT_FALSE(plaintext.Health("", 2).ok());
+  }
+  {
+    ClientOptions no_cert = o;
+    no_cert.tls_cert_file.clear();
+    no_cert.tls_key_file.clear();
+    WeightSyncClient c(target, no_cert);
+    EXPECT_FALSE(c.Health("", 2).ok());  // the server requires a client certificate
+  }
+  {
+    ClientOptions half = o;
+    half.tls_key_file.clear();
+    WeightSyncClient c(target, half);
+    auto s = c.GetStatus();
+    ASSERT_FALSE(s.ok());
+    EXPECT_EQ(s.status().code(), Code::kInvalidArgument) << s.status().ToString();
+  }
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+}
+
+TEST_F(ClientTest, TlsOptionsDoNotApplyToUnixSockets) {
+  ClientOptions o;
+  o.tls_ca_file = "/nonexistent-ca.pem";  // never read: unix sockets are plaintext
+  WeightSyncClient c(target_, o);
+  EXPECT_TRUE(c.GetStatus().ok());
+}
+
 TEST(ClientNoServer, UnreachableIsUnavailable) {
   WeightSyncClient c("/tmp/ws-client-test-no-such.sock");
   EXPECT_EQ(c.target(), "unix:/tmp/ws-client-test-no-such.sock");
@@ -225,6 +379,7 @@ TEST(ClientConvert, DTypes) {
   EXPECT_FALSE(FromProto(pb::DTYPE_UNSPECIFIED).has_value());
   EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "x")).code(), Code::kResourceExhausted);
   EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "x")).code(), Code::kPermissionDenied);
+  EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "x")).code(), Code::kUnauthenticated);
   EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::DATA_LOSS, "x")).code(), Code::kInternal);
   EXPECT_TRUE(FromGrpc(grpc::Status::OK).ok());
 }

@@ -21,7 +21,9 @@ TEST(Convert, StatusCodeTable) {
       {Code::kCancelled, grpc::StatusCode::CANCELLED},
       {Code::kInternal, grpc::StatusCode::INTERNAL},
       {Code::kUnimplemented, grpc::StatusCode::UNIMPLEMENTED},
+      {Code::kPermissionDenied, grpc::StatusCode::PERMISSION_DENIED},
       {Code::kResourceExhausted, grpc::StatusCode::RESOURCE_EXHAUSTED},
+      {Code::kUnauthenticated, grpc::StatusCode::UNAUTHENTICATED},
   };
   for (const auto& [code, grpc_code] : table) {
     EXPECT_EQ(ToGrpcCode(code), grpc_code) << CodeName(code);

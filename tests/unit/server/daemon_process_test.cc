@@ -110,7 +110,9 @@ TEST(DaemonProcess, VersionAndHelp) {
   EXPECT_TRUE(Has(ReadFile(out), std::string("weightsyncd ") + WS_VERSION)) << ReadFile(out);
   EXPECT_EQ(RunProcess({bin, "--help"}, out), 0);
   for (const char* flag : {"--listen", "--layouts-dir", "--log-format", "--log-level", "--threads", "--chunk-bytes",
-                           "--ack-timeout", "--config", "--version", "--max-message-bytes", "--shutdown-grace"})
+                           "--ack-timeout", "--config", "--version", "--max-message-bytes", "--shutdown-grace",
+                           "--socket-mode", "--tls-cert", "--tls-key", "--tls-client-ca", "--insecure-tcp",
+                           "--token-file", "--admin-uid", "--admin-cn", "--shm-group"})
     EXPECT_TRUE(Has(ReadFile(out), flag)) << flag;
 }
 
@@ -136,6 +138,138 @@ TEST(DaemonProcess, StartupErrorsExit2) {
   std::ofstream(t.path() + "/file.sock") << "x";
   EXPECT_EQ(RunProcess({bin, "--layouts-dir", lay, "--listen", "unix:" + t.path() + "/file.sock"}, out), 2);
   EXPECT_TRUE(Has(ReadFile(out), "is not a socket")) << ReadFile(out);
+}
+
+TEST(DaemonProcess, AccessOptionsRefusedAtStartup) {
+  REQUIRE_DAEMON(bin);
+  TempDir t;
+  std::string out = t.path() + "/out", lay = t.path() + "/layouts";
+  ::mkdir(lay.c_str(), 0755);
+  std::ofstream(lay + "/toy.json") << kToyRules;
+  const std::vector<std::string> base = {bin, "--layouts-dir", lay, "--listen", "unix:" + t.path() + "/ws.sock"};
+  auto with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> argv = base;
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return RunProcess(argv, out);
+  };
+
+  // TCP without TLS needs an explicit --insecure-tcp.
+  EXPECT_EQ(with({"--listen", "127.0.0.1:0"}), 2);
+  EXPECT_TRUE(Has(ReadFile(out), "listen address 127.0.0.1:0 is TCP, which needs TLS")) << ReadFile(out);
+  EXPECT_TRUE(Has(ReadFile(out), "--insecure-tcp")) << ReadFile(out);
+  EXPECT_EQ(with({"--listen", "127.0.0.1:0", "--tls-cert", t.path() + "/none.pem"}), 2);
+  EXPECT_TRUE(Has(ReadFile(out), "--tls-key")) << ReadFile(out);
+
+  // A token file other users may read is refused, without echoing the token.
+  std::string tok = t.path() + "/token";
+  std::ofstream(tok) << "very-secret-token\n";
+  ::chmod(tok.c_str(), 0644);
+  EXPECT_EQ(with({"--token-file", tok}), 2);
+  EXPECT_TRUE(Has(ReadFile(out), "token file " + tok + " has mode 0644")) << ReadFile(out);
+  EXPECT_FALSE(Has(ReadFile(out), "very-secret-token")) << ReadFile(out);
+  EXPECT_EQ(with({"--token-file", t.path() + "/missing"}), 2);
+  EXPECT_TRUE(Has(ReadFile(out), t.path() + "/missing")) << ReadFile(out);
+
+  EXPECT_EQ(with({"--socket-mode", "0999"}), 2);
+  EXPECT_TRUE(Has(ReadFile(out), "--socket-mode 0999")) << ReadFile(out);
+  EXPECT_EQ(with({"--shm-group", "no-such-group-ws"}), 2);
+  EXPECT_TRUE(Has(ReadFile(out), "--shm-group no-such-group-ws: no such group")) << ReadFile(out);
+  struct stat st;
+  EXPECT_NE(::lstat((t.path() + "/ws.sock").c_str(), &st), 0) << "no socket file after a refused start";
+}
+
+// Waits until the unix socket accepts connections, so that a gRPC channel
+// made afterwards does not start with a reconnect backoff.
+bool WaitSocket(const std::string& path) {
+  for (int i = 0; i < 500; ++i) {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    std::strcpy(a.sun_path, path.c_str());
+    bool up = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+    ::close(fd);
+    if (up) return true;
+    std::this_thread::sleep_for(20ms);
+  }
+  return false;
+}
+
+bool WaitServing(const std::shared_ptr<grpc::Channel>& channel) {
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  for (int i = 0; i < 200; ++i) {
+    grpc::ClientContext c;
+    c.set_deadline(std::chrono::system_clock::now() + 200ms);
+    grpc::health::v1::HealthCheckResponse resp;
+    if (health->Check(&c, grpc::health::v1::HealthCheckRequest(), &resp).ok() &&
+        resp.status() == grpc::health::v1::HealthCheckResponse::SERVING)
+      return true;
+    std::this_thread::sleep_for(50ms);
+  }
+  return false;
+}
+
+TEST(DaemonProcess, TokenSocketModeAndPlaintextTcpFromTheConfigFile) {
+  REQUIRE_DAEMON(bin);
+  TempDir t;
+  std::string lay = t.path() + "/layouts", sock = t.path() + "/ws.sock", out = t.path() + "/log";
+  ::mkdir(lay.c_str(), 0755);
+  std::ofstream(lay + "/toy.json") << kToyRules;
+  std::string tok = t.path() + "/token";
+  std::ofstream(tok) << "tok-123\n";
+  ::chmod(tok.c_str(), 0600);
+  std::ofstream(t.path() + "/d.toml") << "listen = [\"unix:" << sock << "\", \"127.0.0.1:0\"]\nlayouts-dir = \"" << lay
+                                      << "\"\ninsecure-tcp = true\ntoken-file = \"" << tok
+                                      << "\"\nsocket-mode = \"0666\"\nadmin-uid = [1234]\nshm-group = [\"0\"]\n";
+  pid_t pid = Spawn({bin, "--config", t.path() + "/d.toml"}, out);
+  ASSERT_GT(pid, 0);
+  ASSERT_TRUE(WaitSocket(sock)) << ReadFile(out);
+  auto channel = grpc::CreateChannel("unix:" + sock, grpc::InsecureChannelCredentials());
+  ASSERT_TRUE(WaitServing(channel)) << ReadFile(out);  // health needs no token
+  struct stat st;
+  ASSERT_EQ(::stat(sock.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0666u);
+
+  auto stub = pb::WeightSync::NewStub(channel);
+  pb::StatusResponse resp;
+  {
+    grpc::ClientContext c;
+    grpc::Status s = stub->GetStatus(&c, pb::StatusRequest(), &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+    EXPECT_TRUE(Has(s.error_message(), "no token")) << s.error_message();
+  }
+  {
+    grpc::ClientContext c;
+    c.AddMetadata("authorization", "Bearer tok-123");
+    grpc::Status s = stub->GetStatus(&c, pb::StatusRequest(), &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+  }
+
+  // The TCP port (logged as bound) serves plaintext, with a warning at startup.
+  std::string log = ReadFile(out);
+  EXPECT_TRUE(Has(log, "serving plaintext TCP without TLS on 127.0.0.1:")) << log;
+  EXPECT_TRUE(Has(log, "TCP plaintext (--insecure-tcp); token required; admins: uid 0, uid 1234; shm groups: 1"))
+      << log;
+  EXPECT_TRUE(Has(log, "token required")) << log;
+  EXPECT_FALSE(Has(log, "tok-123")) << log;
+  auto at = log.find("127.0.0.1:", log.find("serving on"));
+  ASSERT_NE(at, std::string::npos) << log;
+  std::string tcp = log.substr(at, log.find_first_not_of("0123456789.:", at) - at);
+  auto tcp_channel = grpc::CreateChannel(tcp, grpc::InsecureChannelCredentials());
+  EXPECT_TRUE(WaitServing(tcp_channel)) << tcp;
+  {
+    grpc::ClientContext c;
+    c.AddMetadata("authorization", "Bearer tok-123");
+    grpc::Status s = pb::WeightSync::NewStub(tcp_channel)->GetStatus(&c, pb::StatusRequest(), &resp);
+    EXPECT_TRUE(s.ok()) << tcp << ": " << s.error_message();
+  }
+
+  // Idle sync-API clients do not poll their connections, so they would not
+  // see the daemon's GOAWAY: close them, or shutdown waits its full grace.
+  stub.reset();
+  channel.reset();
+  tcp_channel.reset();
+  ASSERT_EQ(::kill(pid, SIGTERM), 0);
+  EXPECT_EQ(WaitExit(pid, 10s), 0) << ReadFile(out);
 }
 
 // A host shm object under /dev/shm, removed on destruction.
