@@ -255,8 +255,10 @@ def test_directory_entry_swapped_for_a_symlink_while_the_daemon_opens_it(stage, 
         t.join()
     assert len(results) == 40
     for r in results:
-        # Either the attacker's own file (registered), or the link was seen and refused.
-        assert r["ok"] or "symbolic link" in r["message"], r
+        # Either the attacker's own file (registered, or refused as overlapping
+        # the previous iteration's registration of that same file, which is
+        # still being torn down), or the link was seen and refused.
+        assert r["ok"] or "symbolic link" in r["message"] or "overlaps the memory of engine" in r["message"], r
         assert "owned by uid 0" not in r.get("message", ""), f"the daemon followed the link: {r}"
     assert outside.read_bytes() == b"R" * 4096 and outside.stat().st_mtime_ns == before.st_mtime_ns
     for p in (entry, mine):

@@ -851,7 +851,7 @@ Peer UnixPeer(uint32_t uid) {
   return p;
 }
 
-class OwnershipTest : public CoordinatorTest {
+class CoordinatorOwnershipTest : public CoordinatorTest {
  protected:
   EngineHandle RegisterAs(const Peer& who, uint32_t replica, uint32_t tp, Status* st = nullptr) {
     EngineHandle h;
@@ -866,7 +866,7 @@ class OwnershipTest : public CoordinatorTest {
   const Peer alice_ = UnixPeer(1000), bob_ = UnixPeer(1001);
 };
 
-TEST_F(OwnershipTest, OnlyTheOwnerActsOnEnginesModelsAndSyncs) {
+TEST_F(CoordinatorOwnershipTest, OnlyTheOwnerActsOnEnginesModelsAndSyncs) {
   std::vector<EngineHandle> engines{RegisterAs(alice_, 0, 0), RegisterAs(alice_, 0, 1)};
   ASSERT_FALSE(engines[0].id.empty());
   ASSERT_FALSE(engines[1].id.empty());
@@ -911,7 +911,7 @@ TEST_F(OwnershipTest, OnlyTheOwnerActsOnEnginesModelsAndSyncs) {
   EXPECT_TRUE(coord_->UnregisterEngine(alice_, engines[0].id).ok());
 }
 
-TEST_F(OwnershipTest, VersionsStrictlyIncrease) {
+TEST_F(CoordinatorOwnershipTest, VersionsStrictlyIncrease) {
   auto engines = RegisterAll();
   EXPECT_ERR(coord_->BeginSync(Self(), Manifest(0)).status(), "version must be at least 1");
   auto b = coord_->BeginSync(Self(), Manifest(5));
@@ -927,7 +927,7 @@ TEST_F(OwnershipTest, VersionsStrictlyIncrease) {
   EXPECT_TRUE(next.ok()) << next.status().ToString();
 }
 
-TEST_F(OwnershipTest, EngineQuotaPerPeer) {
+TEST_F(CoordinatorOwnershipTest, EngineQuotaPerPeer) {
   max_engines_per_peer_ = 1;
   Init(2, 2);
   Status st;
@@ -938,7 +938,7 @@ TEST_F(OwnershipTest, EngineQuotaPerPeer) {
   EXPECT_ERR(st, "max_engines_per_peer = 1");
 }
 
-TEST_F(OwnershipTest, AliasAcrossModelsAndWithinARankRefused) {
+TEST_F(CoordinatorOwnershipTest, AliasAcrossModelsAndWithinARankRefused) {
   // Model toy, replica 0, and a second model whose rank 0 reuses toy's memory.
   EngineHandle a;
   std::vector<MemoryRef> mem_a;
@@ -979,7 +979,7 @@ TEST_F(OwnershipTest, AliasAcrossModelsAndWithinARankRefused) {
   EXPECT_ERR(coord_->RegisterEngine(Self(), spec_d, mem_d, d.sink.get()).status(), "tied_to no.such.param");
 }
 
-TEST_F(OwnershipTest, MemoryReferencesAlignedToTheirElementSize) {
+TEST_F(CoordinatorOwnershipTest, MemoryReferencesAlignedToTheirElementSize) {
   EngineHandle h;
   std::vector<MemoryRef> mem;
   EngineRankSpec spec = Spec(0, 0, &mem, &h);
