@@ -100,6 +100,7 @@ int main(int argc, char** argv) {
   double ack_timeout = 60;
   double progress_timeout = 30;
   uint64_t max_message_bytes = 512u << 20;
+  int max_rpc_threads = 1024;
   double shutdown_grace = 2;
   std::string tls_cert, tls_key, tls_client_ca, token_file, socket_mode = "0660";
   bool insecure_tcp = false;
@@ -133,6 +134,11 @@ int main(int argc, char** argv) {
   app.add_option("--max-message-bytes", max_message_bytes,
                  "Largest gRPC message accepted (BeginSync carries the whole manifest), e.g. 512MiB")
       ->transform(CLI::AsSizeValue(/*kb_is_1000=*/true))
+      ->capture_default_str();
+  app.add_option("--max-rpc-threads", max_rpc_threads,
+                 "gRPC handler threads at most (each engine event stream and trainer Push stream holds one); "
+                 "calls past it get RESOURCE_EXHAUSTED")
+      ->check(CLI::Range(16, 65536))
       ->capture_default_str();
   app.add_option("--shutdown-grace", shutdown_grace, "Seconds in-flight RPCs get to finish on SIGTERM/SIGINT")
       ->check(CLI::NonNegativeNumber)
@@ -220,6 +226,7 @@ int main(int argc, char** argv) {
   ws::server::ServerOptions so;
   so.listen = listen;
   so.max_message_bytes = static_cast<int>(max_message_bytes);
+  so.max_rpc_threads = max_rpc_threads;
   so.auth = auth;
   so.tls.cert_file = tls_cert;
   so.tls.key_file = tls_key;

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
@@ -128,6 +129,9 @@ Status Server::Start() {
   builder.RegisterService(&service_);
   builder.SetMaxReceiveMessageSize(opts_.max_message_bytes);
   builder.SetMaxSendMessageSize(opts_.max_message_bytes);
+  grpc::ResourceQuota quota("weightsyncd");
+  quota.SetMaxThreads(opts_.max_rpc_threads);
+  builder.SetResourceQuota(quota);
   server_ = builder.BuildAndStart();
   std::string failed;
   for (size_t i = 0; i < ports.size(); ++i)

@@ -30,6 +30,10 @@ struct TlsOptions {
 struct ServerOptions {
   std::vector<std::string> listen = {"unix:/tmp/weightsync.sock"};  // unix:/path or host:port
   int max_message_bytes = 512 << 20;  // largest request (BeginSync carries the whole manifest)
+  // gRPC handler threads at most (each open engine event stream and trainer
+  // Push stream holds one): past it new calls get RESOURCE_EXHAUSTED instead
+  // of the daemon growing threads without bound.
+  int max_rpc_threads = 1024;
   AuthOptions auth;
   TlsOptions tls;             // TCP addresses serve TLS with these (cert and key given together)
   bool insecure_tcp = false;  // without TLS options, serve TCP as plaintext anyway (warned at Start)
