@@ -240,12 +240,19 @@ class Parser {
   size_t i_ = 0;
 };
 
+// Floor division and modulo. Callers have ruled out b == 0 and
+// (INT64_MIN, -1), the only quotient that overflows; neither can overflow then.
 int64_t FloorDiv(int64_t a, int64_t b) {
   int64_t q = a / b;
   if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
   return q;
 }
-int64_t FloorMod(int64_t a, int64_t b) { return a - FloorDiv(a, b) * b; }
+int64_t FloorMod(int64_t a, int64_t b) {
+  int64_t m = a % b;
+  if (m != 0 && ((m < 0) != (b < 0))) m += b;
+  return m;
+}
+int64_t CeilDiv(int64_t a, int64_t b) { return FloorDiv(a, b) + (FloorMod(a, b) != 0); }
 
 Status Overflow(const Node& n) { return InvalidArgument("integer overflow in \"" + n.text + "\""); }
 
@@ -299,17 +306,17 @@ Result<int64_t> EvalNode(const Node& n, const Lookup& lookup) {
       const std::string& ta = n.kids[0]->text;
       const std::string& tb = n.kids[1]->text;
       if (b == 0) return InvalidArgument("division by zero: " + tb + " is 0 in \"" + n.text + "\"");
+      if (a == std::numeric_limits<int64_t>::min() && b == -1) return Overflow(n);
       if (n.name == "divide") {
         if (FloorMod(a, b) != 0)
           return InvalidArgument(ta + " (" + std::to_string(a) + ") is not divisible by " + tb + " (" +
                                  std::to_string(b) + ")");
         return a / b;
       }
-      if (n.name == "ceil_div") return -FloorDiv(-a, b);
+      if (n.name == "ceil_div") return CeilDiv(a, b);
       // pad(a, m): round a up to a multiple of m.
       int64_t r;
-      int64_t q = -FloorDiv(-a, b);
-      if (__builtin_mul_overflow(q, b, &r)) return Overflow(n);
+      if (__builtin_mul_overflow(CeilDiv(a, b), b, &r)) return Overflow(n);
       return r;
     }
     default: break;

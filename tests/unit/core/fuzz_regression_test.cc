@@ -1,0 +1,56 @@
+// Regression tests for bugs the fuzzers (tests/fuzz) found; each input is
+// also kept in tests/fuzz/corpus/<target>/.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "daemon/core/expr.h"
+
+namespace ws {
+namespace {
+
+bool Has(const Status& s, const std::string& needle) { return s.message().find(needle) != std::string::npos; }
+
+Result<int64_t> Eval(const std::string& text) {
+  WS_ASSIGN_OR_RETURN(expr::Expr e, expr::Expr::Parse(text));
+  return e.Eval([](const std::string& name) -> Result<int64_t> {
+    if (name == "small") return std::numeric_limits<int64_t>::min();
+    if (name == "big") return std::numeric_limits<int64_t>::max();
+    return NotFound("no " + name);
+  });
+}
+
+// ws_fuzz_expr: `%`, divide(), ceil_div() and pad() overflowed int64 (UB) on
+// INT64_MIN operands instead of reporting an error or the exact result.
+TEST(FuzzRegression, ExprModAndDivisionAtInt64Min) {
+  constexpr int64_t kMin = std::numeric_limits<int64_t>::min();
+  auto r = Eval("small % 3");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(*r, 1);  // floor modulo: -9223372036854775808 = 3 * -3074457345618258603 + 1
+  r = Eval("small % -3");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(*r, -2);
+  r = Eval("big % -2");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(*r, -1);
+  r = Eval("ceil_div(small, 2)");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(*r, kMin / 2);
+  r = Eval("ceil_div(big, 2)");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(*r, std::numeric_limits<int64_t>::max() / 2 + 1);
+  r = Eval("pad(small, 3)");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(*r, kMin + 2);
+  for (const char* text : {"divide(small, -1)", "ceil_div(small, -1)", "pad(small, -1)", "small / -1", "small % -1",
+                           "pad(big, 2)"}) {
+    r = Eval(text);
+    ASSERT_FALSE(r.ok()) << text;
+    EXPECT_TRUE(Has(r.status(), "integer overflow")) << text << ": " << r.status().ToString();
+  }
+}
+
+}  // namespace
+}  // namespace ws
