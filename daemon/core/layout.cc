@@ -1,6 +1,7 @@
 #include "daemon/core/layout.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -351,6 +352,12 @@ struct ConfigValue {
   std::string repr;
 };
 
+// True for a double that is an integer within int64's range (4096.0, not
+// 1e60 or 0.5): only those convert to int64_t without undefined behaviour.
+bool IsInt64Valued(double d) {
+  return d >= -9223372036854775808.0 && d < 9223372036854775808.0 && d == std::trunc(d);
+}
+
 Result<std::map<std::string, ConfigValue>> ParseConfig(const std::string& text) {
   Json j;
   try {
@@ -371,7 +378,7 @@ Result<std::map<std::string, ConfigValue>> ParseConfig(const std::string& text) 
     } else if (v.is_number_integer()) {
       cv.kind = ConfigValue::kInt;
       cv.v = v.get<int64_t>();
-    } else if (v.is_number_float() && v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>()))) {
+    } else if (v.is_number_float() && IsInt64Valued(v.get<double>())) {
       cv.kind = ConfigValue::kInt;
       cv.v = static_cast<int64_t>(v.get<double>());
     } else {

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "daemon/core/expr.h"
+#include "daemon/core/layout.h"
 
 namespace ws {
 namespace {
@@ -49,6 +50,31 @@ TEST(FuzzRegression, ExprModAndDivisionAtInt64Min) {
     r = Eval(text);
     ASSERT_FALSE(r.ok()) << text;
     EXPECT_TRUE(Has(r.status(), "integer overflow")) << text << ": " << r.status().ToString();
+  }
+}
+
+// A rule file with one source and one param, both [V, H].
+std::shared_ptr<const LayoutRegistry> TinyRules() {
+  auto r = LayoutRegistry::LoadTexts({{"tiny.json", R"J({
+    "architectures": ["Tiny"],
+    "sources": [{"name": "w", "shape": ["vocab_size", "hidden_size"]}],
+    "params": [{"name": "w", "parts": [{"src": "w"}]}]})J"}});
+  EXPECT_TRUE(r.ok()) << r.status().ToString();
+  return r.ok() ? *r : nullptr;
+}
+
+// ws_fuzz_hf_config: a config value like 2.5e60 was converted to int64_t
+// (undefined behaviour) while checking whether it is integral.
+TEST(FuzzRegression, HugeFloatConfigValueIsNotAnInteger) {
+  auto reg = TinyRules();
+  ASSERT_TRUE(reg);
+  auto l = reg->Resolve("Tiny", R"({"vocab_size": 8.0, "hidden_size": 4, "rope_theta": 2.5e60})", ResolveOptions{});
+  ASSERT_TRUE(l.ok()) << l.status().ToString();
+  EXPECT_EQ(l->params.at(0).shape, (Shape{8, 4}));
+  for (const char* v : {"2.5e60", "-9.3e18", "9223372036854775808.0", "0.5"}) {
+    l = reg->Resolve("Tiny", std::string(R"({"hidden_size": 4, "vocab_size": )") + v + "}", ResolveOptions{});
+    ASSERT_FALSE(l.ok()) << v;
+    EXPECT_TRUE(Has(l.status(), "\"vocab_size\" is not an integer")) << l.status().ToString();
   }
 }
 
