@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "daemon/core/expr.h"
+#include "daemon/core/json_limits.h"
 
 namespace ws {
 
@@ -251,12 +252,7 @@ Result<SourceRule> ParseSource(const Json& j, const std::string& where) {
 }
 
 Result<RuleFile> ParseRuleFile(const std::string& file, const std::string& text) {
-  Json j;
-  try {
-    j = Json::parse(text);
-  } catch (const std::exception& e) {
-    return InvalidArgument(file + ": invalid JSON: " + e.what());
-  }
+  WS_ASSIGN_OR_RETURN(Json j, ParseJsonLimited<Json>(text, kMaxJsonDepth, file));
   if (!j.is_object()) return InvalidArgument(file + ": top level must be an object");
   WS_RETURN_IF_ERROR(CheckKeys(j, file, {"name", "architectures", "vllm_source", "notes", "example_config",
                                          "option_defaults", "vars", "checks", "skip", "sources", "params"}));
@@ -359,12 +355,7 @@ bool IsInt64Valued(double d) {
 }
 
 Result<std::map<std::string, ConfigValue>> ParseConfig(const std::string& text) {
-  Json j;
-  try {
-    j = Json::parse(text.empty() ? std::string("{}") : text);
-  } catch (const std::exception& e) {
-    return InvalidArgument(std::string("config.json: invalid JSON: ") + e.what());
-  }
+  WS_ASSIGN_OR_RETURN(Json j, ParseJsonLimited<Json>(text.empty() ? "{}" : text, kMaxJsonDepth, "config.json"));
   if (!j.is_object()) return InvalidArgument("config.json: top level must be an object");
   std::map<std::string, ConfigValue> out;
   for (auto it = j.begin(); it != j.end(); ++it) {
@@ -798,12 +789,7 @@ Result<ExpectedParam> LayoutRegistry::ResolveExplicit(const std::string& param_n
                                                       const std::string& hf_config_json, const ResolveOptions& opts,
                                                       std::vector<ExpectedSource>* sources_out) const {
   std::string ctx = "mapping of param " + param_name;
-  Json j;
-  try {
-    j = Json::parse(mapping_json);
-  } catch (const std::exception& e) {
-    return InvalidArgument(ctx + ": invalid JSON: " + e.what());
-  }
+  WS_ASSIGN_OR_RETURN(Json j, ParseJsonLimited<Json>(mapping_json, kMaxJsonDepth, ctx));
   auto pr = ParseParam(j, ctx, /*allow_loops=*/false);
   if (!pr.ok()) return pr.status();
   std::vector<SourceRule> src_rules;
@@ -817,15 +803,12 @@ Result<ExpectedParam> LayoutRegistry::ResolveExplicit(const std::string& param_n
   WS_ASSIGN_OR_RETURN(auto cfg, ParseConfig(hf_config_json));
   // The architecture's rule file, when there is one, lends its vars and source shapes.
   const RuleFile* rf = nullptr;
-  try {
-    Json c = Json::parse(hf_config_json.empty() ? std::string("{}") : hf_config_json);
-    if (c.is_object() && c.contains("architectures") && c["architectures"].is_array())
-      for (const auto& a : c["architectures"])
-        if (a.is_string())
-          if (auto it = impl_->by_arch.find(a.get<std::string>()); it != impl_->by_arch.end() && !rf)
-            rf = &impl_->files[it->second];
-  } catch (const std::exception&) {
-  }
+  auto c = ParseJsonLimited<Json>(hf_config_json.empty() ? "{}" : hf_config_json, kMaxJsonDepth, "config.json");
+  if (c.ok() && c->is_object() && c->contains("architectures") && (*c)["architectures"].is_array())
+    for (const auto& a : (*c)["architectures"])
+      if (a.is_string())
+        if (auto it = impl_->by_arch.find(a.get<std::string>()); it != impl_->by_arch.end() && !rf)
+          rf = &impl_->files[it->second];
   Env env(rf, &cfg, opts);
   SourceShapes shapes;
   std::vector<ExpectedSource> declared;

@@ -6,8 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include <nlohmann/json.hpp>
-
+#include "daemon/core/json_limits.h"
 #include "daemon/server/convert.h"
 #include "tests/fuzz/fuzz_common.h"
 
@@ -18,8 +17,8 @@ namespace {
 // memory mapping and model bookkeeping).
 void Register(const EngineRankSpec& spec) {
   if (spec.tp_size == 0 || spec.tp_rank >= spec.tp_size || spec.params.empty()) return;
-  auto cfg = nlohmann::json::parse(spec.hf_config_json, nullptr, /*allow_exceptions=*/false);
-  if (cfg.is_discarded() || !cfg.is_object()) return;
+  auto cfg = ParseJsonLimited(spec.hf_config_json, kMaxJsonDepth, "hf_config_json");
+  if (!cfg.ok() || !cfg->is_object()) return;
   ResolveOptions ro;
   ro.tp_size = spec.tp_size;
   ro.tp_rank = spec.tp_rank;

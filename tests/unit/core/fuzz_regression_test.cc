@@ -7,6 +7,7 @@
 #include <string>
 
 #include "daemon/core/expr.h"
+#include "daemon/core/json_limits.h"
 #include "daemon/core/layout.h"
 
 namespace ws {
@@ -76,6 +77,53 @@ TEST(FuzzRegression, HugeFloatConfigValueIsNotAnInteger) {
     ASSERT_FALSE(l.ok()) << v;
     EXPECT_TRUE(Has(l.status(), "\"vocab_size\" is not an integer")) << l.status().ToString();
   }
+}
+
+std::string Nested(int depth, const std::string& inner = "1") {
+  return std::string(depth, '[') + inner + std::string(depth, ']');
+}
+
+TEST(JsonLimits, DepthLimit) {
+  auto j = ParseJsonLimited(Nested(kMaxJsonDepth), kMaxJsonDepth, "x.json");
+  ASSERT_TRUE(j.ok()) << j.status().ToString();
+  auto o = ParseJsonLimited<nlohmann::ordered_json>(R"({"a": {"b": [1, {"c": 2}]}})", 4, "x.json");
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_EQ(o->dump(), R"({"a":{"b":[1,{"c":2}]}})");
+  o = ParseJsonLimited<nlohmann::ordered_json>(R"({"a": {"b": [1, {"c": 2}]}})", 3, "x.json");
+  ASSERT_FALSE(o.ok());
+  EXPECT_TRUE(Has(o.status(), "x.json: JSON nested more than 3 levels deep")) << o.status().ToString();
+  j = ParseJsonLimited(Nested(kMaxJsonDepth + 1), kMaxJsonDepth, "x.json");
+  ASSERT_FALSE(j.ok());
+  EXPECT_EQ(j.status().code(), Code::kInvalidArgument);
+  j = ParseJsonLimited("[1, 2", kMaxJsonDepth, "x.json");
+  ASSERT_FALSE(j.ok());
+  EXPECT_TRUE(Has(j.status(), "x.json: invalid JSON")) << j.status().ToString();
+}
+
+// ws_fuzz_hf_config / ws_fuzz_layout_rules / ws_fuzz_mapping: JSON nested
+// 100000 deep parsed fine, then overflowed the stack in dump(), a copy or the
+// recursive part parser. Such documents are now refused while parsing.
+TEST(FuzzRegression, DeeplyNestedJsonIsRefused) {
+  const std::string deep = Nested(100000);
+  auto reg = TinyRules();
+  ASSERT_TRUE(reg);
+  auto l = reg->Resolve("Tiny", R"({"hidden_size": 4, "vocab_size": 8, "x": )" + deep + "}", ResolveOptions{});
+  ASSERT_FALSE(l.ok());
+  EXPECT_TRUE(Has(l.status(), "config.json: JSON nested more than")) << l.status().ToString();
+
+  auto rules = LayoutRegistry::LoadTexts(
+      {{"deep.json", R"({"architectures": ["X"], "example_config": {"a": )" + deep + "}}"}});
+  ASSERT_FALSE(rules.ok());
+  EXPECT_TRUE(Has(rules.status(), "deep.json: JSON nested more than")) << rules.status().ToString();
+
+  std::string groups;
+  for (int i = 0; i < 20000; ++i) groups += R"({"parts": [)";
+  groups += R"({"src": "w"})";
+  for (int i = 0; i < 20000; ++i) groups += "]}";
+  auto p = reg->ResolveExplicit("w", R"({"parts": [)" + groups + "]}", R"({"hidden_size": 4, "vocab_size": 8})",
+                                ResolveOptions{});
+  ASSERT_FALSE(p.ok());
+  EXPECT_TRUE(Has(p.status(), "mapping of param w: JSON nested more than")) << p.status().ToString();
 }
 
 }  // namespace
