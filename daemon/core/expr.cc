@@ -17,11 +17,17 @@ struct Node {
   std::string name;  // identifier or function name
   std::string text;  // source text of this sub-expression (for messages)
   std::vector<std::shared_ptr<const Node>> kids;
+  int height = 1;  // longest path to a leaf, in nodes
 };
 
 namespace {
 
 using NodeP = std::shared_ptr<const Node>;
+
+// Parsing, evaluation and destruction recurse over the expression tree: deeper
+// nesting (parentheses, unary operators, chains like 1+1+...+1) is refused so
+// that rule files and mappings from peers cannot overflow the stack.
+constexpr int kMaxNesting = 128;
 
 struct Token {
   enum Kind { kEnd, kNum, kIdent, kOp } kind = kEnd;
@@ -133,7 +139,19 @@ class Parser {
     return 0;
   }
 
+  // Refuses `n` when it nests deeper than kMaxNesting.
+  Status SetHeight(Node& n) const {
+    for (const auto& k : n.kids) n.height = std::max(n.height, k->height + 1);
+    if (n.height > kMaxNesting) return Error("nested more than " + std::to_string(kMaxNesting) + " levels deep");
+    return Status::Ok();
+  }
+
   Result<NodeP> ParseExpr(int min_bp) {
+    struct Leave {
+      int& d;
+      ~Leave() { --d; }
+    } leave{++depth_};
+    if (depth_ > kMaxNesting) return Error("nested more than " + std::to_string(kMaxNesting) + " levels deep");
     size_t start = i_;
     WS_ASSIGN_OR_RETURN(NodeP lhs, ParsePrefix());
     while (true) {
@@ -168,6 +186,7 @@ class Parser {
         else n->op = Op::kMod;
       }
       n->text = Span(start, i_);
+      WS_RETURN_IF_ERROR(SetHeight(*n));
       lhs = n;
     }
     return lhs;
@@ -232,12 +251,14 @@ class Parser {
       return Error(t.kind == Token::kEnd ? "unexpected end" : "unexpected '" + t.s + "'");
     }
     n->text = Span(start, i_);
+    WS_RETURN_IF_ERROR(SetHeight(*n));
     return NodeP(n);
   }
 
   const std::string& text_;
   std::vector<Token> toks_;
   size_t i_ = 0;
+  int depth_ = 0;  // ParseExpr calls in progress
 };
 
 // Floor division and modulo. Callers have ruled out b == 0 and

@@ -126,5 +126,29 @@ TEST(FuzzRegression, DeeplyNestedJsonIsRefused) {
   EXPECT_TRUE(Has(p.status(), "mapping of param w: JSON nested more than")) << p.status().ToString();
 }
 
+// ws_fuzz_expr: deeply nested parentheses or unary operators overflowed the
+// parser's stack, and a long chain like 1+1+...+1 the evaluator's and the
+// tree destructor's.
+TEST(FuzzRegression, DeeplyNestedExpressionIsRefused) {
+  for (const std::string& text : {std::string(5000, '(') + "1" + std::string(5000, ')'), std::string(5000, '-') + "1",
+                                  std::string(5000, '!') + "1", [] {
+                                    std::string s = "1";
+                                    for (int i = 0; i < 5000; ++i) s += "+1";
+                                    return s;
+                                  }()}) {
+    auto e = expr::Expr::Parse(text);
+    ASSERT_FALSE(e.ok()) << text.substr(0, 20);
+    EXPECT_TRUE(Has(e.status(), "levels deep")) << e.status().ToString().substr(0, 200);
+  }
+  // What real rules write stays well inside the limit.
+  std::string chain = "1";
+  for (int i = 0; i < 100; ++i) chain += " + 1";
+  auto r = Eval("(" + chain + ") * ((((2))))");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(*r, 202);
+  auto t = expr::Template::Parse("layers.{" + std::string(200, '(') + "1" + std::string(200, ')') + "}");
+  EXPECT_FALSE(t.ok());
+}
+
 }  // namespace
 }  // namespace ws
