@@ -455,7 +455,8 @@ Status ForEach(Env& env, const std::vector<Loop>& loops, size_t i, const std::fu
   // Configs come from engines: a loop bound like num_hidden_layers = 1e12 must
   // be refused, not iterated.
   constexpr int64_t kMaxIterations = 1 << 20;
-  if (e - b > kMaxIterations)
+  int64_t n = 0;
+  if (__builtin_sub_overflow(e, b, &n) || n > kMaxIterations)
     return InvalidArgument("loop " + l.var + " over [" + std::to_string(b) + ", " + std::to_string(e) +
                            ") has more than " + std::to_string(kMaxIterations) + " iterations");
   for (int64_t v = b; v < e; ++v) {
@@ -480,9 +481,9 @@ Result<std::pair<int64_t, int64_t>> ApplySlice(Env& env, const Slice& s, int64_t
   if (s.offset || s.size) {
     int64_t off = 0;
     if (s.offset) { WS_ASSIGN_OR_RETURN(off, env.Eval(*s.offset)); }
-    int64_t size = extent - off;
+    int64_t size = off >= 0 && off <= extent ? extent - off : 0;
     if (s.size) { WS_ASSIGN_OR_RETURN(size, env.Eval(*s.size)); }
-    if (off < 0 || size < 0 || off + size > extent)
+    if (off < 0 || size < 0 || off > extent || size > extent - off)
       return InvalidArgument(what + ": offset " + std::to_string(off) + " size " + std::to_string(size) +
                              " is outside the extent " + std::to_string(extent));
     b = off;
@@ -587,6 +588,9 @@ Status ResolvePartList(Env& env, const std::vector<PartRule>& parts, const Sourc
           return InvalidArgument("pad_rows (" + std::to_string(dst_rows) + ") is smaller than the " +
                                  std::to_string(nrows) + " rows taken from " + src);
       }
+      // Each term and the running sum stay <= 2^50, so the sum cannot overflow.
+      if (dst_rows > kMaxTensorElements || st->cursor + dst_rows > kMaxTensorElements)
+        return InvalidArgument("stacks more than 2^50 rows (at " + src + ")");
       if (st->cols && *st->cols != ncols)
         return InvalidArgument("takes " + std::to_string(ncols) + " columns from " + src + " but earlier parts took " +
                                std::to_string(*st->cols) + " (parts are stacked along dim 0 and must be equally wide)");
@@ -627,6 +631,8 @@ Result<ExpectedParam> ResolveParam(Env& env, const ParamRule& pr, const std::str
   } else {
     p.shape = {rows, *cols};
   }
+  if (!ShapeInRange(p.shape))
+    return InvalidArgument("shape " + ShapeToString(p.shape) + " has more than 2^50 elements");
   View2D v = As2D(p.shape);
   if (v.rows != rows || (cols && v.cols != *cols))
     return InvalidArgument("shape " + ShapeToString(p.shape) + " (2-D view [" + std::to_string(v.rows) + ", " +
@@ -650,6 +656,8 @@ Status ResolveSources(Env& env, const std::vector<SourceRule>& rules, std::vecto
         if (*v < 0) return InvalidArgument("shape \"" + e.text() + "\" is negative");
         s.shape.push_back(*v);
       }
+      if (!ShapeInRange(s.shape))
+        return InvalidArgument("source " + s.name + " shape " + ShapeToString(s.shape) + " has more than 2^50 elements");
       if (shapes->count(s.name)) {
         if (best_effort) return Status::Ok();
         return InvalidArgument("source " + s.name + " is declared twice");

@@ -150,5 +150,56 @@ TEST(FuzzRegression, DeeplyNestedExpressionIsRefused) {
   EXPECT_FALSE(t.ok());
 }
 
+// Loads a rule file whose only param is built by `parts` (JSON) from a source
+// "w" of shape [vocab_size, hidden_size].
+Result<std::shared_ptr<const LayoutRegistry>> RulesWithParts(const std::string& parts,
+                                                             const std::string& param_extra = "") {
+  return LayoutRegistry::LoadTexts({{"t.json", R"({"architectures": ["T"],
+    "sources": [{"name": "w", "shape": ["vocab_size", "hidden_size"]}],
+    "params": [{"name": "p", )" + param_extra + R"("parts": )" + parts + "}]}"}});
+}
+
+Status ResolveT(const std::string& parts, const std::string& config, const std::string& param_extra = "") {
+  auto reg = RulesWithParts(parts, param_extra);
+  EXPECT_TRUE(reg.ok()) << reg.status().ToString();
+  if (!reg.ok()) return reg.status();
+  auto l = (*reg)->Resolve("T", config, ResolveOptions{});
+  return l.ok() ? Status::Ok() : l.status();
+}
+
+// ws_fuzz_hf_config: a config like vocab_size = 2^62 produced shapes whose
+// element counts overflowed int64 (UBSan in the tiling check); slice bounds,
+// loop ranges and pad_rows near 2^63 overflowed too. Shapes over 2^50
+// elements are now refused at resolution, like the planner refuses them.
+TEST(FuzzRegression, HugeConfigValuesAreRefusedWithoutOverflow) {
+  const std::string cfg = R"({"vocab_size": 4611686018427387904, "hidden_size": 32, "big": 4611686018427387904})";
+  Status st = ResolveT(R"([{"src": "w"}])", cfg);
+  ASSERT_FALSE(st.ok());
+  EXPECT_TRUE(Has(st, "source w shape [4611686018427387904, 32] has more than 2^50 elements")) << st.ToString();
+
+  const std::string small = R"({"vocab_size": 8, "hidden_size": 4, "big": 4611686018427387904})";
+  st = ResolveT(R"([{"src": "w", "rows": {"offset": "big", "size": "big"}}])", small);
+  ASSERT_FALSE(st.ok());
+  EXPECT_TRUE(Has(st, "is outside the extent 8")) << st.ToString();
+  st = ResolveT(R"([{"src": "w", "rows": {"offset": "0 - big - big"}}])", small);
+  ASSERT_FALSE(st.ok());
+  EXPECT_TRUE(Has(st, "is outside the extent 8")) << st.ToString();
+
+  st = ResolveT(R"([{"src": "w", "pad_rows": "big"}, {"src": "w", "pad_rows": "big"}])", small);
+  ASSERT_FALSE(st.ok());
+  EXPECT_TRUE(Has(st, "stacks more than 2^50 rows")) << st.ToString();
+  st = ResolveT(R"([{"src": "w", "pad_rows": "big"}])", small);
+  ASSERT_FALSE(st.ok());
+  EXPECT_TRUE(Has(st, "stacks more than 2^50 rows")) << st.ToString();
+
+  st = ResolveT(R"([{"src": "w"}])", small, R"("shape": ["big", "big"], )");
+  ASSERT_FALSE(st.ok());
+  EXPECT_TRUE(Has(st, "has more than 2^50 elements")) << st.ToString();
+
+  st = ResolveT(R"([{"src": "w", "for": {"i": ["0 - 9223372036854775807 - 1", "9223372036854775807"]}}])", small);
+  ASSERT_FALSE(st.ok());
+  EXPECT_TRUE(Has(st, "has more than 1048576 iterations")) << st.ToString();
+}
+
 }  // namespace
 }  // namespace ws
