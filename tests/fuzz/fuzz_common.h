@@ -73,7 +73,13 @@ inline const std::vector<PlanEngine>& TinyLlamaEngines() {
         pe.spec.replica_id = replica;
         pe.spec.tp_rank = rank;
         pe.spec.tp_size = kTinyTp;
-        for (const ExpectedParam& p : layout->params) pe.spec.params.push_back({p.name, p.shape, DType::kBF16, ""});
+        for (const ExpectedParam& p : layout->params) {
+          EngineParamSpec ps;
+          ps.name = p.name;
+          ps.shape = p.shape;
+          ps.dtype = DType::kBF16;
+          pe.spec.params.push_back(std::move(ps));
+        }
         pe.layout = std::move(layout).value();
         if (Status st = ValidateEngine(pe.spec, pe.layout); !st.ok()) Die(st.ToString());
         out.push_back(std::move(pe));
