@@ -395,9 +395,15 @@ class Env {
   }
   Result<int64_t> Eval(const Expr& e) { return e.Eval(lookup()); }
   Result<std::string> Render(const Template& t) { return t.Render(lookup()); }
+  int64_t max_loop_iterations() const { return opts_.max_loop_iterations; }
 
   void Push(const std::string& var, int64_t v) { loops_.emplace_back(var, v); }
   void Pop() { loops_.pop_back(); }
+  // Spends `n` loop iterations of this resolution's budget; false past it.
+  bool Spend(int64_t n) {
+    iterations_ += n;
+    return iterations_ <= opts_.max_loop_iterations;
+  }
 
  private:
   Result<int64_t> Get(const std::string& n) {
@@ -440,6 +446,7 @@ class Env {
   std::vector<std::pair<std::string, int64_t>> loops_;
   std::map<std::string, Result<int64_t>> cache_;
   std::set<std::string> active_;
+  int64_t iterations_ = 0;
 };
 
 // Runs fn once per iteration of the nested loops (and once when there are none).
@@ -453,12 +460,17 @@ Status ForEach(Env& env, const std::vector<Loop>& loops, size_t i, const std::fu
   if (l.begin) { WS_ASSIGN_OR_RETURN(b, env.Eval(*l.begin)); }
   WS_ASSIGN_OR_RETURN(int64_t e, env.Eval(l.end));
   // Configs come from engines: a loop bound like num_hidden_layers = 1e12 must
-  // be refused, not iterated.
+  // be refused, not iterated, and so must nested loops that multiply into
+  // billions (layers x experts): see ResolveOptions::max_loop_iterations.
   constexpr int64_t kMaxIterations = 1 << 20;
   int64_t n = 0;
   if (__builtin_sub_overflow(e, b, &n) || n > kMaxIterations)
     return InvalidArgument("loop " + l.var + " over [" + std::to_string(b) + ", " + std::to_string(e) +
                            ") has more than " + std::to_string(kMaxIterations) + " iterations");
+  if (n > 0 && !env.Spend(n))
+    return InvalidArgument("loop " + l.var + " over [" + std::to_string(b) + ", " + std::to_string(e) +
+                           ") takes the rules past " + std::to_string(env.max_loop_iterations()) +
+                           " loop iterations in all for this config");
   for (int64_t v = b; v < e; ++v) {
     env.Push(l.var, v);
     Status st = ForEach(env, loops, i + 1, fn, quiet);
@@ -771,11 +783,15 @@ Result<std::shared_ptr<const LayoutRegistry>> LayoutRegistry::LoadTexts(
   }
   // A file's own example config must resolve at tp_size 1; this catches
   // rules whose parts do not tile their parameters before any engine registers.
+  // Examples are tiny models (gen-checkpoint builds them), so they get a small
+  // loop budget.
+  ResolveOptions example_opts;
+  example_opts.max_loop_iterations = kMaxExampleLoopIterations;
   for (const RuleFile& rf : impl->files) {
     if (rf.example_config.is_null()) continue;
     Json cfg = rf.example_config;
     cfg["architectures"] = Json::array({rf.architectures[0]});
-    auto r = impl->Resolve(rf, rf.architectures[0], cfg.dump(), ResolveOptions{});
+    auto r = impl->Resolve(rf, rf.architectures[0], cfg.dump(), example_opts);
     if (!r.ok()) return InvalidArgument(rf.file + ": example_config does not resolve: " + r.status().message());
   }
   return std::shared_ptr<const LayoutRegistry>(new LayoutRegistry(std::move(impl)));

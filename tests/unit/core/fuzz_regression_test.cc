@@ -2,9 +2,12 @@
 // also kept in tests/fuzz/corpus/<target>/.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <string>
+
+#include <nlohmann/json.hpp>
 
 #include "daemon/core/expr.h"
 #include "daemon/core/json_limits.h"
@@ -199,6 +202,50 @@ TEST(FuzzRegression, HugeConfigValuesAreRefusedWithoutOverflow) {
   st = ResolveT(R"([{"src": "w", "for": {"i": ["0 - 9223372036854775807 - 1", "9223372036854775807"]}}])", small);
   ASSERT_FALSE(st.ok());
   EXPECT_TRUE(Has(st, "has more than 1048576 iterations")) << st.ToString();
+}
+
+// ws_fuzz_hf_config: nested loops multiplied into billions of iterations
+// (num_hidden_layers x n_routed_experts, each allowed up to 2^20), running past
+// any timeout. A resolution now has a loop budget; real models fit easily.
+TEST(FuzzRegression, LoopBudget) {
+  auto reg = LayoutRegistry::LoadDir(WS_LAYOUTS_DIR);
+  ASSERT_TRUE(reg.ok()) << reg.status().ToString();
+  auto example = (*reg)->ExampleConfig("DeepseekV2ForCausalLM");
+  ASSERT_TRUE(example.ok()) << example.status().ToString();
+  auto cfg = nlohmann::json::parse(*example);
+  // DeepSeek-V3's loop structure: 61 layers (3 dense), 256 routed experts.
+  cfg["num_hidden_layers"] = 61;
+  cfg["first_k_dense_replace"] = 3;
+  cfg["n_routed_experts"] = 256;
+  ResolveOptions ro;
+  ro.tp_size = 2;
+  ro.tp_rank = 1;
+  auto l = (*reg)->Resolve("DeepseekV2ForCausalLM", cfg.dump(), ro);
+  ASSERT_TRUE(l.ok()) << l.status().ToString();
+  EXPECT_GT(l->sources.size(), 58u * 256u * 3u);
+
+  // 2000 x 2000 would be 4M expert sources: refused within the budget's time.
+  cfg["num_hidden_layers"] = 2000;
+  cfg["n_routed_experts"] = 2000;
+  auto t0 = std::chrono::steady_clock::now();
+  l = (*reg)->Resolve("DeepseekV2ForCausalLM", cfg.dump(), ro);
+  auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_FALSE(l.ok());
+  EXPECT_TRUE(Has(l.status(), "loop iterations in all for this config")) << l.status().ToString();
+  EXPECT_LT(secs, 60.0);
+
+  // One large loop is refused before it starts.
+  ro.max_loop_iterations = 1000;
+  cfg["num_hidden_layers"] = 1001;
+  l = (*reg)->Resolve("DeepseekV2ForCausalLM", cfg.dump(), ro);
+  ASSERT_FALSE(l.ok());
+  EXPECT_TRUE(Has(l.status(), "loop L over [0, 1001) takes the rules past 1000 loop iterations")) << l.status().ToString();
+
+  // A rule file's example_config must stay small.
+  auto big = LayoutRegistry::LoadTexts({{"big.json", R"({"architectures": ["B"], "example_config": {"n": 40000},
+    "sources": [{"name": "s.{i}", "for": {"i": "n"}, "shape": [1]}]})"}});
+  ASSERT_FALSE(big.ok());
+  EXPECT_TRUE(Has(big.status(), "big.json: example_config does not resolve")) << big.status().ToString();
 }
 
 }  // namespace
