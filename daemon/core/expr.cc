@@ -17,11 +17,17 @@ struct Node {
   std::string name;  // identifier or function name
   std::string text;  // source text of this sub-expression (for messages)
   std::vector<std::shared_ptr<const Node>> kids;
+  int height = 1;  // longest path to a leaf, in nodes
 };
 
 namespace {
 
 using NodeP = std::shared_ptr<const Node>;
+
+// Parsing, evaluation and destruction recurse over the expression tree: deeper
+// nesting (parentheses, unary operators, chains like 1+1+...+1) is refused so
+// that rule files and mappings from peers cannot overflow the stack.
+constexpr int kMaxNesting = 128;
 
 struct Token {
   enum Kind { kEnd, kNum, kIdent, kOp } kind = kEnd;
@@ -133,7 +139,19 @@ class Parser {
     return 0;
   }
 
+  // Refuses `n` when it nests deeper than kMaxNesting.
+  Status SetHeight(Node& n) const {
+    for (const auto& k : n.kids) n.height = std::max(n.height, k->height + 1);
+    if (n.height > kMaxNesting) return Error("nested more than " + std::to_string(kMaxNesting) + " levels deep");
+    return Status::Ok();
+  }
+
   Result<NodeP> ParseExpr(int min_bp) {
+    struct Leave {
+      int& d;
+      ~Leave() { --d; }
+    } leave{++depth_};
+    if (depth_ > kMaxNesting) return Error("nested more than " + std::to_string(kMaxNesting) + " levels deep");
     size_t start = i_;
     WS_ASSIGN_OR_RETURN(NodeP lhs, ParsePrefix());
     while (true) {
@@ -168,6 +186,7 @@ class Parser {
         else n->op = Op::kMod;
       }
       n->text = Span(start, i_);
+      WS_RETURN_IF_ERROR(SetHeight(*n));
       lhs = n;
     }
     return lhs;
@@ -232,20 +251,29 @@ class Parser {
       return Error(t.kind == Token::kEnd ? "unexpected end" : "unexpected '" + t.s + "'");
     }
     n->text = Span(start, i_);
+    WS_RETURN_IF_ERROR(SetHeight(*n));
     return NodeP(n);
   }
 
   const std::string& text_;
   std::vector<Token> toks_;
   size_t i_ = 0;
+  int depth_ = 0;  // ParseExpr calls in progress
 };
 
+// Floor division and modulo. Callers have ruled out b == 0 and
+// (INT64_MIN, -1), the only quotient that overflows; neither can overflow then.
 int64_t FloorDiv(int64_t a, int64_t b) {
   int64_t q = a / b;
   if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
   return q;
 }
-int64_t FloorMod(int64_t a, int64_t b) { return a - FloorDiv(a, b) * b; }
+int64_t FloorMod(int64_t a, int64_t b) {
+  int64_t m = a % b;
+  if (m != 0 && ((m < 0) != (b < 0))) m += b;
+  return m;
+}
+int64_t CeilDiv(int64_t a, int64_t b) { return FloorDiv(a, b) + (FloorMod(a, b) != 0); }
 
 Status Overflow(const Node& n) { return InvalidArgument("integer overflow in \"" + n.text + "\""); }
 
@@ -299,17 +327,17 @@ Result<int64_t> EvalNode(const Node& n, const Lookup& lookup) {
       const std::string& ta = n.kids[0]->text;
       const std::string& tb = n.kids[1]->text;
       if (b == 0) return InvalidArgument("division by zero: " + tb + " is 0 in \"" + n.text + "\"");
+      if (a == std::numeric_limits<int64_t>::min() && b == -1) return Overflow(n);
       if (n.name == "divide") {
         if (FloorMod(a, b) != 0)
           return InvalidArgument(ta + " (" + std::to_string(a) + ") is not divisible by " + tb + " (" +
                                  std::to_string(b) + ")");
         return a / b;
       }
-      if (n.name == "ceil_div") return -FloorDiv(-a, b);
+      if (n.name == "ceil_div") return CeilDiv(a, b);
       // pad(a, m): round a up to a multiple of m.
       int64_t r;
-      int64_t q = -FloorDiv(-a, b);
-      if (__builtin_mul_overflow(q, b, &r)) return Overflow(n);
+      if (__builtin_mul_overflow(CeilDiv(a, b), b, &r)) return Overflow(n);
       return r;
     }
     default: break;

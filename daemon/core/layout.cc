@@ -1,6 +1,7 @@
 #include "daemon/core/layout.h"
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -11,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "daemon/core/expr.h"
+#include "daemon/core/json_limits.h"
 
 namespace ws {
 
@@ -250,12 +252,7 @@ Result<SourceRule> ParseSource(const Json& j, const std::string& where) {
 }
 
 Result<RuleFile> ParseRuleFile(const std::string& file, const std::string& text) {
-  Json j;
-  try {
-    j = Json::parse(text);
-  } catch (const std::exception& e) {
-    return InvalidArgument(file + ": invalid JSON: " + e.what());
-  }
+  WS_ASSIGN_OR_RETURN(Json j, ParseJsonLimited<Json>(text, kMaxJsonDepth, file));
   if (!j.is_object()) return InvalidArgument(file + ": top level must be an object");
   WS_RETURN_IF_ERROR(CheckKeys(j, file, {"name", "architectures", "vllm_source", "notes", "example_config",
                                          "option_defaults", "vars", "checks", "skip", "sources", "params"}));
@@ -351,13 +348,14 @@ struct ConfigValue {
   std::string repr;
 };
 
+// True for a double that is an integer within int64's range (4096.0, not
+// 1e60 or 0.5): only those convert to int64_t without undefined behaviour.
+bool IsInt64Valued(double d) {
+  return d >= -9223372036854775808.0 && d < 9223372036854775808.0 && d == std::trunc(d);
+}
+
 Result<std::map<std::string, ConfigValue>> ParseConfig(const std::string& text) {
-  Json j;
-  try {
-    j = Json::parse(text.empty() ? std::string("{}") : text);
-  } catch (const std::exception& e) {
-    return InvalidArgument(std::string("config.json: invalid JSON: ") + e.what());
-  }
+  WS_ASSIGN_OR_RETURN(Json j, ParseJsonLimited<Json>(text.empty() ? "{}" : text, kMaxJsonDepth, "config.json"));
   if (!j.is_object()) return InvalidArgument("config.json: top level must be an object");
   std::map<std::string, ConfigValue> out;
   for (auto it = j.begin(); it != j.end(); ++it) {
@@ -371,7 +369,7 @@ Result<std::map<std::string, ConfigValue>> ParseConfig(const std::string& text) 
     } else if (v.is_number_integer()) {
       cv.kind = ConfigValue::kInt;
       cv.v = v.get<int64_t>();
-    } else if (v.is_number_float() && v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>()))) {
+    } else if (v.is_number_float() && IsInt64Valued(v.get<double>())) {
       cv.kind = ConfigValue::kInt;
       cv.v = static_cast<int64_t>(v.get<double>());
     } else {
@@ -397,9 +395,15 @@ class Env {
   }
   Result<int64_t> Eval(const Expr& e) { return e.Eval(lookup()); }
   Result<std::string> Render(const Template& t) { return t.Render(lookup()); }
+  int64_t max_loop_iterations() const { return opts_.max_loop_iterations; }
 
   void Push(const std::string& var, int64_t v) { loops_.emplace_back(var, v); }
   void Pop() { loops_.pop_back(); }
+  // Spends `n` loop iterations of this resolution's budget; false past it.
+  bool Spend(int64_t n) {
+    iterations_ += n;
+    return iterations_ <= opts_.max_loop_iterations;
+  }
 
  private:
   Result<int64_t> Get(const std::string& n) {
@@ -442,6 +446,7 @@ class Env {
   std::vector<std::pair<std::string, int64_t>> loops_;
   std::map<std::string, Result<int64_t>> cache_;
   std::set<std::string> active_;
+  int64_t iterations_ = 0;
 };
 
 // Runs fn once per iteration of the nested loops (and once when there are none).
@@ -455,11 +460,17 @@ Status ForEach(Env& env, const std::vector<Loop>& loops, size_t i, const std::fu
   if (l.begin) { WS_ASSIGN_OR_RETURN(b, env.Eval(*l.begin)); }
   WS_ASSIGN_OR_RETURN(int64_t e, env.Eval(l.end));
   // Configs come from engines: a loop bound like num_hidden_layers = 1e12 must
-  // be refused, not iterated.
+  // be refused, not iterated, and so must nested loops that multiply into
+  // billions (layers x experts): see ResolveOptions::max_loop_iterations.
   constexpr int64_t kMaxIterations = 1 << 20;
-  if (e - b > kMaxIterations)
+  int64_t n = 0;
+  if (__builtin_sub_overflow(e, b, &n) || n > kMaxIterations)
     return InvalidArgument("loop " + l.var + " over [" + std::to_string(b) + ", " + std::to_string(e) +
                            ") has more than " + std::to_string(kMaxIterations) + " iterations");
+  if (n > 0 && !env.Spend(n))
+    return InvalidArgument("loop " + l.var + " over [" + std::to_string(b) + ", " + std::to_string(e) +
+                           ") takes the rules past " + std::to_string(env.max_loop_iterations()) +
+                           " loop iterations in all for this config");
   for (int64_t v = b; v < e; ++v) {
     env.Push(l.var, v);
     Status st = ForEach(env, loops, i + 1, fn, quiet);
@@ -482,9 +493,9 @@ Result<std::pair<int64_t, int64_t>> ApplySlice(Env& env, const Slice& s, int64_t
   if (s.offset || s.size) {
     int64_t off = 0;
     if (s.offset) { WS_ASSIGN_OR_RETURN(off, env.Eval(*s.offset)); }
-    int64_t size = extent - off;
+    int64_t size = off >= 0 && off <= extent ? extent - off : 0;
     if (s.size) { WS_ASSIGN_OR_RETURN(size, env.Eval(*s.size)); }
-    if (off < 0 || size < 0 || off + size > extent)
+    if (off < 0 || size < 0 || off > extent || size > extent - off)
       return InvalidArgument(what + ": offset " + std::to_string(off) + " size " + std::to_string(size) +
                              " is outside the extent " + std::to_string(extent));
     b = off;
@@ -589,6 +600,9 @@ Status ResolvePartList(Env& env, const std::vector<PartRule>& parts, const Sourc
           return InvalidArgument("pad_rows (" + std::to_string(dst_rows) + ") is smaller than the " +
                                  std::to_string(nrows) + " rows taken from " + src);
       }
+      // Each term and the running sum stay <= 2^50, so the sum cannot overflow.
+      if (dst_rows > kMaxTensorElements || st->cursor + dst_rows > kMaxTensorElements)
+        return InvalidArgument("stacks more than 2^50 rows (at " + src + ")");
       if (st->cols && *st->cols != ncols)
         return InvalidArgument("takes " + std::to_string(ncols) + " columns from " + src + " but earlier parts took " +
                                std::to_string(*st->cols) + " (parts are stacked along dim 0 and must be equally wide)");
@@ -629,6 +643,8 @@ Result<ExpectedParam> ResolveParam(Env& env, const ParamRule& pr, const std::str
   } else {
     p.shape = {rows, *cols};
   }
+  if (!ShapeInRange(p.shape))
+    return InvalidArgument("shape " + ShapeToString(p.shape) + " has more than 2^50 elements");
   View2D v = As2D(p.shape);
   if (v.rows != rows || (cols && v.cols != *cols))
     return InvalidArgument("shape " + ShapeToString(p.shape) + " (2-D view [" + std::to_string(v.rows) + ", " +
@@ -652,6 +668,8 @@ Status ResolveSources(Env& env, const std::vector<SourceRule>& rules, std::vecto
         if (*v < 0) return InvalidArgument("shape \"" + e.text() + "\" is negative");
         s.shape.push_back(*v);
       }
+      if (!ShapeInRange(s.shape))
+        return InvalidArgument("source " + s.name + " shape " + ShapeToString(s.shape) + " has more than 2^50 elements");
       if (shapes->count(s.name)) {
         if (best_effort) return Status::Ok();
         return InvalidArgument("source " + s.name + " is declared twice");
@@ -765,11 +783,15 @@ Result<std::shared_ptr<const LayoutRegistry>> LayoutRegistry::LoadTexts(
   }
   // A file's own example config must resolve at tp_size 1; this catches
   // rules whose parts do not tile their parameters before any engine registers.
+  // Examples are tiny models (gen-checkpoint builds them), so they get a small
+  // loop budget.
+  ResolveOptions example_opts;
+  example_opts.max_loop_iterations = kMaxExampleLoopIterations;
   for (const RuleFile& rf : impl->files) {
     if (rf.example_config.is_null()) continue;
     Json cfg = rf.example_config;
     cfg["architectures"] = Json::array({rf.architectures[0]});
-    auto r = impl->Resolve(rf, rf.architectures[0], cfg.dump(), ResolveOptions{});
+    auto r = impl->Resolve(rf, rf.architectures[0], cfg.dump(), example_opts);
     if (!r.ok()) return InvalidArgument(rf.file + ": example_config does not resolve: " + r.status().message());
   }
   return std::shared_ptr<const LayoutRegistry>(new LayoutRegistry(std::move(impl)));
@@ -791,12 +813,7 @@ Result<ExpectedParam> LayoutRegistry::ResolveExplicit(const std::string& param_n
                                                       const std::string& hf_config_json, const ResolveOptions& opts,
                                                       std::vector<ExpectedSource>* sources_out) const {
   std::string ctx = "mapping of param " + param_name;
-  Json j;
-  try {
-    j = Json::parse(mapping_json);
-  } catch (const std::exception& e) {
-    return InvalidArgument(ctx + ": invalid JSON: " + e.what());
-  }
+  WS_ASSIGN_OR_RETURN(Json j, ParseJsonLimited<Json>(mapping_json, kMaxJsonDepth, ctx));
   auto pr = ParseParam(j, ctx, /*allow_loops=*/false);
   if (!pr.ok()) return pr.status();
   std::vector<SourceRule> src_rules;
@@ -810,15 +827,12 @@ Result<ExpectedParam> LayoutRegistry::ResolveExplicit(const std::string& param_n
   WS_ASSIGN_OR_RETURN(auto cfg, ParseConfig(hf_config_json));
   // The architecture's rule file, when there is one, lends its vars and source shapes.
   const RuleFile* rf = nullptr;
-  try {
-    Json c = Json::parse(hf_config_json.empty() ? std::string("{}") : hf_config_json);
-    if (c.is_object() && c.contains("architectures") && c["architectures"].is_array())
-      for (const auto& a : c["architectures"])
-        if (a.is_string())
-          if (auto it = impl_->by_arch.find(a.get<std::string>()); it != impl_->by_arch.end() && !rf)
-            rf = &impl_->files[it->second];
-  } catch (const std::exception&) {
-  }
+  auto c = ParseJsonLimited<Json>(hf_config_json.empty() ? "{}" : hf_config_json, kMaxJsonDepth, "config.json");
+  if (c.ok() && c->is_object() && c->contains("architectures") && (*c)["architectures"].is_array())
+    for (const auto& a : (*c)["architectures"])
+      if (a.is_string())
+        if (auto it = impl_->by_arch.find(a.get<std::string>()); it != impl_->by_arch.end() && !rf)
+          rf = &impl_->files[it->second];
   Env env(rf, &cfg, opts);
   SourceShapes shapes;
   std::vector<ExpectedSource> declared;

@@ -60,7 +60,14 @@ struct ResolveOptions {
   // Exposed to rule expressions by name; a rule file's "option_defaults"
   // supplies values the engine does not send (e.g. use_mla, enable_expert_parallel).
   std::map<std::string, int64_t> engine_options;
+  // Loop iterations one resolution may run over all its rules; more is
+  // refused. Configs come from engines, and nested loops (layers x experts)
+  // multiply: DeepSeek-V3 (61 layers x 256 experts) needs under 10^5.
+  int64_t max_loop_iterations = int64_t{1} << 19;
 };
+
+// The loop budget a rule file's example_config must resolve within at load.
+inline constexpr int64_t kMaxExampleLoopIterations = int64_t{1} << 15;
 
 class LayoutRegistry {
  public:

@@ -9,6 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "daemon/core/json_limits.h"
+
 namespace ws::server {
 
 namespace {
@@ -240,8 +242,8 @@ Status Coordinator::CheckModelCompatibleLocked(const Model& m, const EngineRankS
                               " but the model's other engines use tp_size " + std::to_string(m.tp_size));
   if (spec.options != m.options)
     return FailedPrecondition(who + " registers engine options that differ from the model's other engines");
-  auto cfg = nlohmann::json::parse(spec.hf_config_json, nullptr, /*allow_exceptions=*/false);
-  if (cfg != m.config)
+  auto cfg = ParseJsonLimited(spec.hf_config_json, kMaxJsonDepth, "hf_config_json");
+  if (!cfg.ok() || *cfg != m.config)
     return FailedPrecondition(who + " registers an hf_config_json that differs from the model's other engines");
   return Status::Ok();
 }
@@ -299,8 +301,10 @@ Result<std::string> Coordinator::RegisterEngine(const Peer& caller, EngineRankSp
   if (memory.size() != spec.params.size())
     return InvalidArgument(std::to_string(spec.params.size()) + " params but " + std::to_string(memory.size()) +
                            " memory references");
-  auto cfg = nlohmann::json::parse(spec.hf_config_json, nullptr, /*allow_exceptions=*/false);
-  if (cfg.is_discarded() || !cfg.is_object()) return InvalidArgument("hf_config_json is not a JSON object");
+  auto parsed = ParseJsonLimited(spec.hf_config_json, kMaxJsonDepth, "hf_config_json");
+  if (!parsed.ok()) return parsed.status();
+  nlohmann::json cfg = std::move(parsed).value();
+  if (!cfg.is_object()) return InvalidArgument("hf_config_json is not a JSON object");
   const std::string who = "model " + spec.model + " replica " + std::to_string(spec.replica_id) +
                           " tp_rank " + std::to_string(spec.tp_rank);
   {
