@@ -14,17 +14,6 @@ std::chrono::system_clock::time_point DeadlineAfter(double seconds) {
          std::chrono::duration_cast<std::chrono::system_clock::duration>(std::chrono::duration<double>(seconds));
 }
 
-Result<std::string> ReadPem(const std::string& path, const char* what) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return FailedPrecondition(std::string("cannot read ") + what + " " + path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  std::string pem = ss.str();
-  if (pem.find("-----BEGIN ") == std::string::npos)
-    return InvalidArgument(std::string(what) + " " + path + " is not PEM (no -----BEGIN line)");
-  return pem;
-}
-
 // Channel credentials for `target`: TLS for host:port when any TLS option is set.
 Result<std::shared_ptr<grpc::ChannelCredentials>> Credentials(const std::string& target, const ClientOptions& o) {
   const bool tls = !o.tls_ca_file.empty() || !o.tls_cert_file.empty() || !o.tls_key_file.empty();
@@ -33,11 +22,11 @@ Result<std::shared_ptr<grpc::ChannelCredentials>> Credentials(const std::string&
     return InvalidArgument("a TLS client certificate needs its key and vice versa (tls cert and key options)");
   grpc::SslCredentialsOptions so;
   if (!o.tls_ca_file.empty()) {
-    WS_ASSIGN_OR_RETURN(so.pem_root_certs, ReadPem(o.tls_ca_file, "TLS CA file"));
+    WS_ASSIGN_OR_RETURN(so.pem_root_certs, ReadPemFile(o.tls_ca_file, "TLS CA file"));
   }
   if (!o.tls_cert_file.empty()) {
-    WS_ASSIGN_OR_RETURN(so.pem_cert_chain, ReadPem(o.tls_cert_file, "TLS client certificate"));
-    WS_ASSIGN_OR_RETURN(so.pem_private_key, ReadPem(o.tls_key_file, "TLS client key"));
+    WS_ASSIGN_OR_RETURN(so.pem_cert_chain, ReadPemFile(o.tls_cert_file, "TLS client certificate"));
+    WS_ASSIGN_OR_RETURN(so.pem_private_key, ReadPemFile(o.tls_key_file, "TLS client key"));
   }
   return grpc::SslCredentials(so);
 }

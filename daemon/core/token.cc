@@ -7,6 +7,8 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 
 namespace ws {
 
@@ -87,6 +89,17 @@ bool TokenEquals(std::string_view given, std::string_view expected) {
   // Keep the compiler from turning the loop into an early-exit comparison.
   volatile unsigned char sink = diff;
   return sink == 0;
+}
+
+Result<std::string> ReadPemFile(const std::string& path, const char* what) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return FailedPrecondition(std::string("cannot read ") + what + " " + path + ": " + std::strerror(errno));
+  std::stringstream ss;
+  ss << f.rdbuf();
+  std::string pem = ss.str();
+  if (pem.find("-----BEGIN ") == std::string::npos)
+    return InvalidArgument(std::string(what) + " " + path + " is not PEM (no -----BEGIN line)");
+  return pem;
 }
 
 }  // namespace ws

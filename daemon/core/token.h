@@ -1,5 +1,5 @@
-// Shared-secret bearer tokens (daemon --token-file, client token options):
-// reading a token file and comparing tokens without a timing side channel.
+// Credentials files shared by the daemon and the clients: bearer tokens
+// (--token-file; compared without a timing side channel) and TLS PEM files.
 // Thread-safety: free functions, no shared state.
 #pragma once
 
@@ -19,6 +19,10 @@ Result<std::string> ReadTokenFile(const std::string& path, bool refuse_other_acc
 
 // Checks a token's characters (see ReadTokenFile); `what` names its source.
 Status ValidateToken(std::string_view token, const std::string& what);
+
+// The PEM text in `path` (a TLS certificate, key or CA bundle); `what` names
+// it in errors ("TLS client key"). Refuses a file without a -----BEGIN line.
+Result<std::string> ReadPemFile(const std::string& path, const char* what);
 
 // given == expected, in time that depends only on expected.size().
 bool TokenEquals(std::string_view given, std::string_view expected);

@@ -16,6 +16,8 @@
 #include <grpcpp/server_builder.h>
 #include <spdlog/spdlog.h>
 
+#include "daemon/core/token.h"
+
 namespace ws::server {
 
 namespace {
@@ -59,17 +61,6 @@ Server::~Server() { Stop(std::chrono::milliseconds(0)); }
 
 namespace {
 
-Result<std::string> ReadPem(const std::string& path, const char* what) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return FailedPrecondition(std::string("cannot read ") + what + " " + path + ": " + std::strerror(errno));
-  std::stringstream ss;
-  ss << f.rdbuf();
-  std::string pem = ss.str();
-  if (pem.find("-----BEGIN ") == std::string::npos)
-    return InvalidArgument(std::string(what) + " " + path + " is not PEM (no -----BEGIN line)");
-  return pem;
-}
-
 }  // namespace
 
 Status Server::Start() {
@@ -103,11 +94,11 @@ Status Server::Start() {
     grpc::SslServerCredentialsOptions so(tls.client_ca_file.empty()
                                              ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
                                              : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-    WS_ASSIGN_OR_RETURN(std::string cert, ReadPem(tls.cert_file, "TLS certificate"));
-    WS_ASSIGN_OR_RETURN(std::string key, ReadPem(tls.key_file, "TLS key"));
+    WS_ASSIGN_OR_RETURN(std::string cert, ReadPemFile(tls.cert_file, "TLS certificate"));
+    WS_ASSIGN_OR_RETURN(std::string key, ReadPemFile(tls.key_file, "TLS key"));
     so.pem_key_cert_pairs.push_back({key, cert});
     if (!tls.client_ca_file.empty()) {
-      WS_ASSIGN_OR_RETURN(so.pem_root_certs, ReadPem(tls.client_ca_file, "TLS client CA"));
+      WS_ASSIGN_OR_RETURN(so.pem_root_certs, ReadPemFile(tls.client_ca_file, "TLS client CA"));
     }
     tcp_creds = grpc::SslServerCredentials(so);
     if (tcp.empty()) spdlog::warn("TLS options given but no TCP listen address: they are unused");
