@@ -35,6 +35,7 @@ built=$(date +%s)
 
 rm -rf "$LOGS"
 mkdir -p "$LOGS"
+chmod 1777 "$LOGS"  # the security tests run daemons and clients as other users
 # Reports go to $LOGS/{asan,ubsan}.<pid> (a process with both runtimes writes
 # all of its reports to ubsan.<pid>); every process, daemon and CLI
 # subprocesses included, inherits these. handle_sigbus=0: SIGBUS belongs to
