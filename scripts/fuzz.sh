@@ -53,12 +53,14 @@ for t in "${TARGETS[@]}"; do
   mkdir -p "$work/corpus" "$work/artifacts"
   cp -r "$seeds/." "$work/corpus/"
   common=(-timeout=10 -rss_limit_mb=2048 -artifact_prefix="$work/artifacts/")
+  dict=()
+  case $t in manifest|register) ;; *) dict=(-dict="$ROOT/tests/fuzz/json.dict") ;; esac
   echo "== ws_fuzz_$t: replaying $(ls "$seeds" | wc -l) committed inputs, then fuzzing ${SECONDS_PER_TARGET}s"
   rc=0
   "$bin" "${common[@]}" -runs=0 "$seeds" >"$work/replay.log" 2>&1 || rc=$?
   if [ $rc -eq 0 ]; then
     "$bin" "${common[@]}" -max_total_time="$SECONDS_PER_TARGET" -max_len="$(max_len "$t")" \
-      -print_final_stats=1 "$work/corpus" >"$work/fuzz.log" 2>&1 || rc=$?
+      -print_final_stats=1 -print_funcs=0 "${dict[@]}" "$work/corpus" >"$work/fuzz.log" 2>&1 || rc=$?
     log="$work/fuzz.log"
   else
     log="$work/replay.log"

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything weightsync needs on a fresh Debian 12 machine:
-# compilers, gRPC/Protobuf, spdlog, CLI11, nlohmann-json, GoogleTest, ccache,
-# openssl (the TLS tests make their certificates with it),
-# and a Python venv (.venv) for the integration tests' independent reference.
+# compilers (gcc; clang with its sanitizer and libFuzzer runtimes for
+# scripts/sanitize.sh and scripts/fuzz.sh), gRPC/Protobuf, spdlog, CLI11,
+# nlohmann-json, GoogleTest, ccache, openssl (the TLS tests make their
+# certificates with it), and a Python venv (.venv) for the integration tests'
+# independent reference.
 # Idempotent: skips what is already present. Needs root (or sudo) for apt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(build-essential cmake ninja-build pkg-config ccache git
+PKGS=(build-essential cmake ninja-build pkg-config ccache git clang libclang-rt-14-dev
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
       libspdlog-dev libcli11-dev nlohmann-json3-dev libgtest-dev libgmock-dev
       python3 python3-venv python3-pip systemd openssl

@@ -11,6 +11,14 @@ namespace {
 
 std::string Range(int64_t a, int64_t b) { return "[" + std::to_string(a) + ", " + std::to_string(b) + ")"; }
 
+// [start, start + length) of a shard from a peer, whose end may not fit int64.
+std::string ShardRange(int64_t start, int64_t length) {
+  int64_t end = 0;
+  if (__builtin_add_overflow(start, length, &end))
+    return "[" + std::to_string(start) + ", " + std::to_string(start) + " + " + std::to_string(length) + ")";
+  return Range(start, end);
+}
+
 std::string Join(const std::vector<std::string>& lines) {
   std::string out;
   for (const auto& l : lines) out += (out.empty() ? "" : "\n") + l;
@@ -67,7 +75,7 @@ void CheckShards(const SourceTensor& t, uint32_t world, std::vector<std::string>
     }
     int64_t extent = t.shape.empty() ? 1 : t.shape[s.dim];
     if (s.start < 0 || s.length < 0 || s.start > extent || s.length > extent - s.start) {
-      errs->push_back(sw + ": range " + Range(s.start, s.start + s.length) + " along dim " + std::to_string(s.dim) +
+      errs->push_back(sw + ": range " + ShardRange(s.start, s.length) + " along dim " + std::to_string(s.dim) +
                       " is outside [0, " + std::to_string(extent) + ")");
       continue;
     }
