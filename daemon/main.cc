@@ -21,6 +21,7 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/core/layout.h"
+#include "daemon/core/limits.h"
 #include "daemon/core/token.h"
 #include "daemon/dataplane/executor.h"
 #include "daemon/mem/memory.h"
@@ -140,6 +141,36 @@ int main(int argc, char** argv) {
                  "calls past it get RESOURCE_EXHAUSTED")
       ->check(CLI::Range(16, 65536))
       ->capture_default_str();
+  // Request limits (daemon/core/limits.h): refusals name the limit.
+  ws::Limits limits;
+  app.add_option("--max-tensors-per-manifest", limits.max_tensors_per_manifest,
+                 "Most tensors in one BeginSync manifest (also shards in one pushed layer)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--max-shards-per-manifest", limits.max_shards_per_manifest,
+                 "Most shards in one BeginSync manifest, all tensors together")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--max-params-per-registration", limits.max_params_per_registration,
+                 "Most parameters in one RegisterEngine")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--max-layout-entries", limits.max_layout_entries,
+                 "Most rule expansions (loop iterations) resolving one engine layout from its HF config")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--max-json-depth", limits.max_json_depth,
+                 "Deepest nesting of arrays/objects in hf_config_json, mapping_json and rule files")
+      ->check(CLI::Range(size_t{1}, size_t{1024}))
+      ->capture_default_str();
+  app.add_option("--max-json-bytes", limits.max_json_bytes, "Largest hf_config_json or mapping_json, e.g. 1MiB")
+      ->transform(CLI::AsSizeValue(/*kb_is_1000=*/true))
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--max-name-bytes", limits.max_name_bytes,
+                 "Longest model, tensor, parameter, layer or option name (bytes)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--shutdown-grace", shutdown_grace, "Seconds in-flight RPCs get to finish on SIGTERM/SIGINT")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
@@ -207,7 +238,7 @@ int main(int argc, char** argv) {
   lo.level = log_level;
   if (ws::Status st = ws::server::SetupLogging(lo); !st.ok()) return StartupError(st.message());
 
-  auto layouts = ws::LayoutRegistry::LoadDir(layouts_dir);
+  auto layouts = ws::LayoutRegistry::LoadDir(layouts_dir, limits);
   if (!layouts.ok()) return StartupError("cannot load layouts from " + layouts_dir + ": " + layouts.status().message());
   auto archs = layouts.value()->Architectures();
   if (archs.empty()) return StartupError("no layout rules found in " + layouts_dir);
@@ -221,6 +252,7 @@ int main(int argc, char** argv) {
   ws::server::CoordinatorOptions co;
   co.ack_timeout = std::chrono::milliseconds(static_cast<int64_t>(ack_timeout * 1000));
   co.progress_timeout = std::chrono::milliseconds(static_cast<int64_t>(progress_timeout * 1000));
+  co.limits = limits;
   ws::server::Coordinator coordinator(layouts.value(), domain.get(), executor.get(), co);
 
   ws::server::ServerOptions so;

@@ -175,6 +175,9 @@ WeightSyncClient::WeightSyncClient(const std::string& target, ClientOptions opts
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // a connection of our own
   args.SetMaxReceiveMessageSize(-1);
   args.SetMaxSendMessageSize(-1);
+  // The daemon keeps its error messages under 4 KiB; gRPC's default 8 KiB
+  // metadata limit would turn a longer one into "metadata size exceeds limit".
+  args.SetInt(GRPC_ARG_MAX_METADATA_SIZE, 64 * 1024);
   // A channel even when setup failed (calls then return setup_), so stubs are never null.
   channel_ = grpc::CreateCustomChannel(target_, creds.ok() ? *creds : grpc::InsecureChannelCredentials(), args);
   stub_ = pb::WeightSync::NewStub(channel_);

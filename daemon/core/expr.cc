@@ -4,6 +4,8 @@
 #include <cctype>
 #include <limits>
 
+#include "daemon/core/text.h"
+
 namespace ws::expr {
 
 enum class Op {
@@ -41,6 +43,9 @@ class Parser {
   explicit Parser(const std::string& text) : text_(text) {}
 
   Result<NodeP> ParseAll() {
+    if (text_.size() > kMaxExprBytes)
+      return InvalidArgument("expression \"" + Truncate(text_, 64) + "\" is " + std::to_string(text_.size()) +
+                             " bytes long (at most " + std::to_string(kMaxExprBytes) + ")");
     WS_RETURN_IF_ERROR(Tokenize());
     WS_ASSIGN_OR_RETURN(NodeP n, ParseExpr(0));
     if (Peek().kind != Token::kEnd) return Error("unexpected '" + Peek().s + "'");
@@ -381,6 +386,9 @@ Result<int64_t> Expr::Eval(const Lookup& lookup) const {
 }
 
 Result<Template> Template::Parse(const std::string& text) {
+  if (text.size() > kMaxExprBytes)
+    return InvalidArgument("template \"" + Truncate(text, 64) + "\" is " + std::to_string(text.size()) +
+                           " bytes long (at most " + std::to_string(kMaxExprBytes) + ")");
   Template t;
   t.text_ = text;
   std::string lit;

@@ -22,12 +22,18 @@ namespace ws::expr {
 
 using Lookup = std::function<Result<int64_t>(const std::string& name)>;
 
+// Expressions may come from peers (explicit mappings): parsing refuses longer
+// texts (each node keeps its own text for messages, so memory grows with
+// length x nesting; nesting is limited in expr.cc).
+inline constexpr size_t kMaxExprBytes = 16384;
+
 struct Node;
 
 class Expr {
  public:
   Expr() = default;
-  // Syntax errors name the expression text and the position.
+  // Syntax errors name the expression text and the position; arithmetic
+  // overflow and division by zero are errors naming the sub-expression.
   static Result<Expr> Parse(const std::string& text);
   Result<int64_t> Eval(const Lookup& lookup) const;
   const std::string& text() const { return text_; }
@@ -39,6 +45,7 @@ class Expr {
 };
 
 // A string with embedded expressions: "model.layers.{L}.mlp.experts.{e}".
+// At most kMaxExprBytes long.
 class Template {
  public:
   Template() = default;

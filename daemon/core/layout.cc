@@ -1,6 +1,7 @@
 #include "daemon/core/layout.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +14,7 @@
 
 #include "daemon/core/expr.h"
 #include "daemon/core/json_limits.h"
+#include "daemon/core/text.h"
 
 namespace ws {
 
@@ -251,8 +253,12 @@ Result<SourceRule> ParseSource(const Json& j, const std::string& where) {
   return s;
 }
 
-Result<RuleFile> ParseRuleFile(const std::string& file, const std::string& text) {
-  WS_ASSIGN_OR_RETURN(Json j, ParseJsonLimited<Json>(text, kMaxJsonDepth, file));
+// Rule files are the operator's; only their nesting is limited (by the
+// daemon's max_json_depth) and their size bounded generously.
+constexpr size_t kMaxRuleFileBytes = size_t{16} << 20;
+
+Result<RuleFile> ParseRuleFile(const std::string& file, const std::string& text, const Limits& limits) {
+  WS_ASSIGN_OR_RETURN(Json j, ParseJsonLimited<Json>(text, file, limits.max_json_depth, kMaxRuleFileBytes));
   if (!j.is_object()) return InvalidArgument(file + ": top level must be an object");
   WS_RETURN_IF_ERROR(CheckKeys(j, file, {"name", "architectures", "vllm_source", "notes", "example_config",
                                          "option_defaults", "vars", "checks", "skip", "sources", "params"}));
@@ -354,9 +360,17 @@ bool IsInt64Valued(double d) {
   return d >= -9223372036854775808.0 && d < 9223372036854775808.0 && d == std::trunc(d);
 }
 
-Result<std::map<std::string, ConfigValue>> ParseConfig(const std::string& text) {
-  WS_ASSIGN_OR_RETURN(Json j, ParseJsonLimited<Json>(text.empty() ? "{}" : text, kMaxJsonDepth, "config.json"));
+// The HF config as JSON, within the peer JSON limits; "" counts as {}.
+Result<Json> ParseConfigJson(const std::string& text, const Limits& limits) {
+  WS_ASSIGN_OR_RETURN(Json j, ParseJsonLimited<Json>(text.empty() ? std::string_view("{}") : std::string_view(text),
+                                                     "config.json", limits.max_json_depth, limits.max_json_bytes));
   if (!j.is_object()) return InvalidArgument("config.json: top level must be an object");
+  return j;
+}
+
+// Top-level config values; integers outside int64 (2^64 - 1, 1e60) are not
+// integers to rule expressions.
+std::map<std::string, ConfigValue> ConfigValues(const Json& j) {
   std::map<std::string, ConfigValue> out;
   for (auto it = j.begin(); it != j.end(); ++it) {
     ConfigValue cv;
@@ -366,7 +380,8 @@ Result<std::map<std::string, ConfigValue>> ParseConfig(const std::string& text) 
     } else if (v.is_boolean()) {
       cv.kind = ConfigValue::kInt;
       cv.v = v.get<bool>();
-    } else if (v.is_number_integer()) {
+    } else if (v.is_number_integer() &&
+               !(v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))) {
       cv.kind = ConfigValue::kInt;
       cv.v = v.get<int64_t>();
     } else if (v.is_number_float() && IsInt64Valued(v.get<double>())) {
@@ -375,11 +390,16 @@ Result<std::map<std::string, ConfigValue>> ParseConfig(const std::string& text) 
     } else {
       cv.kind = ConfigValue::kOther;
       cv.repr = v.dump();
-      if (cv.repr.size() > 40) cv.repr = cv.repr.substr(0, 40) + "...";
+      if (cv.repr.size() > 40) cv.repr = std::string(Utf8Prefix(cv.repr, 40)) + "...";
     }
     out[it.key()] = std::move(cv);
   }
   return out;
+}
+
+bool IsIdentifier(const std::string& s) {
+  if (s.empty() || !(std::isalpha(static_cast<unsigned char>(s[0])) || s[0] == '_')) return false;
+  return std::all_of(s.begin(), s.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
 }
 
 // The identifier environment of one resolution: loop variables, the file's
@@ -395,15 +415,32 @@ class Env {
   }
   Result<int64_t> Eval(const Expr& e) { return e.Eval(lookup()); }
   Result<std::string> Render(const Template& t) { return t.Render(lookup()); }
-  int64_t max_loop_iterations() const { return opts_.max_loop_iterations; }
+  const Limits& limits() const { return opts_.limits; }
+
+  // An expression's text, followed through vars that merely rename another
+  // identifier: "NL = num_hidden_layers" (names the config key in messages).
+  std::string Explain(const Expr& e) const {
+    std::string out = e.text(), id = e.text();
+    for (int hops = 0; rf_ && hops < 4; ++hops) {
+      auto it = std::find_if(rf_->vars.begin(), rf_->vars.end(), [&](const auto& v) { return v.first == id; });
+      if (it == rf_->vars.end() || !IsIdentifier(it->second.text())) break;
+      id = it->second.text();
+      out += " = " + id;
+    }
+    return out;
+  }
+
+  // Counts `n` more rule expansions; false once the total would pass
+  // max_layout_entries (nothing is counted then).
+  bool Expand(int64_t n) {
+    const uint64_t max = opts_.limits.max_layout_entries;
+    if (n < 0 || static_cast<uint64_t>(n) > max - entries_) return false;
+    entries_ += static_cast<uint64_t>(n);
+    return true;
+  }
 
   void Push(const std::string& var, int64_t v) { loops_.emplace_back(var, v); }
   void Pop() { loops_.pop_back(); }
-  // Spends `n` loop iterations of this resolution's budget; false past it.
-  bool Spend(int64_t n) {
-    iterations_ += n;
-    return iterations_ <= opts_.max_loop_iterations;
-  }
 
  private:
   Result<int64_t> Get(const std::string& n) {
@@ -446,34 +483,56 @@ class Env {
   std::vector<std::pair<std::string, int64_t>> loops_;
   std::map<std::string, Result<int64_t>> cache_;
   std::set<std::string> active_;
-  int64_t iterations_ = 0;
+  uint64_t entries_ = 0;  // rule expansions so far, <= max_layout_entries
 };
 
+// Iterations of [b, e): e - b, 0 when empty, INT64_MAX when that overflows.
+int64_t LoopCount(int64_t b, int64_t e) {
+  if (e <= b) return 0;
+  int64_t n;
+  return __builtin_sub_overflow(e, b, &n) ? INT64_MAX : n;
+}
+
+// "loop L over [0, NL = num_hidden_layers = 1000000)"
+std::string DescribeLoop(const Env& env, const Loop& l, int64_t b, int64_t e) {
+  auto bound = [&](const Expr* x, int64_t v) {
+    std::string s = std::to_string(v);
+    return x && x->text() != s ? env.Explain(*x) + " = " + s : s;
+  };
+  return "loop " + l.var + " over [" + bound(l.begin ? &*l.begin : nullptr, b) + ", " + bound(&l.end, e) + ")";
+}
+
+Status TooManyEntries(const Env& env, const std::string& loop) {
+  const std::string max = std::to_string(env.limits().max_layout_entries);
+  return InvalidArgument(loop + " expands the layout to more than " + max +
+                         " entries (limit max_layout_entries = " + max + ")");
+}
+
 // Runs fn once per iteration of the nested loops (and once when there are none).
-// Errors get "var=value" context unless `quiet` (when the caller names the
-// rendered entry itself).
+// Every iteration (at every level) and every loop-less rule counts against
+// max_layout_entries, and a loop is refused before it runs when its range
+// would pass the limit: configs come from engines, and num_hidden_layers = 1e6
+// must be refused, not iterated. Errors from fn get "var=value" context unless
+// `quiet` (when the caller names the rendered entry itself); errors of the
+// loops themselves are prefixed with `rule` when given.
 Status ForEach(Env& env, const std::vector<Loop>& loops, size_t i, const std::function<Status()>& fn,
-               bool quiet = false) {
+               bool quiet = false, const std::string& rule = "") {
+  auto loop_error = [&](const Status& st) { return rule.empty() ? st : st.WithContext(rule); };
+  if (loops.empty() && !env.Expand(1)) return loop_error(TooManyEntries(env, "this rule"));
   if (i == loops.size()) return fn();
   const Loop& l = loops[i];
   int64_t b = 0;
-  if (l.begin) { WS_ASSIGN_OR_RETURN(b, env.Eval(*l.begin)); }
-  WS_ASSIGN_OR_RETURN(int64_t e, env.Eval(l.end));
-  // Configs come from engines: a loop bound like num_hidden_layers = 1e12 must
-  // be refused, not iterated, and so must nested loops that multiply into
-  // billions (layers x experts): see ResolveOptions::max_loop_iterations.
-  constexpr int64_t kMaxIterations = 1 << 20;
-  int64_t n = 0;
-  if (__builtin_sub_overflow(e, b, &n) || n > kMaxIterations)
-    return InvalidArgument("loop " + l.var + " over [" + std::to_string(b) + ", " + std::to_string(e) +
-                           ") has more than " + std::to_string(kMaxIterations) + " iterations");
-  if (n > 0 && !env.Spend(n))
-    return InvalidArgument("loop " + l.var + " over [" + std::to_string(b) + ", " + std::to_string(e) +
-                           ") takes the rules past " + std::to_string(env.max_loop_iterations()) +
-                           " loop iterations in all for this config");
-  for (int64_t v = b; v < e; ++v) {
+  if (l.begin) {
+    auto v = env.Eval(*l.begin);
+    if (!v.ok()) return loop_error(v.status());
+    b = *v;
+  }
+  auto e = env.Eval(l.end);
+  if (!e.ok()) return loop_error(e.status());
+  if (!env.Expand(LoopCount(b, *e))) return loop_error(TooManyEntries(env, DescribeLoop(env, l, b, *e)));
+  for (int64_t v = b; v < *e; ++v) {
     env.Push(l.var, v);
-    Status st = ForEach(env, loops, i + 1, fn, quiet);
+    Status st = ForEach(env, loops, i + 1, fn, quiet, rule);
     env.Pop();
     if (!st.ok()) return quiet ? st : st.WithContext(l.var + "=" + std::to_string(v));
   }
@@ -529,17 +588,39 @@ std::string Rect(int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
          std::to_string(c1) + ")";
 }
 
-// Verifies that the fills tile the param's 2-D view exactly once.
+// The shape's own sanity: at most max_dims dims, none negative, within
+// kMaxTensorElements (so As2D and every extent below fit in int64).
+Status CheckShape(const Shape& shape, const std::string& what, const Limits& limits) {
+  if (shape.size() > limits.max_dims)
+    return InvalidArgument(what + " has " + std::to_string(shape.size()) + " dims, more than " +
+                           std::to_string(limits.max_dims) + " (limit max_dims = " + std::to_string(limits.max_dims) +
+                           ")");
+  if (!ShapeInRange(shape))  // dims were checked non-negative
+    return InvalidArgument(what + " " + ShapeToString(shape) + " has more than 2^50 elements");
+  return Status::Ok();
+}
+
+// Verifies that the fills tile the param's 2-D view exactly once. All sums are
+// overflow-checked: fills come from peer-supplied configs and mappings.
 Status VerifyTiling(const ExpectedParam& p) {
+  if (!ShapeInRange(p.shape))
+    return InvalidArgument("param " + p.name + " " + ShapeToString(p.shape) +
+                           " has a negative dim or more than 2^50 elements");
   View2D v = As2D(p.shape);
   std::vector<const Fill*> fs;
   for (const Fill& f : p.fills) {
-    if (f.rows < 0 || f.cols < 0 || f.dst_row0 < 0 || f.dst_col0 < 0 || f.dst_row0 + f.rows > v.rows ||
-        f.dst_col0 + f.cols > v.cols)
-      return InvalidArgument("param " + p.name + " " + ShapeToString(p.shape) + ": fill " +
-                             Rect(f.dst_row0, f.dst_row0 + f.rows, f.dst_col0, f.dst_col0 + f.cols) +
+    // In range: 0 <= dst_row0 <= dst_row0 + rows <= v.rows, same for cols.
+    if (f.rows < 0 || f.cols < 0 || f.dst_row0 < 0 || f.dst_col0 < 0 || f.rows > v.rows ||
+        f.dst_row0 > v.rows - f.rows || f.cols > v.cols || f.dst_col0 > v.cols - f.cols) {
+      int64_t r1, c1;
+      bool wraps = __builtin_add_overflow(f.dst_row0, f.rows, &r1) || __builtin_add_overflow(f.dst_col0, f.cols, &c1);
+      std::string rect = wraps ? "rows " + std::to_string(f.dst_row0) + " + " + std::to_string(f.rows) + " cols " +
+                                     std::to_string(f.dst_col0) + " + " + std::to_string(f.cols)
+                               : Rect(f.dst_row0, r1, f.dst_col0, c1);
+      return InvalidArgument("param " + p.name + " " + ShapeToString(p.shape) + ": fill " + rect +
                              " lies outside its 2-D view [" + std::to_string(v.rows) + ", " +
                              std::to_string(v.cols) + "]");
+    }
     if (f.rows > 0 && f.cols > 0) fs.push_back(&f);
   }
   std::sort(fs.begin(), fs.end(), [](const Fill* a, const Fill* b) {
@@ -548,7 +629,8 @@ Status VerifyTiling(const ExpectedParam& p) {
   int64_t area = 0;
   for (size_t i = 0; i < fs.size(); ++i) {
     const Fill& a = *fs[i];
-    area += a.rows * a.cols;
+    // Each fill is within the view (<= 2^50 elements); their sum may not be.
+    if (__builtin_add_overflow(area, a.rows * a.cols, &area)) area = INT64_MAX;
     for (size_t k = i + 1; k < fs.size() && fs[k]->dst_row0 < a.dst_row0 + a.rows; ++k) {
       const Fill& b = *fs[k];
       int64_t r0 = std::max(a.dst_row0, b.dst_row0), r1 = std::min(a.dst_row0 + a.rows, b.dst_row0 + b.rows);
@@ -630,6 +712,8 @@ Result<ExpectedParam> ResolveParam(Env& env, const ParamRule& pr, const std::str
   const std::optional<int64_t> cols = st.cols;
   const bool all_1d = st.all_1d;
   if (pr.shape) {
+    if (pr.shape->size() > env.limits().max_dims)
+      return CheckShape(Shape(pr.shape->size()), "shape", env.limits());
     for (const Expr& e : *pr.shape) {
       auto v = env.Eval(e);
       if (!v.ok()) return v.status().WithContext("shape \"" + e.text() + "\"");
@@ -643,8 +727,7 @@ Result<ExpectedParam> ResolveParam(Env& env, const ParamRule& pr, const std::str
   } else {
     p.shape = {rows, *cols};
   }
-  if (!ShapeInRange(p.shape))
-    return InvalidArgument("shape " + ShapeToString(p.shape) + " has more than 2^50 elements");
+  WS_RETURN_IF_ERROR(CheckShape(p.shape, "shape", env.limits()));
   View2D v = As2D(p.shape);
   if (v.rows != rows || (cols && v.cols != *cols))
     return InvalidArgument("shape " + ShapeToString(p.shape) + " (2-D view [" + std::to_string(v.rows) + ", " +
@@ -662,14 +745,15 @@ Status ResolveSources(Env& env, const std::vector<SourceRule>& rules, std::vecto
       if (!on) return Status::Ok();
       ExpectedSource s;
       WS_ASSIGN_OR_RETURN(s.name, env.Render(sr.name));
+      if (sr.shape.size() > env.limits().max_dims)
+        return CheckShape(Shape(sr.shape.size()), "source " + s.name + " shape", env.limits());
       for (const Expr& e : sr.shape) {
         auto v = env.Eval(e);
         if (!v.ok()) return v.status().WithContext("shape \"" + e.text() + "\"");
         if (*v < 0) return InvalidArgument("shape \"" + e.text() + "\" is negative");
         s.shape.push_back(*v);
       }
-      if (!ShapeInRange(s.shape))
-        return InvalidArgument("source " + s.name + " shape " + ShapeToString(s.shape) + " has more than 2^50 elements");
+      WS_RETURN_IF_ERROR(CheckShape(s.shape, "source " + s.name + " shape", env.limits()));
       if (shapes->count(s.name)) {
         if (best_effort) return Status::Ok();
         return InvalidArgument("source " + s.name + " is declared twice");
@@ -704,9 +788,9 @@ struct LayoutRegistry::Impl {
                       std::to_string(opts.tp_rank) + ")";
     if (opts.tp_size == 0 || opts.tp_rank >= opts.tp_size)
       return InvalidArgument(ctx + ": tp_rank must be below tp_size");
-    auto cfg = ParseConfig(cfg_text);
-    if (!cfg.ok()) return cfg.status();
-    Env env(&rf, &*cfg, opts);
+    WS_ASSIGN_OR_RETURN(Json cfg_json, ParseConfigJson(cfg_text, opts.limits));
+    const std::map<std::string, ConfigValue> cfg = ConfigValues(cfg_json);
+    Env env(&rf, &cfg, opts);
     RankLayout out;
     out.architecture = arch;
     out.rule_file = rf.file;
@@ -718,11 +802,18 @@ struct LayoutRegistry::Impl {
         return InvalidArgument(ctx + ": " + (msg.ok() ? *msg : c.error.text()));
       }
     }
+    WS_RETURN_IF_ERROR(AsInvalid(CheckExpansion(env, rf).WithContext(ctx)));
+    std::set<std::string> patterns;
     for (const SkipRule& s : rf.skips) {
       Status st = ForEach(env, s.loops, 0, [&]() -> Status {
         WS_ASSIGN_OR_RETURN(bool on, When(env, s.when));
         if (!on) return Status::Ok();
         WS_ASSIGN_OR_RETURN(std::string pat, env.Render(s.pattern));
+        if (!patterns.insert(pat).second) return Status::Ok();
+        if (patterns.size() > opts.limits.max_skip_patterns)
+          return InvalidArgument("more than " + std::to_string(opts.limits.max_skip_patterns) +
+                                 " skip patterns (limit max_skip_patterns = " +
+                                 std::to_string(opts.limits.max_skip_patterns) + ")");
         out.skip_patterns.push_back(std::move(pat));
         return Status::Ok();
       });
@@ -742,17 +833,46 @@ struct LayoutRegistry::Impl {
         if (!p.ok()) return p.status().WithContext("param " + name);
         out.params.push_back(std::move(p).value());
         return Status::Ok();
-      }, /*quiet=*/true);
+      }, /*quiet=*/true, "params " + Quote(pr.name.text()));
       if (!st.ok()) return AsInvalid(st.WithContext(ctx));
     }
     return out;
+  }
+
+  // A quick lower bound on the expansions of a whole rule file: each rule's
+  // outermost loop (or 1 for a rule without loops), evaluated once. Refuses a
+  // config like num_hidden_layers = 500000 before any rule is expanded; the
+  // exact count is kept while expanding. Bounds that fail to evaluate count 0
+  // here (expanding reports them).
+  static Status CheckExpansion(Env& env, const RuleFile& rf) {
+    const uint64_t max = env.limits().max_layout_entries;
+    uint64_t total = 0;
+    auto add = [&](const std::vector<Loop>& loops, const std::string& rule) -> Status {
+      int64_t n = 1;
+      std::string what = "this rule";
+      if (!loops.empty()) {
+        const Loop& l = loops[0];
+        auto b = l.begin ? env.Eval(*l.begin) : Result<int64_t>(int64_t{0});
+        auto e = env.Eval(l.end);
+        if (!b.ok() || !e.ok()) return Status::Ok();
+        n = LoopCount(*b, *e);
+        what = DescribeLoop(env, l, *b, *e);
+      }
+      if (static_cast<uint64_t>(n) > max - total) return TooManyEntries(env, what).WithContext(rule);
+      total += static_cast<uint64_t>(n);
+      return Status::Ok();
+    };
+    for (const SkipRule& s : rf.skips) WS_RETURN_IF_ERROR(add(s.loops, "skip " + Quote(s.pattern.text())));
+    for (const SourceRule& s : rf.sources) WS_RETURN_IF_ERROR(add(s.loops, s.where));
+    for (const ParamRule& p : rf.params) WS_RETURN_IF_ERROR(add(p.loops, "params " + Quote(p.name.text())));
+    return Status::Ok();
   }
 };
 
 LayoutRegistry::LayoutRegistry(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 LayoutRegistry::~LayoutRegistry() = default;
 
-Result<std::shared_ptr<const LayoutRegistry>> LayoutRegistry::LoadDir(const std::string& dir) {
+Result<std::shared_ptr<const LayoutRegistry>> LayoutRegistry::LoadDir(const std::string& dir, const Limits& limits) {
   std::map<std::string, std::string> texts;
   std::error_code ec;
   std::filesystem::directory_iterator it(dir, ec);
@@ -766,14 +886,14 @@ Result<std::shared_ptr<const LayoutRegistry>> LayoutRegistry::LoadDir(const std:
     texts[entry.path().string()] = ss.str();
   }
   if (texts.empty()) return NotFound("layout rules directory " + dir + " has no *.json files");
-  return LoadTexts(texts);
+  return LoadTexts(texts, limits);
 }
 
 Result<std::shared_ptr<const LayoutRegistry>> LayoutRegistry::LoadTexts(
-    const std::map<std::string, std::string>& files) {
+    const std::map<std::string, std::string>& files, const Limits& limits) {
   auto impl = std::make_unique<Impl>();
   for (const auto& [name, text] : files) {
-    WS_ASSIGN_OR_RETURN(RuleFile rf, ParseRuleFile(name, text));
+    WS_ASSIGN_OR_RETURN(RuleFile rf, ParseRuleFile(name, text, limits));
     for (const std::string& a : rf.architectures) {
       if (auto it = impl->by_arch.find(a); it != impl->by_arch.end())
         return AlreadyExists(name + ": architecture " + a + " is already defined by " + impl->files[it->second].file);
@@ -786,7 +906,8 @@ Result<std::shared_ptr<const LayoutRegistry>> LayoutRegistry::LoadTexts(
   // Examples are tiny models (gen-checkpoint builds them), so they get a small
   // loop budget.
   ResolveOptions example_opts;
-  example_opts.max_loop_iterations = kMaxExampleLoopIterations;
+  example_opts.limits = limits;
+  example_opts.limits.max_layout_entries = std::min<size_t>(limits.max_layout_entries, kMaxExampleLoopIterations);
   for (const RuleFile& rf : impl->files) {
     if (rf.example_config.is_null()) continue;
     Json cfg = rf.example_config;
@@ -813,7 +934,8 @@ Result<ExpectedParam> LayoutRegistry::ResolveExplicit(const std::string& param_n
                                                       const std::string& hf_config_json, const ResolveOptions& opts,
                                                       std::vector<ExpectedSource>* sources_out) const {
   std::string ctx = "mapping of param " + param_name;
-  WS_ASSIGN_OR_RETURN(Json j, ParseJsonLimited<Json>(mapping_json, kMaxJsonDepth, ctx));
+  WS_ASSIGN_OR_RETURN(Json j, ParseJsonLimited<Json>(mapping_json, ctx, opts.limits.max_json_depth,
+                                                     opts.limits.max_json_bytes));
   auto pr = ParseParam(j, ctx, /*allow_loops=*/false);
   if (!pr.ok()) return pr.status();
   std::vector<SourceRule> src_rules;
@@ -824,12 +946,12 @@ Result<ExpectedParam> LayoutRegistry::ResolveExplicit(const std::string& param_n
       src_rules.push_back(std::move(sr));
     }
   }
-  WS_ASSIGN_OR_RETURN(auto cfg, ParseConfig(hf_config_json));
+  WS_ASSIGN_OR_RETURN(Json c, ParseConfigJson(hf_config_json, opts.limits));
+  const std::map<std::string, ConfigValue> cfg = ConfigValues(c);
   // The architecture's rule file, when there is one, lends its vars and source shapes.
   const RuleFile* rf = nullptr;
-  auto c = ParseJsonLimited<Json>(hf_config_json.empty() ? "{}" : hf_config_json, kMaxJsonDepth, "config.json");
-  if (c.ok() && c->is_object() && c->contains("architectures") && (*c)["architectures"].is_array())
-    for (const auto& a : (*c)["architectures"])
+  if (c.contains("architectures") && c["architectures"].is_array())
+    for (const auto& a : c["architectures"])
       if (a.is_string())
         if (auto it = impl_->by_arch.find(a.get<std::string>()); it != impl_->by_arch.end() && !rf)
           rf = &impl_->files[it->second];

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "daemon/core/limits.h"
 #include "daemon/core/manifest.h"
 #include "daemon/core/status.h"
 
@@ -60,26 +61,30 @@ struct ResolveOptions {
   // Exposed to rule expressions by name; a rule file's "option_defaults"
   // supplies values the engine does not send (e.g. use_mla, enable_expert_parallel).
   std::map<std::string, int64_t> engine_options;
-  // Loop iterations one resolution may run over all its rules; more is
-  // refused. Configs come from engines, and nested loops (layers x experts)
-  // multiply: DeepSeek-V3 (61 layers x 256 experts) needs under 10^5.
-  int64_t max_loop_iterations = int64_t{1} << 19;
+  // Request limits: JSON size and depth for the config and mappings,
+  // max_layout_entries (rule expansions of one call: configs come from
+  // engines, and nested loops such as layers x experts multiply; DeepSeek-V3
+  // needs under 10^5), max_skip_patterns and max_dims of resolved shapes.
+  Limits limits;
 };
 
-// The loop budget a rule file's example_config must resolve within at load.
-inline constexpr int64_t kMaxExampleLoopIterations = int64_t{1} << 15;
+// The max_layout_entries a rule file's example_config must resolve within at load.
+inline constexpr size_t kMaxExampleLoopIterations = size_t{1} << 15;
 
 class LayoutRegistry {
  public:
   // Loads every *.json under `dir`. Errors name the file (and the rule).
-  static Result<std::shared_ptr<const LayoutRegistry>> LoadDir(const std::string& dir);
+  // Rule files nest at most limits.max_json_depth deep.
+  static Result<std::shared_ptr<const LayoutRegistry>> LoadDir(const std::string& dir, const Limits& limits = {});
   // Loads rule files from in-memory JSON texts (name -> text); for tests.
   static Result<std::shared_ptr<const LayoutRegistry>> LoadTexts(
-      const std::map<std::string, std::string>& files);
+      const std::map<std::string, std::string>& files, const Limits& limits = {});
 
   // Resolves the rules for `architecture` against the HF config for one rank.
   // Errors (unknown architecture, a size that does not divide by the TP size,
-  // a missing config key) say why, naming the config key or rule.
+  // a missing config key, a config that expands past opts.limits) say why,
+  // naming the config key, loop or rule. Every resolved shape is within
+  // kMaxTensorElements and limits.max_dims.
   Result<RankLayout> Resolve(const std::string& architecture, const std::string& hf_config_json,
                              const ResolveOptions& opts) const;
 

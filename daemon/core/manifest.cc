@@ -12,10 +12,11 @@ bool ShapeInRange(const Shape& s) {
   int64_t n = 1;
   for (int64_t d : s) {
     if (d < 0) return false;
-    if (d != 0 && n > kMaxTensorElements / d) return false;
+    if (d == 0) continue;
+    if (n > kMaxTensorElements / d) return false;
     n *= d;
   }
-  return n <= kMaxTensorElements;
+  return true;
 }
 
 std::string ShapeToString(const Shape& s) {

@@ -19,8 +19,10 @@ int64_t NumElements(const Shape& s);
 // Largest tensor weightsync accepts (2^50 elements): with every dim >= 0 and
 // this bound, offset arithmetic on shapes cannot overflow int64.
 inline constexpr int64_t kMaxTensorElements = int64_t{1} << 50;
-// True when every dim is >= 0 and the element count is <= kMaxTensorElements
-// (computed without overflow).
+// True when every dim is >= 0 and the product of the dims, zeros counted as 1,
+// is <= kMaxTensorElements (computed without overflow). Then every partial
+// product (element count, As2D rows, any extent) fits as well: [0, 2^60] is
+// refused even though it holds no element. NumElements and As2D assume it.
 bool ShapeInRange(const Shape& s);
 std::string ShapeToString(const Shape& s);  // "[4096, 128]"
 

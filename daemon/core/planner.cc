@@ -5,24 +5,20 @@
 #include <set>
 #include <tuple>
 
+#include "daemon/core/text.h"
+
 namespace ws {
 
 namespace {
 
 std::string Range(int64_t a, int64_t b) { return "[" + std::to_string(a) + ", " + std::to_string(b) + ")"; }
 
-// [start, start + length) of a shard from a peer, whose end may not fit int64.
+// [start, start + length) of a shard as the peer sent it, which may not fit int64.
 std::string ShardRange(int64_t start, int64_t length) {
-  int64_t end = 0;
+  int64_t end;
   if (__builtin_add_overflow(start, length, &end))
     return "[" + std::to_string(start) + ", " + std::to_string(start) + " + " + std::to_string(length) + ")";
   return Range(start, end);
-}
-
-std::string Join(const std::vector<std::string>& lines) {
-  std::string out;
-  for (const auto& l : lines) out += (out.empty() ? "" : "\n") + l;
-  return out;
 }
 
 // A shard's rectangle in its tensor's physical 2-D view, and its own row stride.
@@ -50,41 +46,51 @@ struct TensorInfo {
   uint32_t dim = 0;
 };
 
-// Checks one tensor's shards; fills `info` when they are valid.
-void CheckShards(const SourceTensor& t, uint32_t world, std::vector<std::string>* errs, TensorInfo* info) {
+// The checks every shard passes, read or not: rank below world_size, a dim
+// of the tensor (for a planned tensor: 0, or 1 of a 2-D one) and a range
+// within that dim. Valid non-empty shards go to `ranges` (by (start, length))
+// and their dims to `dims`. The tensor's shape is in range.
+void CheckShardSpecs(const SourceTensor& t, uint32_t world, bool planned, ErrorList* errs,
+                     std::map<std::tuple<int64_t, int64_t>, std::vector<uint32_t>>* ranges, std::set<uint32_t>* dims) {
   const std::string who = "source tensor " + t.name;
-  if (!ShapeInRange(t.shape)) {
-    errs->push_back(who + ": shape " + ShapeToString(t.shape) + " has a negative dim or more than 2^50 elements");
-    return;
-  }
-  size_t before = errs->size();
-  std::map<std::tuple<int64_t, int64_t>, std::vector<uint32_t>> ranges;
-  std::set<uint32_t> dims;
   for (uint32_t i = 0; i < t.shards.size(); ++i) {
     const ShardSpec& s = t.shards[i];
     std::string sw = who + " shard " + std::to_string(i) + " (rank " + std::to_string(s.rank) + ")";
     if (s.rank >= world)
-      errs->push_back(sw + ": rank " + std::to_string(s.rank) + " is not below world_size " + std::to_string(world));
-    if (s.dim > 1) {
-      errs->push_back(sw + ": shard dim " + std::to_string(s.dim) + " is not supported (only 0 or 1)");
+      errs->Add(sw + ": rank " + std::to_string(s.rank) + " is not below world_size " + std::to_string(world));
+    if (planned && s.dim > 1) {
+      errs->Add(sw + ": shard dim " + std::to_string(s.dim) + " is not supported (only 0 or 1)");
       continue;
     }
-    if (s.dim == 1 && t.shape.size() != 2) {
-      errs->push_back(sw + ": dim 1 sharding needs a 2-D tensor, this one is " + ShapeToString(t.shape));
+    if (planned && s.dim == 1 && t.shape.size() != 2) {
+      errs->Add(sw + ": dim 1 sharding needs a 2-D tensor, this one is " + ShapeToString(t.shape));
+      continue;
+    }
+    if (s.dim >= std::max<size_t>(t.shape.size(), 1)) {
+      errs->Add(sw + ": shard dim " + std::to_string(s.dim) + " is not a dim of its shape " + ShapeToString(t.shape));
       continue;
     }
     int64_t extent = t.shape.empty() ? 1 : t.shape[s.dim];
     if (s.start < 0 || s.length < 0 || s.start > extent || s.length > extent - s.start) {
-      errs->push_back(sw + ": range " + ShardRange(s.start, s.length) + " along dim " + std::to_string(s.dim) +
-                      " is outside [0, " + std::to_string(extent) + ")");
+      errs->Add(sw + ": range " + ShardRange(s.start, s.length) + " along dim " + std::to_string(s.dim) +
+                " is outside [0, " + std::to_string(extent) + ")");
       continue;
     }
     if (s.length == 0) continue;
-    dims.insert(s.dim);
-    ranges[{s.start, s.length}].push_back(i);
+    dims->insert(s.dim);
+    (*ranges)[{s.start, s.length}].push_back(i);
   }
+}
+
+// Checks one planned tensor's shards; fills `info` when they are valid.
+void CheckShards(const SourceTensor& t, uint32_t world, ErrorList* errs, TensorInfo* info) {
+  const std::string who = "source tensor " + t.name;
+  size_t before = errs->size();
+  std::map<std::tuple<int64_t, int64_t>, std::vector<uint32_t>> ranges;
+  std::set<uint32_t> dims;
+  CheckShardSpecs(t, world, /*planned=*/true, errs, &ranges, &dims);
   if (dims.size() > 1) {
-    errs->push_back(who + ": shards split it along both dim 0 and dim 1");
+    errs->Add(who + ": shards split it along both dim 0 and dim 1");
     return;
   }
   if (errs->size() != before) return;
@@ -92,7 +98,7 @@ void CheckShards(const SourceTensor& t, uint32_t world, std::vector<std::string>
   int64_t extent = t.shape.empty() ? 1 : t.shape[dim];
   if (NumElements(t.shape) == 0) return;
   if (ranges.empty()) {
-    errs->push_back(who + ": no shard holds any of its data (dim " + std::to_string(dim) + " extent " +
+    errs->Add(who + ": no shard holds any of its data (dim " + std::to_string(dim) + " extent " +
                     std::to_string(extent) + ")");
     return;
   }
@@ -101,16 +107,16 @@ void CheckShards(const SourceTensor& t, uint32_t world, std::vector<std::string>
   for (const auto& [key, shards] : ranges) {
     auto [start, len] = key;
     if (start < covered) {
-      errs->push_back(who + ": shard ranges overlap along dim " + std::to_string(dim) + ": " +
-                      Range(groups.back().start, groups.back().end) + " and " + Range(start, start + len));
+      errs->Add(who + ": shard ranges overlap along dim " + std::to_string(dim) + ": " +
+                Range(groups.back().start, groups.back().end) + " and " + Range(start, start + len));
     } else if (start > covered) {
-      errs->push_back(who + ": no shard covers " + Range(covered, start) + " along dim " + std::to_string(dim));
+      errs->Add(who + ": no shard covers " + Range(covered, start) + " along dim " + std::to_string(dim));
     }
     covered = std::max(covered, start + len);
     groups.push_back({start, start + len, shards});
   }
   if (covered < extent)
-    errs->push_back(who + ": no shard covers " + Range(covered, extent) + " along dim " + std::to_string(dim));
+    errs->Add(who + ": no shard covers " + Range(covered, extent) + " along dim " + std::to_string(dim));
   if (errs->size() != before) return;
   info->groups = std::move(groups);
   info->dim = dim;
@@ -119,19 +125,19 @@ void CheckShards(const SourceTensor& t, uint32_t world, std::vector<std::string>
 }  // namespace
 
 Status ValidateEngine(const EngineRankSpec& spec, const RankLayout& layout) {
-  std::vector<std::string> errs;
+  ErrorList errs;
   std::map<std::string, const ExpectedParam*> expected;
   for (const ExpectedParam& p : layout.params) expected[p.name] = &p;
   std::set<std::string> registered;
   std::vector<std::string> unfilled;
   for (const EngineParamSpec& p : spec.params) {
     if (!ShapeInRange(p.shape)) {
-      errs.push_back("parameter " + p.name + ": shape " + ShapeToString(p.shape) +
-                     " has a negative dim or more than 2^50 elements");
+      errs.Add("parameter " + p.name + ": shape " + ShapeToString(p.shape) +
+               " has a negative dim or more than 2^50 elements");
       continue;
     }
     if (!registered.insert(p.name).second) {
-      errs.push_back("parameter " + p.name + " is registered twice");
+      errs.Add("parameter " + p.name + " is registered twice");
       continue;
     }
     auto it = expected.find(p.name);
@@ -140,28 +146,27 @@ Status ValidateEngine(const EngineRankSpec& spec, const RankLayout& layout) {
       continue;
     }
     if (it->second->shape != p.shape)
-      errs.push_back("parameter " + p.name + ": engine registered shape " + ShapeToString(p.shape) + " but the " +
-                     layout.architecture + " layout gives " + ShapeToString(it->second->shape));
-  }
-  if (!unfilled.empty()) {
-    std::string list;
-    for (const auto& n : unfilled) list += (list.empty() ? "" : ", ") + n;
-    errs.insert(errs.begin(), "Some weights are not initialized: [" + list + "]");
+      errs.Add("parameter " + p.name + ": engine registered shape " + ShapeToString(p.shape) + " but the " +
+               layout.architecture + " layout gives " + ShapeToString(it->second->shape));
   }
   for (const ExpectedParam& p : layout.params)
     if (!registered.count(p.name))
-      errs.push_back("engine rank " + std::to_string(spec.tp_rank) + " did not register parameter " + p.name +
-                     " required by the " + layout.architecture + " layout");
-  if (errs.empty()) return Status::Ok();
-  return InvalidArgument(Join(errs));
+      errs.Add("engine rank " + std::to_string(spec.tp_rank) + " did not register parameter " + p.name +
+               " required by the " + layout.architecture + " layout");
+  if (unfilled.empty() && errs.empty()) return Status::Ok();
+  std::string msg;
+  if (!unfilled.empty()) msg = "Some weights are not initialized: [" + JoinCapped(unfilled) + "]";
+  if (!errs.empty()) msg += (msg.empty() ? "" : "\n") + errs.Join();
+  return InvalidArgument(msg);
 }
 
 Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<PlanEngine>& engines) {
-  std::vector<std::string> errs;
+  ErrorList errs;
   // Sources: declared ones (with shapes) and those some fill reads.
   std::map<std::string, std::pair<Shape, std::string>> declared;  // name -> (shape, architecture)
   std::map<std::string, std::string> needed_by;                     // source -> first param reading it
-  std::vector<std::string> skips;
+  std::vector<std::string> skips;  // distinct, in first-seen order
+  std::set<std::string> skip_set;
   std::vector<std::map<std::string, const ExpectedParam*>> expected(engines.size());
   for (size_t e = 0; e < engines.size(); ++e) {
     const PlanEngine& pe = engines[e];
@@ -171,7 +176,7 @@ Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<Pla
       for (size_t a = 0, b; a <= m.size(); a = b + 1) {
         b = m.find('\n', a);
         if (b == std::string::npos) b = m.size();
-        errs.push_back("engine " + pe.engine_id + ": " + m.substr(a, b - a));
+        errs.Add("engine " + pe.engine_id + ": " + m.substr(a, b - a));
       }
     }
     for (const ExpectedSource& s : pe.layout.sources) declared.emplace(s.name, std::make_pair(s.shape, pe.layout.architecture));
@@ -181,7 +186,7 @@ Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<Pla
         if (!f.source.empty()) needed_by.emplace(f.source, p.name);
     }
     for (const std::string& s : pe.layout.skip_patterns)
-      if (std::find(skips.begin(), skips.end(), s) == skips.end()) skips.push_back(s);
+      if (skip_set.insert(s).second) skips.push_back(s);
   }
 
   std::map<std::string, uint32_t> index;
@@ -189,34 +194,46 @@ Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<Pla
   for (uint32_t t = 0; t < manifest.tensors.size(); ++t) {
     const SourceTensor& st = manifest.tensors[t];
     if (!index.emplace(st.name, t).second) {
-      errs.push_back("source tensor " + st.name + " appears twice in the manifest");
+      errs.Add("source tensor " + st.name + " appears twice in the manifest");
       continue;
     }
     auto d = declared.find(st.name);
+    bool skipped = false;
     if (d == declared.end() && !needed_by.count(st.name)) {
-      bool skipped = false;
-      for (const auto& p : skips) skipped = skipped || GlobMatch(p, st.name);
-      if (!skipped)
-        errs.push_back("unknown source tensor " + st.name + ": no engine layout declares it and no skip pattern matches it");
-      continue;
+      for (size_t i = 0; i < skips.size() && !skipped; ++i) skipped = GlobMatch(skips[i], st.name);
+      if (!skipped) {
+        errs.Add("unknown source tensor " + st.name + ": no engine layout declares it and no skip pattern matches it");
+        continue;
+      }
     }
+    // Skipped tensors are never read, but pushes still map their shards and
+    // size them from the shape: they pass the same sanity checks.
     if (static_cast<unsigned>(st.dtype) > static_cast<unsigned>(DType::kF16)) {
-      errs.push_back("source tensor " + st.name + ": unsupported dtype code " + std::to_string(static_cast<int>(st.dtype)) +
-                     " (f32, bf16 or f16)");
+      errs.Add("source tensor " + st.name + ": unsupported dtype code " + std::to_string(static_cast<int>(st.dtype)) +
+               " (f32, bf16 or f16)");
       continue;
     }
-    for (int64_t x : st.shape)
-      if (x < 0) errs.push_back("source tensor " + st.name + ": negative shape " + ShapeToString(st.shape));
+    if (!ShapeInRange(st.shape)) {
+      errs.Add("source tensor " + st.name + ": shape " + ShapeToString(st.shape) +
+               " has a negative dim or more than 2^50 elements");
+      continue;
+    }
+    if (skipped) {
+      std::map<std::tuple<int64_t, int64_t>, std::vector<uint32_t>> ranges;
+      std::set<uint32_t> dims;
+      CheckShardSpecs(st, manifest.world_size, /*planned=*/false, &errs, &ranges, &dims);
+      continue;
+    }
     if (d != declared.end() && d->second.first != st.shape) {
-      errs.push_back("source tensor " + st.name + " has shape " + ShapeToString(st.shape) + " but the " +
-                     d->second.second + " layout expects " + ShapeToString(d->second.first));
+      errs.Add("source tensor " + st.name + " has shape " + ShapeToString(st.shape) + " but the " +
+               d->second.second + " layout expects " + ShapeToString(d->second.first));
       continue;
     }
     CheckShards(st, manifest.world_size, &errs, &info[t]);
   }
   for (const auto& [src, param] : needed_by)
-    if (!index.count(src)) errs.push_back("missing source tensor " + src + " (needed by engine parameter " + param + ")");
-  if (!errs.empty()) return InvalidArgument(Join(errs));
+    if (!index.count(src)) errs.Add("missing source tensor " + src + " (needed by engine parameter " + param + ")");
+  if (!errs.empty()) return InvalidArgument(errs.Join());
 
   SyncPlan plan;
   for (uint32_t e = 0; e < engines.size(); ++e) {
@@ -243,7 +260,7 @@ Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<Pla
         const int64_t pc0 = f.transpose ? f.src_row0 : f.src_col0;
         const int64_t pc1 = pc0 + (f.transpose ? f.rows : f.cols);
         if (pr0 < 0 || pc0 < 0 || pr1 > v.rows || pc1 > v.cols) {
-          errs.push_back("engine " + pe.engine_id + " parameter " + ps.name + " reads rows " + Range(pr0, pr1) +
+          errs.Add("engine " + pe.engine_id + " parameter " + ps.name + " reads rows " + Range(pr0, pr1) +
                          " cols " + Range(pc0, pc1) + " of source tensor " + st.name + ", which is only " +
                          ShapeToString(st.shape));
           continue;
@@ -290,7 +307,7 @@ Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<Pla
       }
     }
   }
-  if (!errs.empty()) return InvalidArgument(Join(errs));
+  if (!errs.empty()) return InvalidArgument(errs.Join());
   // Group copies by (tensor, shard), keeping their order within a group.
   std::vector<size_t> base(manifest.tensors.size() + 1, 0);
   for (uint32_t t = 0; t < manifest.tensors.size(); ++t) base[t + 1] = base[t] + manifest.tensors[t].shards.size();

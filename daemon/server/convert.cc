@@ -1,6 +1,27 @@
 #include "daemon/server/convert.h"
 
+#include "daemon/core/text.h"
+
 namespace ws::server {
+
+namespace {
+
+// Bytes `c` takes in a percent-encoded grpc-message.
+size_t WireBytes(unsigned char c) { return c >= 0x20 && c <= 0x7E && c != '%' ? 1 : 3; }
+
+// `m` cut so that it takes at most `max_wire` bytes encoded, suffix included.
+std::string FitStatusMessage(const std::string& m, size_t max_wire) {
+  size_t wire = 0;
+  for (unsigned char c : m) wire += WireBytes(c);
+  if (wire <= max_wire) return m;
+  constexpr size_t kSuffix = 40;  // "... (N more bytes)", plain ASCII
+  size_t cut = 0;
+  for (wire = 0; cut < m.size() && wire + WireBytes(m[cut]) + kSuffix <= max_wire; ++cut) wire += WireBytes(m[cut]);
+  std::string_view keep = Utf8Prefix(m, cut);
+  return std::string(keep) + "... (" + std::to_string(m.size() - keep.size()) + " more bytes)";
+}
+
+}  // namespace
 
 grpc::StatusCode ToGrpcCode(Code code) {
   switch (code) {
@@ -25,7 +46,7 @@ grpc::StatusCode ToGrpcCode(Code code) {
 
 grpc::Status ToGrpc(const Status& status) {
   if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(ToGrpcCode(status.code()), status.message());
+  return grpc::Status(ToGrpcCode(status.code()), FitStatusMessage(status.message(), kMaxStatusMessageBytes));
 }
 
 Result<DType> FromProto(pb::DType d, const std::string& what) {
@@ -48,10 +69,37 @@ pb::DType ToProto(DType d) {
   return pb::DTYPE_UNSPECIFIED;
 }
 
-Result<MemoryRef> FromProto(const pb::MemoryRef& m, const std::string& what) {
+namespace {
+
+Status CheckName(const std::string& name, const std::string& what, const Limits& limits) {
+  if (name.size() <= limits.max_name_bytes) return Status::Ok();
+  const std::string max = std::to_string(limits.max_name_bytes);
+  return InvalidArgument(what + " \"" + Truncate(name, kMaxQuotedNameBytes) + "\" is " +
+                         std::to_string(name.size()) + " bytes long, more than " + max + " (limit max_name_bytes = " +
+                         max + ")");
+}
+
+// "<subject> <n> <noun>, more than <max> (limit <limit> = <max>)"
+Status CheckCount(size_t n, size_t max, const std::string& subject, const char* noun, const char* limit) {
+  if (n <= max) return Status::Ok();
+  return InvalidArgument(subject + " " + std::to_string(n) + " " + noun + ", more than " + std::to_string(max) +
+                         " (limit " + limit + " = " + std::to_string(max) + ")");
+}
+
+Status CheckJsonBytes(const std::string& text, const std::string& what, const Limits& limits) {
+  if (text.size() <= limits.max_json_bytes) return Status::Ok();
+  const std::string max = std::to_string(limits.max_json_bytes);
+  return InvalidArgument(what + " is " + std::to_string(text.size()) + " bytes, more than " + max +
+                         " (limit max_json_bytes = " + max + ")");
+}
+
+}  // namespace
+
+Result<MemoryRef> FromProto(const pb::MemoryRef& m, const std::string& what, const Limits& limits) {
   MemoryRef r;
   switch (m.kind_case()) {
     case pb::MemoryRef::kHostShm:
+      WS_RETURN_IF_ERROR(CheckName(m.host_shm().name(), what + ": host_shm.name", limits));
       r.kind = MemoryKind::kHostShm;
       r.name = m.host_shm().name();
       r.offset = m.host_shm().offset();
@@ -59,6 +107,7 @@ Result<MemoryRef> FromProto(const pb::MemoryRef& m, const std::string& what) {
       if (r.name.empty()) return InvalidArgument(what + ": host_shm.name is empty");
       return r;
     case pb::MemoryRef::kCudaIpc:
+      WS_RETURN_IF_ERROR(CheckName(m.cuda_ipc().device_uuid(), what + ": cuda_ipc.device_uuid", limits));
       r.kind = MemoryKind::kCudaIpc;
       r.cuda_handle = m.cuda_ipc().handle();
       r.device_uuid = m.cuda_ipc().device_uuid();
@@ -75,7 +124,10 @@ Result<MemoryRef> FromProto(const pb::MemoryRef& m, const std::string& what) {
 
 namespace {
 
-Result<Shape> ShapeFromProto(const google::protobuf::RepeatedField<int64_t>& dims, const std::string& what) {
+Result<Shape> ShapeFromProto(const google::protobuf::RepeatedField<int64_t>& dims, const std::string& what,
+                             const Limits& limits) {
+  WS_RETURN_IF_ERROR(CheckCount(static_cast<size_t>(dims.size()), limits.max_dims, what + ": shape has", "dims",
+                                "max_dims"));
   Shape s(dims.begin(), dims.end());
   for (int64_t d : s)
     if (d < 0) return InvalidArgument(what + ": shape " + ShapeToString(s) + " has a negative dimension");
@@ -84,7 +136,29 @@ Result<Shape> ShapeFromProto(const google::protobuf::RepeatedField<int64_t>& dim
 
 }  // namespace
 
-Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req) {
+Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req, const Limits& limits) {
+  // Sizes and counts first: nothing below is built from an oversized request.
+  WS_RETURN_IF_ERROR(CheckName(req.model(), "model", limits));
+  WS_RETURN_IF_ERROR(CheckName(req.architecture(), "architecture", limits));
+  WS_RETURN_IF_ERROR(CheckName(req.engine_label(), "engine_label", limits));
+  WS_RETURN_IF_ERROR(CheckJsonBytes(req.hf_config_json(), "hf_config_json", limits));
+  if (req.tp_size() > limits.max_tp_size)
+    return InvalidArgument("tp_size " + std::to_string(req.tp_size()) + " is more than " +
+                           std::to_string(limits.max_tp_size) + " (limit max_tp_size = " +
+                           std::to_string(limits.max_tp_size) + ")");
+  WS_RETURN_IF_ERROR(CheckCount(req.options().size(), limits.max_engine_options, "the registration has",
+                                "engine options", "max_engine_options"));
+  for (const auto& [key, value] : req.options()) WS_RETURN_IF_ERROR(CheckName(key, "engine option", limits));
+  WS_RETURN_IF_ERROR(CheckCount(static_cast<size_t>(req.params_size()), limits.max_params_per_registration,
+                                "the registration has", "params", "max_params_per_registration"));
+  for (const auto& p : req.params()) {
+    if (p.name().empty()) return InvalidArgument("a param has an empty name");
+    WS_RETURN_IF_ERROR(CheckName(p.name(), "param", limits));
+    const std::string what = "param " + p.name();
+    WS_RETURN_IF_ERROR(CheckName(p.tied_to(), what + ": tied_to", limits));
+    WS_RETURN_IF_ERROR(CheckJsonBytes(p.mapping_json(), what + ": mapping_json", limits));
+  }
+
   EngineRegistration r;
   EngineRankSpec& s = r.spec;
   s.model = req.model();
@@ -95,23 +169,39 @@ Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req) {
   s.tp_size = req.tp_size();
   s.options = std::map<std::string, int64_t>(req.options().begin(), req.options().end());
   r.label = req.engine_label();
+  s.params.reserve(req.params_size());
+  r.memory.reserve(req.params_size());
   for (const auto& p : req.params()) {
     const std::string what = "param " + p.name();
-    if (p.name().empty()) return InvalidArgument("a param has an empty name");
     EngineParamSpec ps;
     ps.name = p.name();
-    WS_ASSIGN_OR_RETURN(ps.shape, ShapeFromProto(p.shape(), what));
+    WS_ASSIGN_OR_RETURN(ps.shape, ShapeFromProto(p.shape(), what, limits));
     WS_ASSIGN_OR_RETURN(ps.dtype, FromProto(p.dtype(), what));
     ps.mapping_json = p.mapping_json();
     ps.tied_to = p.tied_to();
-    WS_ASSIGN_OR_RETURN(MemoryRef m, FromProto(p.memory(), what));
+    WS_ASSIGN_OR_RETURN(MemoryRef m, FromProto(p.memory(), what, limits));
     s.params.push_back(std::move(ps));
     r.memory.push_back(std::move(m));
   }
   return r;
 }
 
-Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req) {
+Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req, const Limits& limits) {
+  // Sizes and counts first: nothing below is built from an oversized manifest.
+  WS_RETURN_IF_ERROR(CheckName(req.model(), "model", limits));
+  WS_RETURN_IF_ERROR(CheckCount(static_cast<size_t>(req.tensors_size()), limits.max_tensors_per_manifest,
+                                "the manifest has", "tensors", "max_tensors_per_manifest"));
+  size_t shards = 0;
+  for (const auto& t : req.tensors()) {
+    if (t.name().empty()) return InvalidArgument("a manifest tensor has an empty name");
+    WS_RETURN_IF_ERROR(CheckName(t.name(), "tensor", limits));
+    WS_RETURN_IF_ERROR(CheckCount(static_cast<size_t>(t.shards_size()), limits.max_shards_per_tensor,
+                                  "tensor " + t.name() + " has", "shards", "max_shards_per_tensor"));
+    shards += static_cast<size_t>(t.shards_size());
+  }
+  WS_RETURN_IF_ERROR(CheckCount(shards, limits.max_shards_per_manifest, "the manifest has", "shards",
+                                "max_shards_per_manifest"));
+
   SourceManifest m;
   m.model = req.model();
   m.version = req.version();
@@ -119,10 +209,9 @@ Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req) {
   m.tensors.reserve(req.tensors_size());
   for (const auto& t : req.tensors()) {
     const std::string what = "tensor " + t.name();
-    if (t.name().empty()) return InvalidArgument("a manifest tensor has an empty name");
     SourceTensor st;
     st.name = t.name();
-    WS_ASSIGN_OR_RETURN(st.shape, ShapeFromProto(t.shape(), what));
+    WS_ASSIGN_OR_RETURN(st.shape, ShapeFromProto(t.shape(), what, limits));
     WS_ASSIGN_OR_RETURN(st.dtype, FromProto(t.dtype(), what));
     st.shards.reserve(t.shards_size());
     for (const auto& sh : t.shards()) st.shards.push_back(ShardSpec{sh.rank(), sh.dim(), sh.start(), sh.length()});
@@ -131,11 +220,17 @@ Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req) {
   return m;
 }
 
-Result<std::vector<std::pair<std::string, MemoryRef>>> FromProto(const pb::LayerData& layer) {
+Result<std::vector<std::pair<std::string, MemoryRef>>> FromProto(const pb::LayerData& layer, const Limits& limits) {
+  WS_RETURN_IF_ERROR(CheckName(layer.layer(), "layer", limits));
+  WS_RETURN_IF_ERROR(CheckCount(static_cast<size_t>(layer.shards_size()), limits.max_tensors_per_manifest,
+                                "layer \"" + layer.layer() + "\" has", "shards", "max_tensors_per_manifest"));
+  for (const auto& s : layer.shards())
+    WS_RETURN_IF_ERROR(CheckName(s.tensor(), "layer \"" + layer.layer() + "\" tensor", limits));
   std::vector<std::pair<std::string, MemoryRef>> out;
   out.reserve(layer.shards_size());
   for (const auto& s : layer.shards()) {
-    WS_ASSIGN_OR_RETURN(MemoryRef m, FromProto(s.memory(), "layer \"" + layer.layer() + "\" tensor " + s.tensor()));
+    WS_ASSIGN_OR_RETURN(MemoryRef m, FromProto(s.memory(), "layer \"" + layer.layer() + "\" tensor " + s.tensor(),
+                                               limits));
     out.emplace_back(s.tensor(), std::move(m));
   }
   return out;

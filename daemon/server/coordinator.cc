@@ -10,6 +10,7 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/core/json_limits.h"
+#include "daemon/core/text.h"
 
 namespace ws::server {
 
@@ -242,7 +243,8 @@ Status Coordinator::CheckModelCompatibleLocked(const Model& m, const EngineRankS
                               " but the model's other engines use tp_size " + std::to_string(m.tp_size));
   if (spec.options != m.options)
     return FailedPrecondition(who + " registers engine options that differ from the model's other engines");
-  auto cfg = ParseJsonLimited(spec.hf_config_json, kMaxJsonDepth, "hf_config_json");
+  auto cfg = ParseJsonLimited(spec.hf_config_json, "hf_config_json", opts_.limits.max_json_depth,
+                              opts_.limits.max_json_bytes);
   if (!cfg.ok() || *cfg != m.config)
     return FailedPrecondition(who + " registers an hf_config_json that differs from the model's other engines");
   return Status::Ok();
@@ -301,9 +303,8 @@ Result<std::string> Coordinator::RegisterEngine(const Peer& caller, EngineRankSp
   if (memory.size() != spec.params.size())
     return InvalidArgument(std::to_string(spec.params.size()) + " params but " + std::to_string(memory.size()) +
                            " memory references");
-  auto parsed = ParseJsonLimited(spec.hf_config_json, kMaxJsonDepth, "hf_config_json");
-  if (!parsed.ok()) return parsed.status();
-  nlohmann::json cfg = std::move(parsed).value();
+  WS_ASSIGN_OR_RETURN(nlohmann::json cfg, ParseJsonLimited(spec.hf_config_json, "hf_config_json",
+                                                           opts_.limits.max_json_depth, opts_.limits.max_json_bytes));
   if (!cfg.is_object()) return InvalidArgument("hf_config_json is not a JSON object");
   const std::string who = "model " + spec.model + " replica " + std::to_string(spec.replica_id) +
                           " tp_rank " + std::to_string(spec.tp_rank);
@@ -339,6 +340,7 @@ Result<std::string> Coordinator::RegisterEngine(const Peer& caller, EngineRankSp
   ro.tp_size = spec.tp_size;
   ro.tp_rank = spec.tp_rank;
   ro.engine_options = spec.options;
+  ro.limits = opts_.limits;
   size_t n_explicit = 0;
   for (const auto& p : spec.params) n_explicit += p.mapping_json.empty() ? 0 : 1;
   RankLayout layout;
@@ -558,7 +560,7 @@ void Coordinator::FinishLocked(Sync& sync, bool committed) {
 
 void Coordinator::AbortLocked(Sync& sync, const std::string& reason) {
   if (Terminal(sync.state)) return;
-  sync.error = reason;
+  sync.error = Truncate(reason, kMaxReasonBytes);  // kept, logged and sent to every engine
   FinishLocked(sync, /*committed=*/false);
 }
 
@@ -790,9 +792,9 @@ Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id,
       items.push_back(Item{ti->second, *pick, &ref, what});
     }
     if (!errors.empty()) {
-      std::string msg = where + ":";
-      for (const auto& e : errors) msg += "\n  " + e;
-      return fail(InvalidArgument(msg));
+      ErrorList listed;  // the first few; a layer may hold thousands of bad shards
+      for (auto& e : errors) listed.Add(std::move(e));
+      return fail(InvalidArgument(where + ":" + listed.Join("\n  ", /*lead=*/true)));
     }
     for (const auto& it : items) sync->received[it.t][it.s] = 1;
     sync->writers++;

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "daemon/core/layout.h"
+#include "daemon/core/limits.h"
 #include "daemon/core/manifest.h"
 #include "daemon/core/planner.h"
 #include "daemon/core/status.h"
@@ -75,6 +76,9 @@ struct CoordinatorOptions {
   // registered and syncs it has in flight. Refusals name the limit.
   uint32_t max_engines_per_peer = 4096;
   uint32_t max_syncs_per_peer = 64;
+  // Request limits: JSON parsing and layout resolution here, request sizes in
+  // the gRPC layer (which reads them through limits()).
+  Limits limits;
 };
 
 struct BeginSyncResult {
@@ -182,6 +186,7 @@ class Coordinator {
                 std::chrono::milliseconds drain = std::chrono::milliseconds(0));
 
   StatusSnapshot GetStatus() const;
+  const Limits& limits() const { return opts_.limits; }
 
  private:
   struct Engine;

@@ -3,8 +3,11 @@
 #include <chrono>
 #include <ctime>
 
+#include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+
+#include "daemon/core/text.h"
 
 namespace ws::server {
 
@@ -104,6 +107,18 @@ std::unique_ptr<spdlog::formatter> JsonLogFormatter::clone() const {
   return std::make_unique<JsonLogFormatter>();
 }
 
+void CappedFormatter::format(const spdlog::details::log_msg& msg, spdlog::memory_buf_t& dest) {
+  if (msg.payload.size() <= max_bytes_) return inner_->format(msg, dest);
+  const std::string capped = Truncate(std::string_view(msg.payload.data(), msg.payload.size()), max_bytes_);
+  spdlog::details::log_msg copy = msg;
+  copy.payload = spdlog::string_view_t(capped.data(), capped.size());
+  inner_->format(copy, dest);
+}
+
+std::unique_ptr<spdlog::formatter> CappedFormatter::clone() const {
+  return std::make_unique<CappedFormatter>(inner_->clone(), max_bytes_);
+}
+
 Status SetupLogging(const LogOptions& opts) {
   static const char* kLevels[] = {"trace", "debug", "info", "warn", "warning", "error", "err", "critical", "off"};
   bool known = false;
@@ -116,10 +131,12 @@ Status SetupLogging(const LogOptions& opts) {
   auto sink = std::make_shared<spdlog::sinks::stderr_color_sink_mt>(
       opts.format == LogFormat::kJson ? spdlog::color_mode::never : spdlog::color_mode::automatic);
   auto logger = std::make_shared<spdlog::logger>("weightsyncd", sink);
+  std::unique_ptr<spdlog::formatter> inner;
   if (opts.format == LogFormat::kJson)
-    logger->set_formatter(std::make_unique<JsonLogFormatter>());
+    inner = std::make_unique<JsonLogFormatter>();
   else
-    logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e%z %^%-5l%$ [%n] %v");
+    inner = std::make_unique<spdlog::pattern_formatter>("%Y-%m-%dT%H:%M:%S.%e%z %^%-5l%$ [%n] %v");
+  logger->set_formatter(std::make_unique<CappedFormatter>(std::move(inner), kMaxLogMessageBytes));
   logger->set_level(level);
   logger->flush_on(spdlog::level::info);
   spdlog::set_default_logger(logger);

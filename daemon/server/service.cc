@@ -75,7 +75,7 @@ grpc::Status WeightSyncService::RegisterEngine(grpc::ServerContext* ctx, const p
   auto peer = auth_->Identify(ctx);
   if (!peer.ok()) return Failed("RegisterEngine", peer.status());
   if (stopping_) return Failed("RegisterEngine", Unavailable("the daemon is shutting down"));
-  auto reg = FromProto(*req);
+  auto reg = FromProto(*req, coord_->limits());
   if (!reg.ok()) return Failed("RegisterEngine", reg.status());
   auto q = std::make_shared<EventQueue>();
   auto id = coord_->RegisterEngine(*peer, std::move(reg->spec), std::move(reg->memory), q.get(), reg->label);
@@ -133,7 +133,7 @@ grpc::Status WeightSyncService::BeginSync(grpc::ServerContext* ctx, const pb::Be
                                           pb::BeginSyncResponse* resp) {
   auto peer = auth_->Identify(ctx);
   if (!peer.ok()) return Failed("BeginSync", peer.status());
-  auto manifest = FromProto(*req);
+  auto manifest = FromProto(*req, coord_->limits());
   if (!manifest.ok()) return Failed("BeginSync", manifest.status());
   auto r = coord_->BeginSync(*peer, std::move(manifest).value());
   if (!r.ok()) return Failed("BeginSync", r.status());
@@ -164,7 +164,7 @@ grpc::Status WeightSyncService::Push(grpc::ServerContext* ctx,
       (void)coord_->Abort(*peer, sync_id, st.message());
       return Failed("Push", st);
     }
-    auto shards = FromProto(msg);
+    auto shards = FromProto(msg, coord_->limits());
     if (!shards.ok()) {
       Status st = shards.status().WithContext("sync " + std::to_string(sync_id) + " rank " + std::to_string(rank));
       (void)coord_->Abort(*peer, sync_id, st.message());

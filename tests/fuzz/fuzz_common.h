@@ -50,7 +50,7 @@ inline const std::string& TinyLlamaConfig() {
   return cfg;
 }
 
-// Loop budget of the fuzzers' resolutions (ResolveOptions::max_loop_iterations).
+// Loop budget of the fuzzers' resolutions (ResolveOptions::limits.max_layout_entries).
 // An iteration costs ~50 us under ASan with coverage tracing, so the default
 // budget could run past -timeout; the budget logic is the same at any size.
 inline constexpr int64_t kFuzzLoopBudget = int64_t{1} << 15;

@@ -15,7 +15,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       ws::ResolveOptions ro;
       ro.tp_size = tp;
       ro.tp_rank = tp - 1;
-      ro.max_loop_iterations = ws::fuzz::kFuzzLoopBudget;
+      ro.limits.max_layout_entries = ws::fuzz::kFuzzLoopBudget;
       auto r = reg.Resolve(arch, cfg, ro);
       if (!r.ok()) break;  // the other tp_size fails the same way, mostly
       ws::fuzz::CheckLayout(*r);

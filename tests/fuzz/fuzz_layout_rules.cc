@@ -20,7 +20,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     ws::ResolveOptions ro;
     ro.tp_size = 2;
     ro.tp_rank = rank;
-    ro.max_loop_iterations = ws::fuzz::kFuzzLoopBudget;
+    ro.limits.max_layout_entries = ws::fuzz::kFuzzLoopBudget;
     auto r = (*reg)->Resolve(archs[0], *cfg, ro);
     if (r.ok()) ws::fuzz::CheckLayout(*r);
   }

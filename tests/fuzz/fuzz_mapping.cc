@@ -14,7 +14,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   ws::ResolveOptions ro;
   ro.tp_size = 2;
   ro.tp_rank = 1;
-  ro.max_loop_iterations = ws::fuzz::kFuzzLoopBudget;
+  ro.limits.max_layout_entries = ws::fuzz::kFuzzLoopBudget;
   std::vector<ws::ExpectedSource> sources;
   auto p = reg.ResolveExplicit("p", mapping, ws::fuzz::TinyLlamaConfig(), ro, &sources);
   if (!p.ok()) return 0;

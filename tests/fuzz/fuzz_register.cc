@@ -23,7 +23,7 @@ void Register(const EngineRankSpec& spec) {
   ro.tp_size = spec.tp_size;
   ro.tp_rank = spec.tp_rank;
   ro.engine_options = spec.options;
-  ro.max_loop_iterations = kFuzzLoopBudget;  // the daemon uses the default
+  ro.limits.max_layout_entries = kFuzzLoopBudget;  // the daemon uses the default
   size_t n_explicit = 0;
   for (const auto& p : spec.params) n_explicit += p.mapping_json.empty() ? 0 : 1;
   const LayoutRegistry& reg = Layouts();

@@ -10,10 +10,13 @@ from ._proto import weightsync_pb2 as pb
 from ._proto import weightsync_pb2_grpc as pb_grpc
 from .errors import WeightSyncError, rpc_error
 
-# Manifests of large MoE models run to tens of MB.
+# Manifests of large MoE models run to tens of MB. The daemon keeps its error
+# messages under 4 KiB; a larger metadata limit than gRPC's default 8 KiB keeps a
+# longer one from turning into "metadata size exceeds soft limit".
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
+    ("grpc.max_metadata_size", 64 * 1024),
 ]
 
 

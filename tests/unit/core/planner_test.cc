@@ -280,7 +280,10 @@ namespace {
 
 TEST(ShapeInRange, RejectsNegativeAndOverflowingShapes) {
   EXPECT_TRUE(ShapeInRange({}));
-  EXPECT_TRUE(ShapeInRange({0, int64_t{1} << 62}));
+  EXPECT_TRUE(ShapeInRange({0, int64_t{1} << 25, int64_t{1} << 25}));
+  // Zeros count as 1: As2D of [2^40, 2^40, 0] would multiply 2^40 * 2^40 first.
+  EXPECT_FALSE(ShapeInRange({0, int64_t{1} << 62}));
+  EXPECT_FALSE(ShapeInRange({int64_t{1} << 40, int64_t{1} << 40, 0}));
   EXPECT_TRUE(ShapeInRange({int64_t{1} << 25, int64_t{1} << 25}));
   EXPECT_FALSE(ShapeInRange({-1, 4}));
   EXPECT_FALSE(ShapeInRange({4, (int64_t{1} << 62) + 1}));  // would wrap to a small byte count

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include "tests/unit/server/fakes.h"
 
 namespace ws::server::testing {
@@ -148,6 +150,118 @@ TEST(Convert, LayerData) {
   ASSERT_TRUE(r.ok());
   EXPECT_EQ((*r)[0].first, "w");
   EXPECT_EQ((*r)[0].second.length, 4u);
+}
+
+// A manifest of `n` one-element tensors on rank 0.
+pb::BeginSyncRequest ManyTensors(int n) {
+  pb::BeginSyncRequest req;
+  req.set_model("m");
+  req.set_version(1);
+  req.set_world_size(1);
+  req.mutable_tensors()->Reserve(n);
+  for (int i = 0; i < n; ++i) {
+    auto* t = req.add_tensors();
+    t->set_name("t" + std::to_string(i));
+    t->add_shape(1);
+    t->set_dtype(pb::DTYPE_F32);
+  }
+  return req;
+}
+
+TEST(ConvertLimits, ManifestCountsAreCheckedFirst) {
+  // 1e6 unknown tensors: refused by the count alone, before a domain object exists.
+  auto req = ManyTensors(1000000);
+  auto m = FromProto(req, Limits{});
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), Code::kInvalidArgument);
+  EXPECT_ERR(m.status(), "the manifest has 1000000 tensors, more than 262144 (limit max_tensors_per_manifest = 262144)");
+
+  Limits l;
+  l.max_tensors_per_manifest = 4;
+  l.max_shards_per_tensor = 2;
+  l.max_shards_per_manifest = 5;
+  req = ManyTensors(4);
+  EXPECT_TRUE(FromProto(req, l).ok());
+  req = ManyTensors(5);
+  EXPECT_ERR(FromProto(req, l).status(), "limit max_tensors_per_manifest = 4");
+  req = ManyTensors(4);
+  for (int i = 0; i < 3; ++i) req.mutable_tensors(0)->add_shards()->set_length(1);
+  EXPECT_ERR(FromProto(req, l).status(), "tensor t0 has 3 shards, more than 2 (limit max_shards_per_tensor = 2)");
+  req = ManyTensors(4);
+  for (int t = 0; t < 3; ++t)
+    for (int i = 0; i < 2; ++i) req.mutable_tensors(t)->add_shards()->set_length(1);
+  EXPECT_ERR(FromProto(req, l).status(), "the manifest has 6 shards, more than 5 (limit max_shards_per_manifest = 5)");
+  req = ManyTensors(1);
+  for (int i = 0; i < 8; ++i) req.mutable_tensors(0)->add_shape(1);
+  EXPECT_ERR(FromProto(req, l).status(), "tensor t0: shape has 9 dims, more than 8 (limit max_dims = 8)");
+}
+
+TEST(ConvertLimits, LongNamesAreRefusedWithShortMessages) {
+  // A 100 MB tensor name: refused by max_name_bytes, and the error quotes 64 bytes of it.
+  auto req = ManyTensors(2);
+  req.mutable_tensors(1)->set_name(std::string(100 << 20, 'x'));
+  auto m = FromProto(req, Limits{});
+  ASSERT_FALSE(m.ok());
+  EXPECT_ERR(m.status(), "tensor \"xxxx");
+  EXPECT_ERR(m.status(), "\" is 104857600 bytes long, more than 1024 (limit max_name_bytes = 1024)");
+  EXPECT_LT(m.status().message().size(), 300u);
+  req.mutable_tensors(1)->set_name(std::string(1024, 'x'));
+  EXPECT_TRUE(FromProto(req, Limits{}).ok());
+  req.set_model(std::string(2000, 'm'));
+  EXPECT_ERR(FromProto(req, Limits{}).status(), "model \"mmm");
+
+  pb::LayerData layer;
+  layer.set_layer(std::string(5000, 'l'));
+  EXPECT_ERR(FromProto(layer, Limits{}).status(), "layer \"lll");
+  layer.set_layer("layers.0");
+  auto* s = layer.add_shards();
+  s->set_tensor(std::string(5000, 't'));
+  EXPECT_ERR(FromProto(layer, Limits{}).status(), "layer \"layers.0\" tensor \"ttt");
+  s->set_tensor("w");
+  s->mutable_memory()->mutable_host_shm()->set_name(std::string(5000, 's'));
+  EXPECT_ERR(FromProto(layer, Limits{}).status(), "host_shm.name \"sss");
+  Limits l;
+  l.max_tensors_per_manifest = 1;
+  layer.add_shards()->set_tensor("v");
+  EXPECT_ERR(FromProto(layer, l).status(), "layer \"layers.0\" has 2 shards, more than 1 (limit max_tensors_per_manifest = 1)");
+}
+
+TEST(ConvertLimits, RegistrationSizes) {
+  Limits l;
+  l.max_params_per_registration = 1;
+  l.max_engine_options = 1;
+  l.max_json_bytes = 100;
+  l.max_tp_size = 8;
+  EXPECT_TRUE(FromProto(GoodRequest(), l).ok());
+  auto bad = GoodRequest();
+  *bad.add_params() = bad.params(0);
+  EXPECT_ERR(FromProto(bad, l).status(), "the registration has 2 params, more than 1 (limit max_params_per_registration = 1)");
+  bad = GoodRequest();
+  (*bad.mutable_options())["other"] = 2;
+  EXPECT_ERR(FromProto(bad, l).status(), "the registration has 2 engine options, more than 1 (limit max_engine_options = 1)");
+  bad = GoodRequest();
+  bad.set_hf_config_json("{\"a\": \"" + std::string(200, 'a') + "\"}");
+  EXPECT_ERR(FromProto(bad, l).status(), "hf_config_json is 209 bytes, more than 100 (limit max_json_bytes = 100)");
+  bad = GoodRequest();
+  bad.mutable_params(0)->set_mapping_json(std::string(101, ' '));
+  EXPECT_ERR(FromProto(bad, l).status(), "param model.norm.weight: mapping_json is 101 bytes, more than 100");
+  bad = GoodRequest();
+  bad.set_tp_size(9);
+  EXPECT_ERR(FromProto(bad, l).status(), "tp_size 9 is more than 8 (limit max_tp_size = 8)");
+  bad = GoodRequest();
+  for (int i = 0; i < 9; ++i) bad.mutable_params(0)->add_shape(1);
+  EXPECT_ERR(FromProto(bad, l).status(), "param model.norm.weight: shape has 10 dims, more than 8 (limit max_dims = 8)");
+  for (auto edit : std::vector<std::function<void(pb::RegisterEngineRequest&)>>{
+           [](auto& r) { r.mutable_params(0)->set_name(std::string(2000, 'p')); },
+           [](auto& r) { r.mutable_params(0)->set_tied_to(std::string(2000, 'p')); },
+           [](auto& r) { r.set_architecture(std::string(2000, 'a')); },
+           [](auto& r) { r.set_engine_label(std::string(2000, 'e')); },
+           [](auto& r) { (*r.mutable_options())[std::string(2000, 'o')] = 1; },
+       }) {
+    bad = GoodRequest();
+    edit(bad);
+    EXPECT_ERR(FromProto(bad, Limits{}).status(), "(limit max_name_bytes = 1024)");
+  }
 }
 
 TEST(Convert, EventsAndStatus) {
