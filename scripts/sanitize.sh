@@ -43,6 +43,7 @@ chmod 1777 "$LOGS"  # the security tests run daemons and clients as other users
 # an unguarded one must still kill the process by SIGBUS, which
 # tests/unit/dataplane/fault_guard_test.cc checks, not end in ASan's abort.
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:handle_sigbus=0:log_path=$LOGS/asan"
+export WS_SANITIZED=1  # memory bounds in the integration tests allow for ASan's overhead
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$LOGS/ubsan"
 
 rc=0
