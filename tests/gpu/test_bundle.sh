@@ -75,7 +75,7 @@ cp -L "$NCCL" "$R/opt/nccl/libnccl.so.2"
 cp -a "$BUNDLE" "$R/bundle"
 ln -sfn /opt/nccl/libnccl.so.2 "$R/bundle/lib/libnccl.so.2"
 echo "root: $(find "$R" -type f | wc -l) files; $(find "$R" -name 'libstdc++*' | sed "s#$R##" | paste -sd' ' -)"
-if [ "$(id -u)" = 0 ]; then CHROOT=(chroot "$R"); else CHROOT=(unshare -r chroot "$R"); fi
+if [ "$(id -u)" = 0 ]; then CHROOT=("$(command -v chroot)" "$R"); else CHROOT=("$(command -v unshare)" -r "$(command -v chroot)" "$R"); fi
 in_root() { env -i PATH=/bundle/bin "${CHROOT[@]}" "$@"; }
 
 v=$(in_root /bundle/bin/weightsyncd --version) || fail "weightsyncd --version in the minimal root"
