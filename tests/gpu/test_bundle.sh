@@ -62,7 +62,7 @@ echo "NCCL for the test: $NCCL"
 # ---------------------------------------------------------------- 2. chroot
 echo "== minimal root: loader + glibc + NCCL + bundle"
 R=$WORK/root
-mkdir -p "$R/tmp" "$R/dev/shm" "$R/opt/nccl" "$R/etc"
+mkdir -p "$R/tmp" "$R/dev/shm" "$R/opt/nccl" "$R/etc" "$R/proc"
 chmod 1777 "$R/tmp"
 # glibc as the binaries resolve it (the loader and libc.so.6, libm.so.6, ...)
 for f in $(ldd "$BUNDLE"/bin/* "$NCCL" | awk '
@@ -75,7 +75,13 @@ cp -L "$NCCL" "$R/opt/nccl/libnccl.so.2"
 cp -a "$BUNDLE" "$R/bundle"
 ln -sfn /opt/nccl/libnccl.so.2 "$R/bundle/lib/libnccl.so.2"
 echo "root: $(find "$R" -type f | wc -l) files; $(find "$R" -name 'libstdc++*' | sed "s#$R##" | paste -sd' ' -)"
-if [ "$(id -u)" = 0 ]; then CHROOT=("$(command -v chroot)" "$R"); else CHROOT=("$(command -v unshare)" -r "$(command -v chroot)" "$R"); fi
+# The loader resolves $ORIGIN through /proc/self/exe: the root gets its own
+# /proc, mounted in a private mount namespace (gone when the process exits).
+# unshare and bash exec into chroot and then the binary: one PID throughout.
+ENTER="$(command -v mount) -t proc proc \"\$0/proc\" && exec $(command -v chroot) \"\$0\" \"\$@\""
+UNSHARE=("$(command -v unshare)" --mount --propagation private)
+[ "$(id -u)" = 0 ] || UNSHARE+=(-r)
+CHROOT=("${UNSHARE[@]}" -- "$(command -v bash)" -c "$ENTER" "$R")
 in_root() { env -i PATH=/bundle/bin "${CHROOT[@]}" "$@"; }
 
 v=$(in_root /bundle/bin/weightsyncd --version) || fail "weightsyncd --version in the minimal root"
