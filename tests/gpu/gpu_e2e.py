@@ -10,11 +10,19 @@ cudaMalloc'ed memory that the daemon opens through CUDA IPC handles.
       are two or more GPUs; plus host<->device and dtype/shard-dim variants.
       Every engine dump is compared bit for bit with the independent numpy
       reference (tests/reference/check_dump.py).
+  gpu_e2e.py torch --build DIR --out DIR [--device cuda:0|cpu]
+      the Python trainer: a Llama-shaped torch module sharded with FSDP2 over
+      W=2 gloo ranks pushes two versions into a bf16 engine (TP=2); with
+      cuda:0 once with its shards as CUDA tensors (CUDA IPC, in place) and
+      once CPU-offloaded to pinned host memory (CPUOffloadPolicy), engine on
+      cuda:0; with cpu (runs without a GPU) host shards into a host engine.
+      Checked bit for bit against the numpy reference.
   gpu_e2e.py bench --build DIR --out DIR [--layers L] [--repeat N]
-      Llama-8B-shaped fp32 checkpoint, W=4 trainer processes -> bf16 engine
-      TP=2, colocated on cuda:0; steady-state sync time (median of syncs
-      2..N) against a device-to-device cudaMemcpy floor of the same source
-      bytes measured in the same run.
+      Llama-8B-shaped fp32 FSDP2 shards built on the meta device and filled
+      on cuda:0 by W=4 trainer processes (no checkpoint on disk), pushed N
+      times into a bf16 engine TP=2 on cuda:0; steady-state sync time (median
+      of syncs 2..N) against a device-to-device copy floor of the same bytes,
+      timed with CUDA events in the same run.
 
 Prints a markdown table; exits non-zero on any failure. Logs go under --out.
 """
@@ -25,6 +33,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 LAYOUTS = REPO / "config" / "layouts"
 CHECK_DUMP = REPO / "tests" / "reference" / "check_dump.py"
+WORKER = Path(__file__).resolve().parent / "torch_worker.py"
 
 
 def log(msg: str) -> None:
@@ -299,6 +309,133 @@ def cmd_arch(a) -> int:
     return 1 if failures else 0
 
 
+# --------------------------------------------------------------------------- torch trainer
+
+def example_config(arch: str) -> dict:
+    for f in sorted(LAYOUTS.glob("*.json")):
+        rules = json.loads(f.read_text())
+        if arch in rules.get("architectures", []):
+            return dict(rules["example_config"])
+    sys.exit(f"no layout rules for {arch} in {LAYOUTS}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_trainers(world: int, args: dict, out: Path, timeout: float) -> tuple[dict | None, str]:
+    """Runs torch_worker.py as `world` processes; (rank 0's result, None) or (None, what went wrong)."""
+    out.mkdir(parents=True, exist_ok=True)
+    port, result = free_port(), out / "trainer.json"
+    result.unlink(missing_ok=True)
+    procs, logs = [], []
+    e = env()
+    e["PYTHONPATH"] = str(REPO / "client" / "python")
+    for r in range(world):
+        logs.append(open(out / f"trainer{r}.log", "w"))
+        procs.append(subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(port), str(result),
+                                       json.dumps(args)], stdout=logs[-1], stderr=subprocess.STDOUT,
+                                      start_new_session=True, env=e))
+    deadline, err = time.monotonic() + timeout, None
+    for r, p in enumerate(procs):
+        try:
+            rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            rc = 124
+        if rc != 0 and err is None:
+            err = f"trainer rank {r} exited {rc}"
+    for p in procs:
+        killpg(p)
+        p.wait()
+    for f in logs:
+        f.close()
+    if err:
+        return None, err + ":\n" + "\n".join(f"-- rank {r}:\n" + tail((out / f"trainer{r}.log").read_text(errors="replace"))
+                                         for r in range(world))
+    return json.loads(result.read_text()), ""
+
+
+def cmd_torch(a) -> int:
+    build, out = Path(a.build), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    on_gpu = a.device.startswith("cuda")
+    if on_gpu and gpu_count() < 1:
+        log("no CUDA device (nvidia-smi -L lists none): nothing to run")
+        return 3
+    d = Daemon(build, out)
+    cfg = example_config("LlamaForCausalLM")
+    cfg.update(hidden_size=256, intermediate_size=704, num_attention_heads=8, num_key_value_heads=4,
+               num_hidden_layers=3, vocab_size=1000, tie_word_embeddings=False)
+    ckpt = out / "ckpt"
+    ok, text = gen_checkpoint(d.ctl, "LlamaForCausalLM", ckpt, out / "gen.log", "--hidden-size", 256,
+                              "--intermediate-size", 704, "--heads", 8, "--kv-heads", 4, "--layers", 3,
+                              "--vocab-size", 1000, "--tie", 0)
+    if not ok:
+        d.stop()
+        log("gen-checkpoint failed:\n" + tail(text))
+        return 1
+    cfg = json.loads((ckpt / "config.json").read_text())
+    # (label, trainer placement, engine device)
+    cases = [("FSDP2 shards on cuda:0 (CUDA IPC)", "cuda", a.device), ("FSDP2 CPU offload, pinned host", "offload", a.device)] \
+        if on_gpu else [("FSDP2 shards in host memory", "cpu", "host")]
+    rows, failures = [], 0
+    for i, (label, place, engine) in enumerate(cases):
+        case = out / f"{i}-{place}"
+        case.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(case / "dump", ignore_errors=True)
+        model = f"torch-{place}"
+        t0 = time.monotonic()
+        eng = Engine(d, case, model, ckpt, 2, engine, "bf16", syncs=2)
+        res, err = None, eng.wait_registered(180)
+        try:
+            if not err:
+                res, err = run_trainers(2, {"daemon": d.addr, "model": model, "config": cfg, "place": place,
+                                            "init": "checkpoint", "checkpoint": str(ckpt), "versions": 2,
+                                            "engine_dtype": None}, case, 300)
+            if not err:
+                rc = eng.wait(120)
+                if rc != 0:
+                    err = f"mock-engine exited {rc}:\n{tail(eng.output())}"
+        finally:
+            eng.stop()
+        detail = ""
+        if not err:
+            ranks = res["ranks"]
+            want_dev = "cuda" if place == "cuda" else "cpu"
+            if not all(all(dv.startswith(want_dev) for dv in r["devices"]) for r in ranks):
+                err = f"trainer shards are on {[r['devices'] for r in ranks]}, expected {want_dev}"
+            elif place == "offload" and not all(r["pinned"] for r in ranks):
+                err = "CPU-offloaded shards are not pinned"
+            elif any(p["stats"]["state"] != "committed" for p in res["pushes"]):
+                err = f"not committed: {[p['stats'] for p in res['pushes']]}"
+        if not err:
+            rc, text = run([sys.executable, CHECK_DUMP, "--checkpoint", ckpt, "--dump", case / "dump" / "v2",
+                            "--tp", 2, "--replicas", 1, "--dtype", "bf16"], case / "check.log", 600)
+            if rc != 0:
+                err = "engine bytes differ from the reference:\n" + tail(text)
+            else:
+                last = res["pushes"][-1]["ranks"]
+                detail = (f"zero-copy {sum(r['zero_copy_bytes'] for r in last)} B, "
+                          f"staged {sum(r['staged_bytes'] for r in last)} B")
+        secs = time.monotonic() - t0
+        rows.append((label, f"engine {engine} bf16 TP=2", "pass" if not err else "FAILED", detail, f"{secs:.1f}"))
+        if err:
+            failures += 1
+            log(f"FAILED {label}: logs in {case}\n{err}")
+        else:
+            log(f"pass   {label}: {detail}")
+    if d.stop() != 0:
+        failures += 1
+        log(f"weightsyncd exited non-zero on SIGTERM (log: {d.log_path})")
+    table = ["| Python trainer (W=2, 2 versions) | engine | result | bytes | seconds |", "|---|---|---|---|---|"]
+    table += [f"| {' | '.join(map(str, r))} |" for r in rows]
+    (out / "torch.md").write_text("\n".join(table) + "\n")
+    log("\n" + "\n".join(table))
+    return 1 if failures else 0
+
+
 # --------------------------------------------------------------------------- bench
 
 LLAMA_8B = dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256)
@@ -325,94 +462,81 @@ def free_gpu_bytes(device: int) -> int | None:
 def cmd_bench(a) -> int:
     build, out = Path(a.build), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    ctl, floor_bin = find_binary(build, "weightsyncctl"), find_binary(build, "gpu_floor")
     if gpu_count() < 1:
         log("no CUDA device (nvidia-smi -L lists none): nothing to run")
         return 3
-
-    # Layers: 32 unless the disk (checkpoint) or the GPU (fp32 trainer + bf16
-    # engine + the floor's two buffers are not resident together) is too small.
-    layers, notes = a.layers or LLAMA_8B["layers"], []
-    ckpt = out / "ckpt-llama8b"
-    have = fp32_bytes(layers) if (ckpt / ".complete").exists() else 0
-    disk = shutil.disk_usage(out).free + have
-    gpu = free_gpu_bytes(0)
-    while layers > 1 and (fp32_bytes(layers) + (8 << 30) > disk or
-                          (gpu is not None and fp32_bytes(layers) * 1.5 + (6 << 30) > gpu)):
+    # 32 layers unless the GPU cannot hold the fp32 trainer shards, the bf16
+    # engine (half of that), the floor's two 4 GiB buffers and the contexts.
+    want = a.layers or LLAMA_8B["layers"]
+    layers, notes, gpu = want, [], free_gpu_bytes(0)
+    while layers > 1 and gpu is not None and fp32_bytes(layers) * 1.5 + (14 << 30) > gpu:
         layers -= 1
-    if layers != (a.layers or LLAMA_8B["layers"]):
-        notes.append(f"{layers} layers instead of {a.layers or LLAMA_8B['layers']}: free disk "
-                     f"{disk / 1e9:.1f} GB, free GPU memory {gpu / 1e9 if gpu else float('nan'):.1f} GB")
-    if (ckpt / ".complete").exists() and (ckpt / ".complete").read_text().split()[:2] != ["--layers", str(layers)]:
-        shutil.rmtree(ckpt)
+    if layers != want:
+        notes.append(f"{layers} layers instead of {want}: free GPU memory {gpu / 1e9:.1f} GB")
     m = LLAMA_8B
-    t0 = time.monotonic()
-    ok, text = gen_checkpoint(ctl, "LlamaForCausalLM", ckpt, out / "gen.log", "--layers", layers,
-                              "--hidden-size", m["hidden"], "--heads", m["heads"], "--kv-heads", m["kv_heads"],
-                              "--intermediate-size", m["intermediate"], "--vocab-size", m["vocab"], "--tie", 0)
-    if not ok:
-        log("gen-checkpoint failed:\n" + tail(text))
-        return 1
-    log(f"checkpoint: {ckpt} ({fp32_bytes(layers) / 1e9:.2f} GB fp32, {time.monotonic() - t0:.0f} s)")
+    cfg = example_config("LlamaForCausalLM")
+    cfg.update(hidden_size=m["hidden"], num_hidden_layers=layers, num_attention_heads=m["heads"],
+               num_key_value_heads=m["kv_heads"], intermediate_size=m["intermediate"], vocab_size=m["vocab"],
+               tie_word_embeddings=False)
+    ckpt = out / "config-llama8b"  # config.json only: the engine derives its params from it
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
 
     d = Daemon(build, out)
     run_dir = out / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     eng = Engine(d, run_dir, "llama8b", ckpt, 2, "cuda:0", "bf16", syncs=a.repeat, no_dump=True)
     try:
-        err = eng.wait_registered(600)
+        err = eng.wait_registered(300)
         if err:
             log(err + "\n" + tail(eng.output()))
             return 1
-        rc, text = run(d.ctl_argv("push", "--checkpoint", ckpt, "--model", "llama8b", "--world-size", 4,
-                                  "--version", 1, "--repeat", a.repeat, "--json", "--device", "cuda:0"),
-                       run_dir / "push.log", 3600)
-        if rc != 0:
-            log(f"push exited {rc}:\n{tail(text)}\nengine:\n{tail(eng.output())}")
+        res, err = run_trainers(4, {"daemon": d.addr, "model": "llama8b", "config": cfg, "place": "cuda",
+                                    "init": "random", "versions": a.repeat, "engine_dtype": None,
+                                    "max_inflight_bytes": 64 << 30, "floor": True, "floor_repeats": 5},
+                                run_dir, 1800)
+        if err:
+            log(f"trainers failed: {err}\nengine:\n{tail(eng.output())}")
             return 1
-        rc = eng.wait(300)
+        rc = eng.wait(120)
         if rc != 0:
             log(f"mock-engine exited {rc}:\n{tail(eng.output())}")
             return 1
     finally:
         eng.stop()
-        d.stop()  # releases the daemon's IPC mappings before the floor runs
-    syncs = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
-    if len(syncs) != a.repeat or any(s["state"] != "committed" for s in syncs):
-        log(f"expected {a.repeat} committed syncs in {run_dir / 'push.log'}")
+        d.stop()
+    pushes, floor = res["pushes"], res["floor"]
+    if len(pushes) != a.repeat or any(p["stats"]["state"] != "committed" for p in pushes):
+        log(f"expected {a.repeat} committed syncs: {[p['stats'] for p in pushes]}")
         return 1
-    src_bytes = syncs[0]["bytes_read"]
-    rc, ftext = run([floor_bin, "--bytes", src_bytes, "--device", 0, "--repeats", 5], run_dir / "floor.log", 600)
-    floor = next((json.loads(x) for x in ftext.splitlines() if x.startswith("{")), None)
-    if rc != 0 or floor is None or "seconds" not in floor:
-        log(f"gpu_floor failed ({rc}):\n{tail(ftext)}")
-        return 1
-
-    steady = syncs[1:] or syncs
-    secs = statistics.median(s["client_seconds"] for s in steady)
-    dsecs = statistics.median(s["daemon_seconds"] for s in steady)
+    src_bytes = pushes[0]["stats"]["bytes_read"]
+    steady = pushes[1:] or pushes
+    secs = statistics.median(p["seconds"] for p in steady)
+    dsecs = statistics.median(p["stats"]["seconds"] for p in steady)
     ratio = floor["seconds"] / secs
+    zc = sum(r["zero_copy_bytes"] for r in pushes[-1]["ranks"])
     table = [
         "| GPU sync benchmark | |",
         "|---|---|",
         f"| device | {floor.get('device_name', '?')} (cuda:0; trainer, engine and floor colocated) |",
         f"| model | Llama-8B shape: {layers} layers, hidden {m['hidden']}, heads {m['heads']}/{m['kv_heads']}, "
         f"intermediate {m['intermediate']}, vocab {m['vocab']} |",
-        f"| trainer | fp32, W=4 processes, FSDP dim-0 shards, {src_bytes / 1e9:.2f} GB source bytes |",
-        f"| engine | bf16, TP=2 processes, {syncs[0]['bytes_written'] / 1e9:.2f} GB written per sync |",
-        f"| syncs (trainer-side seconds; the first maps the IPC handles) | "
-        + ", ".join(f"{s['client_seconds']:.4f}" for s in syncs) + " |",
-        f"| steady-state sync (median of syncs 2..{len(syncs)}) | {secs:.4f} s "
+        f"| trainer | fp32 FSDP2 (fully_shard), W=4 processes, {src_bytes / 1e9:.2f} GB source bytes, "
+        f"{zc / 1e9:.2f} GB of them read in place (CUDA IPC) |",
+        f"| engine | bf16, TP=2 processes, {pushes[0]['stats']['bytes_written'] / 1e9:.2f} GB written per sync |",
+        "| syncs (Trainer.push seconds, rank 0; the first opens the IPC handles) | "
+        + ", ".join(f"{p['seconds']:.4f}" for p in pushes) + " |",
+        f"| steady-state sync (median of syncs 2..{len(pushes)}) | {secs:.4f} s "
         f"(daemon begin->commit {dsecs:.4f} s) |",
         f"| effective bandwidth (source bytes / sync time) | {src_bytes / secs / 1e9:.1f} GB/s |",
-        f"| device-to-device cudaMemcpy floor, same bytes | {floor['seconds']:.4f} s ({floor['gbps']:.1f} GB/s"
-        + (f", in {floor['chunk_bytes'] / 1e9:.1f} GB chunks" if floor["chunk_bytes"] < floor["bytes"] else "")
-        + ") |",
+        f"| device-to-device copy floor, same bytes (CUDA events) | {floor['seconds']:.4f} s "
+        f"({floor['gbps']:.1f} GB/s" + (f", in {floor['chunk_bytes'] / 1e9:.1f} GB chunks"
+                                       if floor["chunk_bytes"] < floor["bytes"] else "") + ") |",
         f"| ratio floor / sync (target >= 0.8 on an H100) | {ratio:.2f} |",
     ]
     table += [f"| note | {n} |" for n in notes]
     (out / "bench.md").write_text("\n".join(table) + "\n")
-    (out / "bench.json").write_text(json.dumps({"layers": layers, "syncs": syncs, "floor": floor,
+    (out / "bench.json").write_text(json.dumps({"layers": layers, "pushes": pushes, "floor": floor,
                                                 "steady_seconds": secs, "ratio": ratio, "notes": notes},
                                                indent=1) + "\n")
     log("\n" + "\n".join(table))
@@ -424,14 +548,16 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     pa = sub.add_parser("arch")
     pa.add_argument("--gpus", type=int, help="GPUs to use (default: as many as nvidia-smi lists, at most 2 used)")
+    pt = sub.add_parser("torch")
+    pt.add_argument("--device", default="cuda:0", help="cuda:N (CUDA IPC and pinned host) or cpu (no GPU)")
     pb = sub.add_parser("bench")
-    pb.add_argument("--layers", type=int, help="decoder layers (default 32, fewer if disk/GPU memory is short)")
+    pb.add_argument("--layers", type=int, help="decoder layers (default 32, fewer if GPU memory is short)")
     pb.add_argument("--repeat", type=int, default=5, help="syncs (the first is not steady state)")
-    for p in (pa, pb):
-        p.add_argument("--build", required=True, help="build directory with weightsyncd, weightsyncctl, gpu_floor")
+    for p in (pa, pt, pb):
+        p.add_argument("--build", required=True, help="folder with weightsyncd and weightsyncctl (a build or bundle bin/)")
         p.add_argument("--out", required=True, help="directory for checkpoints, dumps and logs")
     a = ap.parse_args()
-    return cmd_arch(a) if a.cmd == "arch" else cmd_bench(a)
+    return {"arch": cmd_arch, "torch": cmd_torch, "bench": cmd_bench}[a.cmd](a)
 
 
 if __name__ == "__main__":
