@@ -166,6 +166,8 @@ def test_replaced_parameter_fails_the_version(daemon):
 
 
 @pytest.mark.parametrize("setting,attrs,cfg_extra,want", [
+    # the shapes match (no expert parallelism): only the declared option refuses it
+    ("enable_eplb-tp", {"enable_eplb": True}, {}, "engine option enable_eplb = 1"),
     ("enable_eplb", {"enable_expert_parallel": True, "enable_eplb": True}, {},
      "engine option enable_eplb = 1 (vLLM enable_eplb: redundant and rebalanced experts) is not supported"),
     ("num_redundant_experts", {"enable_expert_parallel": True, "eplb_config": SimpleNamespace(num_redundant_experts=2)},

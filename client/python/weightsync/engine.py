@@ -121,6 +121,7 @@ class Engine:
         self._closed = False
         self._started = False
         self._call = None
+        self._req: "pb.RegisterEngineRequest | None" = None
         self._thread: "threading.Thread | None" = None
         # operator-visible state (read with state())
         self._connected = False
@@ -198,6 +199,7 @@ class Engine:
             raise WeightSyncError("Engine.start() called twice")
         timeout = self.register_timeout if timeout is None else timeout
         req = self._request()
+        self._req = req  # re-registrations send the same buffers
         self._started = True
         registered = threading.Event()
         with self._cv:
@@ -235,10 +237,9 @@ class Engine:
                 retry = (ever_registered and self.reconnect and not self._closed and not fatal
                          and code not in (None, grpc.StatusCode.OK) and code not in _PERMANENT)
                 if not retry:
-                    if not self._closed:
-                        self._error = end
+                    if not self._closed:  # else close() or start()'s deadline ended it
+                        self._error = self._last_error = end
                     self._closed = True
-                    self._last_error = end
                     self._cv.notify_all()
                     break
                 self._last_error = end
@@ -261,13 +262,7 @@ class Engine:
             if self._cv.wait_for(lambda: self._closed, delay * random.uniform(0.5, 1.0)):
                 return None
             self._attempts += 1
-            try:
-                call = self.daemon.stub.RegisterEngine(self._request())
-            except Exception as e:  # e.g. a CUDA buffer that can no longer be exported: not recoverable
-                self._error = self._last_error = f"{self._where()}: re-registration failed: {e}"
-                self._closed = True
-                self._cv.notify_all()
-                return None
+            call = self.daemon.stub.RegisterEngine(self._req)
             self._call = call
         return call
 
