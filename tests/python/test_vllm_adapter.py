@@ -246,7 +246,7 @@ class SteppingWorker(StandInWorker):
         return "out"
 
     def execute_model(self, scheduler_output):
-        return self._step(0.8)
+        return self._step(2.0)
 
     def sample_tokens(self, grammar_output):
         return self._step(0.2)
@@ -296,8 +296,10 @@ def test_post_load_has_device_and_config_and_waits_for_the_model(daemon, monkeyp
     try:
         step = threading.Thread(target=lambda: (w.execute_model("sched"), w.sample_tokens(None)))
         step.start()
-        time.sleep(0.2)  # the model is inside execute_model when the version commits
-        assert w.stepping
+        deadline = time.monotonic() + 10
+        while not w.stepping:  # the model is inside execute_model when the version commits
+            assert time.monotonic() < deadline, "execute_model did not start"
+            time.sleep(0.01)
         with weightsync.Trainer(daemon.address, "standin-post-load", world_size=1, engine_dtype="bfloat16") as tr:
             tr.push(model, version=1)
         step.join()
