@@ -1,5 +1,7 @@
 """The vLLM worker extension against stand-in workers (the attributes the adapter touches, nothing more)
 and the real daemon; a plain (unsharded) trainer pushes."""
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -161,3 +163,152 @@ def test_replaced_parameter_fails_the_version(daemon):
             w.weightsync_wait(1, timeout=5)
     finally:
         w.weightsync_stop()
+
+
+@pytest.mark.parametrize("setting,attrs,cfg_extra,want", [
+    # the shapes match (no expert parallelism): only the declared option refuses it
+    ("enable_eplb-tp", {"enable_eplb": True}, {}, "engine option enable_eplb = 1"),
+    ("enable_eplb", {"enable_expert_parallel": True, "enable_eplb": True}, {},
+     "engine option enable_eplb = 1 (vLLM enable_eplb: redundant and rebalanced experts) is not supported"),
+    ("num_redundant_experts", {"enable_expert_parallel": True, "eplb_config": SimpleNamespace(num_redundant_experts=2)},
+     {}, "engine option num_redundant_experts = 2 (vLLM eplb_config.num_redundant_experts) is not supported"),
+    ("round_robin", {"enable_expert_parallel": True, "expert_placement_strategy": "round_robin"}, {"n_group": 5},
+     'engine option expert_placement_round_robin = 1 (vLLM expert_placement_strategy "round_robin"'),
+])
+def test_expert_placement_is_declared_and_refused(daemon, setting, attrs, cfg_extra, want):
+    cfg = models.config("deepseek_v2")
+    for k, v in cfg_extra.items():
+        setattr(cfg, k, v)
+    T = 2
+    net = standin_model(ref.expected("deepseek_v2", _zeros_sd("deepseek_v2", cfg), cfg, T, 0), False)
+    w = StandInWorker(net, cfg, 0, T, torch.bfloat16)
+    for k, v in attrs.items():
+        setattr(w.parallel_config, k, v)
+    with pytest.raises(weightsync.WeightSyncError, match="RegisterEngine") as e:
+        w.weightsync_start(daemon.address, f"standin-placement-{setting}", timeout=30)
+    assert want in str(e.value)
+    assert getattr(w, "_weightsync", None) is None
+
+
+def test_expert_options_forwarded():
+    pc = SimpleNamespace(enable_expert_parallel=True, enable_eplb=False, expert_placement_strategy="round_robin",
+                         eplb_config=SimpleNamespace(num_redundant_experts=3))
+    assert wsv._expert_options(pc) == {"enable_expert_parallel": 1, "enable_eplb": 0, "num_redundant_experts": 3,
+                                       "expert_placement_round_robin": 1}
+    old = SimpleNamespace(enable_expert_parallel=False, num_redundant_experts=1)  # before eplb_config
+    assert wsv._expert_options(old)["num_redundant_experts"] == 1
+    with pytest.raises(weightsync.WeightSyncError, match="'striped'"):
+        wsv._expert_options(SimpleNamespace(expert_placement_strategy="striped"))
+
+
+class ResetLLM:
+    """An LLM whose reset_prefix_cache returns False (KV blocks in use) `refusals` times."""
+
+    def __init__(self, refusals):
+        self.refusals, self.calls, self.waits = refusals, 0, []
+
+    def collective_rpc(self, method, args=(), kwargs=None):
+        assert method == "weightsync_wait"
+        self.waits.append(args)
+        return [args[0]]
+
+    def reset_prefix_cache(self):
+        self.calls += 1
+        return self.calls > self.refusals
+
+
+def test_after_update_retries_the_prefix_cache_reset():
+    llm = ResetLLM(refusals=3)
+    wsv.after_update(llm, 4, reset_timeout=30)
+    assert llm.calls == 4
+    assert llm.waits == [(4, wsv.DEFAULT_WAIT_TIMEOUT)]  # timeout=None is never "forever"
+    llm = ResetLLM(refusals=10 ** 9)
+    t0 = time.monotonic()
+    with pytest.raises(weightsync.WeightSyncError, match="refused to reset the prefix cache"):
+        wsv.after_update(llm, 5, reset_timeout=0.5)
+    assert 0.4 < time.monotonic() - t0 < 5 and llm.calls > 1
+
+
+class SteppingWorker(StandInWorker):
+    """A worker whose model steps take a while (execute_model, then sample_tokens, as vLLM's executor calls)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vllm_config = SimpleNamespace(name="the worker's vllm config")
+        self.device = torch.device("cuda", 1)  # parameters stay on the CPU; only the context is checked
+        self.stepping, self.step_ends = False, []
+
+    def _step(self, seconds):
+        self.stepping = True
+        time.sleep(seconds)
+        self.stepping = False
+        self.step_ends.append(time.monotonic())
+        return "out"
+
+    def execute_model(self, scheduler_output):
+        return self._step(2.0)
+
+    def sample_tokens(self, grammar_output):
+        return self._step(0.2)
+
+
+def test_post_load_has_device_and_config_and_waits_for_the_model(daemon, monkeypatch):
+    import contextlib
+    import sys
+    import types
+    current = {"device": None, "config": None}
+
+    @contextlib.contextmanager
+    def fake_cuda_device(d):
+        prev, current["device"] = current["device"], d
+        try:
+            yield
+        finally:
+            current["device"] = prev
+
+    @contextlib.contextmanager
+    def set_current_vllm_config(c):
+        prev, current["config"] = current["config"], c
+        try:
+            yield
+        finally:
+            current["config"] = prev
+    vllm_mod, config_mod = types.ModuleType("vllm"), types.ModuleType("vllm.config")
+    config_mod.set_current_vllm_config = set_current_vllm_config
+    vllm_mod.config = config_mod
+    monkeypatch.setitem(sys.modules, "vllm", vllm_mod)
+    monkeypatch.setitem(sys.modules, "vllm.config", config_mod)
+    monkeypatch.setattr(torch.cuda, "device", fake_cuda_device)
+
+    import transformers
+    cfg = models.config("llama")
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    net = standin_model(ref.expected("llama", _zeros_sd("llama", cfg), cfg, 1, 0), tie_lm_head=False)
+    w = SteppingWorker(net, cfg, 0, 1, torch.bfloat16)
+    seen = []
+
+    class Recorder:
+        def process_weights_after_loading(self, layer):
+            seen.append((time.monotonic(), w.stepping, current["device"], current["config"]))
+    getattr(net.model.layers, "0").self_attn.o_proj.quant_method = Recorder()
+    w.weightsync_start(daemon.address, "standin-post-load")
+    try:
+        step = threading.Thread(target=lambda: (w.execute_model("sched"), w.sample_tokens(None)))
+        step.start()
+        deadline = time.monotonic() + 10
+        while not w.stepping:  # the model is inside execute_model when the version commits
+            assert time.monotonic() < deadline, "execute_model did not start"
+            time.sleep(0.01)
+        with weightsync.Trainer(daemon.address, "standin-post-load", world_size=1, engine_dtype="bfloat16") as tr:
+            tr.push(model, version=1)
+        step.join()
+        assert len(seen) == 1
+        at, stepping, device, config = seen[0]
+        assert not stepping and at >= w.step_ends[0], "post-load overlapped execute_model"
+        assert device == torch.device("cuda", 1) and config is w.vllm_config
+        assert current == {"device": None, "config": None}
+        assert w.execute_model("sched") == "out"  # the wrapper returns the model's result
+    finally:
+        w.weightsync_stop()
+    assert "execute_model" not in w.__dict__ and "sample_tokens" not in w.__dict__

@@ -13,14 +13,28 @@ runs its on_commit callbacks and acknowledges (AckVersion ok, or the
 callback's error). `aborted` means the version will not be committed: buffers
 may hold a mix of versions until the next committed one.
 
-Thread-safety: register()/empty()/on_commit() before start(); after that,
-wait_for_version/applied_version/close may be called from any thread.
-Callbacks run on the engine's event thread, one at a time.
+Surviving the daemon: when the event stream breaks after a successful
+registration (the daemon restarted or the connection dropped), the engine
+re-registers the same buffers with exponential backoff until it succeeds or
+is closed; `reconnects`, `connected` and `last_error` show it. A refusal that
+cannot heal (invalid or unauthorised registration), an explicit unregister by
+the daemon's operator, and an on_abort callback that raises end the engine:
+its stream is cancelled and it is unregistered, and waits raise the reason.
+
+Versions: `applied_version` is the last applied version. A committed version
+that is not above it (a trainer or daemon whose counter restarted) is applied,
+logged and counted in `version_resets`; waits then count from it.
+
+Thread-safety: register()/empty()/on_commit()/on_abort() before start(); after
+that, wait_for_version/applied_version/state/close may be called from any
+thread. Callbacks run on the engine's event thread, one at a time.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import socket
 import threading
 from typing import Callable
@@ -34,6 +48,16 @@ from .daemon import as_daemon
 from .dtypes import parse_dtype, to_wire
 from .errors import WeightSyncError, rpc_error
 from .shm import ShmArena, ShmIndex
+
+log = logging.getLogger("weightsync.engine")
+
+# wait_for_version's deadline when none is given (None means this, never "forever").
+DEFAULT_WAIT_TIMEOUT = 300.0
+# Status codes after which a registration can never succeed as sent: no reconnect.
+_PERMANENT = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                        grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED,
+                        grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE})
+_KEEP_OUTCOMES = 1024  # aborted/failed versions remembered for waiters
 
 
 def _config_json(hf_config) -> str:
@@ -50,12 +74,20 @@ def _config_json(hf_config) -> str:
     raise WeightSyncError(f"cannot serialise an HF config of type {type(hf_config).__name__}")
 
 
+class _Stop(Exception):
+    """The event stream must end for good (a callback failed); carries the reason."""
+
+
 class Engine:
     def __init__(self, daemon, model: str, hf_config, *, architecture: "str | None" = None, tp_rank: int = 0,
                  tp_size: int = 1, replica_id: int = 0, dtype=torch.bfloat16, options: "dict | None" = None,
                  label: "str | None" = None, shm_mode: int = 0o600, segment_bytes: int = 256 << 20,
-                 tls_ca=None, tls_cert=None, tls_key=None, token: "str | None" = None, token_file=None):
-        # daemon: address or Daemon; tls_*/token/token_file: connection options (see weightsync.Daemon)
+                 tls_ca=None, tls_cert=None, tls_key=None, token: "str | None" = None, token_file=None,
+                 reconnect: bool = True, register_timeout: float = 60.0, ack_timeout: float = 60.0,
+                 backoff: "tuple[float, float]" = (0.1, 5.0)):
+        # daemon: address or Daemon; tls_*/token/token_file: connection options (see weightsync.Daemon).
+        # reconnect: re-register after the stream breaks; register_timeout: deadline of each registration;
+        # ack_timeout: deadline of each AckVersion; backoff: (first, longest) delay between reconnect attempts.
         self.daemon = as_daemon(daemon, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token,
                                 token_file=token_file)
         self.model = model
@@ -70,6 +102,11 @@ class Engine:
         self.dtype = parse_dtype(dtype)
         self.options = dict(options or {})
         self.label = label or f"{socket.gethostname()}:{os.getpid()}"
+        if register_timeout <= 0 or ack_timeout <= 0 or not 0 < backoff[0] <= backoff[1]:
+            raise WeightSyncError("Engine: register_timeout and ack_timeout must be positive and "
+                                  "backoff = (first, longest) with 0 < first <= longest")
+        self.reconnect, self.register_timeout, self.ack_timeout = reconnect, register_timeout, ack_timeout
+        self.backoff = (float(backoff[0]), float(backoff[1]))
         self.arena = ShmArena(segment_bytes, prefix=f"ws-engine-{replica_id}-{tp_rank}", mode=shm_mode)
         self.tensors: dict = {}
         self._mappings: dict = {}
@@ -82,8 +119,19 @@ class Engine:
         self._failed: dict = {}
         self._error: "str | None" = None
         self._closed = False
+        self._started = False
         self._call = None
+        self._req: "pb.RegisterEngineRequest | None" = None
         self._thread: "threading.Thread | None" = None
+        # operator-visible state (read with state())
+        self._connected = False
+        self._reconnects = 0
+        self._attempts = 0
+        self._version_resets = 0
+        self._last_error: "str | None" = None
+
+    def _where(self) -> str:
+        return f"engine {self.model} replica {self.replica_id} tp {self.tp_rank}/{self.tp_size}"
 
     # ---- before start ----
 
@@ -96,7 +144,7 @@ class Engine:
 
     def register(self, name: str, tensor: torch.Tensor, mapping_json: str = "") -> None:
         """Registers an existing buffer: a CUDA tensor, or a CPU tensor in a named /dev/shm object."""
-        if self._call is not None:
+        if self._started:
             raise WeightSyncError(f"parameter {name}: register() after start()")
         if name in self.tensors:
             raise WeightSyncError(f"parameter {name} is registered twice")
@@ -141,53 +189,146 @@ class Engine:
 
     # ---- lifecycle ----
 
-    def start(self, timeout: float = 60.0) -> str:
-        """Registers every buffer; returns the engine id once the daemon accepted them."""
-        if self._call is not None:
+    def start(self, timeout: "float | None" = None) -> str:
+        """Registers every buffer; returns the engine id once the daemon accepted them.
+
+        timeout: deadline of this first registration (default: register_timeout). A refusal or a
+        missed deadline raises; reconnecting applies only once a registration succeeded.
+        """
+        if self._started:
             raise WeightSyncError("Engine.start() called twice")
+        timeout = self.register_timeout if timeout is None else timeout
         req = self._request()
-        self._call = self.daemon.stub.RegisterEngine(req)
+        self._req = req  # re-registrations send the same buffers
+        self._started = True
         registered = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(registered,), daemon=True,
+        with self._cv:
+            self._call = self.daemon.stub.RegisterEngine(req)
+        self._thread = threading.Thread(target=self._run, args=(self._call, registered, timeout), daemon=True,
                                         name=f"weightsync-engine-{self.replica_id}-{self.tp_rank}")
         self._thread.start()
         if not registered.wait(timeout):
+            with self._cv:
+                self._closed = True
+                self._error = (f"the daemon at {self.daemon.address} did not answer the registration "
+                               f"within {timeout} s")
+                self._cv.notify_all()
             self._call.cancel()
-            raise WeightSyncError(f"the daemon at {self.daemon.address} did not answer the registration "
-                                  f"within {timeout} s")
+            raise WeightSyncError(self._error)
         with self._cv:
-            if self.engine_id is None:
+            if self.engine_id is None or self._closed:
                 raise WeightSyncError(self._error or "registration failed")
-        return self.engine_id
+            return self.engine_id
 
-    def _run(self, registered: threading.Event) -> None:
-        where = f"engine {self.model} replica {self.replica_id} tp {self.tp_rank}/{self.tp_size}"
+    def _run(self, call, registered: threading.Event, first_timeout: float) -> None:
+        """The event thread: consumes the stream; after a break, re-registers with backoff."""
+        ever_registered = False
+        delay = self.backoff[0]
+        while True:
+            got_id, code, end, fatal = self._consume(
+                call, registered, self.register_timeout if ever_registered else first_timeout)
+            ever_registered = ever_registered or got_id
+            if fatal:  # a callback failed: the daemon must drop this engine now, not at its next Commit
+                call.cancel()
+                self._unregister(got_id)
+            with self._cv:
+                self._connected = False
+                # a clean end (OK) is an explicit UnregisterEngine: the operator's decision, not a failure
+                retry = (ever_registered and self.reconnect and not self._closed and not fatal
+                         and code not in (None, grpc.StatusCode.OK) and code not in _PERMANENT)
+                if not retry:
+                    if not self._closed:  # else close() or start()'s deadline ended it
+                        self._error = self._last_error = end
+                    self._closed = True
+                    self._cv.notify_all()
+                    break
+                self._last_error = end
+                if got_id:
+                    delay = self.backoff[0]
+            registered.set()
+            if got_id:
+                log.warning("%s; re-registering with backoff", end)
+            else:
+                log.info("re-registration attempt failed: %s", end)
+            call = self._reregister(delay)
+            if call is None:
+                break
+            delay = min(delay * 2, self.backoff[1])
+        registered.set()
+
+    def _reregister(self, delay: float):
+        """Waits `delay` (interrupted by close), then opens a new registration stream; None once closed."""
+        with self._cv:
+            if self._cv.wait_for(lambda: self._closed, delay * random.uniform(0.5, 1.0)):
+                return None
+            self._attempts += 1
+            call = self.daemon.stub.RegisterEngine(self._req)
+            self._call = call
+        return call
+
+    def _consume(self, call, registered: threading.Event, timeout: float):
+        """Reads one stream to its end: (registered?, status code or None, reason, fatal?)."""
+        where = self._where()
+        got_id = False
+        expired = threading.Event()
+
+        def expire():
+            expired.set()
+            call.cancel()
+        deadline = threading.Timer(timeout, expire)  # the registration's deadline
+        deadline.daemon = True
+        deadline.start()
         try:
-            for ev in self._call:
+            for ev in call:
                 kind = ev.WhichOneof("event")
                 if kind == "registered":
+                    deadline.cancel()
+                    got_id = True
                     with self._cv:
+                        reconnect = self.engine_id is not None
                         self.engine_id = ev.registered.engine_id
+                        self._connected = True
+                        if reconnect:
+                            self._reconnects += 1
+                    if reconnect:
+                        log.warning("%s: re-registered as %s (reconnect %d)", where, self.engine_id,
+                                    self._reconnects)
                     registered.set()
                 elif kind == "committed":
                     self._apply(ev.committed.version)
                 elif kind == "aborted":
                     with self._cv:
                         self._aborted[ev.aborted.version] = ev.aborted.reason
+                        _trim(self._aborted)
                         self._cv.notify_all()
                     for fn in self._on_abort:
-                        fn(ev.aborted.version, ev.aborted.reason)
-            end = f"{where}: the daemon closed the event stream"
+                        try:
+                            fn(ev.aborted.version, ev.aborted.reason)
+                        except Exception as e:
+                            raise _Stop(f"{where}: on_abort callback for version {ev.aborted.version} "
+                                        f"failed ({type(e).__name__}: {e}); the engine unregistered") from e
+            return got_id, grpc.StatusCode.OK, (f"{where}: the daemon closed the event stream (the engine was "
+                                                f"unregistered)"), False
         except grpc.RpcError as e:
-            end = str(rpc_error(e, f"{where}: RegisterEngine"))
-        except Exception as e:  # a callback failed outside an ack (on_abort)
-            end = f"{where}: {e}"
-        with self._cv:
-            if not self._closed:
-                self._error = end
-            self._closed = True
-            self._cv.notify_all()
-        registered.set()
+            code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
+            if expired.is_set() and not got_id:
+                return got_id, code, (f"{where}: the daemon at {self.daemon.address} did not answer the "
+                                      f"registration within {timeout} s"), False
+            return got_id, code, str(rpc_error(e, f"{where}: RegisterEngine")), False
+        except _Stop as e:
+            return got_id, None, str(e), True
+        except Exception as e:  # a bug in the event handling: end loudly rather than hang waiters
+            log.exception("%s: event thread failed", where)
+            return got_id, None, f"{where}: event thread failed: {type(e).__name__}: {e}", True
+        finally:
+            deadline.cancel()
+
+    def _unregister(self, registered: bool) -> None:
+        if registered and self.engine_id is not None:
+            try:
+                self.daemon.stub.UnregisterEngine(pb.UnregisterEngineRequest(engine_id=self.engine_id), timeout=10)
+            except grpc.RpcError as e:  # the cancelled stream unregisters it as well
+                log.warning("%s: %s", self._where(), rpc_error(e, "UnregisterEngine"))
 
     def _apply(self, version: int) -> None:
         error = ""
@@ -199,23 +340,70 @@ class Engine:
                 break
         try:
             self.daemon.stub.AckVersion(pb.AckVersionRequest(engine_id=self.engine_id, version=version,
-                                                             ok=not error, error=error), timeout=60)
+                                                             ok=not error, error=error), timeout=self.ack_timeout)
         except grpc.RpcError as e:
             error = error or str(rpc_error(e, f"AckVersion {version}"))
         with self._cv:
             if error:
                 self._failed[version] = error
+                _trim(self._failed)
             else:
-                self._applied = max(self._applied, version)
+                if version < self._applied:  # a restarted counter: visible, never hidden by max()
+                    self._version_resets += 1
+                    log.warning("%s: committed version %d is not above the last applied version %d "
+                                "(the trainer's or daemon's version counter restarted); waits count from %d",
+                                self._where(), version, self._applied, version)
+                    for outcomes in (self._aborted, self._failed):
+                        for v in [v for v in outcomes if v > version]:
+                            del outcomes[v]
+                self._applied = version
             self._cv.notify_all()
 
     @property
     def applied_version(self) -> int:
+        """The last version applied (0 before the first)."""
         with self._cv:
             return self._applied
 
-    def wait_for_version(self, version: int, timeout: "float | None" = None) -> None:
-        """Blocks until `version` (or a later one) is applied; raises if it was aborted or failed."""
+    @property
+    def connected(self) -> bool:
+        with self._cv:
+            return self._connected
+
+    @property
+    def reconnects(self) -> int:
+        """Successful re-registrations after the stream broke."""
+        with self._cv:
+            return self._reconnects
+
+    @property
+    def version_resets(self) -> int:
+        """Committed versions that were not above the last applied one."""
+        with self._cv:
+            return self._version_resets
+
+    @property
+    def last_error(self) -> "str | None":
+        """Why the event stream last ended (kept after a successful reconnect)."""
+        with self._cv:
+            return self._last_error
+
+    def state(self) -> dict:
+        """For operators: registration, reconnect and version counters."""
+        with self._cv:
+            return {"engine_id": self.engine_id, "connected": self._connected, "closed": self._closed,
+                    "reconnects": self._reconnects, "reconnect_attempts": self._attempts,
+                    "applied_version": self._applied, "version_resets": self._version_resets,
+                    "last_error": self._last_error, "error": self._error}
+
+    def wait_for_version(self, version: int, timeout: "float | None" = DEFAULT_WAIT_TIMEOUT) -> None:
+        """Blocks until `version` (or a later one) is applied; raises if it was aborted or failed.
+
+        timeout: seconds; None means DEFAULT_WAIT_TIMEOUT (300 s): no wait is unbounded. A wait
+        survives reconnects; "later" counts from the last version reset (see version_resets).
+        """
+        if timeout is None:
+            timeout = DEFAULT_WAIT_TIMEOUT
         with self._cv:
             ok = self._cv.wait_for(
                 lambda: self._applied >= version or version in self._aborted or version in self._failed
@@ -229,21 +417,24 @@ class Engine:
             if self._closed:
                 raise WeightSyncError(self._error or "the engine was closed")
             if not ok:
-                raise WeightSyncError(f"version {version} not applied within {timeout} s "
-                                      f"(applied: {self._applied})")
+                raise WeightSyncError(f"{self._where()}: version {version} not applied within {timeout} s "
+                                      f"(applied: {self._applied}, connected: {self._connected}, "
+                                      f"reconnects: {self._reconnects})")
 
     def close(self) -> None:
         with self._cv:
             already = self._closed
             self._closed = True
+            call = self._call
+            self._cv.notify_all()
         if self.engine_id is not None and not already:
             try:
                 self.daemon.stub.UnregisterEngine(pb.UnregisterEngineRequest(engine_id=self.engine_id), timeout=10)
             except grpc.RpcError:
                 pass
-        if self._call is not None:
-            self._call.cancel()
-        if self._thread is not None:
+        if call is not None:
+            call.cancel()
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         self.arena.close()
 
@@ -252,3 +443,8 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _trim(outcomes: dict) -> None:
+    while len(outcomes) > _KEEP_OUTCOMES:
+        del outcomes[next(iter(outcomes))]

@@ -13,23 +13,34 @@ Each worker registers its model's parameters (named_parameters(): tied
 parameters once) with their memory: CUDA parameters by CUDA IPC (legacy
 handles; PyTorch's expandable segments cannot be exported and are refused
 with instructions), CPU parameters in host shared memory (moved there once,
-at start). After each committed version it runs vLLM's post-load steps
+at start), with the worker's layout options: use_mla, enable_expert_parallel
+and its expert placement (enable_eplb, num_redundant_experts,
+expert_placement_round_robin; the layout rules refuse placements they do
+not model). After each committed version it runs vLLM's post-load steps
 (process_weights_after_loading: quantization methods of layers that have
 one, then attention layers such as MLA, which derive W_UK/W_UV from
-kv_b_proj), checks that no registered parameter was replaced by them, and
-acknowledges the version. The prefix cache lives in the engine core, not in
-the workers: after_update() resets it from the driver.
+kv_b_proj) with the worker's device current and its vLLM config set, never
+concurrently with the model: weightsync_start wraps the worker's
+execute_model and sample_tokens (what the executor's collective_rpc calls
+each step) with a lock that post-load also takes. It then checks that no
+registered parameter was replaced, and acknowledges the version. The prefix
+cache lives in the engine core, not in the workers: after_update() resets it
+from the driver, retrying while vLLM refuses (it returns False while KV
+blocks are in use).
 
 Written against vLLM's V1 GPU worker (vllm/v1/worker/gpu_worker.py) of vLLM
 0.9 and later, up to main at 9aaf83ef5 (2026-05). It touches: self.model_runner.model,
 self.model_config (hf_config, dtype, use_mla), self.parallel_config
-(tensor_parallel_size, data_parallel_rank, enable_expert_parallel), self.rank,
-self.device, vllm.distributed.get_tensor_model_parallel_{rank,world_size}
-(falling back to rank % tensor_parallel_size), and
+(tensor_parallel_size, data_parallel_rank, enable_expert_parallel, enable_eplb,
+eplb_config.num_redundant_experts or num_redundant_experts,
+expert_placement_strategy), self.rank, self.device, self.vllm_config,
+self.execute_model / self.sample_tokens (wrapped),
+vllm.distributed.get_tensor_model_parallel_{rank,world_size} (falling back to
+rank % tensor_parallel_size), vllm.config.set_current_vllm_config and
 vllm.model_executor.model_loader.utils.process_weights_after_loading (vLLM
->= 0.9; without it, a duck-typed equivalent). It is tested against a stand-in
-object with exactly those attributes (tests/python/test_vllm_adapter.py), not
-against a running vLLM.
+>= 0.9; without them, no config context and a duck-typed equivalent). It is
+tested against a stand-in object with exactly those attributes
+(tests/python/test_vllm_adapter.py), not against a running vLLM.
 
 Not supported yet: quantized layers whose post-load step repacks or replaces
 the weight (FP8 and friends: the registered buffer is no longer the one used),
@@ -37,13 +48,20 @@ pipeline parallelism across nodes, and the SGLang route (see docs/python.md).
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
+import threading
+import time
 
 import torch
 
-from .engine import Engine
+from .engine import DEFAULT_WAIT_TIMEOUT, Engine
 from .errors import WeightSyncError
 from .shm import ShmIndex
+
+# Worker methods the executor calls (collective_rpc) to run the model: post-load never overlaps them.
+_MODEL_METHODS = ("execute_model", "sample_tokens")
 
 
 def _tp(worker) -> "tuple[int, int]":
@@ -53,6 +71,22 @@ def _tp(worker) -> "tuple[int, int]":
     except Exception:  # no vllm (stand-ins) or its groups are not initialised
         tp = int(worker.parallel_config.tensor_parallel_size)
         return int(worker.rank) % tp, tp
+
+
+def _expert_options(pc) -> dict:
+    """The worker's expert parallelism and placement, as layout options."""
+    strategy = getattr(pc, "expert_placement_strategy", "linear") or "linear"
+    if strategy not in ("linear", "round_robin"):
+        raise WeightSyncError(f"parallel_config.expert_placement_strategy {strategy!r} is not known to weightsync "
+                              "(linear, round_robin)")
+    eplb = getattr(pc, "eplb_config", None)
+    redundant = getattr(eplb, "num_redundant_experts", None) if eplb is not None else None
+    if redundant is None:  # older vLLM kept it on the parallel config
+        redundant = getattr(pc, "num_redundant_experts", 0)
+    return {"enable_expert_parallel": int(bool(getattr(pc, "enable_expert_parallel", False))),
+            "enable_eplb": int(bool(getattr(pc, "enable_eplb", False))),
+            "num_redundant_experts": int(redundant or 0),
+            "expert_placement_round_robin": int(strategy == "round_robin")}
 
 
 def _post_load(model, model_config, device) -> None:
@@ -92,8 +126,7 @@ class WorkerExtension:
         tp_rank, tp_size = _tp(self)
         if replica_id is None:
             replica_id = int(getattr(pc, "data_parallel_rank", 0) or 0)
-        opts = {"use_mla": int(bool(getattr(mc, "use_mla", True))),
-                "enable_expert_parallel": int(bool(getattr(pc, "enable_expert_parallel", False)))}
+        opts = {"use_mla": int(bool(getattr(mc, "use_mla", True))), **_expert_options(pc)}
         opts.update(options or {})
         eng = Engine(daemon, model, mc.hf_config, tp_rank=tp_rank, tp_size=tp_size, replica_id=replica_id,
                      dtype=mc.dtype, options=opts, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
@@ -111,41 +144,76 @@ class WorkerExtension:
             self._weightsync_params[name] = p.data.data_ptr()
         eng.on_commit(self._weightsync_post_load)
         self._weightsync = eng
+        self._weightsync_model_lock = threading.Lock()
+        self._weightsync_wrap_model_methods()
         try:
             return eng.start(timeout)
         except BaseException:
-            self._weightsync = None
-            eng.close()
+            self.weightsync_stop()
             raise
+
+    def _weightsync_wrap_model_methods(self) -> None:
+        """Runs execute_model/sample_tokens under the lock that post-load takes."""
+        lock = self._weightsync_model_lock
+        self._weightsync_wrapped = []
+        for name in _MODEL_METHODS:
+            fn = getattr(self, name, None)
+            if fn is None:
+                continue
+
+            @functools.wraps(fn)
+            def locked(*args, _fn=fn, **kwargs):
+                with lock:
+                    return _fn(*args, **kwargs)
+            setattr(self, name, locked)  # an instance attribute: collective_rpc's getattr finds it
+            self._weightsync_wrapped.append(name)
 
     def _weightsync_post_load(self, version: int) -> None:
         net = self.model_runner.model
         device = getattr(self, "device", None) or next(net.parameters()).device
-        _post_load(net, self.model_config, device)
+        with contextlib.ExitStack() as ctx:
+            ctx.enter_context(self._weightsync_model_lock)  # after the step in flight, before the next
+            if getattr(device, "type", "cpu") == "cuda":
+                ctx.enter_context(torch.cuda.device(device))  # the event thread's current device is GPU 0
+            vllm_config = getattr(self, "vllm_config", None)
+            if vllm_config is not None:
+                try:
+                    from vllm.config import set_current_vllm_config
+                except ImportError:
+                    set_current_vllm_config = None
+                if set_current_vllm_config is not None:
+                    ctx.enter_context(set_current_vllm_config(vllm_config))
+            _post_load(net, self.model_config, device)
+            if torch.cuda.is_available() and getattr(device, "type", "cpu") == "cuda":
+                torch.cuda.synchronize(device)
         moved = [n for n, p in net.named_parameters()
                  if n in self._weightsync_params and p.data.data_ptr() != self._weightsync_params[n]]
         if moved:
             raise WeightSyncError(
                 f"post-load steps replaced registered parameters {moved[:5]}: later versions would not reach "
                 "them (quantized or repacked layers are not supported)")
-        if torch.cuda.is_available() and getattr(device, "type", "cpu") == "cuda":
-            torch.cuda.synchronize(device)
 
-    def weightsync_wait(self, version: int, timeout: "float | None" = None) -> int:
+    def weightsync_wait(self, version: int, timeout: "float | None" = DEFAULT_WAIT_TIMEOUT) -> int:
+        """Waits for `version` on this worker (None: the default, 300 s); returns the applied version."""
         self._weightsync_engine().wait_for_version(version, timeout)
         return self._weightsync.applied_version
 
     def weightsync_status(self) -> dict:
         eng = self._weightsync_engine()
+        st = eng.state()
         return {"engine_id": eng.engine_id, "applied_version": eng.applied_version,
                 "tp_rank": eng.tp_rank, "tp_size": eng.tp_size, "replica_id": eng.replica_id,
-                "params": len(eng.tensors)}
+                "params": len(eng.tensors), "connected": st["connected"], "reconnects": st["reconnects"],
+                "version_resets": st["version_resets"], "last_error": st["last_error"]}
 
     def weightsync_stop(self) -> None:
         eng = getattr(self, "_weightsync", None)
         if eng is not None:
             eng.close()
             self._weightsync = None
+        for name in getattr(self, "_weightsync_wrapped", ()):
+            self.__dict__.pop(name, None)
+        self._weightsync_wrapped = []
 
     def _weightsync_engine(self) -> Engine:
         eng = getattr(self, "_weightsync", None)
@@ -159,8 +227,33 @@ def start(llm, daemon: str, model: str, **kwargs) -> list:
     return llm.collective_rpc("weightsync_start", args=(daemon, model), kwargs=kwargs)
 
 
-def after_update(llm, version: int, timeout: "float | None" = None, reset_prefix_cache: bool = True) -> None:
-    """Driver side: waits until every worker applied `version`, then resets the prefix cache."""
+def after_update(llm, version: int, timeout: "float | None" = DEFAULT_WAIT_TIMEOUT,
+                 reset_prefix_cache: bool = True, reset_timeout: float = 60.0) -> None:
+    """Driver side: waits until every worker applied `version`, then resets the prefix cache.
+
+    timeout: seconds each worker waits for the version (None: the default, 300 s).
+    reset_timeout: vLLM refuses to reset the prefix cache (returns False) while KV
+    blocks are in use; the reset is retried with backoff for this long, then
+    WeightSyncError is raised: serving KV computed with the old weights is not an option.
+    """
     llm.collective_rpc("weightsync_wait", args=(version, timeout))
     if reset_prefix_cache:
-        llm.reset_prefix_cache()
+        _reset_prefix_cache(llm, version, reset_timeout)
+
+
+def _reset_prefix_cache(llm, version: int, reset_timeout: float) -> None:
+    deadline = time.monotonic() + reset_timeout
+    delay, tries = 0.05, 0
+    while True:
+        tries += 1
+        ok = llm.reset_prefix_cache()
+        if ok is None or ok:  # vLLM before 0.10 returns None
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WeightSyncError(
+                f"version {version} is applied but vLLM refused to reset the prefix cache {tries} times in "
+                f"{reset_timeout} s (KV blocks still in use): cached KV was computed with the old weights; "
+                "finish or abort running requests and call llm.reset_prefix_cache() before serving")
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 1.0)

@@ -371,6 +371,37 @@ TEST(Layout, DeepseekSkipsMtpLayers) {
   EXPECT_EQ(w13->fills[0].source, "model.layers.1.mlp.experts.5.gate_proj.weight");
 }
 
+// Expert placements the rules do not model are refused, naming the engine option;
+// round_robin counts only where vLLM uses it (EP on, n_group > 1).
+TEST(Layout, DeepseekRefusesUnmodelledExpertPlacement) {
+  auto reg = LayoutRegistry::LoadDir(WS_LAYOUTS_DIR);
+  ASSERT_TRUE(reg.ok()) << reg.status().ToString();
+  json cfg = json::parse(*(*reg)->ExampleConfig("DeepseekV2ForCausalLM"));
+  auto refused = [&](const json& c, std::map<std::string, int64_t> o, const std::string& want) {
+    auto l = (*reg)->Resolve("DeepseekV2ForCausalLM", c.dump(), Opts(2, 1, std::move(o)));
+    ASSERT_FALSE(l.ok()) << want;
+    EXPECT_NE(l.status().message().find(want), std::string::npos) << l.status().ToString();
+  };
+  refused(cfg, {{"enable_expert_parallel", 1}, {"enable_eplb", 1}},
+          "engine option enable_eplb = 1 (vLLM enable_eplb: redundant and rebalanced experts) is not supported");
+  refused(cfg, {{"enable_eplb", 1}}, "engine option enable_eplb = 1");
+  refused(cfg, {{"enable_expert_parallel", 1}, {"num_redundant_experts", 2}},
+          "engine option num_redundant_experts = 2 (vLLM eplb_config.num_redundant_experts) is not supported");
+  json grouped = cfg;
+  grouped["n_group"] = 2;
+  refused(grouped, {{"enable_expert_parallel", 1}, {"expert_placement_round_robin", 1}},
+          "engine option expert_placement_round_robin = 1 (vLLM expert_placement_strategy \"round_robin\"");
+  // vLLM falls back to linear placement (n_group 1) or ignores it (EP off): the rules hold.
+  EXPECT_TRUE((*reg)->Resolve("DeepseekV2ForCausalLM", cfg.dump(),
+                              Opts(2, 1, {{"enable_expert_parallel", 1}, {"expert_placement_round_robin", 1}})).ok());
+  EXPECT_TRUE((*reg)->Resolve("DeepseekV2ForCausalLM", grouped.dump(),
+                              Opts(2, 1, {{"expert_placement_round_robin", 1}})).ok());
+  // A dense-only config has no routed experts to misplace.
+  json dense = cfg;
+  dense["n_routed_experts"] = nullptr;
+  EXPECT_TRUE((*reg)->Resolve("DeepseekV2ForCausalLM", dense.dump(), Opts(2, 1, {{"enable_eplb", 1}})).ok());
+}
+
 // A llama-like architecture the code has never seen: a copy of llama.json
 // with another name, loaded from a directory.
 TEST(Layout, NewArchitectureFromCopiedRuleFile) {
