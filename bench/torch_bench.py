@@ -233,8 +233,7 @@ def trainer_main(args) -> None:
         conn.send(msg)
         return conn.recv()
 
-    trainer = weightsync.Trainer(args.daemon, MODEL, engine_dtype="bfloat16",
-                                 max_inflight_bytes=args.inflight_mib << 20)
+    trainer = weightsync.Trainer(args.daemon, MODEL, max_inflight_bytes=args.inflight_mib << 20)
     rss = RssPeak()
     runs = []
     version = 0

@@ -58,6 +58,9 @@ struct SourceManifest {
   uint64_t version = 0;
   uint32_t world_size = 1;
   std::vector<SourceTensor> tensors;
+  // Dtype negotiation: each tensor's dtype is the trainer's source dtype and
+  // BeginSync replaces it by the wire dtype it chooses (NegotiateDTypes).
+  bool negotiate_dtypes = false;
 };
 
 // ---- Engine side ----------------------------------------------------------

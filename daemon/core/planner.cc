@@ -160,6 +160,32 @@ Status ValidateEngine(const EngineRankSpec& spec, const RankLayout& layout) {
   return InvalidArgument(msg);
 }
 
+DType ChooseWireDType(DType source, const std::vector<DType>& destinations) {
+  if (destinations.size() == 1 && DTypeSize(destinations[0]) < DTypeSize(source)) return destinations[0];
+  return source;
+}
+
+std::vector<TensorDtypes> NegotiateDTypes(const SourceManifest& manifest, const std::vector<PlanEngine>& engines) {
+  std::map<std::string, std::set<DType>> dests;  // source -> dtypes of the params it fills
+  for (const PlanEngine& pe : engines) {
+    std::map<std::string, const ExpectedParam*> expected;
+    for (const ExpectedParam& p : pe.layout.params) expected.emplace(p.name, &p);
+    for (const EngineParamSpec& ps : pe.spec.params) {
+      auto it = expected.find(ps.name);
+      if (it == expected.end()) continue;  // unfilled: ValidateEngine refuses it
+      for (const Fill& f : it->second->fills)
+        if (!f.source.empty() && f.rows > 0 && f.cols > 0) dests[f.source].insert(ps.dtype);
+    }
+  }
+  std::vector<TensorDtypes> out(manifest.tensors.size());
+  for (size_t t = 0; t < manifest.tensors.size(); ++t) {
+    const SourceTensor& st = manifest.tensors[t];
+    if (auto d = dests.find(st.name); d != dests.end()) out[t].destinations.assign(d->second.begin(), d->second.end());
+    out[t].wire = ChooseWireDType(st.dtype, out[t].destinations);
+  }
+  return out;
+}
+
 Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<PlanEngine>& engines) {
   ErrorList errs;
   // Sources: declared ones (with shapes) and those some fill reads.

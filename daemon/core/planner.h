@@ -60,6 +60,24 @@ struct SyncPlan {
 // expected param is registered, shapes match. Run at registration.
 Status ValidateEngine(const EngineRankSpec& spec, const RankLayout& layout);
 
+// Dtypes of one manifest tensor under dtype negotiation
+// (SourceManifest::negotiate_dtypes).
+struct TensorDtypes {
+  DType wire = DType::kF32;          // the dtype its shards travel in
+  std::vector<DType> destinations;   // distinct dtypes of the params it is written into, in enum order
+};
+
+// The wire dtype of a tensor held in `source`: the destination dtype when
+// there is exactly one and it is narrower than `source`, else `source`. So a
+// value is never sent narrower than a destination and is rounded at most once.
+DType ChooseWireDType(DType source, const std::vector<DType>& destinations);
+
+// One entry per manifest tensor, in manifest order. Routes like BuildPlan:
+// every non-empty fill of every registered param (of every engine) that reads
+// the tensor contributes that param's dtype; tensors nothing reads (skipped
+// ones) get none and keep their dtype. Validates nothing: BuildPlan does.
+std::vector<TensorDtypes> NegotiateDTypes(const SourceManifest& manifest, const std::vector<PlanEngine>& engines);
+
 // Validates the manifest (unknown/unmapped tensors, shapes, dtypes, shard
 // ranks, overlaps and gaps) against all engines and builds the plan. The error
 // message lists every problem found, one per line, each naming the tensor.

@@ -206,6 +206,7 @@ Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req, const Limits& 
   m.model = req.model();
   m.version = req.version();
   m.world_size = req.world_size();
+  m.negotiate_dtypes = req.negotiate_dtypes();
   m.tensors.reserve(req.tensors_size());
   for (const auto& t : req.tensors()) {
     const std::string what = "tensor " + t.name();

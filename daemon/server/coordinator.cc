@@ -686,6 +686,12 @@ Result<BeginSyncResult> Coordinator::BeginSync(const Peer& caller, SourceManifes
   std::vector<PlanEngine> pe;
   pe.reserve(sync->engines.size());
   for (const auto& e : sync->engines) pe.push_back(PlanEngine{e->id, e->spec, e->layout});
+  // Until the sync streams, only this thread reads the manifest's tensors.
+  std::vector<TensorDtypes> dtypes;
+  if (sync->manifest.negotiate_dtypes) {
+    dtypes = NegotiateDTypes(sync->manifest, pe);
+    for (size_t t = 0; t < dtypes.size(); ++t) sync->manifest.tensors[t].dtype = dtypes[t].wire;
+  }
   auto plan = backed.ok() ? BuildPlan(sync->manifest, pe) : Result<SyncPlan>(backed);
 
   std::lock_guard lk(mu_);
@@ -721,6 +727,7 @@ Result<BeginSyncResult> Coordinator::BeginSync(const Peer& caller, SourceManifes
   r.engines = static_cast<uint32_t>(sync->engines.size());
   r.copy_ops = sync->plan.copies.size();
   r.bytes_planned = sync->plan.bytes_written;
+  r.dtypes = std::move(dtypes);
   return r;
 }
 

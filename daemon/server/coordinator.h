@@ -86,6 +86,8 @@ struct BeginSyncResult {
   uint32_t engines = 0;
   uint64_t copy_ops = 0;
   uint64_t bytes_planned = 0;
+  // With manifest.negotiate_dtypes: one entry per manifest tensor, in order.
+  std::vector<TensorDtypes> dtypes;
 };
 
 struct LayerResult {
@@ -167,6 +169,8 @@ class Coordinator {
   Status UnregisterEngine(const Peer& caller, const std::string& engine_id);
 
   // Plans a sync over every engine rank of manifest.model. Nothing is written.
+  // With manifest.negotiate_dtypes each tensor's dtype is its source dtype:
+  // the wire dtype is chosen (NegotiateDTypes), planned and returned.
   Result<BeginSyncResult> BeginSync(const Peer& caller, SourceManifest manifest);
   // Maps and validates every shard of one layer, then copies them into the
   // engines (blocking). Any error aborts the sync.

@@ -141,6 +141,11 @@ grpc::Status WeightSyncService::BeginSync(grpc::ServerContext* ctx, const pb::Be
   resp->set_engines(r->engines);
   resp->set_copy_ops(r->copy_ops);
   resp->set_bytes_planned(r->bytes_planned);
+  for (const TensorDtypes& d : r->dtypes) {
+    pb::TensorDtypes* out = resp->add_dtypes();
+    out->set_wire(ToProto(d.wire));
+    for (DType dst : d.destinations) out->add_destinations(ToProto(dst));
+  }
   return grpc::Status::OK;
 }
 

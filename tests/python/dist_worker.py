@@ -53,8 +53,7 @@ def scenario_boxes(rank, world, args):
     out = {}
     for arch, path in args["checkpoints"].items():
         model = shard_model(load(path), args["mode"], world)
-        tr = weightsync.Trainer("unix:/nonexistent", model=arch, rank=rank, world_size=world,
-                                engine_dtype=args.get("engine_dtype"))
+        tr = weightsync.Trainer("unix:/nonexistent", model=arch, rank=rank, world_size=world)
         held, entries, dropped = tr._prepare(model, None)
         gathered = tr.comm.all_gather((entries, dropped, None))
         drop = set().union(*[set(g[1]) for g in gathered])
@@ -77,8 +76,9 @@ def scenario_push(rank, world, args):
     out = {}
     for job in args["jobs"]:
         model = shard_model(load(job["checkpoint"]), job["mode"], world)
+        if job.get("config_dtype"):  # what the HF config claims; the masters stay fp32
+            model.config.dtype = getattr(torch, job["config_dtype"])
         with weightsync.Trainer(args["daemon"], model=job["model"], rank=rank, world_size=world,
-                                engine_dtype=job.get("engine_dtype"),
                                 max_inflight_bytes=job.get("max_inflight_bytes", 1 << 30)) as tr:
             results = []
             for version in (1, 2):

@@ -8,15 +8,19 @@ import weightsync
 
 
 class EngineSet:
-    """replicas x T engine ranks of one model, every buffer pre-filled with 0xFF (NaN) bytes."""
+    """replicas x T engine ranks of one model, every buffer pre-filled with 0xFF (NaN) bytes.
 
-    def __init__(self, address, model, arch, sd, cfg, T, replicas=1, dtype=torch.bfloat16):
+    Params are in `dtype` (the MoE router in fp32, see vllm_reference), or as `param_dtypes` {name: dtype} says.
+    """
+
+    def __init__(self, address, model, arch, sd, cfg, T, replicas=1, dtype=torch.bfloat16, param_dtypes=None):
         self.arch, self.cfg, self.T, self.dtype = arch, cfg, T, dtype
+        self.param_dtypes = dict(param_dtypes or {})
         self.engines, self.commits = [], []
         for rep in range(replicas):
             for r in range(T):
                 eng = weightsync.Engine(address, model, cfg, tp_rank=r, tp_size=T, replica_id=rep, dtype=dtype)
-                for name, t in ref.expected(arch, sd, cfg, T, r, dtype).items():
+                for name, t in self.expected(sd, r).items():
                     buf = eng.empty(name, t.shape, t.dtype)
                     buf.view(torch.uint8).fill_(0xFF)
                 seen = {}  # version -> copy of every buffer when the version was committed
@@ -34,7 +38,7 @@ class EngineSet:
         for eng, seen in zip(self.engines, self.commits):
             eng.wait_for_version(version, timeout=30)
             assert version in seen, f"version {version} was never committed to this engine"
-            exp = ref.expected(self.arch, sd, self.cfg, self.T, eng.tp_rank, self.dtype)
+            exp = self.expected(sd, eng.tp_rank)
             assert sorted(exp) == sorted(eng.tensors)
             for name, want in exp.items():
                 got = seen[version][name]
@@ -43,6 +47,11 @@ class EngineSet:
                     bad = (got.float() != want.float()) | got.float().isnan()
                     raise AssertionError(f"{self.arch} v{version} replica {eng.replica_id} tp {eng.tp_rank} {name}: "
                                          f"{int(bad.sum())} of {got.numel()} elements differ")
+
+    def expected(self, sd, r) -> dict:
+        """{name: what tp rank r must hold, in its dtype}."""
+        return {n: t.to(self.param_dtypes.get(n, ref.param_dtype(n, self.dtype))).contiguous()
+                for n, t in ref.rank_params(self.arch, sd, self.cfg, self.T, r).items()}
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for e in self.engines for t in e.tensors.values())

@@ -40,5 +40,5 @@ def check(result, checkpoints, world, expect_placements):
                                                   ("shard1", 4, "Shard(dim=1)"), ("shard1", 3, "Shard(dim=1)"),
                                                   ("hsdp", 4, "Replicate()"), ("fsdp1", 3, "ShardedTensor")])
 def test_manifest_rebuilds_checkpoint(checkpoints, mode, world, placement):
-    results = run_dist("boxes", world, {"checkpoints": checkpoints, "mode": mode, "engine_dtype": "bfloat16"})
+    results = run_dist("boxes", world, {"checkpoints": checkpoints, "mode": mode})
     check(results[0], checkpoints, world, placement)

@@ -48,20 +48,23 @@ def test_shm_index_skips_subdirectories():
 
 
 def test_dtype_policy():
-    p = DtypePolicy("bfloat16")
-    assert p.wire_dtype("model.layers.0.mlp.up_proj.weight", torch.float32, torch.bfloat16) == torch.bfloat16
-    assert p.wire_dtype("model.layers.3.mlp.gate.weight", torch.float32, torch.bfloat16) == torch.float32
-    assert p.wire_dtype("x", torch.bfloat16, torch.float16) == torch.bfloat16  # never up- or side-cast
-    assert DtypePolicy(None).resolve_engine_dtype(None) is None
-    auto = DtypePolicy("auto")
-    m = models.make_model("llama")
-    assert auto.resolve_engine_dtype(m) is None
-    m.config.dtype = torch.bfloat16
-    assert auto.resolve_engine_dtype(m) == torch.bfloat16
-    q = DtypePolicy("float16", overrides={"*norm*": "float32"})
-    assert q.wire_dtype("model.norm.weight", torch.float32, torch.float16) == torch.float32
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = DtypePolicy(overrides={"*norm*": "float16"})  # the defaults do not warn
+        weightsync.Trainer("unix:/nonexistent", "m", world_size=1, engine_dtype="auto")
+    assert p.source_dtype("model.layers.0.mlp.up_proj.weight", torch.float32) == torch.float32
+    assert p.source_dtype("model.norm.weight", torch.float32) == torch.float16
+    assert p.source_dtype("x", torch.bfloat16) == torch.bfloat16
     with pytest.raises(weightsync.WeightSyncError, match="cannot be sent"):
-        p.wire_dtype("pos_ids", torch.int64, torch.bfloat16)
+        p.source_dtype("pos_ids", torch.int64)
+    # The guesses of old are ignored, saying so, where the caller passed them.
+    with pytest.warns(DeprecationWarning, match="engine_dtype='bfloat16' no longer decides") as w:
+        weightsync.Trainer("unix:/nonexistent", "m", world_size=1, engine_dtype="bfloat16")
+    assert w[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match="engine_dtype=None and keep_fp32 no longer decide") as w:
+        DtypePolicy(None, keep_fp32=())
+    assert w[0].filename == __file__
 
 
 def test_world_size_needs_a_process_group():
@@ -78,14 +81,14 @@ def engines_for(daemon, name, arch, cfg, sd, T=2, dtype=torch.bfloat16):
 def test_zero_copy_from_shared_memory(daemon, checkpoints):
     sd = models.load_checkpoint(checkpoints["llama"])
     cfg = models.config("llama")
-    es = engines_for(daemon, "local-zero-copy", "llama", cfg, sd)
+    es = engines_for(daemon, "local-zero-copy", "llama", cfg, sd, dtype=torch.float32)  # f32 on the wire
     try:
         shm = []
         for k, v in sd.items():
             t = shm_empty(v.shape, v.dtype)
             t.copy_(v)
             shm.append((k, t))
-        with weightsync.Trainer(daemon.address, "local-zero-copy", world_size=1, engine_dtype=None) as tr:
+        with weightsync.Trainer(daemon.address, "local-zero-copy", world_size=1) as tr:
             res = tr.push(shm, version=1)
         es.check(sd, 1)
         total = sum(t.numel() * t.element_size() for _, t in shm)
@@ -106,8 +109,7 @@ def test_state_dict_with_tied_weights_and_bounded_ring(daemon):
     es = engines_for(daemon, "local-tied", "llama", cfg, {k: v for k, v in sd.items() if k != "lm_head.weight"})
     try:
         bound = 16 << 10
-        with weightsync.Trainer(daemon.address, "local-tied", world_size=1, engine_dtype="bfloat16",
-                                max_inflight_bytes=bound) as tr:
+        with weightsync.Trainer(daemon.address, "local-tied", world_size=1, max_inflight_bytes=bound) as tr:
             r1 = tr.push(model.state_dict(), version=1, hf_model=model)
             with torch.no_grad():
                 for p in model.parameters():
@@ -164,3 +166,37 @@ def test_registration_refused_with_the_daemons_reason(daemon):
             eng.start(timeout=10)
     finally:
         eng.close()
+
+
+class _NonNegotiatingStub:
+    """A daemon from before dtype negotiation: it ignores negotiate_dtypes and returns no dtypes."""
+
+    def __init__(self, stub):
+        self._stub = stub
+
+    def BeginSync(self, req, **kw):
+        old = type(req)()
+        old.CopyFrom(req)
+        old.negotiate_dtypes = False
+        return self._stub.BeginSync(old, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._stub, name)
+
+
+def test_daemon_without_negotiation_gets_source_dtypes(daemon, checkpoints):
+    """An fp16 engine, a bf16 config: an older daemon is sent f32 and casts once (no bf16 guess)."""
+    sd = models.load_checkpoint(checkpoints["llama"])
+    cfg = models.config("llama")
+    es = engines_for(daemon, "local-old-daemon", "llama", cfg, sd, T=1, dtype=torch.float16)
+    try:
+        model = models.make_model("llama")
+        model.load_state_dict(sd)
+        model.config.dtype = torch.bfloat16
+        with weightsync.Trainer(daemon.address, "local-old-daemon", world_size=1) as tr:
+            tr.daemon.stub = _NonNegotiatingStub(tr.daemon.stub)
+            res = tr.push(model, version=1)
+        es.check(sd, 1)
+        assert res.ranks[0].bytes == sum(t.numel() * 4 for t in sd.values())  # every tensor sent in f32
+    finally:
+        es.close()

@@ -14,15 +14,15 @@ DELTA = 0.25
 
 
 def run_jobs(daemon, checkpoints, world, jobs):
-    """jobs: (arch, mode, T, replicas, engine dtype, trainer engine_dtype, max_inflight_bytes)."""
+    """jobs: (arch, mode, T, replicas, engine dtype, max_inflight_bytes)."""
     sets, args = {}, []
     try:
-        for arch, mode, T, replicas, edtype, tdtype, inflight in jobs:
+        for arch, mode, T, replicas, edtype, inflight in jobs:
             name = f"{arch}-{mode}-w{world}-t{T}"
             sd = models.load_checkpoint(checkpoints[arch])
             sets[name] = (arch, sd, EngineSet(daemon.address, name, arch, sd, models.config(arch), T, replicas,
                                               DTYPES[edtype]))
-            args.append({"model": name, "checkpoint": checkpoints[arch], "mode": mode, "engine_dtype": tdtype,
+            args.append({"model": name, "checkpoint": checkpoints[arch], "mode": mode,
                          "max_inflight_bytes": inflight, "delta": DELTA})
         results = run_dist("push", world, {"daemon": daemon.address, "jobs": args})
         for name, (arch, sd, es) in sets.items():
@@ -47,10 +47,10 @@ def run_jobs(daemon, checkpoints, world, jobs):
 
 def test_fsdp2_shard0_four_architectures(daemon, checkpoints):
     results = run_jobs(daemon, checkpoints, 4, [
-        ("llama", "shard0", 2, 2, "bfloat16", "bfloat16", 1 << 30),
-        ("qwen2", "shard0", 4, 1, "bfloat16", None, 8 << 10),      # fp32 on the wire, small in-flight bound
-        ("gemma2", "shard0", 2, 1, "float16", "float16", 1 << 30),
-        ("deepseek_v2", "shard0", 2, 1, "bfloat16", "bfloat16", 1 << 30),
+        ("llama", "shard0", 2, 2, "bfloat16", 1 << 30),
+        ("qwen2", "shard0", 4, 1, "bfloat16", 8 << 10),      # small in-flight bound
+        ("gemma2", "shard0", 2, 1, "float16", 1 << 30),
+        ("deepseek_v2", "shard0", 2, 1, "bfloat16", 1 << 30),
     ])
     qwen = results[0]["qwen2-shard0-w4-t4"][0]["ranks"]
     sd = models.load_checkpoint(checkpoints["qwen2"])
@@ -62,15 +62,15 @@ def test_fsdp2_shard0_four_architectures(daemon, checkpoints):
 
 def test_fsdp2_uneven_three_ranks_and_shard1(daemon, checkpoints):
     run_jobs(daemon, checkpoints, 3, [
-        ("deepseek_v2", "shard1", 2, 1, "bfloat16", "bfloat16", 1 << 30),
-        ("qwen2", "shard0", 2, 1, "bfloat16", "bfloat16", 1 << 30),
+        ("deepseek_v2", "shard1", 2, 1, "bfloat16", 1 << 30),
+        ("qwen2", "shard0", 2, 1, "bfloat16", 1 << 30),
     ])
 
 
 def test_hsdp(daemon, checkpoints):
     run_jobs(daemon, checkpoints, 4, [
-        ("llama", "hsdp", 2, 1, "bfloat16", "bfloat16", 1 << 30),
-        ("deepseek_v2", "hsdp", 4, 1, "bfloat16", None, 1 << 30),
+        ("llama", "hsdp", 2, 1, "bfloat16", 1 << 30),
+        ("deepseek_v2", "hsdp", 4, 1, "bfloat16", 1 << 30),
     ])
 
 

@@ -101,7 +101,7 @@ def test_llama_tied_and_post_load(daemon):
             assert "lm_head.weight" not in w._weightsync.tensors
             assert w.model_runner.model.lm_head.weight is w.model_runner.model.model.embed_tokens.weight
         sd = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        with weightsync.Trainer(daemon.address, "standin-llama", world_size=1, engine_dtype="bfloat16") as tr:
+        with weightsync.Trainer(daemon.address, "standin-llama", world_size=1) as tr:
             res = tr.push(model, version=1)
         assert res.stats["state"] == "committed" and res.engines == T
         assert res.ranks[0].staged_bytes > 0  # fp32 -> bf16 cast on the trainer
@@ -129,8 +129,8 @@ def test_deepseek_mla_post_load_sees_new_weights(daemon, checkpoints):
     wsv.start(llm, daemon.address, "standin-dsv2")
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["deepseek_v2"], dtype=torch.float32)
-        with weightsync.Trainer(daemon.address, "standin-dsv2", world_size=1, engine_dtype="bfloat16") as tr:
-            res = tr.push(model, version=5)  # the fp32 router (mlp.gate) stays fp32 on the wire
+        with weightsync.Trainer(daemon.address, "standin-dsv2", world_size=1) as tr:
+            res = tr.push(model, version=5)  # the fp32 router (mlp.gate) is sent in fp32 (negotiated)
         assert res.ranks[0].staged_bytes > 0
         wsv.after_update(llm, 5, timeout=30)
         sd = models.load_checkpoint(checkpoints["deepseek_v2"])

@@ -1,19 +1,25 @@
-"""Per-tensor wire dtype policy.
+"""Per-tensor dtype policy of the trainer.
 
-The daemon casts f32/bf16/f16 itself, so any of them is correct on the wire;
-casting on the trainer only saves bytes. The rule for each tensor:
-  1. `overrides` (glob -> dtype): that dtype;
-  2. a float32 tensor matching `keep_fp32` stays float32 (engines keep MoE
-     router gates and score-correction biases in fp32; sending them in bf16
-     would lose bits the engine keeps);
-  3. otherwise the engine's dtype, when that is narrower than the tensor's.
-The engine dtype is `engine_dtype`, or with "auto" the transformers config's
-dtype when it is bfloat16/float16 (vLLM's dtype="auto"); None sends every
-tensor as it is.
+The daemon chooses the dtype each tensor travels in (the wire dtype) from the
+dtypes the engines registered: BeginSync declares each tensor's source dtype,
+and the daemon answers with the destination dtype when every engine parameter
+the tensor is written into has that one dtype and it is narrower than the
+source, else with the source dtype. So a value is never sent narrower than an
+engine keeps it and is rounded at most once (by the trainer's cast to the wire
+dtype, or by the daemon's cast to each destination). A daemon that does not
+negotiate gets every tensor in its source dtype, which is always correct.
+
+The source dtype is the tensor's own dtype, unless `overrides` (glob -> dtype)
+matches its name: then the trainer casts it to that dtype first.
+
+`engine_dtype` and `keep_fp32` used to guess the wire dtype from the
+transformers config and a list of globs; they are ignored now (a warning says
+so when one is given).
 """
 from __future__ import annotations
 
 import fnmatch
+import warnings
 
 import torch
 
@@ -24,30 +30,28 @@ DEFAULT_KEEP_FP32 = ("*.mlp.gate.weight", "*.mlp.gate.bias", "*.router.weight", 
 
 
 class DtypePolicy:
-    def __init__(self, engine_dtype="auto", keep_fp32=DEFAULT_KEEP_FP32, overrides: "dict | None" = None):
-        self.engine_dtype = engine_dtype if engine_dtype == "auto" else parse_dtype(engine_dtype)
-        self.keep_fp32 = tuple(keep_fp32)
+    def __init__(self, engine_dtype="auto", keep_fp32=DEFAULT_KEEP_FP32, overrides: "dict | None" = None, *,
+                 _stacklevel: int = 2):
+        ignored = []
+        if not (isinstance(engine_dtype, str) and engine_dtype == "auto"):
+            ignored.append(f"engine_dtype={engine_dtype!r}")
+        if tuple(keep_fp32) != DEFAULT_KEEP_FP32:
+            ignored.append("keep_fp32")
+        if ignored:
+            warnings.warn(
+                f"{' and '.join(ignored)} no longer decide{'s' if len(ignored) == 1 else ''} what is sent and "
+                "are ignored: the daemon chooses each tensor's wire dtype from the dtypes the engines registered "
+                "(never narrower than a destination); use dtype_overrides to cast a tensor on the trainer",
+                DeprecationWarning, stacklevel=_stacklevel)
         self.overrides = {k: parse_dtype(v) for k, v in (overrides or {}).items()}
 
-    def resolve_engine_dtype(self, hf_model) -> "torch.dtype | None":
-        if self.engine_dtype != "auto":
-            return self.engine_dtype
-        cfg = getattr(hf_model, "config", None)
-        d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
-        if isinstance(d, str):
-            d = getattr(torch, d, None)
-        return d if d in (torch.bfloat16, torch.float16) else None
-
-    def wire_dtype(self, name: str, src: torch.dtype, engine: "torch.dtype | None") -> torch.dtype:
+    def source_dtype(self, name: str, src: torch.dtype) -> torch.dtype:
+        """The dtype `name` is declared in (and cast to, when it differs from `src`)."""
         for pat, d in self.overrides.items():
             if fnmatch.fnmatchcase(name, pat):
                 return d
         if src not in TO_WIRE:
             raise WeightSyncError(
                 f"tensor {name}: dtype {src} cannot be sent (float32, bfloat16 or float16); "
-                "exclude it or cast it (dtype_policy overrides)")
-        if src == torch.float32 and any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp32):
-            return torch.float32
-        if engine is not None and engine.itemsize < src.itemsize:
-            return engine
+                "exclude it or cast it (dtype_overrides)")
         return src

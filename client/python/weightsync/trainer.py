@@ -5,7 +5,8 @@
 
 Protocol per push: every rank computes what it holds (names, global shapes,
 boxes) and the boxes are all-gathered; rank 0 sends the full manifest
-(BeginSync) and broadcasts the sync id; every rank streams its own shards,
+(BeginSync, negotiating each tensor's wire dtype) and broadcasts the sync id
+and the wire dtypes; every rank streams its own shards, cast to those,
 layer by layer (Push), waiting for each layer's ack before reusing memory and
 keeping the exported-but-unacknowledged bytes under `max_inflight_bytes`; the
 ranks exchange their outcome; rank 0 commits (or aborts with every rank's
@@ -31,7 +32,7 @@ from . import pieces as P
 from ._proto import weightsync_pb2 as pb
 from .cuda_ipc import export_tensor
 from .daemon import Daemon, as_daemon  # noqa: F401
-from .dtypes import to_wire
+from .dtypes import FROM_WIRE, to_wire
 from .errors import WeightSyncError, rpc_error
 from .names import NameMapper
 from .policy import DEFAULT_KEEP_FP32, DtypePolicy
@@ -129,8 +130,12 @@ class Trainer:
     model: the logical model name the engines registered under.
     max_inflight_bytes: bound on shard bytes exported and not yet acknowledged
         (zero-copy and staged); a single shard larger than it is sent alone.
-    engine_dtype / keep_fp32 / dtype_overrides: the per-tensor wire dtype
-        policy (see weightsync.policy); or pass a DtypePolicy as dtype_policy.
+    dtype_overrides: {glob: dtype}: matching tensors are cast to that dtype
+        first (their source dtype); or pass a DtypePolicy as dtype_policy. The
+        daemon then chooses each tensor's wire dtype from the dtypes the
+        engines registered (see weightsync.policy).
+    engine_dtype / keep_fp32: deprecated and ignored (a warning says so): they
+        guessed the wire dtype, which the daemon now chooses.
     name_hook / exclude / skip_lora_adapters / hf_conversions: name mapping
         (see weightsync.names).
     layer_of: name -> layer key; tensors with one key go in one message.
@@ -158,7 +163,7 @@ class Trainer:
                                 token_file=token_file)
         self.model = model
         self.max_inflight_bytes = int(max_inflight_bytes)
-        self.policy = dtype_policy or DtypePolicy(engine_dtype, keep_fp32, dtype_overrides)
+        self.policy = dtype_policy or DtypePolicy(engine_dtype, keep_fp32, dtype_overrides, _stacklevel=3)
         self.name_hook, self.exclude = name_hook, tuple(exclude)
         self.skip_lora_adapters, self.hf_conversions = skip_lora_adapters, hf_conversions
         self.layer_of = layer_of
@@ -191,17 +196,22 @@ class Trainer:
 
         begin = None
         if self.rank == 0:
+            resp = None
             try:
                 req = self._manifest(gathered, drop, version)
                 resp = self.daemon.stub.BeginSync(req, timeout=self.timeout)
-                begin = (resp.sync_id, resp.engines, resp.copy_ops, resp.bytes_planned, None)
+                wires = _wire_dtypes(req, resp)
+                begin = (resp.sync_id, resp.engines, resp.copy_ops, resp.bytes_planned, wires, None)
             except grpc.RpcError as e:
-                begin = (0, 0, 0, 0, str(rpc_error(e, f"BeginSync of {self.model} version {version}")))
+                begin = (0, 0, 0, 0, {}, str(rpc_error(e, f"BeginSync of {self.model} version {version}")))
             except Exception as e:
-                begin = (0, 0, 0, 0, f"BeginSync of {self.model} version {version}: {e}")
-        sync_id, engines, copy_ops, bytes_planned, err = self.comm.broadcast(begin)
+                if resp is not None:
+                    self._abort(resp.sync_id, f"rank 0: {e}")
+                begin = (0, 0, 0, 0, {}, f"BeginSync of {self.model} version {version}: {e}")
+        sync_id, engines, copy_ops, bytes_planned, wires, err = self.comm.broadcast(begin)
         if err:
             raise WeightSyncError(err)
+        held = [(p, wires.get(p.name, d)) for p, d in held]
 
         with torch.no_grad():
             stats = RankStats(rank=self.rank, seconds_prepare=t_prep)
@@ -260,7 +270,6 @@ class Trainer:
         items, found = P.collect(src)
         hf_model = hf_model if hf_model is not None else found
         mapper = NameMapper(hf_model, self.name_hook, self.exclude, self.skip_lora_adapters, self.hf_conversions)
-        engine_dtype = self.policy.resolve_engine_dtype(hf_model)
         held, entries, dropped, seen, names = [], [], [], {}, {}
         for name, value in items:
             piece = P.piece_of(name, value)
@@ -276,10 +285,10 @@ class Trainer:
                     dropped.append(q.name)  # tied to an earlier tensor: sent once, under that name
                     continue
                 src_dtype = q.local.dtype if q.local is not None else getattr(value, "dtype", torch.float32)
-                wire = self.policy.wire_dtype(q.name, src_dtype, engine_dtype)
-                entries.append((q.name, tuple(q.shape), to_wire(wire, q.name), q.box()))
+                dtype = self.policy.source_dtype(q.name, src_dtype)
+                entries.append((q.name, tuple(q.shape), to_wire(dtype, q.name), q.box()))
                 if q.held:
-                    held.append((q, wire))
+                    held.append((q, dtype))  # the wire dtype once BeginSync has chosen
         return held, entries, dropped
 
     def _manifest(self, gathered, drop, version) -> pb.BeginSyncRequest:
@@ -299,7 +308,8 @@ class Trainer:
                     m[2].append(pb.ShardSpec(rank=r, dim=box[0], start=box[1], length=box[2]))
         if errors:
             raise WeightSyncError("ranks disagree about tensors:\n" + "\n".join(errors[:50]))
-        req = pb.BeginSyncRequest(model=self.model, version=version, world_size=self.world_size)
+        req = pb.BeginSyncRequest(model=self.model, version=version, world_size=self.world_size,
+                                  negotiate_dtypes=True)
         for name in order:
             shape, dtype, shards, _ = meta[name]
             req.tensors.append(pb.SourceTensor(name=name, shape=list(shape), dtype=dtype, shards=shards))
@@ -476,6 +486,31 @@ class Trainer:
         ipc = export_tensor(dst, what)
         return pb.MemoryRef(cuda_ipc=pb.CudaIpcRef(handle=ipc.handle, device_uuid=ipc.device_uuid,
                                                    offset=ipc.offset, length=ipc.length)), True, t.device
+
+
+def _wire_dtypes(req: pb.BeginSyncRequest, resp: pb.BeginSyncResponse) -> dict:
+    """{tensor: wire dtype} where the daemon chose one other than the source dtype.
+
+    A daemon that does not negotiate returns no dtypes and plans the source
+    dtypes as sent: {}. A choice that is not a narrowing to the tensor's one
+    destination dtype is refused (it would lose bits an engine keeps).
+    """
+    if not resp.dtypes:
+        return {}
+    if len(resp.dtypes) != len(req.tensors):
+        raise WeightSyncError(f"the daemon returned dtypes for {len(resp.dtypes)} tensors, "
+                              f"the manifest has {len(req.tensors)}")
+    out = {}
+    for t, d in zip(req.tensors, resp.dtypes):
+        if d.wire == t.dtype:
+            continue
+        wire = FROM_WIRE.get(d.wire)
+        if wire is None or list(d.destinations) != [d.wire] or wire.itemsize >= FROM_WIRE[t.dtype].itemsize:
+            raise WeightSyncError(
+                f"tensor {t.name}: the daemon chose wire dtype {pb.DType.Name(d.wire)} for source dtype "
+                f"{pb.DType.Name(t.dtype)} and destinations {[pb.DType.Name(x) for x in d.destinations]}")
+        out[t.name] = wire
+    return out
 
 
 def ref_length(ref: pb.MemoryRef) -> int:

@@ -272,6 +272,93 @@ TEST(BuildPlan, ExplicitSourcesAreNotUnknown) {
   EXPECT_ERR(plan.status(), "of source tensor extra.t, which is only [2]");
 }
 
+// Wire dtypes of a manifest, by tensor name.
+std::map<std::string, TensorDtypes> Negotiated(const SourceManifest& m, const std::vector<PlanEngine>& engines) {
+  std::vector<TensorDtypes> v = NegotiateDTypes(m, engines);
+  EXPECT_EQ(v.size(), m.tensors.size());
+  std::map<std::string, TensorDtypes> out;
+  for (size_t t = 0; t < v.size() && t < m.tensors.size(); ++t) out[m.tensors[t].name] = v[t];
+  return out;
+}
+
+void SetDtypes(Fixture& f, DType d) {
+  for (auto& e : f.engines)
+    for (auto& p : e.spec.params) p.dtype = d;
+}
+
+TEST(NegotiateDTypes, ChooseWireDType) {
+  using D = DType;
+  EXPECT_EQ(ChooseWireDType(D::kF32, {D::kF16}), D::kF16);
+  EXPECT_EQ(ChooseWireDType(D::kF32, {D::kBF16}), D::kBF16);
+  EXPECT_EQ(ChooseWireDType(D::kF32, {D::kF32}), D::kF32);
+  EXPECT_EQ(ChooseWireDType(D::kBF16, {D::kBF16}), D::kBF16);
+  EXPECT_EQ(ChooseWireDType(D::kBF16, {D::kF32}), D::kBF16);  // never widened
+  EXPECT_EQ(ChooseWireDType(D::kBF16, {D::kF16}), D::kBF16);  // same width: not narrower
+  EXPECT_EQ(ChooseWireDType(D::kF16, {D::kBF16}), D::kF16);
+  EXPECT_EQ(ChooseWireDType(D::kF32, {D::kBF16, D::kF16}), D::kF32);
+  EXPECT_EQ(ChooseWireDType(D::kF32, {}), D::kF32);
+}
+
+TEST(NegotiateDTypes, SingleNarrowerDestinationIsTheWireDtype) {
+  Fixture f = Make(4, 3, 2);
+  Trainer tr = MakeTrainer(f.full, 2, ShardMode::kDim0);
+  SetDtypes(f, DType::kF16);  // an fp16 engine, f32 sources
+  for (const auto& [name, d] : Negotiated(tr.manifest, f.engines)) {
+    EXPECT_EQ(d.wire, DType::kF16) << name;
+    EXPECT_EQ(d.destinations, std::vector<DType>{DType::kF16}) << name;
+  }
+  SetDtypes(f, DType::kBF16);  // a bf16 engine, bf16 sources
+  SourceManifest m = tr.manifest;
+  for (auto& t : m.tensors) t.dtype = DType::kBF16;
+  for (const auto& [name, d] : Negotiated(m, f.engines)) {
+    EXPECT_EQ(d.wire, DType::kBF16) << name;
+    EXPECT_EQ(d.destinations, std::vector<DType>{DType::kBF16}) << name;
+  }
+  // One param kept in fp32 on every rank (pc reads c), the rest bf16: c stays f32.
+  for (auto& e : f.engines)
+    for (auto& p : e.spec.params)
+      if (p.name == "pc") p.dtype = DType::kF32;
+  auto got = Negotiated(tr.manifest, f.engines);
+  EXPECT_EQ(got.at("c").wire, DType::kF32);
+  EXPECT_EQ(got.at("c").destinations, std::vector<DType>{DType::kF32});
+  EXPECT_EQ(got.at("a").wire, DType::kBF16);
+  EXPECT_EQ(got.at("b").wire, DType::kBF16);  // transposed fills route like the planner's
+  EXPECT_EQ(got.at("d").wire, DType::kBF16);
+}
+
+TEST(NegotiateDTypes, EnginesOfDifferentDtypesKeepTheSource) {
+  Fixture f = Make(4, 3, 1);
+  SetDtypes(f, DType::kBF16);
+  PlanEngine fp16 = f.engines[0];  // a second replica, in fp16
+  fp16.engine_id = "replica1";
+  fp16.spec.replica_id = 1;
+  for (auto& p : fp16.spec.params) p.dtype = DType::kF16;
+  f.engines.push_back(fp16);
+  Trainer tr = MakeTrainer(f.full, 1, ShardMode::kDim0);
+  for (const auto& [name, d] : Negotiated(tr.manifest, f.engines)) {
+    EXPECT_EQ(d.wire, DType::kF32) << name;
+    EXPECT_EQ(d.destinations, (std::vector<DType>{DType::kBF16, DType::kF16})) << name;
+  }
+}
+
+TEST(NegotiateDTypes, SkippedTensorKeepsItsDtypeWithNoDestinations) {
+  Fixture f = Make(4, 3, 1);
+  SetDtypes(f, DType::kBF16);
+  Trainer tr = MakeTrainer(f.full, 1, ShardMode::kDim0);
+  tr.manifest.tensors.push_back({"rotary.ignored", {2}, DType::kF32, {{0, 0, 0, 2}}});
+  std::vector<TensorDtypes> v = NegotiateDTypes(tr.manifest, f.engines);
+  ASSERT_EQ(v.size(), tr.manifest.tensors.size());
+  EXPECT_EQ(v.back().wire, DType::kF32);  // request order: the skipped tensor is last
+  EXPECT_TRUE(v.back().destinations.empty());
+  EXPECT_EQ(v.front().wire, DType::kBF16);
+  // Planned with the wire dtypes, the plan reads bf16 shards.
+  for (size_t t = 0; t < v.size(); ++t) tr.manifest.tensors[t].dtype = v[t].wire;
+  auto plan = BuildPlan(tr.manifest, f.engines);
+  ASSERT_TRUE(plan.ok()) << plan.status().ToString();
+  uint64_t elems = 4 * 3 + 4 * 3 + 4 + 2 * 4 * 3;
+  EXPECT_EQ(plan->bytes_read, elems * 2);
+}
+
 }  // namespace
 }  // namespace ws::testing
 

@@ -293,6 +293,59 @@ TEST_F(CoordinatorTest, FullSyncWritesVllmLayout) {
   EXPECT_EQ(coord_->GetStatus().models[0].committed_version, 8u);
 }
 
+TEST_F(CoordinatorTest, NegotiatedDtypesArePlannedAndReturned) {
+  auto engines = RegisterAll();  // bf16 params; the manifest's sources are f32
+  {
+    auto b = coord_->BeginSync(Self(), Manifest(1));  // without the flag: no dtypes, f32 planned
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    EXPECT_TRUE(b->dtypes.empty());
+    ASSERT_TRUE(coord_->Abort(Self(), b->sync_id, "test").ok());
+  }
+  SourceManifest m = Manifest(2);
+  m.negotiate_dtypes = true;
+  auto b = coord_->BeginSync(Self(), m);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  ASSERT_EQ(b->dtypes.size(), m.tensors.size());
+  for (const TensorDtypes& d : b->dtypes) {
+    EXPECT_EQ(d.wire, DType::kBF16);
+    EXPECT_EQ(d.destinations, std::vector<DType>{DType::kBF16});
+  }
+  // Shards must now come in bf16: f32 bytes are refused, naming the tensor.
+  auto bad = coord_->PushLayer(Self(), b->sync_id, 0, "embed", Layer(0, "embed"));
+  EXPECT_ERR(bad.status(), "tensor embed.weight (rank 0): memory length 48 bytes does not match the shard (24 bytes of bf16)");
+
+  // bf16 copies of the trainer buffers (the values are small integers: exact in bf16).
+  for (uint32_t r = 0; r < W_; ++r) {
+    const auto& f32 = domain_->Get(TrainerBuffer(r))->bytes;
+    std::vector<uint8_t> half(f32.size() / 2);
+    for (size_t i = 0; i < f32.size() / 4; ++i) {
+      float f;
+      std::memcpy(&f, f32.data() + 4 * i, 4);
+      uint16_t h = kernels::F32ToBF16(f);
+      std::memcpy(half.data() + 2 * i, &h, 2);
+    }
+    domain_->Add(TrainerBuffer(r) + "-bf16", half.size())->bytes = half;
+  }
+  m.version = 3;
+  b = coord_->BeginSync(Self(), m);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  for (uint32_t r = 0; r < W_; ++r)
+    for (const auto& l : Layers()) {
+      auto shards = Layer(r, l);
+      for (auto& [name, ref] : shards) {
+        ref.name += "-bf16";
+        ref.offset /= 2;
+        ref.length /= 2;
+      }
+      auto res = coord_->PushLayer(Self(), b->sync_id, r, l, shards);
+      ASSERT_TRUE(res.ok()) << res.status().ToString();
+    }
+  auto st = CommitAcked(b->sync_id, engines);
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_EQ(st->bytes_read, st->bytes_written - 2 * (((V + 3) / 4 * 4) - V) * H);  // bf16 read; padding is not
+  for (auto& e : engines) EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e)) << e.buffer;
+}
+
 TEST_F(CoordinatorTest, TwoReplicasAndTp1) {
   Init(/*T=*/1, /*W=*/3);
   auto engines = RegisterAll(/*replicas=*/2);

@@ -342,6 +342,39 @@ TEST_F(ServiceTest, SyncOverGrpc) {
   EXPECT_EQ(st.engines_size(), 1);
 }
 
+TEST_F(ServiceTest, BeginSyncReturnsNegotiatedDtypesInRequestOrder) {
+  engines_.push_back(std::make_unique<EngineClient>(stub_.get(), EngineRequest(0)));
+  ASSERT_TRUE(engines_[0]->WaitRegistered());
+  pb::BeginSyncRequest req = Manifest(1);
+  auto* skipped = req.add_tensors();  // the toy layout skips *.inv_freq: no destination, keeps its dtype
+  skipped->set_name("rotary.inv_freq");
+  skipped->add_shape(2);
+  skipped->set_dtype(pb::DTYPE_F32);
+  skipped->add_shards()->set_length(2);
+  req.set_negotiate_dtypes(true);
+  grpc::ClientContext bctx;
+  pb::BeginSyncResponse begun;
+  grpc::Status s = stub_->BeginSync(&bctx, req, &begun);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  ASSERT_EQ(begun.dtypes_size(), req.tensors_size());
+  for (int i = 0; i + 1 < begun.dtypes_size(); ++i) {
+    EXPECT_EQ(begun.dtypes(i).wire(), pb::DTYPE_BF16) << req.tensors(i).name();
+    ASSERT_EQ(begun.dtypes(i).destinations_size(), 1);
+    EXPECT_EQ(begun.dtypes(i).destinations(0), pb::DTYPE_BF16);
+  }
+  EXPECT_EQ(begun.dtypes(req.tensors_size() - 1).wire(), pb::DTYPE_F32);
+  EXPECT_EQ(begun.dtypes(req.tensors_size() - 1).destinations_size(), 0);
+  grpc::ClientContext actx;
+  pb::AbortRequest areq;
+  areq.set_sync_id(begun.sync_id());
+  pb::AbortResponse aresp;
+  ASSERT_TRUE(stub_->Abort(&actx, areq, &aresp).ok());
+  // Without the flag: no dtypes.
+  grpc::ClientContext b2;
+  ASSERT_TRUE(stub_->BeginSync(&b2, Manifest(2), &begun).ok());
+  EXPECT_EQ(begun.dtypes_size(), 0);
+}
+
 TEST_F(ServiceTest, ErrorsCarryCodesAndNames) {
   grpc::ClientContext c1;
   pb::BeginSyncResponse begun;
