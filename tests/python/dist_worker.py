@@ -128,7 +128,49 @@ def scenario_push_fault(rank, world, args):
     return {"error": first, "retry": retry.stats["state"]}
 
 
-SCENARIOS = {"boxes": scenario_boxes, "push": scenario_push, "push_error": scenario_push_error,
+def scenario_push_trained(rank, world, args):
+    """FSDP2 with bf16 mixed precision after training steps that leave modules unsharded (a no_grad
+    forward; reshard_after_forward=False; an explicit unshard()): push sends the stepped masters.
+    Rank 0 saves the full fp32 masters to args["out"]/<variant>.safetensors."""
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+    for job in args["jobs"]:
+        variant = job["variant"]
+        torch.manual_seed(1)
+        model = load(job["checkpoint"]).train()
+        mesh = init_device_mesh("cpu", (world,))
+        kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                              reduce_dtype=torch.float32)}
+        if variant == "no_reshard":
+            kw["reshard_after_forward"] = False
+        for layer in model.model.layers:
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
+        names = {id(p): n for n, p in model.named_parameters()}
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        ids = torch.randint(0, model.config.vocab_size, (2, 8))
+        model(ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            model(ids)
+        if variant == "unshard":
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.unshard()
+        opt.step()
+        master = {names[id(p)]: p.full_tensor().contiguous() for p in opt.param_groups[0]["params"]}
+        with weightsync.Trainer(args["daemon"], model=job["model"], rank=rank, world_size=world,
+                                engine_dtype="bfloat16") as tr:
+            res = tr.push(model, version=1)
+        if rank == 0:
+            save_file(master, os.path.join(args["out"], f"{variant}.safetensors"))
+        # the push resharded every module: the model trains on
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        assert res.stats["state"] == "committed", res.stats
+    return {}
+
+
+SCENARIOS = {"push_trained": scenario_push_trained, "boxes": scenario_boxes, "push": scenario_push, "push_error": scenario_push_error,
              "push_fault": scenario_push_fault}
 
 

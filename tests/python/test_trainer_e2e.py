@@ -104,3 +104,28 @@ def test_rank_failing_mid_stream_aborts_the_version(daemon, checkpoints):
         es.check(sd, 2)
     finally:
         es.close()
+
+
+def test_fsdp2_mixed_precision_pushes_the_stepped_masters(daemon, checkpoints, tmp_path):
+    """backward, no_grad forward (the root stays unsharded), [unshard()], optimizer.step(), push: the engine
+    gets bf16 of the stepped fp32 masters bit for bit, not the stale bf16 copies FSDP2 registered."""
+    from safetensors.torch import load_file
+    sd = models.load_checkpoint(checkpoints["llama"])
+    variants = ("default", "no_reshard", "unshard")
+    sets = {v: EngineSet(daemon.address, f"llama-mp-{v}", "llama", sd, models.config("llama"), 2)
+            for v in variants}
+    try:
+        run_dist("push_trained", 2, {"daemon": daemon.address, "out": str(tmp_path),
+                                     "jobs": [{"variant": v, "model": f"llama-mp-{v}",
+                                               "checkpoint": checkpoints["llama"]} for v in variants]})
+        for v, es in sets.items():
+            master = load_file(str(tmp_path / f"{v}.safetensors"))
+            assert sorted(master) == sorted(sd)
+            assert any(not torch.equal(master[k], sd[k]) for k in sd)  # the step changed the weights
+            es.check(master, 1)
+    except BaseException:
+        print(daemon.log())
+        raise
+    finally:
+        for es in sets.values():
+            es.close()

@@ -201,7 +201,40 @@ def _hf_model_inside(module):
     return None
 
 
+def _fsdp2_module_type():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        return FSDPModule
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+            return FSDPModule
+        except ImportError:
+            return None
+
+
+def reshard_fsdp2(module: torch.nn.Module) -> int:
+    """Reshards every FSDP2 module under `module` (FSDPModule.reshard(), public API); returns how many.
+
+    An unsharded FSDP2 module (the root after a no_grad forward, any module
+    with reshard_after_forward=False, or after unshard()) registers full copies
+    in the mixed-precision param dtype, which optimizer.step() does not update:
+    reading them would send stale values. Resharding registers the sharded
+    parameters the optimizer steps; the next forward all-gathers again.
+    """
+    FSDPModule = _fsdp2_module_type()
+    if FSDPModule is None:
+        return 0
+    n = 0
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+            n += 1
+    return n
+
+
 def _module_tensors(module: torch.nn.Module) -> list:
+    reshard_fsdp2(module)
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1, StateDictType
     except ImportError:
