@@ -129,3 +129,29 @@ def test_fsdp2_mixed_precision_pushes_the_stepped_masters(daemon, checkpoints, t
     finally:
         for es in sets.values():
             es.close()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp1_pushes_views_of_the_flat_parameters(daemon, checkpoints, world):
+    """FSDP1: push reads the local shards of the flat parameters in place (no second copy of the rank's shards);
+    only rows split between ranks are assembled, one row each; the engine gets the checkpoint bit for bit."""
+    sd = models.load_checkpoint(checkpoints["llama"])
+    name = f"llama-fsdp1-w{world}"
+    es = EngineSet(daemon.address, name, "llama", sd, models.config("llama"), 2)
+    try:
+        results = run_dist("push_fsdp1", world, {"daemon": daemon.address, "model": name,
+                                                 "checkpoint": checkpoints["llama"]})
+        es.check(sd, 1)
+        rows = {k: v.numel() // v.shape[0] for k, v in sd.items() if v.dim() >= 2}
+        for r in results:
+            assert r["state"] == "committed" and r["other"] == [], r
+            assert r["views"] > 0 and r["views"] + r["assembled"] <= r["flat"] + len(rows) * max(rows.values())
+            assert r["assembled"] <= 2 * len(rows) * max(rows.values())  # at most a row per tensor, not a copy
+        assert sum(r["views"] + r["assembled"] for r in results) == sum(v.numel() for v in sd.values())
+        if world == 3:
+            assert any(r["assembled"] for r in results)  # rows split between ranks happen with these sizes
+    except BaseException:
+        print(daemon.log())
+        raise
+    finally:
+        es.close()

@@ -269,7 +269,7 @@ class Trainer:
             if key is not None and alias_of is None:
                 seen[key] = name
             for q in mapper.map(piece):
-                if q.name in names:
+                if q.name in names and not (isinstance(value, P.Piece) and names[q.name] == name):
                     raise WeightSyncError(f"tensors {names[q.name]} and {name} both map to {q.name}")
                 names[q.name] = name
                 if alias_of is not None:
