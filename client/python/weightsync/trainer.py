@@ -354,8 +354,8 @@ class Trainer:
         torch.cuda.current_stream(device).synchronize()  # the staging copies land before the daemon reads
 
     @staticmethod
-    def _release_cuda(devices) -> None:
-        """Returns the freed CUDA staging buffers to the driver, for a colocated engine to use."""
+    def _release_cuda() -> None:
+        """Returns freed CUDA staging buffers to the driver, for a colocated engine to use."""
         torch.cuda.empty_cache()
 
     def _stream(self, sync_id: int, held, stats: RankStats) -> None:
@@ -376,7 +376,6 @@ class Trainer:
                 biggest[where] = max(biggest.get(where, 0), n)
             plans.append((layer, items, spans))
         rings = {}
-        cuda_used = [w for w in need if w != "host"]
         try:
             for where, total in need.items():
                 cap = max(min(total, align_up(self.max_inflight_bytes)), biggest[where])
@@ -384,9 +383,11 @@ class Trainer:
             self._stream_messages(sync_id, plans, index, rings, stats)
         finally:
             rings.clear()  # the last references to this push's CUDA staging buffers
-            if cuda_used:
-                self._release_cuda(cuda_used)
             stats.seconds_stream = time.perf_counter() - t0
+        # Every layer was acknowledged: the daemon reads none of it any more. (After a failure the daemon may
+        # still be copying from a cancelled stream; the buffer then stays in torch's cache until a later push.)
+        if any(w != "host" for w in need):
+            self._release_cuda()
 
     def _stream_messages(self, sync_id: int, plans, index, rings, stats: RankStats) -> None:
         for dev in {p.local.device for _, items, _ in plans for p, _ in items if p.local.device.type == "cuda"}:
