@@ -57,16 +57,20 @@ def scenario_boxes(rank, world, args):
         held, entries, dropped = tr._prepare(model, None)
         gathered = tr.comm.all_gather((entries, dropped, None))
         drop = set().union(*[set(g[1]) for g in gathered])
-        local = {p.name: p.local.to(w).contiguous() for p, w in held if p.name not in drop}
+        local = {}  # name -> this rank's pieces of it, in manifest order (FSDP1: up to two)
+        for p, w in held:
+            if p.name not in drop:
+                local.setdefault(p.name, []).append(p.local.to(w).contiguous())
         datas = tr.comm.all_gather(local)
         placements = sorted({str(tuple(v.placements)) if hasattr(v, "placements") else type(v).__name__
-                             for _, v in P.collect(model)[0]})
+                             for _, v in P.collect(model)[0]})  # FSDP1: Piece (read from the flat parameters)
         if rank == 0:
             req = tr._manifest(gathered, drop, 1)
             out[arch] = {"manifest": [[t.name, list(t.shape), t.dtype,
                                        [[s.rank, s.dim, s.start, s.length] for s in t.shards]] for t in req.tensors],
-                         "data": {f"{r}:{n}": v.view(torch.int16 if v.element_size() == 2 else torch.int32)
-                                  .flatten().tolist() for r, d in enumerate(datas) for n, v in d.items()},
+                         "data": {f"{r}:{n}:{k}": v.view(torch.int16 if v.element_size() == 2 else torch.int32)
+                                  .flatten().tolist() for r, d in enumerate(datas) for n, vs in d.items()
+                                  for k, v in enumerate(vs)},
                          "placements": placements}
     return out
 
@@ -128,7 +132,76 @@ def scenario_push_fault(rank, world, args):
     return {"error": first, "retry": retry.stats["state"]}
 
 
-SCENARIOS = {"boxes": scenario_boxes, "push": scenario_push, "push_error": scenario_push_error,
+def scenario_push_trained(rank, world, args):
+    """FSDP2 with bf16 mixed precision after training steps that leave modules unsharded (a no_grad
+    forward; reshard_after_forward=False; an explicit unshard()): push sends the stepped masters.
+    Rank 0 saves the full fp32 masters to args["out"]/<variant>.safetensors."""
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+    for job in args["jobs"]:
+        variant = job["variant"]
+        torch.manual_seed(1)
+        model = load(job["checkpoint"]).train()
+        mesh = init_device_mesh("cpu", (world,))
+        kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                              reduce_dtype=torch.float32)}
+        if variant == "no_reshard":
+            kw["reshard_after_forward"] = False
+        for layer in model.model.layers:
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
+        names = {id(p): n for n, p in model.named_parameters()}
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        ids = torch.randint(0, model.config.vocab_size, (2, 8))
+        model(ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            model(ids)
+        if variant == "unshard":
+            for m in model.modules():
+                if isinstance(m, FSDPModule):
+                    m.unshard()
+        opt.step()
+        master = {names[id(p)]: p.full_tensor().contiguous() for p in opt.param_groups[0]["params"]}
+        with weightsync.Trainer(args["daemon"], model=job["model"], rank=rank, world_size=world,
+                                engine_dtype="bfloat16") as tr:
+            res = tr.push(model, version=1)
+        if rank == 0:
+            save_file(master, os.path.join(args["out"], f"{variant}.safetensors"))
+        # the push resharded every module: the model trains on
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        assert res.stats["state"] == "committed", res.stats
+    return {}
+
+
+def scenario_push_fsdp1(rank, world, args):
+    """FSDP1 (use_orig_params): the pieces push reads are views of the flat parameters' local shards, except
+    single rows split between ranks (assembled); then a push."""
+    model = shard_model(load(args["checkpoint"]), "fsdp1", world)
+    shards = [getattr(m._handle.flat_param, "_local_shard", m._handle.flat_param) for m in model.modules()
+              if getattr(m, "_handle", None) is not None]
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in shards]
+    views, assembled, other = 0, 0, []
+    for name, v in P.collect(model)[0]:
+        p = P.piece_of(name, v)
+        if not p.held or name.endswith("inv_freq"):
+            continue
+        lo = p.local.data_ptr()
+        hi = lo + p.local.numel() * p.local.element_size()
+        if any(a <= lo and hi <= b for a, b in spans):
+            views += p.local.numel()
+        elif p.dim == 0 and p.length == 1 and p.local.dim() >= 2:
+            assembled += p.local.numel()
+        else:
+            other.append(name)
+    with weightsync.Trainer(args["daemon"], model=args["model"], rank=rank, world_size=world,
+                            engine_dtype="bfloat16") as tr:
+        res = tr.push(model, version=1)
+    return {"views": views, "assembled": assembled, "other": other, "state": res.stats["state"],
+            "flat": sum(t.numel() for t in shards)}
+
+
+SCENARIOS = {"push_trained": scenario_push_trained, "push_fsdp1": scenario_push_fsdp1, "boxes": scenario_boxes, "push": scenario_push, "push_error": scenario_push_error,
              "push_fault": scenario_push_fault}
 
 

@@ -21,9 +21,11 @@ def check(result, checkpoints, world, expect_placements):
             assert list(ref.shape) == shape, name
             covered = torch.zeros(ref.shape, dtype=torch.int32)
             rebuilt = torch.zeros_like(ref)
+            nth = {}
             for rank, dim, start, length in shards:
                 assert 0 <= rank < world
-                bits = r["data"][f"{rank}:{name}"]
+                k = nth[rank] = nth.get(rank, -1) + 1  # a rank's k-th shard of the tensor (FSDP1: up to two)
+                bits = r["data"][f"{rank}:{name}:{k}"]
                 piece = torch.tensor(bits, dtype=torch.int16 if ref.element_size() == 2 else torch.int32)
                 piece = piece.view(ref.dtype).view(ref.narrow(dim, start, length).shape)
                 prev = rebuilt.narrow(dim, start, length)
@@ -38,7 +40,8 @@ def check(result, checkpoints, world, expect_placements):
 
 @pytest.mark.parametrize("mode,world,placement", [("shard0", 4, "Shard(dim=0)"), ("shard0", 3, "Shard(dim=0)"),
                                                   ("shard1", 4, "Shard(dim=1)"), ("shard1", 3, "Shard(dim=1)"),
-                                                  ("hsdp", 4, "Replicate()"), ("fsdp1", 3, "ShardedTensor")])
+                                                  ("hsdp", 4, "Replicate()"), ("fsdp1", 3, "Piece"),
+                                                  ("fsdp1", 2, "Piece")])
 def test_manifest_rebuilds_checkpoint(checkpoints, mode, world, placement):
     results = run_dist("boxes", world, {"checkpoints": checkpoints, "mode": mode})
     check(results[0], checkpoints, world, placement)

@@ -7,7 +7,7 @@ import models  # noqa: E402
 import weightsync  # noqa: E402
 from engines import EngineSet  # noqa: E402
 from weightsync.policy import DtypePolicy  # noqa: E402
-from weightsync.shm import ShmIndex, StagingRing, shm_empty  # noqa: E402
+from weightsync.shm import ShmIndex, StagingRing, align_up, shm_empty  # noqa: E402
 
 
 # ---- no daemon ----
@@ -21,6 +21,149 @@ def test_staging_ring_wraps_and_releases_in_order():
     assert r.alloc(512, 4) == 512 and r.used == 1024
     r.release_through(4)
     assert r.used == 0 and r.alloc(1024, 5) == 0 and r.alloc(2048, 6) is None
+
+
+def test_staging_ring_wraps_to_the_start_only_when_the_tail_is_too_short():
+    r = StagingRing(1024)
+    assert r.alloc(256, 1) == 0 and r.alloc(512, 2) == 256 and r.alloc(256, 3) == 768 and r.used == 1024
+    r.release_through(2)
+    assert r.used == 256
+    assert r.alloc(512, 4) == 0        # the tail [1024, 1024) is empty: wraps
+    assert r.alloc(257, 5) is None      # [512, 768) is free but 257 bytes take 512
+    assert r.alloc(256, 5) == 512       # exactly up to the oldest live span
+    assert r.alloc(1, 6) is None
+    r.release_through(3)                # frees [768, 1024): the live spans are [0, 768)
+    assert r.alloc(256, 6) == 768 and r.used == 1024
+
+
+def test_staging_ring_releases_in_ticket_order_and_counts_aligned_bytes():
+    r = StagingRing(4096)
+    assert r.alloc(4, 0) == 0 and r.used == 256
+    assert r.alloc(3584 + 508, 1) is None  # one message's span: 4096 bytes, only 3840 free
+    r.release_through(0)
+    assert r.used == 0 and r.alloc(4092, 1) == 0 and r.used == 4096
+    r2 = StagingRing(2048)
+    for t in (1, 1, 2, 3):
+        r2.alloc(300, t)
+    assert r2.used == 4 * 512
+    r2.release_through(0)
+    assert r2.used == 2048
+    r2.release_through(1)               # both ticket-1 spans
+    assert r2.used == 1024 and r2.alloc(1024, 4) == 0 and r2.alloc(1, 5) is None
+    r2.release_through(9)
+    assert r2.used == 0 and r2.alloc(2048, 10) == 0
+
+
+class FakePush:
+    """The daemon's side of one Push stream: acknowledges each message when the trainer waits for an ack,
+    reading the message's bytes then (so a span reused while still in flight shows as wrong bytes)."""
+
+    def __init__(self, reader, expected):
+        self.reader, self.expected = reader, expected
+        self.acked, self.cancelled = [], False
+
+    def __call__(self, requests, timeout=None):
+        self.requests = iter(requests)
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from weightsync._proto import weightsync_pb2 as pb
+        msg = next(self.requests)
+        for sh in msg.shards:
+            got = self.reader(sh.memory)
+            assert got == self.expected[sh.tensor], f"{sh.tensor}: bytes changed while in flight"
+        self.acked.append(msg.layer)
+        return pb.LayerAck(layer=msg.layer, bytes_written=sum(len(self.expected[s.tensor]) for s in msg.shards))
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def read_shm(ref):
+    with open(ref.host_shm.name, "rb") as f:
+        f.seek(ref.host_shm.offset)
+        return f.read(ref.host_shm.length)
+
+
+def stream_with_fake_daemon(tr, tensors, reader=read_shm):
+    import types
+    from weightsync import pieces as P
+    from weightsync.trainer import RankStats
+    held = [(P.full_piece(n, t), t.dtype) for n, t in tensors.items()]
+    fake = FakePush(reader, {n: t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                             for n, t in tensors.items()})
+    tr.daemon = types.SimpleNamespace(stub=types.SimpleNamespace(Push=fake))
+    stats = RankStats()
+    tr._stream(7, held, stats)
+    return fake, stats
+
+
+def test_a_message_that_fits_max_inflight_bytes_always_fits_the_ring():
+    # 4 B + (3584 B + 508 B) with a 4096-byte bound: the second message takes 256 + 3584 + 512 aligned bytes
+    tensors = {"model.layers.0.w": torch.randn(1), "model.layers.1.a": torch.randn(896),
+               "model.layers.1.b": torch.randn(127)}
+    tr = weightsync.Trainer("unix:/nonexistent", "m", world_size=1, max_inflight_bytes=4096)
+    fake, stats = stream_with_fake_daemon(tr, tensors)
+    assert fake.acked == ["model.layers.0", "model.layers.1"] and not fake.cancelled
+    assert stats.staged_bytes == stats.bytes == 4 + 3584 + 508
+    assert stats.peak_inflight_bytes == 4096  # the 256 B of layer 0 was acknowledged first
+    tr.close()
+
+
+def test_staged_spans_are_not_reused_while_in_flight():
+    torch.manual_seed(0)
+    tensors = {f"model.layers.{i}.w{j}": torch.randn(n) for i in range(6) for j, n in enumerate((37, 300, 5))}
+    tensors["model.layers.3.big"] = torch.randn(3000)   # alone larger than the bound: sent alone
+    tr = weightsync.Trainer("unix:/nonexistent", "m", world_size=1, max_inflight_bytes=3000)
+    fake, stats = stream_with_fake_daemon(tr, tensors)
+    assert len(fake.acked) == stats.messages and stats.messages > 6
+    assert stats.peak_inflight_bytes <= align_up(3000 * 4) and stats.staged_bytes == sum(t.numel() * 4 for t in tensors.values())
+    tr.close()
+
+
+def test_cuda_staging_ring_is_freed_after_each_push(monkeypatch):
+    """The CUDA ring's lifetime, on CPU: the 'device' is the CPU (CUDA calls and the IPC export faked); after
+    each push nothing references the ring and the freed memory went back to the driver (empty_cache)."""
+    import types
+    import weakref
+    from weightsync import trainer as T
+    from weightsync.cuda_ipc import IpcRef
+    rings, emptied, exported = [], [], {}
+
+    def export(t, what):
+        exported[t.data_ptr()] = t
+        return IpcRef(b"h" * 64, "GPU-fake", t.data_ptr(), t.numel() * t.element_size())
+
+    def read(ref):
+        return exported[ref.cuda_ipc.offset].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+    class Torch:  # the trainer's torch, recording the buffers it allocates
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def empty(self, *a, **kw):
+            t = torch.empty(*a, **kw)
+            rings.append(weakref.ref(t))
+            return t
+
+    monkeypatch.setattr(T, "torch", Torch())
+    monkeypatch.setattr(T.Trainer, "_needs_staging", lambda self, p, wire, index: True)
+    monkeypatch.setattr(T.Trainer, "_staging_place", lambda self, t: torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(synchronize=lambda: None))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    monkeypatch.setattr(T, "export_tensor", export)
+    tensors = {f"model.layers.{i}.w": torch.randn(100) for i in range(3)}
+    tr = weightsync.Trainer("unix:/nonexistent", "m", world_size=1, max_inflight_bytes=1024)
+    for push in range(2):
+        fake, stats = stream_with_fake_daemon(tr, tensors, read)
+        exported.clear()
+        assert stats.staged_bytes == 3 * 400 and fake.acked == [f"model.layers.{i}" for i in range(3)]
+        assert len(rings) == push + 1 and all(r() is None for r in rings)  # nothing keeps a ring alive
+        assert len(emptied) == push + 1
+    tr.close()
 
 
 def test_shm_index_finds_shm_tensors_only():

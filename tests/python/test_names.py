@@ -72,8 +72,12 @@ def test_lora_names():
     sd = {"base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight": base,
           "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight": torch.randn(2, 4),
           "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight": torch.randn(8, 2)}
-    with pytest.raises(WeightSyncError, match="LoRA adapter"):
+    with pytest.raises(WeightSyncError, match="LoRA adapter") as e:
         mapped(sd)
+    msg = str(e.value)
+    assert "q_proj.lora_A.default.weight" in msg and "(of model.layers.0.self_attn.q_proj)" in msg
+    assert "skip_lora_adapters=True" in msg and "W + scale * B @ A" in msg
+    assert "drift" in msg  # says not to merge and unmerge in place, rather than recommending it
     got = mapped(sd, skip_lora_adapters=True)
     assert list(got) == ["model.layers.0.self_attn.q_proj.weight"]
     assert got["model.layers.0.self_attn.q_proj.weight"] is not None

@@ -104,3 +104,54 @@ def test_rank_failing_mid_stream_aborts_the_version(daemon, checkpoints):
         es.check(sd, 2)
     finally:
         es.close()
+
+
+def test_fsdp2_mixed_precision_pushes_the_stepped_masters(daemon, checkpoints, tmp_path):
+    """backward, no_grad forward (the root stays unsharded), [unshard()], optimizer.step(), push: the engine
+    gets bf16 of the stepped fp32 masters bit for bit, not the stale bf16 copies FSDP2 registered."""
+    from safetensors.torch import load_file
+    sd = models.load_checkpoint(checkpoints["llama"])
+    variants = ("default", "no_reshard", "unshard")
+    sets = {v: EngineSet(daemon.address, f"llama-mp-{v}", "llama", sd, models.config("llama"), 2)
+            for v in variants}
+    try:
+        run_dist("push_trained", 2, {"daemon": daemon.address, "out": str(tmp_path),
+                                     "jobs": [{"variant": v, "model": f"llama-mp-{v}",
+                                               "checkpoint": checkpoints["llama"]} for v in variants]})
+        for v, es in sets.items():
+            master = load_file(str(tmp_path / f"{v}.safetensors"))
+            assert sorted(master) == sorted(sd)
+            assert any(not torch.equal(master[k], sd[k]) for k in sd)  # the step changed the weights
+            es.check(master, 1)
+    except BaseException:
+        print(daemon.log())
+        raise
+    finally:
+        for es in sets.values():
+            es.close()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp1_pushes_views_of_the_flat_parameters(daemon, checkpoints, world):
+    """FSDP1: push reads the local shards of the flat parameters in place (no second copy of the rank's shards);
+    only rows split between ranks are assembled, one row each; the engine gets the checkpoint bit for bit."""
+    sd = models.load_checkpoint(checkpoints["llama"])
+    name = f"llama-fsdp1-w{world}"
+    es = EngineSet(daemon.address, name, "llama", sd, models.config("llama"), 2)
+    try:
+        results = run_dist("push_fsdp1", world, {"daemon": daemon.address, "model": name,
+                                                 "checkpoint": checkpoints["llama"]})
+        es.check(sd, 1)
+        rows = {k: v.numel() // v.shape[0] for k, v in sd.items() if v.dim() >= 2}
+        for r in results:
+            assert r["state"] == "committed" and r["other"] == [], r
+            assert r["views"] > 0 and r["views"] + r["assembled"] <= r["flat"] + len(rows) * max(rows.values())
+            assert r["assembled"] <= 2 * len(rows) * max(rows.values())  # at most a row per tensor, not a copy
+        assert sum(r["views"] + r["assembled"] for r in results) == sum(v.numel() for v in sd.values())
+        if world == 3:
+            assert any(r["assembled"] for r in results)  # rows split between ranks happen with these sizes
+    except BaseException:
+        print(daemon.log())
+        raise
+    finally:
+        es.close()

@@ -5,7 +5,7 @@ Steps, in order, for every tensor:
     DDP (`module.`), FSDP1 (`_fsdp_wrapped_module.`), activation checkpointing
     (`_checkpoint_wrapped_module.`), peft (`base_model.model.` and LoRA
     `base_layer.`). LoRA adapter tensors (lora_A/lora_B/...) are refused
-    unless skipped explicitly: merge the adapters before pushing.
+    unless skipped explicitly (then only the base weights are sent).
  2. transformers' checkpoint conversion mapping of the model, reversed as
     save_pretrained reverses it: renamings, and the fusions recent
     transformers applies in memory (MoE experts stacked into 3-D
@@ -145,10 +145,14 @@ class NameMapper:
         if is_lora_adapter(p.name):
             if self.skip_lora_adapters:
                 return []
+            m = _LORA.search(p.name)
+            layer = strip_wrappers(p.name[:m.start()]) or "the model"
             raise WeightSyncError(
-                f"tensor {p.name} is a LoRA adapter weight; the engine holds merged weights. Merge the adapters "
-                "before pushing (peft: model.merge_adapter(), push, model.unmerge_adapter()), or pass "
-                "skip_lora_adapters=True to push only the base weights")
+                f"tensor {p.name} is a LoRA adapter weight (of {layer}); weightsync does not push unmerged "
+                "adapters. Either pass skip_lora_adapters=True to push only the base weights (and serve the "
+                "adapter with the engine's LoRA support), or push (name, tensor) pairs holding W + scale * B @ A "
+                "computed into new tensors. Do not merge, push and unmerge in place (merge_adapter() / "
+                "unmerge_adapter()): the round trip is not exact, so the base weights drift every step")
         q = P.Piece(strip_wrappers(p.name), p.shape, p.dim, p.start, p.length, p.local)
         if q.name in self.tied:
             return []

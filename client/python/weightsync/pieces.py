@@ -26,6 +26,7 @@ class Piece:
     start: int = 0
     length: int = 0
     local: "torch.Tensor | None" = None
+    dtype: "torch.dtype | None" = None  # of the tensor when this rank holds none of it (collect's pieces)
 
     @property
     def held(self) -> bool:
@@ -76,7 +77,9 @@ def _sharded_tensor_type():
 
 
 def piece_of(name: str, value) -> Piece:
-    """The Piece for one (name, tensor) of this rank: DTensor, ShardedTensor or plain tensor."""
+    """The Piece for one (name, tensor) of this rank: DTensor, ShardedTensor, plain tensor or a Piece."""
+    if isinstance(value, Piece):
+        return replace(value, name=name)
     DTensor = _dtensor_types()
     if DTensor is not None and isinstance(value, DTensor):
         return _dtensor_piece(name, value)
@@ -201,15 +204,136 @@ def _hf_model_inside(module):
     return None
 
 
+def _fsdp2_module_type():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        return FSDPModule
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+            return FSDPModule
+        except ImportError:
+            return None
+
+
+def reshard_fsdp2(module: torch.nn.Module) -> int:
+    """Reshards every FSDP2 module under `module` (FSDPModule.reshard(), public API); returns how many.
+
+    An unsharded FSDP2 module (the root after a no_grad forward, any module
+    with reshard_after_forward=False, or after unshard()) registers full copies
+    in the mixed-precision param dtype, which optimizer.step() does not update:
+    reading them would send stale values. Resharding registers the sharded
+    parameters the optimizer steps; the next forward all-gathers again.
+    """
+    FSDPModule = _fsdp2_module_type()
+    if FSDPModule is None:
+        return 0
+    n = 0
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+            n += 1
+    return n
+
+
+def _fsdp1_pieces(module: torch.nn.Module, FSDP1) -> "list | None":
+    """This rank's pieces of every FSDP1-managed parameter, read from the flat parameters' local shards.
+
+    A rank's shard of a flat parameter is a flat element range [a, b) of each
+    original parameter. The rank sends the rows that start in it: the full rows
+    as a view of the local shard (no copy) and, when its range ends inside a
+    row, that row assembled from its elements and the ones the next ranks hold
+    (exchanged in the flat parameter's process group): two boxes. Returns None
+    when torch's FSDP1 internals are not as expected (the caller falls back to
+    SHARDED_STATE_DICT, which copies).
+    """
+    handles = []
+    for prefix, m in module.named_modules():
+        h = getattr(m, "_handle", None)
+        if not isinstance(m, FSDP1) or h is None:
+            continue
+        fp = getattr(h, "flat_param", None)
+        needed = ("_fqns", "_shapes", "_shard_param_infos")
+        if fp is None or not all(hasattr(fp, a) for a in needed) or not hasattr(h, "process_group"):
+            return None
+        handles.append((prefix, h, fp))
+    out, partial, sends = [], {}, []
+    for prefix, h, fp in handles:
+        # _local_shard: the sharded data (also while unsharded); set at FSDP1's lazy init (the first forward
+        # or state_dict), before which the flat parameter itself holds the shard.
+        local = getattr(fp, "_local_shard", fp).detach()
+        dt = local.dtype
+        for fqn, shape, info in zip(fp._fqns, fp._shapes, fp._shard_param_infos):
+            name = f"{prefix}.{fqn}" if prefix else fqn
+            shape = tuple(shape)
+            row = 1
+            for d in shape[1:]:
+                row *= d
+            if not info.in_shard or not info.numel_in_shard or row == 0:
+                out.append(Piece(name, shape, 0, 0, 0, None, dt))
+                continue
+            a, b, off = info.intra_param_start_idx, info.intra_param_end_idx + 1, info.offset_in_shard
+            data = local[off:off + (b - a)]
+            if not shape:
+                out.append(replace(full_piece(name, data.view(())), dtype=dt))
+                continue
+            r0, rf = -(-a // row), b // row     # first row starting in [a, b); end of the rows ending in it
+            held = False
+            if rf > r0:
+                out.append(Piece(name, shape, 0, r0, rf - r0, data[r0 * row - a:rf * row - a].view((rf - r0,) + shape[1:]), dt))
+                held = True
+            if a % row:                         # the end of a row that starts on an earlier rank
+                sends.append((name, a // row, a % row, data[:min(r0 * row, b) - a].clone().cpu()))
+            if b % row and rf * row >= a:       # a row starting here and ending on later ranks
+                buf = torch.empty(row, dtype=dt, device=local.device)
+                buf[:b - rf * row].copy_(data[rf * row - a:])
+                partial[(name, rf)] = [buf, b - rf * row, len(out), shape]
+                out.append(None)                # its place, filled below
+                held = True
+            if not held:
+                out.append(Piece(name, shape, 0, 0, 0, None, dt))
+    groups = {id(h.process_group): h.process_group for _, h, _ in handles}
+    if len(groups) > 1:
+        return None  # flat parameters in different process groups: exchange not implemented
+    import torch.distributed as dist
+    received = [sends]
+    if groups:
+        pg = next(iter(groups.values()))
+        received = [None] * dist.get_world_size(pg)
+        dist.all_gather_object(received, sends, group=pg)
+    for frags in received:
+        for name, r, col, t in frags:
+            slot = partial.get((name, r))
+            if slot is None:
+                continue
+            buf, filled = slot[0], slot[1]
+            if col != filled or col + t.numel() > buf.numel():
+                raise WeightSyncError(f"tensor {name}: FSDP1 shards of row {r} do not tile it "
+                                      f"(expected column {filled}, got {col} + {t.numel()})")
+            buf[col:col + t.numel()].copy_(t)
+            slot[1] += t.numel()
+    for (name, r), (buf, filled, i, shape) in partial.items():
+        if filled != buf.numel():
+            raise WeightSyncError(f"tensor {name}: row {r} has {filled} of {buf.numel()} elements on the FSDP1 ranks")
+        out[i] = Piece(name, shape, 0, r, 1, buf.view((1,) + shape[1:]), buf.dtype)
+    return out
+
+
 def _module_tensors(module: torch.nn.Module) -> list:
+    reshard_fsdp2(module)
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1, StateDictType
     except ImportError:
         FSDP1 = None
+    out = None
     if FSDP1 is not None and any(isinstance(m, FSDP1) for m in module.modules()):
-        with FSDP1.state_dict_type(module, StateDictType.SHARDED_STATE_DICT):
-            return list(module.state_dict().items())
-    out = list(module.named_parameters())  # tied parameters once
+        pieces = _fsdp1_pieces(module, FSDP1)
+        if pieces is None:
+            with FSDP1.state_dict_type(module, StateDictType.SHARDED_STATE_DICT):
+                return list(module.state_dict().items())
+        out = [(p.name, p) for p in pieces]
+    else:
+        out = list(module.named_parameters())  # tied parameters once
     for mod_name, mod in module.named_modules():
         for bname, buf in mod.named_buffers(recurse=False):
             if buf is not None and bname not in mod._non_persistent_buffers_set:

@@ -129,7 +129,9 @@ class Trainer:
     daemon: address ("unix:/path", "host:port") or a Daemon.
     model: the logical model name the engines registered under.
     max_inflight_bytes: bound on shard bytes exported and not yet acknowledged
-        (zero-copy and staged); a single shard larger than it is sent alone.
+        (zero-copy and staged), each shard counted as the staging rings hold it
+        (rounded up to 256 bytes); a single shard larger than it is sent alone.
+        The CUDA staging ring is allocated by a push and freed at its end.
     dtype_overrides: {glob: dtype}: matching tensors are cast to that dtype
         first (their source dtype); or pass a DtypePolicy as dtype_policy. The
         daemon then chooses each tensor's wire dtype from the dtypes the
@@ -173,7 +175,6 @@ class Trainer:
         self.shm_mode = shm_mode
         self.timeout = timeout
         self._host_seg: "ShmSegment | None" = None
-        self._cuda_bufs: dict = {}
 
     # ---- public ----
 
@@ -256,7 +257,6 @@ class Trainer:
         if self._host_seg is not None:
             self._host_seg.close()
             self._host_seg = None
-        self._cuda_bufs.clear()
 
     def __enter__(self) -> "Trainer":
         return self
@@ -278,7 +278,7 @@ class Trainer:
             if key is not None and alias_of is None:
                 seen[key] = name
             for q in mapper.map(piece):
-                if q.name in names:
+                if q.name in names and not (isinstance(value, P.Piece) and names[q.name] == name):
                     raise WeightSyncError(f"tensors {names[q.name]} and {name} both map to {q.name}")
                 names[q.name] = name
                 if alias_of is not None:
@@ -326,7 +326,7 @@ class Trainer:
         for layer, items in by_layer.items():
             parts, cur, size = [], [], 0
             for p, wire in items:
-                n = align_up(p.local.numel() * wire.itemsize)  # as the staging ring will hold it
+                n = _span(p, wire)
                 if cur and size + n > self.max_inflight_bytes:
                     parts.append(cur)
                     cur, size = [], 0
@@ -355,30 +355,52 @@ class Trainer:
         return self._host_seg, StagingRing(self._host_seg.size)
 
     def _cuda_ring(self, device, need: int):
-        buf = self._cuda_bufs.get(device)
-        if buf is None or buf.numel() < need:
-            self._cuda_bufs.pop(device, None)
-            buf = self._cuda_bufs[device] = torch.empty(need, dtype=torch.uint8, device=device)
+        """A CUDA staging buffer for one push (freed by _release_cuda at its end)."""
+        buf = torch.empty(need, dtype=torch.uint8, device=device)
         return buf, StagingRing(buf.numel())
+
+    @staticmethod
+    def _sync_staged(device) -> None:
+        torch.cuda.current_stream(device).synchronize()  # the staging copies land before the daemon reads
+
+    @staticmethod
+    def _release_cuda() -> None:
+        """Returns freed CUDA staging buffers to the driver, for a colocated engine to use."""
+        torch.cuda.empty_cache()
 
     def _stream(self, sync_id: int, held, stats: RankStats) -> None:
         t0 = time.perf_counter()
         index = ShmIndex()
         groups = self._groups(held)
-        # Ring sizes: bounded by max_inflight_bytes, never below the largest staged shard.
-        need: dict = {}
-        biggest: dict = {}
-        for p, wire in held:
-            if self._needs_staging(p, wire, index):
-                where = self._staging_place(p.local)
-                n = align_up(p.local.numel() * wire.itemsize)
+        # Each message reserves one contiguous span per staging ring it uses. Ring sizes: bounded by
+        # max_inflight_bytes, never below the largest message's span (a message of a single shard can be larger).
+        plans, need, biggest = [], {}, {}
+        for layer, items in groups:
+            spans: dict = {}
+            for p, wire in items:
+                if self._needs_staging(p, wire, index):
+                    where = self._staging_place(p.local)
+                    spans[where] = spans.get(where, 0) + _span(p, wire)
+            for where, n in spans.items():
                 need[where] = need.get(where, 0) + n
                 biggest[where] = max(biggest.get(where, 0), n)
+            plans.append((layer, items, spans))
         rings = {}
-        for where, total in need.items():
-            cap = max(min(total, align_up(self.max_inflight_bytes)), biggest[where])
-            rings[where] = self._host_ring(cap) if where == "host" else self._cuda_ring(where, cap)
-        for dev in {p.local.device for p, _ in held if p.local.device.type == "cuda"}:
+        try:
+            for where, total in need.items():
+                cap = max(min(total, align_up(self.max_inflight_bytes)), biggest[where])
+                rings[where] = self._host_ring(cap) if where == "host" else self._cuda_ring(where, cap)
+            self._stream_messages(sync_id, plans, index, rings, stats)
+        finally:
+            rings.clear()  # the last references to this push's CUDA staging buffers
+            stats.seconds_stream = time.perf_counter() - t0
+        # Every layer was acknowledged: the daemon reads none of it any more. (After a failure the daemon may
+        # still be copying from a cancelled stream; the buffer then stays in torch's cache until a later push.)
+        if any(w != "host" for w in need):
+            self._release_cuda()
+
+    def _stream_messages(self, sync_id: int, plans, index, rings, stats: RankStats) -> None:
+        for dev in {p.local.device for _, items, _ in plans for p, _ in items if p.local.device.type == "cuda"}:
             torch.cuda.synchronize(dev)  # pending writes (optimizer step) land before the daemon reads
 
         requests: "queue.Queue" = queue.Queue()
@@ -391,7 +413,7 @@ class Trainer:
                 yield item
 
         call = self.daemon.stub.Push(gen(), timeout=self.timeout)
-        inflight: list = []   # (layer, bytes, ticket, keepalive)
+        inflight: list = []   # (layer, aligned bytes, ticket, keepalive)
         inflight_bytes = 0
 
         def wait_one():
@@ -413,14 +435,26 @@ class Trainer:
             stats.daemon_seconds += ack.seconds
 
         try:
-            for ticket, (layer, items) in enumerate(groups):
-                nbytes = sum(p.local.numel() * w.itemsize for p, w in items)
+            for ticket, (layer, items, spans) in enumerate(plans):
+                nbytes = sum(_span(p, w) for p, w in items)  # in-flight bytes count as the rings hold them
                 while inflight and inflight_bytes + nbytes > self.max_inflight_bytes:
                     wait_one()
+                cursor = {}
+                for where, n in spans.items():
+                    ring = rings[where][1]
+                    while True:
+                        off = ring.alloc(n, ticket)
+                        if off is not None:
+                            break
+                        if not inflight:  # rings are sized for the largest message: a broken invariant
+                            raise WeightSyncError(f"layer {layer}: {n} staged bytes do not fit the {where} staging "
+                                                  f"ring ({ring.capacity} bytes, {ring.used} held)")
+                        wait_one()
+                    cursor[where] = off
                 msg = pb.LayerData(sync_id=sync_id, rank=self.rank, layer=layer)
                 keep, synced = [], set()
                 for p, wire in items:
-                    ref, staged, dev = self._export(p, wire, index, rings, ticket, wait_one, inflight)
+                    ref, staged, dev = self._export(p, wire, index, rings, cursor)
                     if staged:
                         stats.staged_bytes += ref_length(ref)
                         if dev is not None:
@@ -430,14 +464,14 @@ class Trainer:
                     keep.append(p.local)
                     msg.shards.append(pb.ShardData(tensor=p.name, memory=ref))
                 for dev in synced:
-                    torch.cuda.current_stream(dev).synchronize()
+                    self._sync_staged(dev)
                 requests.put(msg)
                 inflight.append((layer, nbytes, ticket, keep))
                 inflight_bytes += nbytes
                 stats.peak_inflight_bytes = max(stats.peak_inflight_bytes, inflight_bytes)
                 stats.messages += 1
                 stats.tensors += len(items)
-                stats.bytes += nbytes
+                stats.bytes += sum(p.local.numel() * w.itemsize for p, w in items)
             while inflight:
                 wait_one()
             requests.put(None)
@@ -450,11 +484,10 @@ class Trainer:
             call.cancel()
             requests.put(None)
             raise
-        finally:
-            stats.seconds_stream = time.perf_counter() - t0
 
-    def _export(self, p, wire, index, rings, ticket, wait_one, inflight):
-        """(MemoryRef, staged?, cuda device to sync or None) for one held piece."""
+    def _export(self, p, wire, index, rings, cursor):
+        """(MemoryRef, staged?, cuda device to sync or None) for one held piece; a staged piece is copied at
+        cursor[place] in its ring (the message's reserved span), which then advances."""
         t = p.local
         what = f"tensor {p.name} (rank {self.rank})"
         if t.device.type not in ("cpu", "cuda"):
@@ -468,15 +501,10 @@ class Trainer:
             return pb.MemoryRef(cuda_ipc=pb.CudaIpcRef(handle=ipc.handle, device_uuid=ipc.device_uuid,
                                                        offset=ipc.offset, length=ipc.length)), False, None
         where = self._staging_place(t)
-        buf, ring = rings[where]
+        buf = rings[where][0]
         nbytes = t.numel() * wire.itemsize
-        while True:
-            off = ring.alloc(nbytes, ticket)
-            if off is not None:
-                break
-            if not inflight:
-                raise WeightSyncError(f"{what}: {nbytes} bytes do not fit the staging ring ({ring.capacity} bytes)")
-            wait_one()
+        off = cursor[where]
+        cursor[where] = off + _span(p, wire)
         if where == "host":
             dst = buf.view(off, nbytes, wire, tuple(t.shape))
             dst.copy_(t)
@@ -485,7 +513,12 @@ class Trainer:
         dst.copy_(t)
         ipc = export_tensor(dst, what)
         return pb.MemoryRef(cuda_ipc=pb.CudaIpcRef(handle=ipc.handle, device_uuid=ipc.device_uuid,
-                                                   offset=ipc.offset, length=ipc.length)), True, t.device
+                                                   offset=ipc.offset, length=ipc.length)), True, where
+
+
+def _span(p, wire) -> int:
+    """Bytes one shard takes in a staging ring (and counts in flight): its wire size rounded up to ALIGN."""
+    return align_up(p.local.numel() * wire.itemsize)
 
 
 def _wire_dtypes(req: pb.BeginSyncRequest, resp: pb.BeginSyncResponse) -> dict:
