@@ -112,11 +112,7 @@ Result<std::unique_ptr<NcclTransport>> NcclTransport::Create(const std::string& 
   config.blocking = 0;
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   ncclResult_t r = ncclCommInitRankConfig(&impl->comm, nranks, id, rank, &config);
-  if (r != ncclSuccess && r != ncclInProgress) {
-    Status st = NcclError(r, "ncclCommInitRankConfig", what);
-    if (impl->comm) impl->Fail(st);
-    return st;
-  }
+  // A failure aborts whatever communicator was made (Impl::Fail).
   WS_RETURN_IF_ERROR(impl->Check(r, deadline, "ncclCommInitRankConfig", what));
   return std::unique_ptr<NcclTransport>(new NcclTransport(std::move(impl)));
 }
