@@ -100,6 +100,7 @@ int main(int argc, char** argv) {
   std::string log_format = "text";
   std::string log_level = "info";
   int threads = 0;
+  bool require_cuda = false;
   uint64_t chunk_bytes = 4u << 20;
   double ack_timeout = 60;
   double progress_timeout = 30;
@@ -124,6 +125,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "Copy worker threads (0 = one per core)")
       ->check(CLI::Range(0, 1024))
       ->capture_default_str();
+  app.add_flag("--require-cuda", require_cuda,
+               "Refuse to start (exit 2) unless CUDA references can be served (a device and a working CUDA executor)");
   app.add_option("--chunk-bytes", chunk_bytes, "Destination bytes per copy work item (e.g. 4MiB)")
       ->transform(CLI::AsSizeValue(/*kb_is_1000=*/true))
       ->capture_default_str();
@@ -259,7 +262,10 @@ int main(int argc, char** argv) {
   auto plane = ws::MakeDataPlane(dpo);
   auto& domain = plane.domain;
   auto& executor = plane.executor;
-  if (!plane.cuda.ok()) spdlog::info("CUDA references are refused: {}", plane.cuda.message());
+  if (!plane.cuda.ok()) {
+    if (require_cuda) return StartupError("--require-cuda: " + plane.cuda.message());
+    spdlog::info("CUDA references are refused: {}", plane.cuda.message());
+  }
 
   ws::server::CoordinatorOptions co;
   co.ack_timeout = std::chrono::milliseconds(static_cast<int64_t>(ack_timeout * 1000));
