@@ -1,6 +1,10 @@
 // GPU data-plane throughput: the CUDA executor's kernel and copy-engine
 // paths next to cudaMemcpy device-to-device and host-to-device floors
-// measured in the same run.
+// measured in the same run. The floors are timed on the device with CUDA
+// events around cudaMemcpyAsync on one stream (a device-to-device cudaMemcpy
+// returns before the copy ends, so host time would measure the launch); the
+// executor cases are host time around Run(), which blocks until its copies
+// have completed.
 //
 //   gpu_copy [--elems E] [--repeats R]
 // prints one JSON line per case: {"case", "bytes" (destination), "seconds"
@@ -53,15 +57,32 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "gpu_copy: %s\n", ex.status().ToString().c_str());
     return 1;
   }
-  auto time = [&](const char* name, double bytes, auto fn) {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t ev0 = nullptr, ev1 = nullptr;
+  if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess ||
+      cudaEventCreate(&ev0) != cudaSuccess || cudaEventCreate(&ev1) != cudaSuccess) {
+    std::fprintf(stderr, "gpu_copy: stream/event creation failed\n");
+    return 1;
+  }
+  // fn() enqueues on `stream` (device: events around it) or runs to
+  // completion (host: wall time).
+  auto time = [&](const char* name, double bytes, bool device, auto fn) {
     std::vector<double> t;
     for (int r = 0; r < repeats + 1; ++r) {
       auto t0 = std::chrono::steady_clock::now();
-      if (!fn()) {
+      bool ok = true;
+      if (device) ok = cudaEventRecord(ev0, stream) == cudaSuccess;
+      ok = ok && fn();
+      float ms = 0;
+      if (device) {
+        ok = ok && cudaEventRecord(ev1, stream) == cudaSuccess && cudaEventSynchronize(ev1) == cudaSuccess &&
+             cudaEventElapsedTime(&ms, ev0, ev1) == cudaSuccess;
+      }
+      if (!ok) {
         std::fprintf(stderr, "gpu_copy: %s failed\n", name);
         std::exit(1);
       }
-      double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      double s = device ? ms / 1e3 : std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (r > 0) t.push_back(s);
     }
     std::sort(t.begin(), t.end());
@@ -84,12 +105,17 @@ int main(int argc, char** argv) {
   };
   auto run = [&](ws::kernels::CopyOp op) { return (*ex)->Run({op}).ok(); };
   const double b4 = elems * 4.0, b2 = elems * 2.0;
-  time("cudaMemcpy d2d f32 (floor)", b4, [&] { return cudaMemcpy(dst32, src, elems * 4, cudaMemcpyDeviceToDevice) == cudaSuccess; });
-  time("executor f32->f32 (copy engine)", b4, [&] { return run(op_for(src, dst32, 0, 0, false)); });
-  time("executor f32->bf16 (kernel)", b2, [&] { return run(op_for(src, dst16, 0, 1, false)); });
-  time("executor f32->bf16 transpose (kernel)", b2, [&] { return run(op_for(src, dst16, 0, 1, true)); });
-  time("cudaMemcpy h2d pinned f32 (floor)", b4, [&] { return cudaMemcpy(dst32, host, elems * 4, cudaMemcpyHostToDevice) == cudaSuccess; });
-  time("executor pinned host f32->bf16 (kernel)", b2, [&] { return run(op_for(host, dst16, 0, 1, false)); });
+  time("cudaMemcpy d2d f32 (floor)", b4, true,
+       [&] { return cudaMemcpyAsync(dst32, src, elems * 4, cudaMemcpyDeviceToDevice, stream) == cudaSuccess; });
+  time("executor f32->f32 (copy engine)", b4, false, [&] { return run(op_for(src, dst32, 0, 0, false)); });
+  time("executor f32->bf16 (kernel)", b2, false, [&] { return run(op_for(src, dst16, 0, 1, false)); });
+  time("executor f32->bf16 transpose (kernel)", b2, false, [&] { return run(op_for(src, dst16, 0, 1, true)); });
+  time("cudaMemcpy h2d pinned f32 (floor)", b4, true,
+       [&] { return cudaMemcpyAsync(dst32, host, elems * 4, cudaMemcpyHostToDevice, stream) == cudaSuccess; });
+  time("executor pinned host f32->bf16 (kernel)", b2, false, [&] { return run(op_for(host, dst16, 0, 1, false)); });
+  cudaEventDestroy(ev0);
+  cudaEventDestroy(ev1);
+  cudaStreamDestroy(stream);
   cudaFree(src);
   cudaFree(dst32);
   cudaFree(dst16);

@@ -23,7 +23,7 @@
 #include "daemon/core/layout.h"
 #include "daemon/core/limits.h"
 #include "daemon/core/token.h"
-#include "daemon/dataplane/executor.h"
+#include "daemon/dataplane/data_plane.h"
 #include "daemon/mem/memory.h"
 #include "daemon/server/coordinator.h"
 #include "daemon/server/logging.h"
@@ -36,12 +36,15 @@
 namespace {
 
 constexpr int kExitStartup = 2;
+// The data plane hit a sticky CUDA error; a restart gives it a new context.
+constexpr int kExitFatal = 3;
 
 // Shared with the detached sigwait thread, so they outlive main().
 sigset_t g_term;
 std::mutex g_mu;
 std::condition_variable g_cv;
 int g_signal = 0;
+std::string g_fatal;  // set once by the data plane's on_fatal
 
 int StartupError(const std::string& msg) {
   std::fprintf(stderr, "weightsyncd: %s\n", msg.c_str());
@@ -97,6 +100,7 @@ int main(int argc, char** argv) {
   std::string log_format = "text";
   std::string log_level = "info";
   int threads = 0;
+  bool require_cuda = false;
   uint64_t chunk_bytes = 4u << 20;
   double ack_timeout = 60;
   double progress_timeout = 30;
@@ -121,6 +125,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "Copy worker threads (0 = one per core)")
       ->check(CLI::Range(0, 1024))
       ->capture_default_str();
+  app.add_flag("--require-cuda", require_cuda,
+               "Refuse to start (exit 2) unless CUDA references can be served (a device and a working CUDA executor)");
   app.add_option("--chunk-bytes", chunk_bytes, "Destination bytes per copy work item (e.g. 4MiB)")
       ->transform(CLI::AsSizeValue(/*kb_is_1000=*/true))
       ->capture_default_str();
@@ -243,11 +249,23 @@ int main(int argc, char** argv) {
   auto archs = layouts.value()->Architectures();
   if (archs.empty()) return StartupError("no layout rules found in " + layouts_dir);
 
-  auto domain = ws::MakeMemoryDomain();
-  ws::ExecutorOptions eo;
-  eo.threads = threads;
-  eo.chunk_bytes = chunk_bytes;
-  auto executor = ws::MakeExecutor(eo);
+  ws::DataPlaneOptions dpo;
+  dpo.executor.threads = threads;
+  dpo.executor.chunk_bytes = chunk_bytes;
+  dpo.on_fatal = [](const ws::Status& st) {
+    {
+      std::lock_guard lk(g_mu);
+      g_fatal = st.message();
+    }
+    g_cv.notify_all();
+  };
+  auto plane = ws::MakeDataPlane(dpo);
+  auto& domain = plane.domain;
+  auto& executor = plane.executor;
+  if (!plane.cuda.ok()) {
+    if (require_cuda) return StartupError("--require-cuda: " + plane.cuda.message());
+    spdlog::info("CUDA references are refused: {}", plane.cuda.message());
+  }
 
   ws::server::CoordinatorOptions co;
   co.ack_timeout = std::chrono::milliseconds(static_cast<int64_t>(ack_timeout * 1000));
@@ -305,12 +323,20 @@ int main(int argc, char** argv) {
   }).detach();
 
   int got = 0;
+  std::string fatal;
   {
     std::unique_lock lk(g_mu);
-    g_cv.wait(lk, [] { return g_signal != 0; });
+    g_cv.wait(lk, [] { return g_signal != 0 || !g_fatal.empty(); });
     got = g_signal;
+    fatal = g_fatal;
   }
-  spdlog::info("received {}; shutting down (aborting in-flight syncs)", strsignal(got));
+  if (got == 0) {
+    // Health turns NOT_SERVING and every sync aborts in Stop(); the non-zero
+    // exit has the supervisor restart the daemon with a fresh CUDA context.
+    spdlog::critical("the CUDA data plane is unusable, shutting down (aborting in-flight syncs): {}", fatal);
+  } else {
+    spdlog::info("received {}; shutting down (aborting in-flight syncs)", strsignal(got));
+  }
   // Whatever is in flight, the daemon is gone a few seconds after the grace
   // period: a supervisor's stop must not hang on a stuck peer or copy.
   const auto hard_limit = std::chrono::milliseconds(static_cast<int64_t>(shutdown_grace * 1000)) +
@@ -324,5 +350,5 @@ int main(int argc, char** argv) {
   server.Stop(std::chrono::milliseconds(static_cast<int64_t>(shutdown_grace * 1000)));
   spdlog::info("stopped");
   spdlog::shutdown();
-  return 0;
+  return got == 0 ? kExitFatal : 0;
 }

@@ -72,7 +72,11 @@ Status DeviceBuffer::CopyIn(uint64_t offset, const void* src, uint64_t n) {
   if (n == 0) return Status::Ok();
   cudaSetDevice(device_);
   cudaError_t e = cudaMemcpy(static_cast<char*>(ptr_) + offset, src, n, cudaMemcpyHostToDevice);
-  return e == cudaSuccess ? Status::Ok() : CudaFailed(e, "cudaMemcpy (host to device)", what_);
+  if (e != cudaSuccess) return CudaFailed(e, "cudaMemcpy (host to device)", what_);
+  // From pageable memory cudaMemcpy may return before the DMA has landed; the
+  // daemon reads the buffer on its own non-blocking stream, so finish here.
+  e = cudaDeviceSynchronize();
+  return e == cudaSuccess ? Status::Ok() : CudaFailed(e, "cudaDeviceSynchronize (after host to device)", what_);
 }
 
 Status DeviceBuffer::CopyOut(uint64_t offset, void* dst, uint64_t n) const {

@@ -47,19 +47,26 @@ class Executor {
     return Run(ops);
   }
   virtual int threads() const = 0;
+  // Ok while the executor can run ops. Once it cannot run anything again
+  // (a sticky CUDA error: the context stays broken until the process exits)
+  // the error, for good.
+  virtual Status health() const { return Status::Ok(); }
 };
 
 // Host memory only (every op's pointers must be host-addressable).
 std::unique_ptr<Executor> MakeHostExecutor(const ExecutorOptions& opts);
 
-// The host executor, plus, when built with CUDA and a device is present, the
-// CUDA executor: an op whose source or destination is device memory goes to
+// The host executor, plus, when built with CUDA and the CUDA executor starts,
+// that executor: an op whose source or destination is device memory goes to
 // the GPU (one batched launch per destination device), the rest to the host
-// pool. Without CUDA this is the host executor.
+// pool; such an op is refused when the CUDA executor could not start. The
+// executor of MakeDataPlane (data_plane.h), which also builds the matching
+// memory domain. Without CUDA this is the host executor.
 std::unique_ptr<Executor> MakeExecutor(const ExecutorOptions& opts);
 
 // Checks an op's shape fields (non-negative sizes, known dtypes, non-null
-// pointers, destination rows that do not overlap). `what` names it in errors.
+// pointers aligned to their element size, destination rows that do not
+// overlap). `what` names it in errors.
 Status ValidateCopyOp(const kernels::CopyOp& op, const std::string& what);
 
 // Single-threaded reference path: the plain per-element loop over

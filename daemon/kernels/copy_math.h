@@ -130,6 +130,40 @@ WS_HD void SplitIndex(const CopyOp& op, int64_t k, int64_t* i, int64_t* j) {
   *j = k - *i * op.cols;
 }
 
+// Transposed ops run on the GPU in square tiles of kTransposeTile^2
+// destination elements, so that both passes coalesce: the load pass reads
+// source rows (contiguous in memory) into a buffer, the store pass writes
+// destination rows from it. In both, `b` is the fast index across threads.
+constexpr int64_t kTransposeTile = 32;
+
+WS_HD int64_t TransposeTileCount(const CopyOp& op) {
+  const int64_t t = kTransposeTile;
+  return ((op.rows + t - 1) / t) * ((op.cols + t - 1) / t);
+}
+
+// Destination origin (i0, j0) of tile `tile` (tiles in row-major order).
+WS_HD void TransposeTileOrigin(const CopyOp& op, int64_t tile, int64_t* i0, int64_t* j0) {
+  const int64_t per_row = (op.cols + kTransposeTile - 1) / kTransposeTile;
+  *i0 = (tile / per_row) * kTransposeTile;
+  *j0 = (tile % per_row) * kTransposeTile;
+}
+
+// Load pass: buf[a][b] = src[*si], the source of destination (i0 + b, j0 + a).
+// False outside the op.
+WS_HD bool TransposeLoadIndex(const CopyOp& op, int64_t i0, int64_t j0, int a, int b, int64_t* si) {
+  if (i0 + b >= op.rows || j0 + a >= op.cols) return false;
+  *si = SrcIndex(op, i0 + b, j0 + a);
+  return true;
+}
+
+// Store pass: dst[*di] = buf[b][a], destination (i0 + a, j0 + b). False
+// outside the op.
+WS_HD bool TransposeStoreIndex(const CopyOp& op, int64_t i0, int64_t j0, int a, int b, int64_t* di) {
+  if (i0 + a >= op.rows || j0 + b >= op.cols) return false;
+  *di = DstIndex(op, i0 + a, j0 + b);
+  return true;
+}
+
 // Element k of an op: the whole per-element body the GPU kernel runs.
 WS_HD void RunElement(const CopyOp& op, int64_t k) {
   int64_t i, j;

@@ -11,6 +11,7 @@
 #include <climits>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -80,11 +81,11 @@ class Fd {
 
 struct ShmObject;
 
-// Every mapped ShmObject by base address, for DiagnoseMemoryFault(). An
-// object leaves before it is unmapped; the lock keeps it alive while a
-// diagnosis reads it.
+// Every mapped ShmObject by base address, for DiagnoseMemoryFault() and
+// PinHostObject(). An object leaves before it is unmapped; the lock keeps it
+// alive while a diagnosis or a lazy pin uses it.
 std::mutex g_mapped_mu;
-std::map<uintptr_t, const ShmObject*> g_mapped;
+std::map<uintptr_t, ShmObject*> g_mapped;
 
 // One mapped shm object, with the fd it was opened by. Unregistered, then
 // unpinned, then unmapped when the last holder (cache or Mapping) drops it.
@@ -99,6 +100,9 @@ struct ShmObject {
   bool writable = false;  // mapped PROT_WRITE (fd opened O_RDWR)
   bool registered = false;
   std::shared_ptr<void> pin;
+  // lazy_pin: the hook, until PinHostObject() has called it successfully
+  // (guarded by g_mapped_mu).
+  decltype(HostShmOptions::pin) lazy_pin;
 
   ShmObject() = default;
   ShmObject(const ShmObject&) = delete;
@@ -278,7 +282,10 @@ struct HostShmDomain::Impl {
         g_mapped[reinterpret_cast<uintptr_t>(p)] = obj.get();
         obj->registered = true;
       }
-      if (opts.pin) {
+      if (opts.pin && opts.lazy_pin) {
+        std::lock_guard<std::mutex> lock(g_mapped_mu);
+        obj->lazy_pin = opts.pin;
+      } else if (opts.pin) {
         auto token = opts.pin(p, obj->size, writable, "/" + name);
         if (!token.ok()) return token.status();
         obj->pin = std::move(token).value();
@@ -406,6 +413,23 @@ size_t HostShmDomain::cached_objects() const {
 }
 
 std::unique_ptr<MemoryDomain> MakeHostShmDomain() { return std::make_unique<HostShmDomain>(); }
+
+Status PinHostObject(const void* addr) {
+  const auto a = reinterpret_cast<uintptr_t>(addr);
+  std::lock_guard<std::mutex> lock(g_mapped_mu);
+  auto it = g_mapped.upper_bound(a);
+  if (it == g_mapped.begin() || a - std::prev(it)->first >= std::prev(it)->second->size)
+    return NotFound("no mapped shared memory object contains this host address");
+  ShmObject& o = *std::prev(it)->second;
+  if (!o.lazy_pin) return Status::Ok();
+  // Under the lock: the object cannot be unmapped meanwhile, and each object
+  // is pinned once. Pinning is rare (once per object), so others wait little.
+  auto token = o.lazy_pin(o.base, o.size, o.writable, "/" + o.name);
+  if (!token.ok()) return token.status();
+  o.pin = std::move(token).value();
+  o.lazy_pin = nullptr;
+  return Status::Ok();
+}
 
 std::string DiagnoseMemoryFault(const void* addr, bool writing) {
   const auto a = reinterpret_cast<uintptr_t>(addr);

@@ -53,7 +53,15 @@ struct HostShmOptions {
   std::function<Result<std::shared_ptr<void>>(void* base, uint64_t size, bool writable,
                                               const std::string& name)>
       pin;
+  // Call `pin` not at map time but from PinHostObject(), when a device copy
+  // first needs the object (host-to-host syncs never pin).
+  bool lazy_pin = false;
 };
+
+// For lazy_pin domains: pins the mapped host object containing addr unless
+// it is pinned already. NotFound when no object mapped by a HostShmDomain
+// covers addr; the pin hook's error if it fails (the next call tries again).
+Status PinHostObject(const void* addr);
 
 class HostShmDomain final : public MemoryDomain {
  public:

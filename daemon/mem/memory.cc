@@ -5,10 +5,6 @@
 #include <cstdio>
 #include <utility>
 
-#include "daemon/mem/host_shm.h"
-#if WS_WITH_CUDA
-#include "daemon/mem/cuda/cuda_domain.h"
-#endif
 
 namespace ws {
 
@@ -83,6 +79,9 @@ class CompositeDomain final : public MemoryDomain {
     if (cuda_) cuda_->Trim();
   }
   void TrimStale() override { host_->TrimStale(); }
+  void TrimCuda() override {
+    if (cuda_) cuda_->Trim();
+  }
 
  private:
   std::unique_ptr<MemoryDomain> host_;
@@ -92,21 +91,9 @@ class CompositeDomain final : public MemoryDomain {
 
 }  // namespace
 
-std::unique_ptr<MemoryDomain> MakeMemoryDomain() {
-#if WS_WITH_CUDA
-  auto cuda = cuda::MakeCudaIpcDomain();
-  if (cuda.ok()) {
-    HostShmOptions opts;
-    opts.pin = cuda::PinHostRange;  // host sources become readable by the copy kernels
-    return std::make_unique<CompositeDomain>(std::make_unique<HostShmDomain>(std::move(opts)), std::move(cuda).value(),
-                                             Status());
-  }
-  return std::make_unique<CompositeDomain>(MakeHostShmDomain(), nullptr,
-                                           FailedPrecondition("no usable CUDA device: " + cuda.status().message()));
-#else
-  return std::make_unique<CompositeDomain>(
-      MakeHostShmDomain(), nullptr, Unimplemented("this weightsync build has no CUDA support (built with WS_WITH_CUDA=OFF)"));
-#endif
+std::unique_ptr<MemoryDomain> MakeCompositeDomain(std::unique_ptr<MemoryDomain> host,
+                                                  std::unique_ptr<MemoryDomain> cuda, Status cuda_unavailable) {
+  return std::make_unique<CompositeDomain>(std::move(host), std::move(cuda), std::move(cuda_unavailable));
 }
 
 }  // namespace ws

@@ -121,6 +121,10 @@ class MemoryDomain {
   // unlinked its shm). Cheap enough to call every few seconds; keeps live
   // trainers' objects cached across syncs.
   virtual void TrimStale() {}
+  // Drops only unreferenced CUDA IPC allocations, closing their handles (a
+  // trainer may free that memory once its sync is over: empty_cache, OOM
+  // retry, restart). Host objects stay cached.
+  virtual void TrimCuda() {}
 };
 
 // Host shared memory (POSIX shm / files under /dev/shm).
@@ -135,7 +139,14 @@ std::unique_ptr<MemoryDomain> MakeHostShmDomain();
 std::string DiagnoseMemoryFault(const void* addr, bool writing);
 
 // The factory: host domain always; CUDA IPC too when built with CUDA and a
-// device is present (otherwise CUDA refs are refused with a clear error).
+// device and the CUDA executor are usable (otherwise CUDA refs are refused
+// with a clear error). The domain of MakeDataPlane (daemon/dataplane/
+// data_plane.h), which the daemon uses to get a matching executor.
 std::unique_ptr<MemoryDomain> MakeMemoryDomain();
+
+// Host references go to `host`; CUDA references to `cuda`, or, when it is
+// null, are refused with cuda_unavailable's code and message.
+std::unique_ptr<MemoryDomain> MakeCompositeDomain(std::unique_ptr<MemoryDomain> host,
+                                                  std::unique_ptr<MemoryDomain> cuda, Status cuda_unavailable);
 
 }  // namespace ws

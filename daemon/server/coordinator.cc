@@ -211,23 +211,26 @@ void Coordinator::HousekeepingLoop() {
         trim_pending_ = true;
       }
     }
-    const bool trim = trim_pending_;
-    trim_pending_ = false;
+    const bool trim = trim_pending_, trim_cuda = trim_cuda_pending_;
+    trim_pending_ = trim_cuda_pending_ = false;
     lk.unlock();
     if (trim) domain_->Trim();
+    if (trim_cuda) domain_->TrimCuda();
     domain_->TrimStale();
     lk.lock();
   }
 }
 
 Coordinator::TrimGuard::~TrimGuard() {
-  bool trim;
+  bool trim, trim_cuda;
   {
     std::lock_guard lk(c->mu_);
     trim = c->trim_pending_;
-    c->trim_pending_ = false;
+    trim_cuda = c->trim_cuda_pending_;
+    c->trim_pending_ = c->trim_cuda_pending_ = false;
   }
   if (trim) c->domain_->Trim();
+  if (trim_cuda) c->domain_->TrimCuda();
 }
 
 // ---------------------------------------------------------------- engines
@@ -569,6 +572,7 @@ void Coordinator::AbortLocked(Sync& sync, const std::string& reason) {
 void Coordinator::ReleaseIfIdleLocked(Sync& sync) {
   if (!Terminal(sync.state) || sync.writers > 0) return;
   if (sync.state == SyncState::kAborted) trim_pending_ = true;
+  trim_cuda_pending_ = true;  // the trainer may free its memory now
   if (sync.state == SyncState::kAborted && sync.started_sent && !sync.aborted_sent) {
     sync.aborted_sent = true;
     EmitLocked(sync, EngineEvent::Kind::kAborted, sync.error);

@@ -199,7 +199,9 @@ class Coordinator {
 
   // Declared first in a method, so it runs last: trims the memory domain's
   // cache (outside mu_, after the method's own references are gone) when an
-  // engine left or a sync aborted, so their shm objects get unmapped.
+  // engine left or a sync aborted, so their shm objects get unmapped; and
+  // (MemoryDomain::TrimCuda) when any sync finished, so trainer IPC handles
+  // are closed after every commit or abort.
   struct TrimGuard {
     Coordinator* c;
     ~TrimGuard();
@@ -236,6 +238,7 @@ class Coordinator {
   std::condition_variable cv_;  // writers drained, acks arrived, syncs aborted
   bool shutting_down_ = false;
   bool trim_pending_ = false;
+  bool trim_cuda_pending_ = false;
   uint64_t next_engine_ = 1;
   uint64_t next_sync_id_;
   std::map<std::string, std::shared_ptr<Engine>> engines_;

@@ -1,19 +1,24 @@
 // NCCL transport (only in builds with CUDA; the implementation lives in
 // ws_cuda, daemon/transport/cuda/nccl_transport.cc).
 //
-// Implemented: an RAII communicator (ncclCommInitRank on the device named by
-// UUID, ncclCommDestroy on destruction, ncclCommAbort if an operation
-// failed), and blocking send/recv of raw byte ranges of device memory,
-// singly or as one NCCL group (so pairwise exchanges cannot deadlock).
+// Implemented: an RAII communicator (non-blocking ncclCommInitRankConfig on
+// the device named by UUID, ncclCommDestroy on destruction), and blocking
+// send/recv of raw byte ranges of device memory, singly or as one NCCL group
+// (so pairwise exchanges cannot deadlock). Joining and every exchange have a
+// deadline (`timeout`): a peer that never shows up, an NCCL error, or a
+// failed send/recv inside a group aborts the communicator (ncclCommAbort, so
+// nothing of a partial group keeps running) and the transport refuses
+// further use; make a new one.
 // Not implemented: exchanging the unique id (the caller carries it out of
 // band), any use by the sync protocol (the planner never routes through it
 // yet), casts/layout on receive (bytes arrive as sent; run an Executor on
-// the received buffer), timeouts/abort from another thread, host memory.
+// the received buffer), abort from another thread, host memory.
 //
 // Thread-safety: one thread at a time per NcclTransport (NCCL communicators
 // are not thread-safe); different instances are independent.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -29,9 +34,11 @@ class NcclTransport final : public Transport {
   // ncclGetUniqueId as bytes (128); rank 0 makes it, every rank passes it to Create.
   static Result<std::string> NewUniqueId();
   // Joins a communicator of `nranks` ranks as `rank` on the device with this
-  // UUID. Blocks until every rank has joined.
+  // UUID. Blocks until every rank has joined; DeadlineExceeded (communicator
+  // aborted) after `timeout`, which also bounds each Exchange.
   static Result<std::unique_ptr<NcclTransport>> Create(const std::string& unique_id, int nranks, int rank,
-                                                       const std::string& device_uuid);
+                                                       const std::string& device_uuid,
+                                                       std::chrono::milliseconds timeout = std::chrono::seconds(120));
   ~NcclTransport() override;
 
   const char* name() const override { return "nccl"; }
@@ -52,7 +59,7 @@ class NcclTransport final : public Transport {
     uint64_t bytes = 0;
     std::string what;     // tensor name for errors
   };
-  // Runs all sends/receives as one group, to completion.
+  // Runs all sends/receives as one group, to completion or the deadline.
   Status Exchange(const std::vector<P2P>& ops);
   Status Send(const void* ptr, uint64_t bytes, int peer, const std::string& what);
   Status Recv(void* ptr, uint64_t bytes, int peer, const std::string& what);

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -19,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "daemon/dataplane/data_plane.h"
 #include "daemon/dataplane/executor.h"
 #include "daemon/mem/cuda/cuda_domain.h"
 #include "daemon/mem/cuda/cuda_util.h"
@@ -40,6 +42,14 @@ using kernels::CopyOp;
 
 size_t ES(uint8_t dt) { return dt == kernels::kF32 ? 4 : 2; }
 
+// Host-to-device upload that has landed when it returns: from pageable
+// memory cudaMemcpy may return before the DMA completes, and the executor
+// reads on its own non-blocking stream.
+cudaError_t Upload(void* dst, const void* src, size_t n) {
+  cudaError_t e = cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice);
+  return e == cudaSuccess ? cudaDeviceSynchronize() : e;
+}
+
 float Pattern(size_t i) { return static_cast<float>(i % 8191) * 0.5f - 1000.0f; }
 
 // ---------------------------------------------------------------- IPC child
@@ -54,7 +64,7 @@ int RunIpcChild() {
   if (cudaMalloc(&base, bytes) != cudaSuccess) return 10;
   std::vector<float> host(kChildFloats);
   for (size_t i = 0; i < host.size(); ++i) host[i] = Pattern(i);
-  if (cudaMemcpy(base + 256, host.data(), kChildFloats * 4, cudaMemcpyHostToDevice) != cudaSuccess) return 11;
+  if (Upload(base + 256, host.data(), kChildFloats * 4) != cudaSuccess) return 11;
   auto ex = cuda::ExportIpcHandle(base + 256);
   if (!ex.ok()) {
     std::fprintf(stderr, "child: %s\n", ex.status().ToString().c_str());
@@ -159,8 +169,8 @@ TEST_F(GpuTest, CudaExecutorMatchesReferenceOnRandomOps) {
     for (auto& c : cases) {
       srcs.push_back(std::make_unique<DevBuf<unsigned char>>(c.src.size()));
       dsts.push_back(std::make_unique<DevBuf<unsigned char>>(c.dst_init.size()));
-      CUDA_OK(cudaMemcpy(srcs.back()->p, c.src.data(), c.src.size(), cudaMemcpyHostToDevice));
-      CUDA_OK(cudaMemcpy(dsts.back()->p, c.dst_init.data(), c.dst_init.size(), cudaMemcpyHostToDevice));
+      CUDA_OK(Upload(srcs.back()->p, c.src.data(), c.src.size()));
+      CUDA_OK(Upload(dsts.back()->p, c.dst_init.data(), c.dst_init.size()));
       CopyOp op = c.op;
       op.src = srcs.back()->p;
       op.dst = dsts.back()->p;
@@ -202,8 +212,8 @@ TEST_F(GpuTest, ConcurrentRunsFromManyThreadsMatchReference) {
           srcs.push_back(std::make_unique<DevBuf<unsigned char>>(c.src.size()));
           dsts.push_back(std::make_unique<DevBuf<unsigned char>>(c.dst_init.size()));
           if (!srcs.back()->p || !dsts.back()->p ||
-              cudaMemcpy(srcs.back()->p, c.src.data(), c.src.size(), cudaMemcpyHostToDevice) != cudaSuccess ||
-              cudaMemcpy(dsts.back()->p, c.dst_init.data(), c.dst_init.size(), cudaMemcpyHostToDevice) != cudaSuccess) {
+              Upload(srcs.back()->p, c.src.data(), c.src.size()) != cudaSuccess ||
+              Upload(dsts.back()->p, c.dst_init.data(), c.dst_init.size()) != cudaSuccess) {
             err = "allocation or upload failed";
             return;
           }
@@ -440,13 +450,93 @@ TEST_F(GpuTest, NcclSingleRankSendRecv) {
   DevBuf<unsigned char> a(n), b(n);
   std::vector<unsigned char> h(n);
   for (size_t i = 0; i < n; ++i) h[i] = static_cast<unsigned char>(i * 7);
-  CUDA_OK(cudaMemcpy(a.p, h.data(), n, cudaMemcpyHostToDevice));
+  CUDA_OK(Upload(a.p, h.data(), n));
   CUDA_OK(cudaMemset(b.p, 0, n));
+  CUDA_OK(cudaDeviceSynchronize());  // the transport's stream does not wait for the legacy stream
   Status st = (*t)->Exchange({{true, 0, a.p, n, "send"}, {false, 0, b.p, n, "recv"}});
   ASSERT_TRUE(st.ok()) << st.ToString();
   std::vector<unsigned char> got(n);
   CUDA_OK(cudaMemcpy(got.data(), b.p, n, cudaMemcpyDeviceToHost));
   EXPECT_EQ(got, h);
+}
+
+TEST_F(GpuTest, NcclJoinWithoutPeersTimesOutAndAborts) {
+  auto id = NcclTransport::NewUniqueId();
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  auto uuid = cuda::DeviceUuid(0);
+  ASSERT_TRUE(uuid.ok());
+  const auto t0 = std::chrono::steady_clock::now();
+  // Rank 0 of 2; rank 1 never comes: a deadline, not a hang.
+  auto t = NcclTransport::Create(*id, 2, 0, *uuid, std::chrono::seconds(3));
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().code(), Code::kDeadlineExceeded) << t.status().ToString();
+  EXPECT_LT(secs, 30.0);
+}
+
+TEST_F(GpuTest, MisalignedDeviceAddressIsRefusedBeforeLaunch) {
+  DataPlane dp = MakeDataPlane({});
+  ASSERT_TRUE(dp.cuda.ok()) << dp.cuda.ToString();
+  DevBuf<float> src(1024), dst(1024);
+  CopyOp op;
+  op.src = reinterpret_cast<const char*>(src.p) + 2;  // an f32 shard 2 bytes into its allocation
+  op.dst = dst.p;
+  op.rows = 1;
+  op.cols = 256;
+  op.src_ld = op.dst_ld = 256;
+  op.src_dtype = kernels::kF32;
+  op.dst_dtype = kernels::kBF16;
+  auto r = dp.executor->RunLabeled({op}, {"layers.0.w"});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("layers.0.w"), std::string::npos) << r.status().ToString();
+  // Nothing reached the GPU: the context is fine and the next copy runs.
+  EXPECT_TRUE(dp.executor->health().ok());
+  op.src = src.p;
+  auto ok = dp.executor->Run({op});
+  EXPECT_TRUE(ok.ok()) << ok.status().ToString();
+}
+
+// A kernel fault poisons the context for good: the data plane reports it
+// once through on_fatal, refuses every later Run, and health() stays bad.
+// Exits 0 when all of that holds, another code naming the first check that
+// failed. Runs in a death-test child (the fault would break later tests).
+[[noreturn]] void StickyErrorChild() {
+  int fatal_calls = 0;
+  DataPlaneOptions o;
+  o.on_fatal = [&](const Status&) { ++fatal_calls; };
+  DataPlane dp = MakeDataPlane(o);
+  if (!dp.cuda.ok()) std::_Exit(10);
+  DevBuf<float> dst(1024);
+  std::vector<float> host(1024, 1.0f);
+  std::vector<float> host_dst(1024);
+  CopyOp bad;
+  bad.dst = dst.p;
+  bad.dst_offset = int64_t{1} << 40;  // far outside any allocation: cudaErrorIllegalAddress
+  bad.rows = 1;
+  bad.cols = 64;
+  bad.src_ld = bad.dst_ld = 64;
+  bad.zero_fill = 1;
+  bad.src_dtype = bad.dst_dtype = kernels::kF32;
+  auto r = dp.executor->RunLabeled({bad}, {"bad op"});
+  if (r.ok()) std::_Exit(11);
+  if (dp.executor->health().ok()) std::_Exit(12);
+  if (fatal_calls != 1) std::_Exit(13);
+  CopyOp h;  // even a host-only copy is refused now
+  h.src = host.data();
+  h.dst = host_dst.data();
+  h.rows = 1;
+  h.cols = 1024;
+  h.src_ld = h.dst_ld = 1024;
+  h.src_dtype = h.dst_dtype = kernels::kF32;
+  if (dp.executor->Run({h}).ok()) std::_Exit(14);
+  if (fatal_calls != 1) std::_Exit(15);
+  std::_Exit(0);
+}
+
+TEST_F(GpuTest, StickyErrorMakesTheDataPlaneRefuseEverythingAndCallsOnFatal) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(StickyErrorChild(), ::testing::ExitedWithCode(0), "");
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -37,9 +38,10 @@ Result<int> DeviceByUuid(const std::string& uuid);
 // usable.
 Result<std::unique_ptr<MemoryDomain>> MakeCudaIpcDomain();
 
-// HostShmOptions::pin for host objects on a CUDA machine: registers the
-// range (cudaHostRegister, mapped; read-only when the object is) so the copy
-// kernels read it directly; unregistered when the token drops. Never fails:
+// HostShmOptions::pin for host objects on a CUDA machine (the data plane
+// sets lazy_pin, so only objects a device copy touches are pinned): registers
+// the range (cudaHostRegister, mapped; read-only when the object is) so the
+// copy kernels read it directly; unregistered when the token drops. Never fails:
 // when registration is refused the object still maps (host-to-host copies
 // need no pinning) and the CUDA executor quotes the recorded reason when an
 // op reaches that memory.
@@ -53,6 +55,11 @@ struct CudaExecutorOptions {
   // cudaMemcpyAsync / cudaMemcpy2DAsync (copy engines) instead of through
   // the batched kernel.
   uint64_t memcpy_min_bytes = 1u << 20;
+  // Called with each host address an op reads or writes before the op is
+  // issued, to pin it on first use (PinHostObject of a lazy_pin host
+  // domain). NotFound (not such an object) is ignored; other errors refuse
+  // the op.
+  std::function<Status(const void*)> pin_host;
 };
 
 // Runs ops whose destination (or source) is device memory: per destination

@@ -1,18 +1,29 @@
-// CUDA executor: per destination device one stream; all kernel-path ops of a
-// Run() go out as ONE launch per device; large same-dtype pieces go to the
-// copy engines (cudaMemcpy2DAsync), large zero fills to cudaMemset2DAsync.
+// CUDA executor: per destination device a few streams ("lanes", so Runs of
+// different trainer ranks overlap); all kernel-path ops of a Run() go out as
+// ONE launch per device; large same-dtype pieces go to the copy engines
+// (cudaMemcpy2DAsync), large zero fills to cudaMemset2DAsync.
 //
 // The kernel works in tiles of kTile consecutive destination elements of one
 // op: a block finds its tile's op once (binary search over a prefix sum of
 // tile counts), splits the flat index into (row, col) once per thread and
 // then steps through the tile, loads before stores, with the per-element
-// casts of kernels:: (bit-identical to the host executor).
+// casts of kernels:: (bit-identical to the host executor). Transposed ops
+// instead go in square tiles through shared memory (kernels::
+// TransposeTileOrigin/LoadIndex/StoreIndex), so reads and writes both
+// coalesce.
 //
-// Runs on one device are enqueued under a lock but waited for outside it, so
-// the next Run's work is queued while the current one executes (the stream
-// keeps the order); each in-flight Run holds one of kSlots op-upload slots.
+// A Run is enqueued on one lane under that lane's lock but waited for outside
+// it, so the next Run's work is queued while the current one executes; each
+// in-flight Run holds one of the lane's kSlots op-upload slots. Waits use
+// blocking-sync events (the waiting thread sleeps rather than spins), and
+// nothing on the hot path frees device memory (cudaFree synchronizes the
+// whole device): outgrown upload buffers are kept until the executor goes.
+//
+// After a sticky CUDA error (illegal or misaligned address, launch failure)
+// the context is unusable: health() reports it and every Run is refused.
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <mutex>
 #include <string>
 #include <type_traits>
@@ -31,9 +42,19 @@ using kernels::CopyOp;
 constexpr int kThreads = 256;       // threads per block
 constexpr int kUnroll = 4;          // elements loaded per thread before storing
 constexpr int64_t kTile = 8192;     // destination elements per tile
-constexpr int kSlots = 8;           // Runs in flight per device
+constexpr int kLanes = 4;           // streams per device
+constexpr int kSlots = 4;           // Runs in flight per lane
+constexpr size_t kInitialUpload = 64 << 10;  // op-upload bytes per slot at start
+constexpr unsigned kEventFlags = cudaEventDisableTiming | cudaEventBlockingSync;
 
-int64_t TilesOf(const CopyOp& op) { return (op.rows * op.cols + kTile - 1) / kTile; }
+constexpr int kTT = static_cast<int>(kernels::kTransposeTile);
+static_assert(kThreads % kTT == 0, "a block covers whole rows of a transpose tile");
+
+__host__ __device__ inline bool TransposedTiles(const CopyOp& op) { return op.transpose && !op.zero_fill; }
+
+int64_t TilesOf(const CopyOp& op) {
+  return TransposedTiles(op) ? kernels::TransposeTileCount(op) : (op.rows * op.cols + kTile - 1) / kTile;
+}
 
 // Elements [k0, k1) of `op` (flat destination order, k = i * cols + j).
 // S/D: source/destination dtype; T: transpose; Z: zero fill (S unused).
@@ -87,12 +108,63 @@ __device__ __forceinline__ void CopyTile(const CopyOp& op, int64_t k0, int64_t k
   }
 }
 
+// Non-transposed ops only (transposes go through TransposeTile).
 template <uint8_t S, uint8_t D>
 __device__ __forceinline__ void CopyTileT(const CopyOp& op, int64_t k0, int64_t k1) {
-  if (op.transpose) {
-    CopyTile<S, D, true, false>(op, k0, k1);
-  } else {
-    CopyTile<S, D, false, false>(op, k0, k1);
+  CopyTile<S, D, false, false>(op, k0, k1);
+}
+
+// Tile `tile` of a transposed op through `buf` (the block's shared memory):
+// both passes are indexed as in kernels::Transpose*Index. Called by the
+// whole block (it synchronizes).
+template <uint8_t S, uint8_t D>
+__device__ __forceinline__ void TransposeTile(const CopyOp& op, int64_t tile, uint32_t (*buf)[kTT + 1]) {
+  using Raw = std::conditional_t<S == kernels::kF32, uint32_t, uint16_t>;
+  using Out = std::conditional_t<D == kernels::kF32, uint32_t, uint16_t>;
+  int64_t i0, j0;
+  kernels::TransposeTileOrigin(op, tile, &i0, &j0);
+  const int b = threadIdx.x % kTT;
+  const Raw* __restrict__ src = static_cast<const Raw*>(op.src);
+  Out* __restrict__ dst = static_cast<Out*>(op.dst);
+  for (int a = threadIdx.x / kTT; a < kTT; a += kThreads / kTT) {
+    int64_t si;
+    if (kernels::TransposeLoadIndex(op, i0, j0, a, b, &si)) buf[a][b] = src[si];
+  }
+  __syncthreads();
+  for (int a = threadIdx.x / kTT; a < kTT; a += kThreads / kTT) {
+    int64_t di;
+    if (!kernels::TransposeStoreIndex(op, i0, j0, a, b, &di)) continue;
+    const Raw v = static_cast<Raw>(buf[b][a]);
+    if constexpr (S == D) {
+      dst[di] = v;  // bit copy, as kernels::CopyElement
+    } else {
+      float f;
+      if constexpr (S == kernels::kF32) {
+        f = kernels::BitsFloat(v);
+      } else if constexpr (S == kernels::kBF16) {
+        f = kernels::BF16ToF32(v);
+      } else {
+        f = kernels::F16ToF32(v);
+      }
+      kernels::StoreFromF32(dst, D, di, f);
+    }
+  }
+  __syncthreads();  // buf is reused by the block's next tile
+}
+
+__device__ __forceinline__ void RunTransposeTile(const CopyOp& op, int64_t tile, uint32_t (*buf)[kTT + 1]) {
+  using namespace kernels;
+  switch (op.src_dtype * 3 + op.dst_dtype) {
+    case kF32 * 3 + kF32: return TransposeTile<kF32, kF32>(op, tile, buf);
+    case kF32 * 3 + kBF16: return TransposeTile<kF32, kBF16>(op, tile, buf);
+    case kF32 * 3 + kF16: return TransposeTile<kF32, kF16>(op, tile, buf);
+    case kBF16 * 3 + kF32: return TransposeTile<kBF16, kF32>(op, tile, buf);
+    case kBF16 * 3 + kBF16: return TransposeTile<kBF16, kBF16>(op, tile, buf);
+    case kBF16 * 3 + kF16: return TransposeTile<kBF16, kF16>(op, tile, buf);
+    case kF16 * 3 + kF32: return TransposeTile<kF16, kF32>(op, tile, buf);
+    case kF16 * 3 + kBF16: return TransposeTile<kF16, kBF16>(op, tile, buf);
+    case kF16 * 3 + kF16: return TransposeTile<kF16, kF16>(op, tile, buf);
+    default: return;
   }
 }
 
@@ -123,6 +195,7 @@ __device__ __forceinline__ void RunTile(const CopyOp& op, int64_t k0, int64_t k1
 __global__ void __launch_bounds__(kThreads) BatchedCopyKernel(const CopyOp* __restrict__ ops,
                                                               const int64_t* __restrict__ tile_starts, int n,
                                                               int64_t total_tiles) {
+  __shared__ uint32_t buf[kTT][kTT + 1];  // +1: no bank conflicts on the column pass
   for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
     int lo = 0, hi = n - 1;  // last op with tile_starts[op] <= t (uniform across the block)
     while (lo < hi) {
@@ -134,6 +207,10 @@ __global__ void __launch_bounds__(kThreads) BatchedCopyKernel(const CopyOp* __re
       }
     }
     const CopyOp op = ops[lo];
+    if (TransposedTiles(op)) {  // uniform across the block, so its barriers are safe
+      RunTransposeTile(op, t - tile_starts[lo], buf);
+      continue;
+    }
     const int64_t k0 = (t - tile_starts[lo]) * kTile;
     const int64_t n = op.rows * op.cols;
     RunTile(op, k0, k0 + kTile < n ? k0 + kTile : n);
@@ -157,42 +234,71 @@ struct Slot {
   void* dev_buf = nullptr;
   void* host_buf = nullptr;   // pinned staging for the op array
   size_t cap = 0;
+  // Outgrown buffers, freed with the executor: cudaFree/cudaFreeHost would
+  // synchronize the device on the hot path.
+  std::vector<std::pair<void*, void*>> retired;
 
   Status Reserve(size_t bytes, const std::string& what) {
     if (bytes <= cap) return Status::Ok();
     size_t want = std::max(bytes, cap * 2);
-    if (dev_buf) cudaFree(dev_buf);
-    if (host_buf) cudaFreeHost(host_buf);
-    dev_buf = host_buf = nullptr;
-    cap = 0;
-    WS_CUDA_RETURN(cudaMalloc(&dev_buf, want), what);
-    WS_CUDA_RETURN(cudaMallocHost(&host_buf, want), what);
+    void* d = nullptr;
+    void* h = nullptr;
+    WS_CUDA_RETURN(cudaMalloc(&d, want), what);
+    if (cudaError_t e = cudaMallocHost(&h, want); e != cudaSuccess) {
+      retired.emplace_back(d, nullptr);
+      return CudaError(e, "cudaMallocHost", what);
+    }
+    if (dev_buf || host_buf) retired.emplace_back(dev_buf, host_buf);
+    dev_buf = d;
+    host_buf = h;
     cap = want;
     return Status::Ok();
   }
+
+  void Free() {
+    retired.emplace_back(dev_buf, host_buf);
+    for (auto [d, h] : retired) {
+      if (d) cudaFree(d);
+      if (h) cudaFreeHost(h);
+    }
+    retired.clear();
+    dev_buf = host_buf = nullptr;
+    if (done) cudaEventDestroy(done);
+    done = nullptr;
+  }
 };
 
-// Per-device stream and upload slots. `mu` is held while a Run enqueues (so
-// a device's batches queue in order and slots are handed out one at a time),
-// not while it waits.
-struct DeviceState {
-  int device = -1;
-  int sms = 1;
-  int blocks_per_sm = 1;  // resident BatchedCopyKernel blocks per SM
+// One stream of a device and its upload slots. `mu` is held while a Run
+// enqueues (slots are handed out one at a time), not while it waits.
+struct Lane {
   std::mutex mu;
   cudaStream_t stream = nullptr;
   std::array<Slot, kSlots> slots;
   size_t next_slot = 0;
 
+  // The next slot, once its previous Run has completed. Called under `mu`.
+  Result<Slot*> TakeSlot(const std::string& what) {
+    Slot* s = &slots[next_slot];
+    next_slot = (next_slot + 1) % kSlots;
+    if (s->used) WS_CUDA_RETURN(cudaEventSynchronize(s->done), what + " (waiting for an upload slot)");
+    return s;
+  }
+};
+
+struct DeviceState {
+  int device = -1;
+  int sms = 1;
+  int blocks_per_sm = 1;  // resident BatchedCopyKernel blocks per SM
+  std::array<Lane, kLanes> lanes;
+  std::atomic<unsigned> next_lane{0};
+
   ~DeviceState() {
     ScopedDevice scoped(device);
-    if (stream) cudaStreamSynchronize(stream);
-    for (Slot& s : slots) {
-      if (s.dev_buf) cudaFree(s.dev_buf);
-      if (s.host_buf) cudaFreeHost(s.host_buf);
-      if (s.done) cudaEventDestroy(s.done);
+    for (Lane& l : lanes) {
+      if (l.stream) cudaStreamSynchronize(l.stream);
+      for (Slot& s : l.slots) s.Free();
+      if (l.stream) cudaStreamDestroy(l.stream);
     }
-    if (stream) cudaStreamDestroy(stream);
   }
 
   Status Init(int d) {
@@ -202,18 +308,17 @@ struct DeviceState {
     WS_CUDA_RETURN(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d), what);
     WS_CUDA_RETURN(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, BatchedCopyKernel, kThreads, 0), what);
     blocks_per_sm = std::max(1, blocks_per_sm);
-    WS_CUDA_RETURN(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), what);
-    for (Slot& s : slots) WS_CUDA_RETURN(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming), what);
+    for (Lane& l : lanes) {
+      WS_CUDA_RETURN(cudaStreamCreateWithFlags(&l.stream, cudaStreamNonBlocking), what);
+      for (Slot& s : l.slots) {
+        WS_CUDA_RETURN(cudaEventCreateWithFlags(&s.done, kEventFlags), what);
+        WS_RETURN_IF_ERROR(s.Reserve(kInitialUpload, what));
+      }
+    }
     return Status::Ok();
   }
 
-  // The next slot, once its previous Run has completed. Called under `mu`.
-  Result<Slot*> TakeSlot(const std::string& what) {
-    Slot* s = &slots[next_slot];
-    next_slot = (next_slot + 1) % kSlots;
-    if (s->used) WS_CUDA_RETURN(cudaEventSynchronize(s->done), what + " (waiting for an upload slot)");
-    return s;
-  }
+  Lane& NextLane() { return lanes[next_lane.fetch_add(1, std::memory_order_relaxed) % kLanes]; }
 };
 
 struct DeviceWork {
@@ -251,6 +356,7 @@ class CudaExecutor final : public Executor {
   Result<uint64_t> Run(const std::vector<CopyOp>& ops) override { return RunLabeled(ops, {}); }
 
   Result<uint64_t> RunLabeled(const std::vector<CopyOp>& ops, const std::vector<std::string>& labels) override {
+    if (Status h = health(); !h.ok()) return h;
     std::vector<DeviceWork> work(devs_.size());
     uint64_t bytes = 0;
     for (size_t i = 0; i < ops.size(); ++i) {
@@ -263,6 +369,15 @@ class CudaExecutor final : public Executor {
       const int dev = dd >= 0 ? dd : sd;
       if (dev < 0 || dev >= static_cast<int>(devs_.size())) {
         return InvalidArgument(label + ": neither source nor destination is memory of a visible CUDA device");
+      }
+      if (opts_.pin_host) {  // host memory is pinned when a device copy first needs it
+        const std::array<const void*, 2> host_sides = {dd < 0 ? op.dst : nullptr,
+                                                       !op.zero_fill && sd < 0 ? op.src : nullptr};
+        for (const void* p : host_sides) {
+          if (p == nullptr) continue;
+          Status st = opts_.pin_host(p);
+          if (!st.ok() && st.code() != Code::kNotFound) return st.WithContext(label);
+        }
       }
       const bool contiguous_src = op.rows == 1 || op.src_ld >= op.cols;
       const bool engine = op_bytes >= opts_.memcpy_min_bytes && !op.transpose &&
@@ -306,6 +421,13 @@ class CudaExecutor final : public Executor {
   }
 
   int threads() const override { return static_cast<int>(devs_.size()); }
+
+  Status health() const override {
+    const auto e = static_cast<cudaError_t>(FirstStickyError().load());
+    if (e == cudaSuccess) return Status::Ok();
+    return Internal(std::string("the CUDA context is unusable after ") + cudaGetErrorName(e) + ": " +
+                    cudaGetErrorString(e) + " (a sticky error: every later CUDA call fails; restart the process)");
+  }
 
  private:
   // Kernel-path pointers must be device-addressable: peer memory needs peer
@@ -354,43 +476,45 @@ class CudaExecutor final : public Executor {
     const std::string what = "device " + std::to_string(ds.device);
     ScopedDevice scoped(ds.device);
     cudaEvent_t done = nullptr;
-    WS_CUDA_RETURN(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), what);
-    std::lock_guard<std::mutex> lock(ds.mu);
-    Status st = EnqueueBody(ds, w);
+    WS_CUDA_RETURN(cudaEventCreateWithFlags(&done, kEventFlags), what);
+    Lane& lane = ds.NextLane();
+    std::lock_guard<std::mutex> lock(lane.mu);
+    Status st = EnqueueBody(ds, lane, w);
     if (!st.ok() && error->ok()) *error = st;
-    cudaError_t e = cudaEventRecord(done, ds.stream);
+    cudaError_t e = cudaEventRecord(done, lane.stream);
     if (e != cudaSuccess) {
       cudaEventDestroy(done);
       // Nothing marks the end of what was queued: wait for the whole stream.
-      cudaStreamSynchronize(ds.stream);
+      cudaStreamSynchronize(lane.stream);
       return CudaError(e, "cudaEventRecord", what);
     }
     return done;
   }
 
-  Status EnqueueBody(DeviceState& ds, const DeviceWork& w) {
+  Status EnqueueBody(const DeviceState& ds, Lane& lane, const DeviceWork& w) {
+    cudaStream_t stream = lane.stream;
     for (const auto& [op, label] : w.engine_ops) {
       const size_t es = ElemSize(op.dst_dtype);
       char* dst = static_cast<char*>(op.dst) + op.dst_offset * es;
       const size_t width = static_cast<size_t>(op.cols) * es;
       const size_t dpitch = static_cast<size_t>(op.rows > 1 ? op.dst_ld : op.cols) * es;
       if (op.zero_fill) {
-        WS_CUDA_RETURN(cudaMemset2DAsync(dst, dpitch, 0, width, op.rows, ds.stream), label);
+        WS_CUDA_RETURN(cudaMemset2DAsync(dst, dpitch, 0, width, op.rows, stream), label);
         continue;
       }
       const char* src = static_cast<const char*>(op.src) + op.src_offset * es;
       const size_t spitch = static_cast<size_t>(op.rows > 1 ? op.src_ld : op.cols) * es;
       if (dpitch == width && spitch == width) {
-        WS_CUDA_RETURN(cudaMemcpyAsync(dst, src, width * op.rows, cudaMemcpyDefault, ds.stream), label);
+        WS_CUDA_RETURN(cudaMemcpyAsync(dst, src, width * op.rows, cudaMemcpyDefault, stream), label);
       } else {
-        WS_CUDA_RETURN(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, op.rows, cudaMemcpyDefault, ds.stream), label);
+        WS_CUDA_RETURN(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, op.rows, cudaMemcpyDefault, stream), label);
       }
     }
     if (!w.kernel_ops.empty()) {
       const std::string what = "copy kernel on device " + std::to_string(ds.device) + " for " + LabelsOf(w.kernel_labels);
       const int n = static_cast<int>(w.kernel_ops.size());
       const size_t ops_bytes = n * sizeof(CopyOp);
-      WS_ASSIGN_OR_RETURN(Slot * slot, ds.TakeSlot(what));
+      WS_ASSIGN_OR_RETURN(Slot * slot, lane.TakeSlot(what));
       WS_RETURN_IF_ERROR(slot->Reserve(ops_bytes + n * sizeof(int64_t), what));
       auto* hops = static_cast<CopyOp*>(slot->host_buf);
       auto* hstarts = reinterpret_cast<int64_t*>(static_cast<char*>(slot->host_buf) + ops_bytes);
@@ -401,15 +525,18 @@ class CudaExecutor final : public Executor {
         tiles += TilesOf(w.kernel_ops[i]);
       }
       WS_CUDA_RETURN(cudaMemcpyAsync(slot->dev_buf, slot->host_buf, ops_bytes + n * sizeof(int64_t),
-                                     cudaMemcpyHostToDevice, ds.stream),
+                                     cudaMemcpyHostToDevice, stream),
                      what);
       const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(tiles, int64_t{ds.sms} * ds.blocks_per_sm));
-      BatchedCopyKernel<<<static_cast<unsigned>(blocks), kThreads, 0, ds.stream>>>(
+      // Clear errors left on this thread by earlier calls, so the check
+      // below reports this launch only (a sticky error would show anyway).
+      cudaGetLastError();
+      BatchedCopyKernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
           static_cast<const CopyOp*>(slot->dev_buf),
           reinterpret_cast<const int64_t*>(static_cast<const char*>(slot->dev_buf) + ops_bytes), n, tiles);
       const cudaError_t launched = cudaGetLastError();
       slot->used = true;  // busy until everything queued before its event has run
-      WS_CUDA_RETURN(cudaEventRecord(slot->done, ds.stream), what);
+      WS_CUDA_RETURN(cudaEventRecord(slot->done, stream), what);
       if (launched != cudaSuccess) return CudaError(launched, "BatchedCopyKernel<<<...>>>", what);
     }
     return Status::Ok();

@@ -6,6 +6,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <string>
 
 #include "daemon/core/status.h"
@@ -18,7 +19,41 @@ inline std::string CallName(const char* expr) {
   return s.substr(0, s.find('('));
 }
 
+// Errors after which the context is unusable until the process exits: every
+// later CUDA call in the process fails with the same error.
+inline bool IsStickyError(cudaError_t e) {
+  switch (e) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorAssert:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorContextIsDestroyed:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The first sticky error seen in this process (cudaSuccess while none).
+inline std::atomic<int>& FirstStickyError() {
+  static std::atomic<int> e{cudaSuccess};
+  return e;
+}
+
+// Also clears the thread's last error, so a later launch check is not
+// blamed for this failure, and records a sticky error (FirstStickyError).
 inline Status CudaError(cudaError_t e, const char* call, const std::string& what) {
+  cudaGetLastError();
+  if (IsStickyError(e)) {
+    int none = cudaSuccess;
+    FirstStickyError().compare_exchange_strong(none, e);
+  }
   return Internal(what + ": " + CallName(call) + " failed: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
 }
 

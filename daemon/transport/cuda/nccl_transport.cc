@@ -2,7 +2,10 @@
 
 #include <nccl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "daemon/mem/cuda/cuda_domain.h"
 #include "daemon/mem/cuda/cuda_util.h"
@@ -26,12 +29,49 @@ struct NcclTransport::Impl {
   ncclComm_t comm = nullptr;
   cudaStream_t stream = nullptr;
   int device = -1, rank = 0, nranks = 0;
-  bool failed = false;  // abort instead of a collective destroy after an error
+  std::chrono::milliseconds timeout{0};
+  Status failed;  // why the communicator was aborted; Ok while usable
 
   ~Impl() {
     cuda::ScopedDevice scoped(device);
-    if (comm) failed ? ncclCommAbort(comm) : ncclCommDestroy(comm);
+    if (comm) ncclCommDestroy(comm);
     if (stream) cudaStreamDestroy(stream);
+  }
+
+  // Aborts the communicator (in-flight NCCL work is torn down) and keeps `st`
+  // as the reason every later call is refused.
+  Status Fail(Status st) {
+    if (comm) ncclCommAbort(comm);
+    comm = nullptr;
+    if (failed.ok()) failed = st;
+    return st;
+  }
+
+  // Waits while the non-blocking communicator reports ncclInProgress.
+  Status WaitReady(std::chrono::steady_clock::time_point deadline, const char* call, const std::string& what) {
+    auto nap = std::chrono::microseconds(20);
+    for (;;) {
+      ncclResult_t state = ncclSuccess;
+      ncclResult_t r = ncclCommGetAsyncError(comm, &state);
+      if (r != ncclSuccess) return Fail(NcclError(r, "ncclCommGetAsyncError", what));
+      if (state == ncclSuccess) return Status::Ok();
+      if (state != ncclInProgress) return Fail(NcclError(state, call, what));
+      if (std::chrono::steady_clock::now() >= deadline) {
+        return Fail(DeadlineExceeded(what + ": " + call + " did not finish within " +
+                                     std::to_string(timeout.count() / 1000.0) + " s (a peer rank missing or stuck?); "
+                                     "communicator aborted"));
+      }
+      std::this_thread::sleep_for(nap);
+      nap = std::min<std::chrono::microseconds>(nap * 2, std::chrono::milliseconds(2));
+    }
+  }
+
+  // Non-blocking NCCL calls may return ncclInProgress; wait for them.
+  Status Check(ncclResult_t r, std::chrono::steady_clock::time_point deadline, const char* call,
+               const std::string& what) {
+    if (r == ncclInProgress) return WaitReady(deadline, call, what);
+    if (r != ncclSuccess) return Fail(NcclError(r, call, what));
+    return Status::Ok();
   }
 };
 
@@ -47,7 +87,8 @@ Result<std::string> NcclTransport::NewUniqueId() {
 }
 
 Result<std::unique_ptr<NcclTransport>> NcclTransport::Create(const std::string& unique_id, int nranks, int rank,
-                                                             const std::string& device_uuid) {
+                                                             const std::string& device_uuid,
+                                                             std::chrono::milliseconds timeout) {
   const std::string what = "nccl transport rank " + std::to_string(rank) + "/" + std::to_string(nranks);
   ncclUniqueId id;
   if (unique_id.size() != sizeof(id.internal)) {
@@ -55,6 +96,7 @@ Result<std::unique_ptr<NcclTransport>> NcclTransport::Create(const std::string& 
                            std::to_string(unique_id.size()));
   }
   if (nranks <= 0 || rank < 0 || rank >= nranks) return InvalidArgument(what + ": bad rank/size");
+  if (timeout.count() <= 0) return InvalidArgument(what + ": timeout must be positive");
   std::memcpy(id.internal, unique_id.data(), sizeof(id.internal));
   auto dev = cuda::DeviceByUuid(device_uuid);
   if (!dev.ok()) return dev.status().WithContext(what);
@@ -62,40 +104,65 @@ Result<std::unique_ptr<NcclTransport>> NcclTransport::Create(const std::string& 
   impl->device = *dev;
   impl->rank = rank;
   impl->nranks = nranks;
+  impl->timeout = timeout;
   cuda::ScopedDevice scoped(*dev);
   WS_CUDA_RETURN(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking), what);
-  WS_NCCL_RETURN(ncclCommInitRank(&impl->comm, nranks, id, rank), what);
+  // Non-blocking, so a rank that never joins is a deadline, not a hang.
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  ncclResult_t r = ncclCommInitRankConfig(&impl->comm, nranks, id, rank, &config);
+  // A failure aborts whatever communicator was made (Impl::Fail).
+  WS_RETURN_IF_ERROR(impl->Check(r, deadline, "ncclCommInitRankConfig", what));
   return std::unique_ptr<NcclTransport>(new NcclTransport(std::move(impl)));
 }
 
 Status NcclTransport::Exchange(const std::vector<P2P>& ops) {
   Impl& m = *impl_;
+  const std::string what = ops.empty() ? "nccl exchange" : ops.front().what;
+  if (!m.failed.ok()) {
+    return FailedPrecondition(what + ": the nccl communicator was aborted earlier (" + m.failed.message() +
+                              "); create a new transport");
+  }
   cuda::ScopedDevice scoped(m.device);
-  auto fail = [&](Status st) {
-    m.failed = true;
-    return st;
-  };
   for (const P2P& p : ops) {
     if (p.peer < 0 || p.peer >= m.nranks) return InvalidArgument(p.what + ": nccl peer " + std::to_string(p.peer) + " out of range");
     if (p.bytes > 0 && cuda::PointerDevice(p.ptr) != m.device) {
       return InvalidArgument(p.what + ": nccl buffer is not memory of the communicator's device " + std::to_string(m.device));
     }
   }
-  ncclResult_t r = ncclGroupStart();
-  if (r != ncclSuccess) return fail(NcclError(r, "ncclGroupStart", "nccl exchange"));
+  const auto deadline = std::chrono::steady_clock::now() + m.timeout;
+  WS_RETURN_IF_ERROR(m.Check(ncclGroupStart(), deadline, "ncclGroupStart", what));
   for (const P2P& p : ops) {
-    r = p.send ? ncclSend(p.ptr, p.bytes, ncclUint8, p.peer, m.comm, m.stream)
-               : ncclRecv(p.ptr, p.bytes, ncclUint8, p.peer, m.comm, m.stream);
-    if (r != ncclSuccess) {
+    ncclResult_t r = p.send ? ncclSend(p.ptr, p.bytes, ncclUint8, p.peer, m.comm, m.stream)
+                            : ncclRecv(p.ptr, p.bytes, ncclUint8, p.peer, m.comm, m.stream);
+    if (r != ncclSuccess && r != ncclInProgress) {
+      // The group must be closed on this thread, but none of it may run:
+      // abort the communicator right after (a partial group would leave the
+      // peers waiting for the missing half).
+      Status st = NcclError(r, p.send ? "ncclSend" : "ncclRecv", p.what);
       ncclGroupEnd();
-      return fail(NcclError(r, p.send ? "ncclSend" : "ncclRecv", p.what));
+      return m.Fail(st);
     }
   }
-  r = ncclGroupEnd();
-  if (r != ncclSuccess) return fail(NcclError(r, "ncclGroupEnd", ops.empty() ? "nccl exchange" : ops.front().what));
-  cudaError_t e = cudaStreamSynchronize(m.stream);
-  if (e != cudaSuccess) return fail(cuda::CudaError(e, "cudaStreamSynchronize", ops.empty() ? "nccl exchange" : ops.front().what));
-  return Status::Ok();
+  WS_RETURN_IF_ERROR(m.Check(ncclGroupEnd(), deadline, "ncclGroupEnd", what));
+  // Wait for the stream with the deadline, watching for NCCL errors too.
+  auto nap = std::chrono::microseconds(10);
+  for (;;) {
+    cudaError_t e = cudaStreamQuery(m.stream);
+    if (e == cudaSuccess) return Status::Ok();
+    if (e != cudaErrorNotReady) return m.Fail(cuda::CudaError(e, "cudaStreamQuery", what));
+    ncclResult_t state = ncclSuccess;
+    if (ncclCommGetAsyncError(m.comm, &state) == ncclSuccess && state != ncclSuccess && state != ncclInProgress)
+      return m.Fail(NcclError(state, "ncclCommGetAsyncError", what));
+    if (std::chrono::steady_clock::now() >= deadline) {
+      return m.Fail(DeadlineExceeded(what + ": nccl exchange did not finish within " +
+                                     std::to_string(m.timeout.count() / 1000.0) +
+                                     " s (a peer rank missing or stuck?); communicator aborted"));
+    }
+    std::this_thread::sleep_for(nap);
+    nap = std::min<std::chrono::microseconds>(nap * 2, std::chrono::milliseconds(1));
+  }
 }
 
 Status NcclTransport::Send(const void* ptr, uint64_t bytes, int peer, const std::string& what) {

@@ -230,6 +230,36 @@ TEST(HostShmTest, PinHookRunsOncePerObjectAndIsReleasedBeforeUnmap) {
   EXPECT_EQ(failing.cached_objects(), 0u);
 }
 
+TEST(HostShmTest, LazyPinRunsOnlyWhenAskedOncePerObject) {
+  ShmObj obj(8192, 7);
+  std::atomic<int> pins{0}, unpins{0}, fail{1};
+  HostShmOptions opts;
+  opts.lazy_pin = true;
+  opts.pin = [&](void* base, uint64_t size, bool, const std::string& name) -> Result<std::shared_ptr<void>> {
+    if (fail.exchange(0)) return FailedPrecondition("cannot pin " + name);
+    ++pins;
+    EXPECT_EQ(size, 8192u);
+    return std::shared_ptr<void>(base, [&](void*) { ++unpins; });
+  };
+  {
+    HostShmDomain dom(opts);
+    auto m = dom.Map(Ref(obj.name(), 4096, 16), "w");
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    EXPECT_EQ(pins.load(), 0);  // mapping alone pins nothing (host-to-host syncs)
+    const char* inside = static_cast<const char*>((*m)->data()) + 8;
+    Status st = PinHostObject(inside);  // the hook fails once: reported, retried next time
+    ASSERT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("cannot pin"), std::string::npos) << st.ToString();
+    ASSERT_TRUE(PinHostObject(inside).ok());
+    ASSERT_TRUE(PinHostObject((*m)->data()).ok());
+    EXPECT_EQ(pins.load(), 1);
+    int local = 0;
+    EXPECT_EQ(PinHostObject(&local).code(), Code::kNotFound);
+    EXPECT_EQ(unpins.load(), 0);
+  }
+  EXPECT_EQ(unpins.load(), 1);  // released with the object
+}
+
 TEST(HostShmTest, ReadOnlyObjectFallsBackToReadOnlyMapping) {
   ShmObj obj(128, 4, 0444);
   if (geteuid() == 0) ASSERT_EQ(chown(obj.path().c_str(), 65534, 65534), 0);  // the child's own object

@@ -346,6 +346,24 @@ TEST_F(CoordinatorTest, NegotiatedDtypesArePlannedAndReturned) {
   for (auto& e : engines) EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e)) << e.buffer;
 }
 
+TEST_F(CoordinatorTest, TrainerCudaHandlesAreClosedAfterEveryCommitAndAbort) {
+  auto engines = RegisterAll();
+  EXPECT_EQ(domain_->cuda_trims(), 0);
+  auto b = coord_->BeginSync(Self(), Manifest(7));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  PushAll(b->sync_id);
+  EXPECT_EQ(domain_->cuda_trims(), 0);  // nothing closed while the sync runs
+  ASSERT_TRUE(CommitAcked(b->sync_id, engines).ok());
+  EXPECT_EQ(domain_->cuda_trims(), 1);  // closed after the commit, not only on abort
+  const int host_trims = domain_->trims();
+
+  auto b2 = coord_->BeginSync(Self(), Manifest(8));
+  ASSERT_TRUE(b2.ok()) << b2.status().ToString();
+  ASSERT_TRUE(coord_->Abort(Self(), b2->sync_id, "test").ok());
+  EXPECT_EQ(domain_->cuda_trims(), 2);
+  EXPECT_GT(domain_->trims(), host_trims);  // an abort still trims host objects too
+}
+
 TEST_F(CoordinatorTest, TwoReplicasAndTp1) {
   Init(/*T=*/1, /*W=*/3);
   auto engines = RegisterAll(/*replicas=*/2);

@@ -21,6 +21,7 @@
 #include <sstream>
 #include <thread>
 
+#include "daemon/dataplane/data_plane.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "tests/unit/server/fakes.h"
 #include "weightsync/v1/weightsync.grpc.pb.h"
@@ -112,7 +113,7 @@ TEST(DaemonProcess, VersionAndHelp) {
   for (const char* flag : {"--listen", "--layouts-dir", "--log-format", "--log-level", "--threads", "--chunk-bytes",
                            "--ack-timeout", "--config", "--version", "--max-message-bytes", "--shutdown-grace",
                            "--socket-mode", "--tls-cert", "--tls-key", "--tls-client-ca", "--insecure-tcp",
-                           "--token-file", "--admin-uid", "--admin-cn", "--shm-group"})
+                           "--token-file", "--admin-uid", "--admin-cn", "--shm-group", "--require-cuda"})
     EXPECT_TRUE(Has(ReadFile(out), flag)) << flag;
 }
 
@@ -134,6 +135,13 @@ TEST(DaemonProcess, StartupErrorsExit2) {
   EXPECT_EQ(RunProcess({bin, "--layouts-dir", lay, "--log-format", "xml"}, out), 2);
   EXPECT_EQ(RunProcess({bin, "--layouts-dir", lay, "--listen", "unix:" + t.path() + "/no/such/dir.sock"}, out), 2);
   EXPECT_TRUE(Has(ReadFile(out), "cannot listen on unix:" + t.path() + "/no/such/dir.sock")) << ReadFile(out);
+
+  // Without usable CUDA (no device, or a build without CUDA) --require-cuda
+  // refuses to start and says why; without it the daemon serves host memory.
+  if (Status cuda = MakeDataPlane({}).cuda; !cuda.ok()) {
+    EXPECT_EQ(RunProcess({bin, "--layouts-dir", lay, "--listen", sock, "--require-cuda"}, out), 2);
+    EXPECT_TRUE(Has(ReadFile(out), "--require-cuda: " + cuda.message())) << ReadFile(out);
+  }
 
   std::ofstream(t.path() + "/file.sock") << "x";
   EXPECT_EQ(RunProcess({bin, "--layouts-dir", lay, "--listen", "unix:" + t.path() + "/file.sock"}, out), 2);

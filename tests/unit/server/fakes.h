@@ -61,6 +61,10 @@ class FakeDomain final : public MemoryDomain {
     std::lock_guard lk(mu_);
     return trims_;
   }
+  int cuda_trims() const {
+    std::lock_guard lk(mu_);
+    return cuda_trims_;
+  }
 
   DomainCaps caps() const override { return DomainCaps{true, false, false}; }
 
@@ -78,6 +82,10 @@ class FakeDomain final : public MemoryDomain {
   void Trim() override {
     std::lock_guard lk(mu_);
     ++trims_;
+  }
+  void TrimCuda() override {
+    std::lock_guard lk(mu_);
+    ++cuda_trims_;
   }
 
  private:
@@ -102,6 +110,7 @@ class FakeDomain final : public MemoryDomain {
   std::map<std::string, std::shared_ptr<Buffer>> buffers_;
   int map_calls_ = 0;
   int trims_ = 0;
+  int cuda_trims_ = 0;
 };
 
 // Records events; lets a test wait for one.
