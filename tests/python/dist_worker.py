@@ -162,8 +162,7 @@ def scenario_push_trained(rank, world, args):
                     m.unshard()
         opt.step()
         master = {names[id(p)]: p.full_tensor().contiguous() for p in opt.param_groups[0]["params"]}
-        with weightsync.Trainer(args["daemon"], model=job["model"], rank=rank, world_size=world,
-                                engine_dtype="bfloat16") as tr:
+        with weightsync.Trainer(args["daemon"], model=job["model"], rank=rank, world_size=world) as tr:
             res = tr.push(model, version=1)
         if rank == 0:
             save_file(master, os.path.join(args["out"], f"{variant}.safetensors"))
@@ -194,8 +193,7 @@ def scenario_push_fsdp1(rank, world, args):
             assembled += p.local.numel()
         else:
             other.append(name)
-    with weightsync.Trainer(args["daemon"], model=args["model"], rank=rank, world_size=world,
-                            engine_dtype="bfloat16") as tr:
+    with weightsync.Trainer(args["daemon"], model=args["model"], rank=rank, world_size=world) as tr:
         res = tr.push(model, version=1)
     return {"views": views, "assembled": assembled, "other": other, "state": res.stats["state"],
             "flat": sum(t.numel() for t in shards)}

@@ -22,7 +22,7 @@ def _sd(seed):
 
 
 def _push(address, model, sd, version):
-    with weightsync.Trainer(address, model, world_size=1, engine_dtype="bfloat16", timeout=30) as tr:
+    with weightsync.Trainer(address, model, world_size=1, timeout=30) as tr:
         res = tr.push(sd, version=version)
     assert res.stats["state"] == "committed", res.stats
     return res
@@ -51,7 +51,7 @@ def test_on_abort_error_unregisters_the_engine(daemon):
         raise RuntimeError("callback bug")
     eng.on_abort(bad_callback)
     try:
-        with weightsync.Trainer(daemon.address, "llama-abort-cb", world_size=1, engine_dtype="bfloat16",
+        with weightsync.Trainer(daemon.address, "llama-abort-cb", world_size=1,
                                 timeout=30) as tr:
             def failing_stream(*args, **kwargs):
                 raise RuntimeError("injected fault")

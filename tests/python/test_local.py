@@ -202,10 +202,10 @@ def test_dtype_policy():
     with pytest.raises(weightsync.WeightSyncError, match="cannot be sent"):
         p.source_dtype("pos_ids", torch.int64)
     # The guesses of old are ignored, saying so, where the caller passed them.
-    with pytest.warns(DeprecationWarning, match="engine_dtype='bfloat16' no longer decides") as w:
+    with pytest.warns(DeprecationWarning, match="engine_dtype='bfloat16': ignored") as w:
         weightsync.Trainer("unix:/nonexistent", "m", world_size=1, engine_dtype="bfloat16")
     assert w[0].filename == __file__
-    with pytest.warns(DeprecationWarning, match="engine_dtype=None and keep_fp32 no longer decide") as w:
+    with pytest.warns(DeprecationWarning, match="engine_dtype=None and keep_fp32: ignored") as w:
         DtypePolicy(None, keep_fp32=())
     assert w[0].filename == __file__
 

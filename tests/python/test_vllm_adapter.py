@@ -300,7 +300,7 @@ def test_post_load_has_device_and_config_and_waits_for_the_model(daemon, monkeyp
         while not w.stepping:  # the model is inside execute_model when the version commits
             assert time.monotonic() < deadline, "execute_model did not start"
             time.sleep(0.01)
-        with weightsync.Trainer(daemon.address, "standin-post-load", world_size=1, engine_dtype="bfloat16") as tr:
+        with weightsync.Trainer(daemon.address, "standin-post-load", world_size=1) as tr:
             tr.push(model, version=1)
         step.join()
         assert len(seen) == 1

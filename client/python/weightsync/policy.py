@@ -39,8 +39,7 @@ class DtypePolicy:
             ignored.append("keep_fp32")
         if ignored:
             warnings.warn(
-                f"{' and '.join(ignored)} no longer decide{'s' if len(ignored) == 1 else ''} what is sent and "
-                "are ignored: the daemon chooses each tensor's wire dtype from the dtypes the engines registered "
+                f"{' and '.join(ignored)}: ignored (deprecated): the daemon chooses each tensor's wire dtype from the dtypes the engines registered "
                 "(never narrower than a destination); use dtype_overrides to cast a tensor on the trainer",
                 DeprecationWarning, stacklevel=_stacklevel)
         self.overrides = {k: parse_dtype(v) for k, v in (overrides or {}).items()}
