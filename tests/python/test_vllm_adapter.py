@@ -312,3 +312,80 @@ def test_post_load_has_device_and_config_and_waits_for_the_model(daemon, monkeyp
     finally:
         w.weightsync_stop()
     assert "execute_model" not in w.__dict__ and "sample_tokens" not in w.__dict__
+
+
+class RepackMethodStandIn:
+    """Like vLLM CPU's oneDNN dispatch: packs the weight elsewhere and leaves an empty parameter."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def process_weights_after_loading(self, layer):
+        self.calls += 1
+        layer.packed = layer.weight.detach().clone()
+        layer.weight = torch.nn.Parameter(torch.empty(0, dtype=layer.weight.dtype), requires_grad=False)
+
+
+def _repacked_worker(cfg, layer="1"):
+    net = standin_model(ref.expected("llama", _zeros_sd("llama", cfg), cfg, 1, 0), tie_lm_head=False)
+    o_proj = getattr(net.model.layers, layer).self_attn.o_proj
+    o_proj.output_size_per_partition, o_proj.input_size_per_partition = o_proj.weight.shape
+    o_proj.params_dtype = o_proj.weight.dtype
+    o_proj.quant_method = RepackMethodStandIn()
+    o_proj.quant_method.process_weights_after_loading(o_proj)  # what vLLM did at load time
+    return StandInWorker(net, cfg, 0, 1, torch.bfloat16), o_proj
+
+
+def test_repacked_parameter_is_staged_and_applied_at_commit(daemon):
+    import transformers
+    cfg = models.config("llama")
+    torch.manual_seed(4)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    w, o_proj = _repacked_worker(cfg)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    w.weightsync_start(daemon.address, "standin-staged")
+    try:
+        st = w.weightsync_status()
+        assert st["staged_params"] == 1 and st["staging_bytes"] == o_proj.packed.numel() * 2
+        with weightsync.Trainer(daemon.address, "standin-staged", world_size=1) as tr:
+            tr.push(model, version=1)
+            w.weightsync_wait(1, timeout=30)
+            exp = ref.expected("llama", {k: v.detach().clone() for k, v in model.state_dict().items()}, cfg, 1, 0,
+                               torch.bfloat16)[name]
+            assert o_proj.quant_method.calls == 2 and o_proj.weight.numel() == 0
+            assert torch.equal(o_proj.packed.view(torch.int16), exp.view(torch.int16))
+            # a version that aborts mid-stream never reaches the live (packed) weight
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+            real, calls = tr._export, [0]
+
+            def faulty(*a, **kw):
+                calls[0] += 1
+                if calls[0] == 3:
+                    raise RuntimeError("injected fault")
+                return real(*a, **kw)
+            tr._export = faulty
+            with pytest.raises(weightsync.WeightSyncError):
+                tr.push(model, version=2)
+            assert o_proj.quant_method.calls == 2
+            assert torch.equal(o_proj.packed.view(torch.int16), exp.view(torch.int16))
+    finally:
+        w.weightsync_stop()
+
+
+def test_staging_refusals_name_the_parameter(daemon):
+    cfg = models.config("llama")
+    w, _ = _repacked_worker(cfg)
+    with pytest.raises(weightsync.WeightSyncError,
+                       match=r"parameter model\.layers\.1\.self_attn\.o_proj\.weight: vLLM's post-load step "
+                             r"replaced it .* it needs staging"):
+        w.weightsync_start(daemon.address, "standin-refused", in_place=["*o_proj*"])
+    assert getattr(w, "_weightsync", None) is None
+    w, o_proj = _repacked_worker(cfg)
+    del o_proj.output_size_per_partition  # the loader layout is unknown
+    with pytest.raises(weightsync.WeightSyncError,
+                       match=r"parameter model\.layers\.1\.self_attn\.o_proj\.weight: empty .* unknown"):
+        w.weightsync_start(daemon.address, "standin-refused")
+    with pytest.raises(weightsync.WeightSyncError, match="staging='sometimes'"):
+        w.weightsync_start(daemon.address, "standin-refused", staging="sometimes")

