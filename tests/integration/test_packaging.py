@@ -149,6 +149,10 @@ def test_kubernetes_sidecar_manifest():
         run_vol = mounts[str(Path(sock).parent)]
         assert "emptyDir" in volumes[run_vol], volumes[run_vol]
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    # The pod runs as the image's fixed weightsync uid.
+    dockerfile = (DEPLOY / "container" / "Dockerfile").read_text()
+    uid = int(re.search(r"useradd --system --uid (\d+)", dockerfile).group(1))
+    assert spec["securityContext"]["runAsUser"] == uid
     [token] = _flag(args, "--token-file")
     mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
     assert volumes[mounts[str(Path(token).parent)]]["secret"]["secretName"] in \
