@@ -27,7 +27,9 @@
 #include "daemon/mem/memory.h"
 #include "daemon/server/coordinator.h"
 #include "daemon/server/logging.h"
+#include "daemon/server/metrics.h"
 #include "daemon/server/server.h"
+#include "daemon/server/systemd_notify.h"
 
 #ifndef WS_DEFAULT_LAYOUTS_DIR
 #define WS_DEFAULT_LAYOUTS_DIR "/usr/local/share/weightsync/layouts"
@@ -111,10 +113,14 @@ int main(int argc, char** argv) {
   bool insecure_tcp = false;
   std::vector<uint32_t> admin_uids;
   std::vector<std::string> admin_cns, shm_groups;
+  std::string metrics_listen;
 
   app.add_option("--listen", listen,
                  "Address to serve on, repeatable: unix:/path/to.sock or host:port (a stale socket file is replaced)")
       ->capture_default_str();
+  app.add_option("--metrics-listen", metrics_listen,
+                 "Serve Prometheus metrics over plain HTTP at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464; "
+                 "no authentication: bind it where only the scraper reaches)");
   app.add_option("--layouts-dir", layouts_dir, "Directory of layout rule files (*.json)")->capture_default_str();
   app.add_option("--log-format", log_format, "Log format")
       ->check(CLI::IsMember({"text", "json"}))
@@ -271,6 +277,10 @@ int main(int argc, char** argv) {
   co.ack_timeout = std::chrono::milliseconds(static_cast<int64_t>(ack_timeout * 1000));
   co.progress_timeout = std::chrono::milliseconds(static_cast<int64_t>(progress_timeout * 1000));
   co.limits = limits;
+  ws::server::Metrics metrics(ws::server::BuildInfo{WS_VERSION, plane.cuda.ok()});
+  // The watchdog pings while housekeeping passes keep coming (three missed = stalled).
+  ws::server::SystemdNotifier systemd(3 * co.housekeeping_interval);
+  co.observers = {&metrics, &systemd};
   ws::server::Coordinator coordinator(layouts.value(), domain.get(), executor.get(), co);
 
   ws::server::ServerOptions so;
@@ -283,8 +293,17 @@ int main(int argc, char** argv) {
   so.tls.client_ca_file = tls_client_ca;
   so.insecure_tcp = insecure_tcp;
   so.socket_mode = sock_mode;
+  so.metrics = &metrics;
   ws::server::Server server(&coordinator, so);
   if (ws::Status st = server.Start(); !st.ok()) return StartupError(st.message());
+  ws::server::MetricsServer metrics_server(&metrics, &coordinator);
+  if (!metrics_listen.empty()) {
+    if (ws::Status st = metrics_server.Start(metrics_listen); !st.ok()) {
+      server.Stop(std::chrono::milliseconds(0));
+      return StartupError(st.message());
+    }
+    spdlog::info("metrics on {}", metrics_server.url());
+  }
 
   auto caps = domain->caps();
   std::string addrs;
@@ -303,6 +322,8 @@ int main(int argc, char** argv) {
     spdlog::info("access: unix socket mode {:04o}; TCP {}; token {}; admins: {}; shm groups: {}", sock_mode, tcp,
                  auth.token.empty() ? "not required" : "required", admins, auth.shm_gids.size());
   }
+
+  systemd.Ready(&coordinator, server.addresses());
 
   std::thread([] {
     int sig = 0;
@@ -347,6 +368,8 @@ int main(int argc, char** argv) {
                  std::chrono::duration<double>(hard_limit).count());
     _exit(1);
   }).detach();
+  systemd.Stopping(got == 0 ? "CUDA data plane unusable" : strsignal(got));
+  metrics_server.Stop();
   server.Stop(std::chrono::milliseconds(static_cast<int64_t>(shutdown_grace * 1000)));
   spdlog::info("stopped");
   spdlog::shutdown();

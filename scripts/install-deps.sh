@@ -3,8 +3,10 @@
 # compilers (gcc; clang with its sanitizer and libFuzzer runtimes for
 # scripts/sanitize.sh and scripts/fuzz.sh), gRPC/Protobuf, spdlog, CLI11,
 # nlohmann-json, GoogleTest, ccache, openssl (the TLS tests make their
-# certificates with it), and a Python venv (.venv) for the integration tests'
-# independent reference.
+# certificates with it), cpp-httplib (/metrics), libsystemd (sd_notify),
+# prometheus (the metrics test scrapes the daemon with a real server), dpkg-dev
+# and file (cpack -G DEB), and a Python venv (.venv) for the integration
+# tests' independent reference.
 # Idempotent: skips what is already present. Needs root (or sudo) for apt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +15,8 @@ PKGS=(build-essential cmake ninja-build pkg-config ccache git clang libclang-rt-
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
       libspdlog-dev libcli11-dev nlohmann-json3-dev libgtest-dev libgmock-dev
       python3 python3-venv python3-pip systemd openssl
-      python3-grpcio python3-protobuf passwd util-linux)
+      python3-grpcio python3-protobuf passwd util-linux
+      libcpp-httplib-dev libsystemd-dev prometheus dpkg-dev file)
 
 missing=()
 for p in "${PKGS[@]}"; do

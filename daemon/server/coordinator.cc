@@ -197,6 +197,7 @@ Coordinator::~Coordinator() {
 void Coordinator::HousekeepingLoop() {
   std::unique_lock lk(mu_);
   while (!housekeeping_cv_.wait_for(lk, opts_.housekeeping_interval, [&] { return stop_housekeeping_; })) {
+    for (auto* o : opts_.observers) o->Housekeeping();
     if (opts_.progress_timeout.count() > 0) {
       const auto now = Clock::now();
       std::vector<std::shared_ptr<Sync>> idle;
@@ -543,6 +544,7 @@ void Coordinator::FinishLocked(Sync& sync, bool committed) {
     ++syncs_aborted_;
   }
   last_sync_ = st;
+  for (auto* o : opts_.observers) o->SyncFinished(st, committed);
   finished_[sync.id] = st;
   finished_owner_[sync.id] = sync.owner;
   while (finished_.size() > 64) {

@@ -39,6 +39,7 @@
 #include "daemon/core/status.h"
 #include "daemon/dataplane/executor.h"
 #include "daemon/mem/memory.h"
+#include "daemon/server/observer.h"
 #include "daemon/server/peer.h"
 
 namespace ws::server {
@@ -79,6 +80,9 @@ struct CoordinatorOptions {
   // Request limits: JSON parsing and layout resolution here, request sizes in
   // the gRPC layer (which reads them through limits()).
   Limits limits;
+  // Told of every finished sync and every housekeeping pass; must outlive
+  // the Coordinator.
+  std::vector<CoordinatorObserver*> observers;
 };
 
 struct BeginSyncResult {

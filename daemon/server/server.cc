@@ -17,6 +17,7 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/core/token.h"
+#include "daemon/server/metrics.h"
 
 namespace ws::server {
 
@@ -118,6 +119,11 @@ Status Server::Start() {
   std::vector<int> ports(tcp.size(), 0);
   for (size_t i = 0; i < tcp.size(); ++i) builder.AddListeningPort(tcp[i], tcp_creds, &ports[i]);
   builder.RegisterService(&service_);
+  if (opts_.metrics) {
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+    interceptors.push_back(MakeRpcMetricsInterceptor(opts_.metrics));
+    builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  }
   builder.SetMaxReceiveMessageSize(opts_.max_message_bytes);
   builder.SetMaxSendMessageSize(opts_.max_message_bytes);
   grpc::ResourceQuota quota("weightsyncd");

@@ -21,6 +21,8 @@
 
 namespace ws::server {
 
+class Metrics;
+
 struct TlsOptions {
   std::string cert_file;       // PEM server certificate (chain)
   std::string key_file;        // PEM private key of cert_file
@@ -38,6 +40,7 @@ struct ServerOptions {
   TlsOptions tls;             // TCP addresses serve TLS with these (cert and key given together)
   bool insecure_tcp = false;  // without TLS options, serve TCP as plaintext anyway (warned at Start)
   uint32_t socket_mode = 0660;  // permission bits of the unix socket files
+  Metrics* metrics = nullptr;   // when set, counts every RPC's status (must outlive the server)
 };
 
 // For "unix:/p", "unix:///p", "unix:p" returns the socket path; "" otherwise.

@@ -444,9 +444,13 @@ TEST(DeployUnit, SystemdAnalyzeVerify) {
   TempDir t;
   std::string unit = ReadFile(std::string(WS_SOURCE_DIR) + "/deploy/weightsyncd.service");
   ASSERT_FALSE(unit.empty());
-  const std::string exec = "ExecStart=/usr/local/bin/weightsyncd ";
+  const std::string exec = "ExecStart=/usr/bin/weightsyncd ";
   auto pos = unit.find(exec);
-  ASSERT_NE(pos, std::string::npos) << "unit must start /usr/local/bin/weightsyncd";
+  ASSERT_NE(pos, std::string::npos) << "unit must start /usr/bin/weightsyncd (where the Debian package puts it)";
+  EXPECT_TRUE(Has(unit, "Type=notify\n"));
+  EXPECT_TRUE(Has(unit, "NotifyAccess=main\n"));
+  EXPECT_TRUE(Has(unit, "WatchdogSec="));
+  EXPECT_TRUE(Has(unit, "User=weightsync\n"));
   EXPECT_TRUE(Has(unit, "--config /etc/weightsync/weightsyncd.toml"));
   EXPECT_TRUE(Has(unit, "EnvironmentFile=-/etc/default/weightsyncd"));
   EXPECT_TRUE(Has(unit, "RuntimeDirectory=weightsync"));
