@@ -1,9 +1,10 @@
 #include "daemon/dataplane/data_plane.h"
 
 #include <future>
-#include <mutex>
 #include <utility>
 #include <vector>
+
+#include "daemon/core/thread_annotations.h"
 
 #if WS_WITH_CUDA
 #include "daemon/mem/cuda/cuda_domain.h"
@@ -56,7 +57,7 @@ class DispatchExecutor final : public Executor {
 
   Status health() const override {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       if (!fatal_.ok()) return fatal_;
     }
     if (!gpu_) return Status::Ok();
@@ -73,7 +74,7 @@ class DispatchExecutor final : public Executor {
 
   void Latch(const Status& h) const {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       if (!fatal_.ok()) return;
       fatal_ = h;
     }
@@ -85,8 +86,8 @@ class DispatchExecutor final : public Executor {
   Status no_gpu_;
   CudaPlatform* cuda_;
   std::function<void(const Status&)> on_fatal_;
-  mutable std::mutex mu_;
-  mutable Status fatal_;  // the first fatal error, for good
+  mutable Mutex mu_;
+  mutable Status fatal_ WS_GUARDED_BY(mu_);  // the first fatal error, for good
 };
 
 #if WS_WITH_CUDA

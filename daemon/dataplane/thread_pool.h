@@ -13,9 +13,10 @@
 #include <deque>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <thread>
 #include <vector>
+
+#include "daemon/core/thread_annotations.h"
 
 namespace ws {
 
@@ -27,7 +28,7 @@ class ThreadPool {
   }
   ~ThreadPool() {
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       stop_ = true;
     }
     cv_.notify_all();
@@ -50,7 +51,7 @@ class ThreadPool {
     b->n = n;
     b->fn = &fn;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       queue_.push_back(b);
     }
     size_t wake = std::min(n - 1, threads_.size());
@@ -60,8 +61,11 @@ class ThreadPool {
       for (size_t i = 0; i < wake; ++i) cv_.notify_one();
     }
     Drain(b);
-    std::unique_lock<std::mutex> lock(b->mu);
-    b->cv.wait(lock, [&] { return b->finished; });
+    MutexLock lock(&b->mu);
+    lock.Wait(b->cv, [&] {
+      b->mu.AssertHeld();
+      return b->finished;
+    });
   }
 
  private:
@@ -70,9 +74,9 @@ class ThreadPool {
     const std::function<void(size_t)>* fn = nullptr;
     std::atomic<size_t> next{0};
     std::atomic<size_t> done{0};
-    std::mutex mu;
+    Mutex mu;
     std::condition_variable cv;
-    bool finished = false;
+    bool finished WS_GUARDED_BY(mu) = false;
   };
 
   // Claims and runs items of `b` until none are left; the thread that sees
@@ -83,12 +87,12 @@ class ThreadPool {
       if (i >= b->n) break;
       (*b->fn)(i);
       if (b->done.fetch_add(1, std::memory_order_acq_rel) + 1 == b->n) {
-        std::lock_guard<std::mutex> lock(b->mu);
+        MutexLock lock(&b->mu);
         b->finished = true;
         b->cv.notify_all();
       }
     }
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     for (auto it = queue_.begin(); it != queue_.end(); ++it) {
       if (*it == b) {
         queue_.erase(it);
@@ -101,8 +105,11 @@ class ThreadPool {
     for (;;) {
       std::shared_ptr<Batch> b;
       {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+        MutexLock lock(&mu_);
+        lock.Wait(cv_, [&] {
+          mu_.AssertHeld();
+          return stop_ || !queue_.empty();
+        });
         if (stop_ && queue_.empty()) return;
         b = queue_.front();
       }
@@ -110,10 +117,10 @@ class ThreadPool {
     }
   }
 
-  std::mutex mu_;
+  Mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::shared_ptr<Batch>> queue_;
-  bool stop_ = false;
+  std::deque<std::shared_ptr<Batch>> queue_ WS_GUARDED_BY(mu_);
+  bool stop_ WS_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };
 

@@ -13,8 +13,9 @@
 #include <cstring>
 #include <iterator>
 #include <map>
-#include <mutex>
 #include <utility>
+
+#include "daemon/core/thread_annotations.h"
 
 namespace ws {
 namespace {
@@ -84,8 +85,8 @@ struct ShmObject;
 // Every mapped ShmObject by base address, for DiagnoseMemoryFault() and
 // PinHostObject(). An object leaves before it is unmapped; the lock keeps it
 // alive while a diagnosis or a lazy pin uses it.
-std::mutex g_mapped_mu;
-std::map<uintptr_t, ShmObject*> g_mapped;
+Mutex g_mapped_mu;
+std::map<uintptr_t, ShmObject*> g_mapped WS_GUARDED_BY(g_mapped_mu);
 
 // One mapped shm object, with the fd it was opened by. Unregistered, then
 // unpinned, then unmapped when the last holder (cache or Mapping) drops it.
@@ -102,14 +103,14 @@ struct ShmObject {
   std::shared_ptr<void> pin;
   // lazy_pin: the hook, until PinHostObject() has called it successfully
   // (guarded by g_mapped_mu).
-  decltype(HostShmOptions::pin) lazy_pin;
+  decltype(HostShmOptions::pin) lazy_pin WS_GUARDED_BY(g_mapped_mu);
 
   ShmObject() = default;
   ShmObject(const ShmObject&) = delete;
   ShmObject& operator=(const ShmObject&) = delete;
   ~ShmObject() {
     if (registered) {
-      std::lock_guard<std::mutex> lock(g_mapped_mu);
+      MutexLock lock(&g_mapped_mu);
       g_mapped.erase(reinterpret_cast<uintptr_t>(base));
     }
     pin.reset();
@@ -230,8 +231,8 @@ struct HostShmDomain::Impl {
   HostShmOptions opts;
   Fd dir;             // O_PATH fd of opts.dir; -1 when it could not be opened
   Status dir_error;   // why not
-  mutable std::mutex mu;
-  std::map<Key, std::shared_ptr<ShmObject>> cache;
+  mutable Mutex mu;
+  std::map<Key, std::shared_ptr<ShmObject>> cache WS_GUARDED_BY(mu);
 
   // Opens `name` in the directory without following symbolic links or
   // blocking (FIFOs); falls back to read-only when writing is refused.
@@ -278,12 +279,12 @@ struct HostShmDomain::Impl {
       }
       obj->base = p;
       {
-        std::lock_guard<std::mutex> lock(g_mapped_mu);
+        MutexLock lock(&g_mapped_mu);
         g_mapped[reinterpret_cast<uintptr_t>(p)] = obj.get();
         obj->registered = true;
       }
       if (opts.pin && opts.lazy_pin) {
-        std::lock_guard<std::mutex> lock(g_mapped_mu);
+        MutexLock lock(&g_mapped_mu);
         obj->lazy_pin = opts.pin;
       } else if (opts.pin) {
         auto token = opts.pin(p, obj->size, writable, "/" + name);
@@ -341,7 +342,7 @@ Result<std::shared_ptr<Mapping>> HostShmDomain::Map(const MemoryRef& ref, const 
   const Key key{st.st_dev, st.st_ino};
   std::shared_ptr<ShmObject> obj;
   {
-    std::lock_guard<std::mutex> lock(impl_->mu);
+    MutexLock lock(&impl_->mu);
     auto it = impl_->cache.find(key);
     if (it != impl_->cache.end()) {
       if (it->second->size != size) {
@@ -355,7 +356,7 @@ Result<std::shared_ptr<Mapping>> HostShmDomain::Map(const MemoryRef& ref, const 
     auto mapped = impl_->MapObject(*name, desc, std::move(fd), st, writable);
     if (!mapped.ok()) return mapped.status().WithContext(what);
     obj = std::move(mapped).value();
-    std::lock_guard<std::mutex> lock(impl_->mu);
+    MutexLock lock(&impl_->mu);
     // A re-created name leaves its old inode in the cache; drop entries for
     // the same name so a stale object is not kept mapped until Trim().
     for (auto it = impl_->cache.begin(); it != impl_->cache.end();) {
@@ -382,7 +383,7 @@ Result<std::shared_ptr<Mapping>> HostShmDomain::Map(const MemoryRef& ref, const 
 }
 
 void HostShmDomain::Trim() {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   for (auto it = impl_->cache.begin(); it != impl_->cache.end();) {
     if (it->second.use_count() == 1) {
       it = impl_->cache.erase(it);
@@ -393,7 +394,7 @@ void HostShmDomain::Trim() {
 }
 
 void HostShmDomain::TrimStale() {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   for (auto it = impl_->cache.begin(); it != impl_->cache.end();) {
     struct stat st;
     const ShmObject& o = *it->second;
@@ -408,7 +409,7 @@ void HostShmDomain::TrimStale() {
 }
 
 size_t HostShmDomain::cached_objects() const {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   return impl_->cache.size();
 }
 
@@ -416,7 +417,7 @@ std::unique_ptr<MemoryDomain> MakeHostShmDomain() { return std::make_unique<Host
 
 Status PinHostObject(const void* addr) {
   const auto a = reinterpret_cast<uintptr_t>(addr);
-  std::lock_guard<std::mutex> lock(g_mapped_mu);
+  MutexLock lock(&g_mapped_mu);
   auto it = g_mapped.upper_bound(a);
   if (it == g_mapped.begin() || a - std::prev(it)->first >= std::prev(it)->second->size)
     return NotFound("no mapped shared memory object contains this host address");
@@ -433,7 +434,7 @@ Status PinHostObject(const void* addr) {
 
 std::string DiagnoseMemoryFault(const void* addr, bool writing) {
   const auto a = reinterpret_cast<uintptr_t>(addr);
-  std::lock_guard<std::mutex> lock(g_mapped_mu);
+  MutexLock lock(&g_mapped_mu);
   auto it = g_mapped.upper_bound(a);
   if (it == g_mapped.begin()) return {};
   --it;

@@ -86,7 +86,7 @@ Peer Authenticator::UnixPeer(uint32_t uid, uint32_t gid, int32_t pid, const std:
 }
 
 void Authenticator::AddUnixPeer(int fd, Peer peer) {
-  std::lock_guard lk(mu_);
+  MutexLock lk(&mu_);
   unix_peers_[fd] = std::move(peer);
 }
 
@@ -99,7 +99,7 @@ Result<Peer> Authenticator::Identify(grpc::ServerContext* ctx) const {
 Result<Peer> Authenticator::PeerOf(grpc::ServerContext* ctx) const {
   const std::string addr = ctx->peer();
   if (int fd = ParseFdPeer(addr); fd >= 0) {
-    std::lock_guard lk(mu_);
+    MutexLock lk(&mu_);
     auto it = unix_peers_.find(fd);
     if (it == unix_peers_.end())
       return Unauthenticated("connection " + addr + " has no recorded unix-socket credentials; refused");

@@ -22,7 +22,6 @@
 #pragma once
 
 #include <cstdint>
-#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -30,6 +29,7 @@
 #include <grpcpp/server_context.h>
 
 #include "daemon/core/status.h"
+#include "daemon/core/thread_annotations.h"
 #include "daemon/server/peer.h"
 
 namespace ws::server {
@@ -76,8 +76,8 @@ class Authenticator {
   Result<Peer> PeerOf(grpc::ServerContext* ctx) const;
   Status CheckToken(const grpc::ServerContext* ctx, const Peer& peer) const;
 
-  mutable std::mutex mu_;
-  std::unordered_map<int, Peer> unix_peers_;  // by the fd number gRPC reports as "fd:N"
+  mutable Mutex mu_;
+  std::unordered_map<int, Peer> unix_peers_ WS_GUARDED_BY(mu_);  // by the fd number gRPC reports as "fd:N"
 };
 
 }  // namespace ws::server

@@ -7,8 +7,14 @@
 // every engine, wait for every engine's AckVersion) -> committed. Any error
 // on an in-flight sync aborts it: every engine of the model hears Aborted.
 //
+// The coordinator owns an EngineRegistry (daemon/sync/engine_registry.h:
+// registrations, mapped memory, layouts) and the SyncSessions in flight
+// (daemon/sync/sync_session.h: one sync's state machine and its copy
+// binding), and runs the housekeeping thread.
+//
 // Thread-safety: every public method may be called from any thread. One mutex
-// (mu_) guards all state; it is never held while bytes are copied, while
+// (mu_) guards all state, the registry's and the sessions' included; it is
+// never held while bytes are copied, while
 // memory is mapped, or while a plan is built. EventSink::Deliver is called
 // with mu_ held (this keeps Started/Committed/Aborted in order per engine),
 // so sinks must only enqueue. Engine memory is written only by the pushes and
@@ -25,7 +31,6 @@
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -37,30 +42,16 @@
 #include "daemon/core/manifest.h"
 #include "daemon/core/planner.h"
 #include "daemon/core/status.h"
+#include "daemon/core/thread_annotations.h"
 #include "daemon/dataplane/executor.h"
 #include "daemon/mem/memory.h"
 #include "daemon/server/observer.h"
 #include "daemon/server/peer.h"
+#include "daemon/sync/engine_registry.h"
+#include "daemon/sync/events.h"
+#include "daemon/sync/sync_session.h"
 
 namespace ws::server {
-
-struct EngineEvent {
-  enum class Kind { kStarted, kCommitted, kAborted };
-  Kind kind = Kind::kStarted;
-  uint64_t sync_id = 0;
-  uint64_t version = 0;
-  std::string reason;  // kAborted only
-};
-
-// Implemented by the gRPC layer (one per open RegisterEngine stream) and by
-// tests. Deliver() is called with the coordinator's lock held: it must not
-// block and must not call back into the Coordinator. It is never called again
-// once UnregisterEngine() for its engine has returned.
-class EventSink {
- public:
-  virtual ~EventSink() = default;
-  virtual void Deliver(const EngineEvent& event) = 0;
-};
 
 struct CoordinatorOptions {
   std::chrono::milliseconds ack_timeout{60000};  // Commit's wait for every engine's AckVersion
@@ -98,20 +89,6 @@ struct LayerResult {
   std::string layer;
   uint64_t bytes_written = 0;
   double seconds = 0;
-};
-
-struct SyncStats {
-  uint64_t sync_id = 0;
-  std::string model;
-  uint64_t version = 0;
-  std::string state;  // planning | streaming | committing | committed | aborted
-  uint64_t bytes_written = 0;
-  uint64_t bytes_read = 0;
-  double seconds = 0;  // begin -> end (or -> now while in flight)
-  double gbps = 0;
-  std::string error;
-  uint32_t engines = 0;
-  uint32_t world_size = 0;
 };
 
 struct EngineInfo {
@@ -197,10 +174,6 @@ class Coordinator {
   const Limits& limits() const { return opts_.limits; }
 
  private:
-  struct Engine;
-  struct Model;
-  struct Sync;
-
   // Declared first in a method, so it runs last: trims the memory domain's
   // cache (outside mu_, after the method's own references are gone) when an
   // engine left or a sync aborted, so their shm objects get unmapped; and
@@ -210,50 +183,64 @@ class Coordinator {
     Coordinator* c;
     ~TrimGuard();
   };
+  // What is kept of a finished sync, for messages to late callers.
+  struct FinishedSync {
+    SyncState state = SyncState::kCommitted;
+    std::string error;
+    std::string owner;
+  };
 
-  void AbortLocked(Sync& sync, const std::string& reason);
-  void FinishLocked(Sync& sync, bool committed);
-  void ReleaseIfIdleLocked(Sync& sync);
-  void EmitLocked(const Sync& sync, EngineEvent::Kind kind, const std::string& reason = "");
-  SyncStats StatsLocked(const Sync& sync) const;
-  Result<std::shared_ptr<Sync>> FindLiveLocked(uint64_t sync_id);
+  // RegisterEngine: shutdown, then the registry's admission checks.
+  Status AdmitLocked(const Peer& caller, const std::string& model) const WS_REQUIRES(mu_);
+  // BeginSync: every check against the model, then a planning session that holds it.
+  Result<std::shared_ptr<SyncSession>> ReserveSyncLocked(const Peer& caller, SourceManifest manifest)
+      WS_REQUIRES(mu_);
+  // BeginSync: streaming with `plan`, or the session dropped (engines heard nothing).
+  Result<BeginSyncResult> StartSyncLocked(const std::shared_ptr<SyncSession>& sync, Result<SyncPlan> plan,
+                                          std::vector<TensorDtypes> dtypes) WS_REQUIRES(mu_);
+  // PushLayer: state checks, then claims the layer's shards and counts a writer.
+  Result<std::vector<ClaimedShard>> ClaimLayerLocked(SyncSession& sync, uint32_t rank,
+                                                     const std::vector<std::pair<std::string, MemoryRef>>& shards,
+                                                     const std::string& where) WS_REQUIRES(mu_);
+  // PushLayer: ends a write begun by ClaimLayerLocked; a failure aborts the sync.
+  Status EndWrite(SyncSession& sync, Status st) WS_EXCLUDES(mu_);
+  // Commit: runs the plan's zero fills with mu_ released.
+  Status ZeroFillLocked(SyncSession& sync) WS_REQUIRES(mu_);
+  // Commit: Committed to every engine, then waits for every AckVersion.
+  Status AwaitAcksLocked(MutexLock& lk, SyncSession& sync) WS_REQUIRES(mu_);
+
+  void AbortLocked(SyncSession& sync, const std::string& reason) WS_REQUIRES(mu_);
+  void FinishLocked(SyncSession& sync, bool committed, const std::string& reason = "") WS_REQUIRES(mu_);
+  void ReleaseIfIdleLocked(SyncSession& sync) WS_REQUIRES(mu_);
+  void EmitLocked(const SyncSession& sync, EngineEvent::Kind kind, const std::string& reason = "") WS_REQUIRES(mu_);
+  Result<std::shared_ptr<SyncSession>> FindLiveLocked(uint64_t sync_id) WS_REQUIRES(mu_);
   // FindLiveLocked, then PermissionDenied unless `caller` owns the sync.
-  Result<std::shared_ptr<Sync>> FindOwnedLocked(const Peer& caller, uint64_t sync_id, const char* action);
-  Result<std::shared_ptr<Engine>> FindOwnedEngineLocked(const Peer& caller, const std::string& engine_id,
-                                                        const char* action);
-  // Refuses memory of `e` that overlaps itself (except declared ties) or any
-  // registered engine's.
-  Status CheckIsolationLocked(const Engine& e, const std::string& who) const;
-  Status CheckModelCompatibleLocked(const Model& model, const EngineRankSpec& spec) const;
+  Result<std::shared_ptr<SyncSession>> FindOwnedLocked(const Peer& caller, uint64_t sync_id, const char* action)
+      WS_REQUIRES(mu_);
 
   const std::shared_ptr<const LayoutRegistry> layouts_;
   MemoryDomain* const domain_;
   Executor* const executor_;
   const CoordinatorOptions opts_;
   const std::chrono::steady_clock::time_point started_;
-  const std::string boot_id_;
 
-  void HousekeepingLoop();
+  void HousekeepingLoop() WS_EXCLUDES(mu_);
   std::condition_variable housekeeping_cv_;  // wakes the loop early on shutdown
-  bool stop_housekeeping_ = false;           // guarded by mu_
   std::thread housekeeping_;                 // started last in the constructor, joined first
 
-  mutable std::mutex mu_;
+  mutable Mutex mu_;
   std::condition_variable cv_;  // writers drained, acks arrived, syncs aborted
-  bool shutting_down_ = false;
-  bool trim_pending_ = false;
-  bool trim_cuda_pending_ = false;
-  uint64_t next_engine_ = 1;
-  uint64_t next_sync_id_;
-  std::map<std::string, std::shared_ptr<Engine>> engines_;
-  std::map<std::string, Model> models_;
-  std::map<std::string, uint32_t> engines_by_owner_;  // principal -> registered engine ranks
-  std::map<uint64_t, std::shared_ptr<Sync>> syncs_;    // in flight (incl. aborted, draining)
-  std::map<uint64_t, SyncStats> finished_;             // the most recent ones, for messages
-  std::map<uint64_t, std::string> finished_owner_;     // their owners
-  std::optional<SyncStats> last_sync_;
-  uint64_t syncs_committed_ = 0;
-  uint64_t syncs_aborted_ = 0;
+  bool stop_housekeeping_ WS_GUARDED_BY(mu_) = false;
+  bool shutting_down_ WS_GUARDED_BY(mu_) = false;
+  bool trim_pending_ WS_GUARDED_BY(mu_) = false;
+  bool trim_cuda_pending_ WS_GUARDED_BY(mu_) = false;
+  uint64_t next_sync_id_ WS_GUARDED_BY(mu_);
+  EngineRegistry registry_ WS_GUARDED_BY(mu_);
+  std::map<uint64_t, std::shared_ptr<SyncSession>> syncs_ WS_GUARDED_BY(mu_);  // in flight (incl. aborted, draining)
+  std::map<uint64_t, FinishedSync> finished_ WS_GUARDED_BY(mu_);              // the most recent ones
+  std::optional<SyncStats> last_sync_ WS_GUARDED_BY(mu_);
+  uint64_t syncs_committed_ WS_GUARDED_BY(mu_) = 0;
+  uint64_t syncs_aborted_ WS_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace ws::server

@@ -28,12 +28,12 @@ grpc::Status Failed(const char* rpc, const Status& st) {
 class WeightSyncService::EventQueue final : public EventSink {
  public:
   void Deliver(const EngineEvent& ev) override {
-    std::lock_guard lk(mu_);
+    MutexLock lk(&mu_);
     q_.push_back(ev);
     cv_.notify_all();
   }
   void Close(grpc::Status why) {
-    std::lock_guard lk(mu_);
+    MutexLock lk(&mu_);
     if (!closed_) why_ = std::move(why);
     closed_ = true;
     cv_.notify_all();
@@ -41,23 +41,26 @@ class WeightSyncService::EventQueue final : public EventSink {
   // Waits up to `timeout` for events or Close(); moves queued events to `out`.
   // Returns true once closed (after which `out` holds the last events).
   bool Take(std::chrono::milliseconds timeout, std::deque<EngineEvent>* out) {
-    std::unique_lock lk(mu_);
-    cv_.wait_for(lk, timeout, [&] { return closed_ || !q_.empty(); });
+    MutexLock lk(&mu_);
+    lk.WaitFor(cv_, timeout, [&] {
+      mu_.AssertHeld();
+      return closed_ || !q_.empty();
+    });
     out->swap(q_);
     q_.clear();
     return closed_;
   }
   grpc::Status why() {
-    std::lock_guard lk(mu_);
+    MutexLock lk(&mu_);
     return why_;
   }
 
  private:
-  std::mutex mu_;
+  Mutex mu_;
   std::condition_variable cv_;
-  std::deque<EngineEvent> q_;
-  bool closed_ = false;
-  grpc::Status why_;
+  std::deque<EngineEvent> q_ WS_GUARDED_BY(mu_);
+  bool closed_ WS_GUARDED_BY(mu_) = false;
+  grpc::Status why_ WS_GUARDED_BY(mu_);
 };
 
 WeightSyncService::WeightSyncService(Coordinator* coordinator, const Authenticator* auth)
@@ -66,7 +69,7 @@ WeightSyncService::~WeightSyncService() = default;
 
 void WeightSyncService::BeginShutdown() {
   stopping_ = true;
-  std::lock_guard lk(mu_);
+  MutexLock lk(&mu_);
   for (auto& [id, q] : streams_) q->Close(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the daemon is shutting down"));
 }
 
@@ -84,7 +87,7 @@ grpc::Status WeightSyncService::RegisterEngine(grpc::ServerContext* ctx, const p
     return ToGrpc(id.status());
   }
   {
-    std::lock_guard lk(mu_);
+    MutexLock lk(&mu_);
     streams_[*id] = q;
   }
   if (stopping_) q->Close(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the daemon is shutting down"));
@@ -101,7 +104,7 @@ grpc::Status WeightSyncService::RegisterEngine(grpc::ServerContext* ctx, const p
     if (ctx->IsCancelled()) alive = false;
   }
   {
-    std::lock_guard lk(mu_);
+    MutexLock lk(&mu_);
     streams_.erase(*id);
   }
   Status st = coord_->UnregisterEngine(*peer, *id);  // NotFound after an explicit UnregisterEngine
@@ -124,7 +127,7 @@ grpc::Status WeightSyncService::UnregisterEngine(grpc::ServerContext* ctx, const
   if (!peer.ok()) return Failed("UnregisterEngine", peer.status());
   Status st = coord_->UnregisterEngine(*peer, req->engine_id());
   if (!st.ok()) return Failed("UnregisterEngine", st);
-  std::lock_guard lk(mu_);
+  MutexLock lk(&mu_);
   if (auto it = streams_.find(req->engine_id()); it != streams_.end()) it->second->Close(grpc::Status::OK);
   return grpc::Status::OK;
 }

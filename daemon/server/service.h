@@ -9,9 +9,9 @@
 #include <atomic>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 
+#include "daemon/core/thread_annotations.h"
 #include "daemon/server/auth.h"
 #include "daemon/server/coordinator.h"
 #include "weightsync/v1/weightsync.grpc.pb.h"
@@ -51,8 +51,8 @@ class WeightSyncService final : public ::weightsync::v1::WeightSync::Service {
   Coordinator* const coord_;
   const Authenticator* const auth_;
   std::atomic<bool> stopping_{false};
-  std::mutex mu_;
-  std::map<std::string, std::shared_ptr<EventQueue>> streams_;  // engine id -> its open stream
+  Mutex mu_;
+  std::map<std::string, std::shared_ptr<EventQueue>> streams_ WS_GUARDED_BY(mu_);  // engine id -> its open stream
 };
 
 }  // namespace ws::server

@@ -1,0 +1,149 @@
+// One weight sync: its manifest, plan and engines, which shards have
+// arrived, and its state machine:
+//
+//   planning -> streaming -> committing -> committed
+//   (any of the first three) -> aborted
+//
+// plus the steps that turn a layer's shards (or the plan's zero fills) into
+// bounds-checked copy operations for the executor.
+//
+// Thread-safety: a SyncSession is not synchronized itself; the Coordinator
+// calls its mutating methods with its mutex held. The manifest, the plan and
+// the engine list are fixed once the session streams (only the planning
+// thread touches them before), so the binding steps read them without that
+// lock.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "daemon/core/manifest.h"
+#include "daemon/core/planner.h"
+#include "daemon/core/status.h"
+#include "daemon/kernels/copy_math.h"
+#include "daemon/mem/memory.h"
+#include "daemon/sync/engine_registry.h"
+
+namespace ws::server {
+
+enum class SyncState { kPlanning, kStreaming, kCommitting, kCommitted, kAborted };
+
+const char* SyncStateName(SyncState s);
+inline bool IsTerminal(SyncState s) { return s == SyncState::kCommitted || s == SyncState::kAborted; }
+
+struct SyncStats {
+  uint64_t sync_id = 0;
+  std::string model;
+  uint64_t version = 0;
+  std::string state;  // SyncStateName: planning | streaming | committing | committed | aborted
+  uint64_t bytes_written = 0;
+  uint64_t bytes_read = 0;
+  double seconds = 0;  // begin -> end (or -> now while in flight)
+  double gbps = 0;
+  std::string error;
+  uint32_t engines = 0;
+  uint32_t world_size = 0;
+};
+
+// Copy operations ready for Executor::RunLabeled, one label per op.
+struct BoundOps {
+  std::vector<kernels::CopyOp> ops;
+  std::vector<std::string> labels;
+  uint64_t bytes_read = 0;
+};
+
+// One shard of a pushed layer, matched against the manifest.
+struct ClaimedShard {
+  uint32_t tensor = 0, shard = 0;
+  const MemoryRef* ref = nullptr;
+  std::string what;  // "tensor NAME (rank R)"
+};
+
+// Elements of one trainer shard (a contiguous range along `dim` of the
+// tensor). Saturates at UINT64_MAX (no length can match it) on overflow or a
+// negative extent; the planner has refused such manifests already.
+uint64_t ShardElements(const SourceTensor& t, const ShardSpec& s);
+
+class SyncSession {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  SyncSession(uint64_t id, std::string owner, SourceManifest manifest, std::vector<std::shared_ptr<Engine>> engines);
+  SyncSession(const SyncSession&) = delete;
+  SyncSession& operator=(const SyncSession&) = delete;
+
+  uint64_t id() const { return id_; }
+  const std::string& owner() const { return owner_; }
+  const SourceManifest& manifest() const { return manifest_; }
+  const std::vector<std::shared_ptr<Engine>>& engines() const { return engines_; }
+  const SyncPlan& plan() const { return plan_; }
+  SyncState state() const { return state_; }
+  bool terminal() const { return IsTerminal(state_); }
+  const std::string& error() const { return error_; }
+  // "sync ID"
+  std::string Name() const { return "sync " + std::to_string(id_); }
+
+  // ---- planning (no lock: only the BeginSync thread sees the session yet)
+  // FailedPrecondition naming the param when an engine's memory is no longer
+  // backed (a truncated shm object).
+  Status CheckEnginesBacked() const;
+  // Negotiates dtypes (with manifest.negotiate_dtypes) and builds the plan.
+  Result<SyncPlan> Plan(std::vector<TensorDtypes>* dtypes);
+  // planning -> streaming.
+  void StartStreaming(SyncPlan plan);
+
+  // ---- transitions (coordinator lock held)
+  // streaming -> committing.
+  void StartCommitting();
+  // Any live state -> committed / aborted (with `reason` truncated as sent).
+  void Finish(bool committed, const std::string& reason = "");
+
+  // ---- streaming
+  // Matches a layer's shards to unreceived manifest shards of `rank` and
+  // marks them received. InvalidArgument lists what did not match.
+  Result<std::vector<ClaimedShard>> ClaimShards(uint32_t rank,
+                                                const std::vector<std::pair<std::string, MemoryRef>>& shards,
+                                                const std::string& where);
+  // The planned copies of `claimed` from `src` (one mapping per claimed
+  // shard) into the engines, bounds-checked against both mappings.
+  Result<BoundOps> BindLayer(const std::vector<ClaimedShard>& claimed,
+                             const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where) const;
+
+  // ---- commit
+  // The message listing shards that never arrived; empty when none.
+  std::string MissingShards() const;
+  Result<BoundOps> BindZeroFills() const;
+
+  SyncStats Stats() const;
+
+  // Bookkeeping the Coordinator reads and writes with its lock held.
+  int writers = 0;  // pushes / zero fills currently writing engine memory
+  bool started_sent = false;
+  bool aborted_sent = false;
+  std::set<std::string> pending_acks;
+  std::set<std::string> acked;  // engines that applied this sync's version
+  Clock::time_point last_activity = Clock::now();  // BeginSync / PushLayer, for the idle timeout
+  uint64_t bytes_written = 0;
+  uint64_t bytes_read = 0;
+
+ private:
+  const uint64_t id_;
+  const std::string owner_;  // principal of the BeginSync caller
+  SourceManifest manifest_;
+  const std::vector<std::shared_ptr<Engine>> engines_;  // keeps mappings alive while copies run
+  SyncPlan plan_;
+  std::map<std::string, uint32_t> tensor_index_;
+  std::vector<std::vector<uint8_t>> received_;  // [tensor][shard]
+  SyncState state_ = SyncState::kPlanning;
+  Clock::time_point begin_ = Clock::now();
+  Clock::time_point end_;
+  std::string error_;
+};
+
+}  // namespace ws::server
