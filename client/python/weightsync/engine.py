@@ -338,11 +338,22 @@ class Engine:
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
                 break
+        # The engine's own state first: once the daemon has every ack, the
+        # trainer's push returns, and whoever it tells must see this version
+        # applied here (the bytes are in place and the callbacks ran).
+        self._record_outcome(version, error)
         try:
             self.daemon.stub.AckVersion(pb.AckVersionRequest(engine_id=self.engine_id, version=version,
                                                              ok=not error, error=error), timeout=self.ack_timeout)
         except grpc.RpcError as e:
-            error = error or str(rpc_error(e, f"AckVersion {version}"))
+            # The daemon aborts the version without this ack (its ack deadline);
+            # the engine holds its bytes all the same.
+            msg = str(rpc_error(e, f"AckVersion {version}"))
+            log.warning("%s: %s", self._where(), msg)
+            with self._cv:
+                self._last_error = msg
+
+    def _record_outcome(self, version: int, error: str) -> None:
         with self._cv:
             if error:
                 self._failed[version] = error
