@@ -19,6 +19,7 @@ from torch.distributed.tensor import Shard
 
 import weightsync
 from weightsync import pieces as P
+from ws_helpers import fail_nth_export
 
 
 def load(path: str):
@@ -113,14 +114,7 @@ def scenario_push_fault(rank, world, args):
     model = shard_model(load(args["checkpoint"]), "shard0", world)
     tr = weightsync.Trainer(args["daemon"], model=args["model"], rank=rank, world_size=world)
     if rank == 1:
-        real, calls = tr._export, [0]
-
-        def faulty(*a, **kw):
-            calls[0] += 1
-            if calls[0] == 3:
-                raise RuntimeError("injected fault")
-            return real(*a, **kw)
-        tr._export = faulty
+        real = fail_nth_export(tr, 3)
     try:
         tr.push(model, version=1)
         first = None

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed")
 import models  # noqa: E402
 import vllm_reference as ref  # noqa: E402
 import weightsync  # noqa: E402
+from ws_helpers import fail_nth_export  # noqa: E402
 from weightsync import vllm as wsv  # noqa: E402
 
 
@@ -358,14 +359,7 @@ def test_repacked_parameter_is_staged_and_applied_at_commit(daemon):
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(1.0)
-            real, calls = tr._export, [0]
-
-            def faulty(*a, **kw):
-                calls[0] += 1
-                if calls[0] == 3:
-                    raise RuntimeError("injected fault")
-                return real(*a, **kw)
-            tr._export = faulty
+            fail_nth_export(tr, 3)
             with pytest.raises(weightsync.WeightSyncError):
                 tr.push(model, version=2)
             assert o_proj.quant_method.calls == 2

@@ -114,3 +114,17 @@ class DaemonProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def fail_nth_export(trainer, n: int = 3):
+    """Makes the trainer's n-th shard export raise (a fault in the middle of its stream); returns the
+    real export, to put back."""
+    real, calls = trainer._export, [0]
+
+    def faulty(*a, **kw):
+        calls[0] += 1
+        if calls[0] == n:
+            raise RuntimeError("injected fault")
+        return real(*a, **kw)
+    trainer._export = faulty
+    return real
