@@ -89,6 +89,14 @@ def killpg(p: subprocess.Popen, sig=signal.SIGKILL) -> None:
         pass
 
 
+def write_table(path: Path, header: str, rows: list) -> None:
+    """A markdown table (header, separator, one line per row) into `path` and the log."""
+    table = [header, "|" + "---|" * (header.count(" | ") + 1)]
+    table += [f"| {' | '.join(map(str, r))} |" for r in rows]
+    path.write_text("\n".join(table) + "\n")
+    log("\n" + "\n".join(table))
+
+
 def tail(text: str, n: int = 15) -> str:
     return "\n".join(text.rstrip().splitlines()[-n:])
 
@@ -301,10 +309,7 @@ def cmd_arch(a) -> int:
     if rc != 0:
         failures += 1
         log(f"weightsyncd exited {rc} on SIGTERM (log: {d.log_path})")
-    table = ["| architecture | variant | TP | trainer -> engine | result | seconds |", "|---|---|---|---|---|---|"]
-    table += [f"| {' | '.join(map(str, r))} |" for r in rows]
-    (out / "arch.md").write_text("\n".join(table) + "\n")
-    log("\n" + "\n".join(table))
+    write_table(out / "arch.md", "| architecture | variant | TP | trainer -> engine | result | seconds |", rows)
     log(f"\n{sum(r[4] == 'pass' for r in rows)} passed, {failures} failed (logs under {out})")
     return 1 if failures else 0
 
@@ -429,10 +434,7 @@ def cmd_torch(a) -> int:
     if d.stop() != 0:
         failures += 1
         log(f"weightsyncd exited non-zero on SIGTERM (log: {d.log_path})")
-    table = ["| Python trainer (W=2, 2 versions) | engine | result | bytes | seconds |", "|---|---|---|---|---|"]
-    table += [f"| {' | '.join(map(str, r))} |" for r in rows]
-    (out / "torch.md").write_text("\n".join(table) + "\n")
-    log("\n" + "\n".join(table))
+    write_table(out / "torch.md", "| Python trainer (W=2, 2 versions) | engine | result | bytes | seconds |", rows)
     return 1 if failures else 0
 
 

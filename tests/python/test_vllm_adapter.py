@@ -259,21 +259,16 @@ def test_post_load_has_device_and_config_and_waits_for_the_model(daemon, monkeyp
     import types
     current = {"device": None, "config": None}
 
-    @contextlib.contextmanager
-    def fake_cuda_device(d):
-        prev, current["device"] = current["device"], d
-        try:
-            yield
-        finally:
-            current["device"] = prev
-
-    @contextlib.contextmanager
-    def set_current_vllm_config(c):
-        prev, current["config"] = current["config"], c
-        try:
-            yield
-        finally:
-            current["config"] = prev
+    def swapper(key):
+        @contextlib.contextmanager
+        def swap(value):
+            prev, current[key] = current[key], value
+            try:
+                yield
+            finally:
+                current[key] = prev
+        return swap
+    fake_cuda_device, set_current_vllm_config = swapper("device"), swapper("config")
     vllm_mod, config_mod = types.ModuleType("vllm"), types.ModuleType("vllm.config")
     config_mod.set_current_vllm_config = set_current_vllm_config
     vllm_mod.config = config_mod
