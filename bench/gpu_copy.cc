@@ -21,7 +21,7 @@
 #if WS_WITH_CUDA
 #include <cuda_runtime.h>
 
-#include "daemon/mem/cuda/cuda_domain.h"
+#include "daemon/platform/cuda/cuda_platform.h"
 #endif
 
 int main(int argc, char** argv) {

@@ -7,7 +7,7 @@
 #include "daemon/core/thread_annotations.h"
 
 #if WS_WITH_CUDA
-#include "daemon/mem/cuda/cuda_domain.h"
+#include "daemon/platform/cuda/cuda_platform.h"
 #endif
 
 namespace ws {

@@ -1,7 +1,7 @@
 #include "daemon/transport/transport.h"
 
 #if WS_WITH_CUDA
-#include "daemon/mem/cuda/cuda_domain.h"
+#include "daemon/platform/cuda/cuda_platform.h"
 #endif
 
 namespace ws {

@@ -22,8 +22,8 @@
 
 #include "daemon/dataplane/data_plane.h"
 #include "daemon/dataplane/executor.h"
-#include "daemon/mem/cuda/cuda_domain.h"
-#include "daemon/mem/cuda/cuda_util.h"
+#include "daemon/platform/cuda/cuda_platform.h"
+#include "daemon/platform/cuda/cuda_util.h"
 #include "daemon/mem/host_shm.h"
 #include "daemon/transport/nccl_transport.h"
 

@@ -31,8 +31,8 @@
 #include <vector>
 
 #include "daemon/kernels/copy_math.h"
-#include "daemon/mem/cuda/cuda_domain.h"
-#include "daemon/mem/cuda/cuda_util.h"
+#include "daemon/platform/cuda/cuda_platform.h"
+#include "daemon/platform/cuda/cuda_util.h"
 
 namespace ws::cuda {
 namespace {

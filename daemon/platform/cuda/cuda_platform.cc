@@ -1,4 +1,4 @@
-#include "daemon/mem/cuda/cuda_domain.h"
+#include "daemon/platform/cuda/cuda_platform.h"
 
 #include <algorithm>
 #include <cctype>
@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "daemon/mem/cuda/cuda_util.h"
+#include "daemon/platform/cuda/cuda_util.h"
 
 namespace ws::cuda {
 namespace {
