@@ -1,7 +1,8 @@
 // Memory domains: where source shards and engine parameters live, behind one
 // small interface (cf. LevelDB's Env). A host shared-memory domain works on
-// every machine and backs all tests; a CUDA domain (daemon/mem/cuda/) is
-// chosen by MakeMemoryDomain() when built with CUDA and a device is present.
+// every machine and backs all tests; the device IPC domain (ipc_domain.h,
+// over the platform's IPC) is added by MakeMemoryDomain() when built with
+// CUDA and a device is present.
 //
 // Thread-safety: MemoryDomain implementations are thread-safe. A Mapping is
 // immutable; its bytes may be written concurrently by copy workers on

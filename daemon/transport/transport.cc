@@ -1,8 +1,6 @@
 #include "daemon/transport/transport.h"
 
-#if WS_WITH_CUDA
-#include "daemon/platform/cuda/cuda_platform.h"
-#endif
+#include "daemon/platform/platform.h"
 
 namespace ws {
 
@@ -16,10 +14,7 @@ TransportCaps LocalTransport::caps() const {
 }
 
 std::unique_ptr<LocalTransport> MakeLocalTransport(const ExecutorOptions& opts) {
-  bool cuda = false;
-#if WS_WITH_CUDA
-  cuda = cuda::DeviceCount().ok();
-#endif
+  const bool cuda = DefaultPlatform().DeviceCount().ok();
   return std::make_unique<LocalTransport>(std::shared_ptr<Executor>(MakeExecutor(opts)), cuda);
 }
 

@@ -21,10 +21,12 @@
 #include <vector>
 
 #include "daemon/dataplane/data_plane.h"
+#include "daemon/dataplane/device_executor.h"
 #include "daemon/dataplane/executor.h"
 #include "daemon/platform/cuda/cuda_platform.h"
 #include "daemon/platform/cuda/cuda_util.h"
 #include "daemon/mem/host_shm.h"
+#include "daemon/mem/ipc_domain.h"
 #include "daemon/transport/nccl_transport.h"
 
 extern char** environ;
@@ -158,7 +160,7 @@ RandOp MakeRandOp(std::mt19937_64& rng) {
 }
 
 TEST_F(GpuTest, CudaExecutorMatchesReferenceOnRandomOps) {
-  auto ex = cuda::MakeCudaExecutor();
+  auto ex = MakeDeviceExecutor();
   ASSERT_TRUE(ex.ok()) << ex.status().ToString();
   std::mt19937_64 rng(99);
   for (int round = 0; round < 20; ++round) {
@@ -194,7 +196,7 @@ TEST_F(GpuTest, CudaExecutorMatchesReferenceOnRandomOps) {
 TEST_F(GpuTest, ConcurrentRunsFromManyThreadsMatchReference) {
   // Runs on one device are enqueued under a lock and waited for outside it,
   // each holding one of a ring of upload slots: more threads than slots.
-  auto ex = cuda::MakeCudaExecutor();
+  auto ex = MakeDeviceExecutor();
   ASSERT_TRUE(ex.ok()) << ex.status().ToString();
   constexpr int kWorkers = 12, kRunsEach = 10;
   std::vector<std::string> errors(kWorkers);
@@ -351,7 +353,7 @@ TEST_F(GpuTest, IpcHandleFromChildProcess) {
   ref.length = bytes;
   EXPECT_EQ(offset, 256u);
   {
-    auto dom = cuda::MakeCudaIpcDomain();
+    auto dom = MakeIpcDomain(cuda::CudaPlatform());
     ASSERT_TRUE(dom.ok()) << dom.status().ToString();
     auto m = (*dom)->Map(ref, "trainer.layers.0.weight");
     ASSERT_TRUE(m.ok()) << m.status().ToString();
@@ -363,7 +365,7 @@ TEST_F(GpuTest, IpcHandleFromChildProcess) {
     // Read through the executor: f32 IPC memory -> local bf16.
     const size_t n = bytes / 4;
     DevBuf<uint16_t> local(n);
-    auto ex = cuda::MakeCudaExecutor();
+    auto ex = MakeDeviceExecutor();
     ASSERT_TRUE(ex.ok());
     CopyOp op;
     op.src = (*m)->data();

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "daemon/kernels/copy_math.h"
+#include "daemon/dataplane/device_executor.h"
 #include "daemon/platform/cuda/cuda_platform.h"
 #include "daemon/platform/cuda/cuda_util.h"
 
@@ -329,7 +330,7 @@ struct DeviceWork {
 
 class CudaExecutor final : public Executor {
  public:
-  explicit CudaExecutor(const CudaExecutorOptions& opts) : opts_(opts) {}
+  explicit CudaExecutor(const DeviceExecutorOptions& opts) : opts_(opts) {}
 
   Status Init(int n) {
     for (int d = 0; d < n; ++d) {
@@ -542,18 +543,22 @@ class CudaExecutor final : public Executor {
     return Status::Ok();
   }
 
-  CudaExecutorOptions opts_;
+  DeviceExecutorOptions opts_;
   std::vector<std::unique_ptr<DeviceState>> devs_;
   std::vector<std::vector<bool>> peer_;  // peer_[a][b]: kernels on a may read b's memory
 };
 
 }  // namespace
 
-Result<std::unique_ptr<Executor>> MakeCudaExecutor(const CudaExecutorOptions& opts) {
-  WS_ASSIGN_OR_RETURN(int n, DeviceCount());
-  auto ex = std::make_unique<CudaExecutor>(opts);
+}  // namespace ws::cuda
+
+namespace ws {
+
+Result<std::unique_ptr<Executor>> MakeDeviceExecutor(const DeviceExecutorOptions& opts) {
+  WS_ASSIGN_OR_RETURN(int n, cuda::DeviceCount());
+  auto ex = std::make_unique<cuda::CudaExecutor>(opts);
   WS_RETURN_IF_ERROR(ex->Init(n));
   return std::unique_ptr<Executor>(std::move(ex));
 }
 
-}  // namespace ws::cuda
+}  // namespace ws

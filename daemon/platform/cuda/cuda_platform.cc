@@ -25,139 +25,43 @@ std::string NormalizeUuid(const std::string& uuid) {
   return s;
 }
 
-std::string Hex8(const std::string& bytes) {
-  std::string out;
-  char buf[3];
-  for (size_t i = 0; i < bytes.size() && i < 8; ++i) {
-    std::snprintf(buf, sizeof(buf), "%02x", static_cast<unsigned char>(bytes[i]));
-    out += buf;
-  }
-  return out;
-}
-
-std::string Describe(const MemoryRef& ref) {
-  return "cuda_ipc{device=" + ref.device_uuid + " handle=" + Hex8(ref.cuda_handle) + "... offset=" +
-         std::to_string(ref.offset) + " length=" + std::to_string(ref.length) + "}";
-}
-
-// One opened IPC allocation; closed when the cache and every Mapping drop it.
-struct IpcAllocation {
-  int device = -1;
-  char* base = nullptr;   // what cudaIpcOpenMemHandle returned (the allocation's start)
-  uint64_t size = 0;      // allocation size (cuMemGetAddressRange)
-
-  ~IpcAllocation() {
-    if (base == nullptr) return;
-    ScopedDevice dev(device);
-    cudaIpcCloseMemHandle(base);
-  }
-};
-
-class CudaMapping final : public Mapping {
+// An opened IPC allocation; cudaIpcCloseMemHandle when it goes.
+class CudaIpcAllocation final : public IpcAllocation {
  public:
-  CudaMapping(std::shared_ptr<IpcAllocation> a, uint64_t offset, uint64_t length)
-      : a_(std::move(a)), offset_(offset), length_(length) {}
-  void* data() const override { return a_->base + offset_; }
-  uint64_t size() const override { return length_; }
-  MemoryKind kind() const override { return MemoryKind::kCudaIpc; }
-  int device() const override { return a_->device; }
-  bool writable() const override { return true; }
-  MemoryExtent extent() const override {
-    const auto begin = reinterpret_cast<uint64_t>(a_->base) + offset_;
-    return MemoryExtent{MemoryKind::kCudaIpc, static_cast<uint64_t>(a_->device), 0, begin, begin + length_};
+  CudaIpcAllocation(int device, char* base) : device_(device), base_(base) {}
+  ~CudaIpcAllocation() override {
+    ScopedDevice dev(device_);
+    cudaIpcCloseMemHandle(base_);
   }
+  int device() const override { return device_; }
+  char* base() const override { return base_; }
+  uint64_t size() const override { return size_; }
+  void set_size(uint64_t size) { size_ = size; }
 
  private:
-  std::shared_ptr<IpcAllocation> a_;
-  uint64_t offset_, length_;
+  const int device_;
+  char* const base_;    // what cudaIpcOpenMemHandle returned (the allocation's start)
+  uint64_t size_ = 0;   // allocation size (cuMemGetAddressRange)
 };
 
-class CudaIpcDomain final : public MemoryDomain {
+class CudaPlatformImpl final : public Platform {
  public:
-  DomainCaps caps() const override {
-    DomainCaps c;
-    c.cuda_ipc = true;
-    c.cuda_kernels = true;
-    return c;
+  const char* name() const override { return "cuda"; }
+  Status DeviceSupport() const override { return Status::Ok(); }
+  Result<int> DeviceCount() override { return cuda::DeviceCount(); }
+  Result<std::string> DeviceUuid(int ordinal) override { return cuda::DeviceUuid(ordinal); }
+  Result<int> DeviceByUuid(const std::string& uuid) override { return cuda::DeviceByUuid(uuid); }
+  int PointerDevice(const void* p) override { return cuda::PointerDevice(p); }
+  Result<std::shared_ptr<void>> PinHostRange(void* base, uint64_t size, bool writable,
+                                             const std::string& name) override {
+    return cuda::PinHostRange(base, size, writable, name);
   }
-
-  using MemoryDomain::Map;
-  Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what, const Accessor& by) override {
-    if (ref.kind != MemoryKind::kCudaIpc) return InvalidArgument(what + ": not a CUDA IPC reference");
-    if (!by.local) {
-      return PermissionDenied(what + ": " + Describe(ref) +
-                                ": CUDA IPC references need a local peer with known credentials (not " +
-                                (by.who.empty() ? "uid " + std::to_string(by.uid) : by.who) + ")");
-    }
-    if (ref.cuda_handle.size() != sizeof(cudaIpcMemHandle_t)) {
-      return InvalidArgument(what + ": " + Describe(ref) + ": handle must be " +
-                             std::to_string(sizeof(cudaIpcMemHandle_t)) + " bytes (cudaIpcMemHandle_t), got " +
-                             std::to_string(ref.cuda_handle.size()));
-    }
-    auto dev = DeviceByUuid(ref.device_uuid);
-    if (!dev.ok()) return dev.status().WithContext(what);
-    const std::string key = std::to_string(*dev) + ":" + ref.cuda_handle;
-
-    // Opening is serialized: opening one handle twice in a process fails.
-    std::lock_guard<std::mutex> lock(mu_);
-    std::shared_ptr<IpcAllocation> a;
-    auto it = cache_.find(key);
-    if (it != cache_.end()) {
-      a = it->second;
-    } else {
-      auto opened = Open(ref, *dev, what);
-      if (!opened.ok()) return opened.status();
-      a = std::move(opened).value();
-      cache_.emplace(key, a);
-    }
-    if (ref.offset > a->size || ref.length > a->size - ref.offset) {
-      return OutOfRange(what + ": " + Describe(ref) + ": offset " + std::to_string(ref.offset) + " + length " +
-                        std::to_string(ref.length) + " exceeds the allocation size " + std::to_string(a->size));
-    }
-    return std::shared_ptr<Mapping>(std::make_shared<CudaMapping>(std::move(a), ref.offset, ref.length));
+  size_t IpcHandleBytes() const override { return sizeof(cudaIpcMemHandle_t); }
+  Result<IpcExport> ExportIpc(const void* dev_ptr) override { return ExportIpcHandle(dev_ptr); }
+  Result<std::unique_ptr<IpcAllocation>> OpenIpc(const std::string& handle, int device,
+                                                 const std::string& what) override {
+    return OpenIpcHandle(handle, device, what);
   }
-
-  void Trim() override {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto it = cache_.begin(); it != cache_.end();) {
-      if (it->second.use_count() == 1) {
-        it = cache_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-  }
-
- private:
-  static Result<std::shared_ptr<IpcAllocation>> Open(const MemoryRef& ref, int device, const std::string& what) {
-    ScopedDevice scoped(device);
-    cudaIpcMemHandle_t h;
-    std::memcpy(&h, ref.cuda_handle.data(), sizeof(h));
-    void* p = nullptr;
-    cudaError_t e = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      Status st = CudaError(e, "cudaIpcOpenMemHandle", what + ": " + Describe(ref));
-      return Status(st.code(), st.message() +
-                                   ". The handle must come from cudaIpcGetMemHandle in another live process on this "
-                                   "node (a process cannot open its own handles); " + kExpandableHint);
-    }
-    auto a = std::make_shared<IpcAllocation>();
-    a->device = device;
-    a->base = static_cast<char*>(p);
-    CUdeviceptr base = 0;
-    size_t size = 0;
-    WS_CU_RETURN(cuMemGetAddressRange, (&base, &size, reinterpret_cast<CUdeviceptr>(p)), what + ": " + Describe(ref));
-    // The handle names a whole allocation; offsets are relative to its start.
-    if (base != reinterpret_cast<CUdeviceptr>(p)) {
-      return Internal(what + ": " + Describe(ref) + ": opened pointer is not the start of its allocation");
-    }
-    a->size = size;
-    return a;
-  }
-
-  std::mutex mu_;
-  std::map<std::string, std::shared_ptr<IpcAllocation>> cache_;
 };
 
 // Why cudaHostRegister refused a host range, by base address, for as long as
@@ -211,12 +115,6 @@ Result<int> DeviceByUuid(const std::string& uuid) {
                   "); check CUDA_VISIBLE_DEVICES of the daemon");
 }
 
-Result<std::unique_ptr<MemoryDomain>> MakeCudaIpcDomain() {
-  WS_ASSIGN_OR_RETURN(int n, DeviceCount());
-  (void)n;
-  return std::unique_ptr<MemoryDomain>(std::make_unique<CudaIpcDomain>());
-}
-
 Result<std::shared_ptr<void>> PinHostRange(void* base, uint64_t size, bool writable, const std::string& name) {
   unsigned flags = cudaHostRegisterMapped | cudaHostRegisterPortable | (writable ? 0u : cudaHostRegisterReadOnly);
   cudaError_t e = cudaHostRegister(base, size, flags);
@@ -252,6 +150,40 @@ int PointerDevice(const void* p) {
     return -1;
   }
   return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ? attr.device : -1;
+}
+
+Platform& CudaPlatform() {
+  static CudaPlatformImpl* p = new CudaPlatformImpl();
+  return *p;
+}
+
+Result<std::unique_ptr<IpcAllocation>> OpenIpcHandle(const std::string& handle, int device, const std::string& what) {
+  if (handle.size() != sizeof(cudaIpcMemHandle_t)) {
+    return InvalidArgument(what + ": handle must be " + std::to_string(sizeof(cudaIpcMemHandle_t)) +
+                           " bytes (cudaIpcMemHandle_t), got " + std::to_string(handle.size()));
+  }
+  ScopedDevice scoped(device);
+  cudaIpcMemHandle_t h;
+  std::memcpy(&h, handle.data(), sizeof(h));
+  void* p = nullptr;
+  cudaError_t e = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    Status st = CudaError(e, "cudaIpcOpenMemHandle", what);
+    return Status(st.code(), st.message() +
+                                 ". The handle must come from cudaIpcGetMemHandle in another live process on this "
+                                 "node (a process cannot open its own handles); " + kExpandableHint);
+  }
+  auto a = std::make_unique<CudaIpcAllocation>(device, static_cast<char*>(p));
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  WS_CU_RETURN(cuMemGetAddressRange, (&base, &size, reinterpret_cast<CUdeviceptr>(p)), what);
+  // The handle names a whole allocation; offsets are relative to its start.
+  if (base != reinterpret_cast<CUdeviceptr>(p)) {
+    return Internal(what + ": opened pointer is not the start of its allocation");
+  }
+  a->set_size(size);
+  return std::unique_ptr<IpcAllocation>(std::move(a));
 }
 
 Result<IpcExport> ExportIpcHandle(const void* dev_ptr) {
