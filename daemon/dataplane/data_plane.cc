@@ -25,33 +25,6 @@ class DispatchExecutor final : public Executor {
         platform_(platform),
         on_fatal_(std::move(on_fatal)) {}
 
-  Result<uint64_t> Run(const std::vector<kernels::CopyOp>& ops) override { return RunLabeled(ops, {}); }
-
-  Result<uint64_t> RunLabeled(const std::vector<kernels::CopyOp>& ops, const std::vector<std::string>& labels) override {
-    if (Status h = health(); !h.ok()) return h;
-    std::vector<kernels::CopyOp> host_ops, gpu_ops;
-    std::vector<std::string> host_labels, gpu_labels;
-    for (size_t i = 0; i < ops.size(); ++i) {
-      const std::string label = i < labels.size() && !labels[i].empty() ? labels[i] : "copy op " + std::to_string(i);
-      WS_RETURN_IF_ERROR(ValidateCopyOp(ops[i], label));
-      const bool on_gpu = platform_.PointerDevice(ops[i].dst) >= 0 ||
-                          (!ops[i].zero_fill && platform_.PointerDevice(ops[i].src) >= 0);
-      if (on_gpu && !gpu_) {
-        return FailedPrecondition(label + ": the copy touches device memory, but " + no_gpu_.message());
-      }
-      (on_gpu ? gpu_ops : host_ops).push_back(ops[i]);
-      (on_gpu ? gpu_labels : host_labels).push_back(label);
-    }
-    if (gpu_ops.empty()) return host_->RunLabeled(host_ops, host_labels);
-    if (host_ops.empty()) return Checked(gpu_->RunLabeled(gpu_ops, gpu_labels));
-    auto gpu = std::async(std::launch::async, [&] { return gpu_->RunLabeled(gpu_ops, gpu_labels); });
-    auto host = host_->RunLabeled(host_ops, host_labels);
-    auto dev = Checked(gpu.get());
-    if (!dev.ok()) return dev.status();
-    if (!host.ok()) return host.status();
-    return *host + *dev;
-  }
-
   int threads() const override { return host_->threads(); }
 
   Status health() const override {
@@ -63,6 +36,32 @@ class DispatchExecutor final : public Executor {
     Status h = gpu_->health();
     if (!h.ok()) Latch(h);
     return h;
+  }
+
+ protected:
+  Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops,
+                                const std::vector<std::string>& labels) override {
+    if (Status h = health(); !h.ok()) return h;
+    std::vector<kernels::CopyOp> host_ops, gpu_ops;
+    std::vector<std::string> host_labels, gpu_labels;
+    for (size_t i = 0; i < ops.size(); ++i) {
+      std::string label = OpLabel(labels, i);
+      const bool on_gpu = platform_.PointerDevice(ops[i].dst) >= 0 ||
+                          (!ops[i].zero_fill && platform_.PointerDevice(ops[i].src) >= 0);
+      if (on_gpu && !gpu_) {
+        return FailedPrecondition(label + ": the copy touches device memory, but " + no_gpu_.message());
+      }
+      (on_gpu ? gpu_ops : host_ops).push_back(ops[i]);
+      (on_gpu ? gpu_labels : host_labels).push_back(std::move(label));
+    }
+    if (gpu_ops.empty()) return host_->Run(host_ops, host_labels);
+    if (host_ops.empty()) return Checked(gpu_->Run(gpu_ops, gpu_labels));
+    auto gpu = std::async(std::launch::async, [&] { return gpu_->Run(gpu_ops, gpu_labels); });
+    auto host = host_->Run(host_ops, host_labels);
+    auto dev = Checked(gpu.get());
+    if (!dev.ok()) return dev.status();
+    if (!host.ok()) return host.status();
+    return *host + *dev;
   }
 
  private:

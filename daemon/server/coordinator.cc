@@ -423,7 +423,7 @@ Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id,
     }
   }
   auto t0 = Clock::now();
-  auto ran = executor_->RunLabeled(bound->ops, bound->labels);
+  auto ran = executor_->Run(bound->ops, bound->labels);
   double secs = Seconds(Clock::now() - t0);
   if (!ran.ok()) return EndWrite(*sync, ran.status().WithContext(where));
   {
@@ -447,7 +447,7 @@ Status Coordinator::ZeroFillLocked(SyncSession& sync) {
   }
   sync.writers++;
   mu_.Unlock();
-  auto ran = executor_->RunLabeled(bound->ops, bound->labels);
+  auto ran = executor_->Run(bound->ops, bound->labels);
   mu_.Lock();
   sync.writers--;
   if (ran.ok()) sync.bytes_written += ran.value();

@@ -59,7 +59,7 @@ class LocalTransport final : public Transport {
 
   // Runs the ops to completion; returns destination bytes written.
   Result<uint64_t> Copy(const std::vector<kernels::CopyOp>& ops, const std::vector<std::string>& labels = {}) {
-    return executor_->RunLabeled(ops, labels);
+    return executor_->Run(ops, labels);
   }
   Executor& executor() { return *executor_; }
 

@@ -283,7 +283,7 @@ TEST_F(GpuTest, PinnedHostSourceThroughDispatchingExecutor) {
   a.dst_dtype = kernels::kBF16;
   CopyOp b = a;
   b.dst = host_dst.data();
-  auto r = ex->RunLabeled({a, b}, {"to_device", "to_host"});
+  auto r = ex->Run({a, b}, {"to_device", "to_host"});
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   CopyOp ref_op = a;
   ref_op.dst = want.data();
@@ -301,7 +301,7 @@ TEST_F(GpuTest, PinnedHostSourceThroughDispatchingExecutor) {
   c.cols = 64;
   c.transpose = 1;  // forces the kernel path
   c.src_ld = 1;
-  auto bad = ex->RunLabeled({c}, {"model.norm.weight"});
+  auto bad = ex->Run({c}, {"model.norm.weight"});
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("model.norm.weight"), std::string::npos) << bad.status().ToString();
 }
@@ -488,7 +488,7 @@ TEST_F(GpuTest, MisalignedDeviceAddressIsRefusedBeforeLaunch) {
   op.src_ld = op.dst_ld = 256;
   op.src_dtype = kernels::kF32;
   op.dst_dtype = kernels::kBF16;
-  auto r = dp.executor->RunLabeled({op}, {"layers.0.w"});
+  auto r = dp.executor->Run({op}, {"layers.0.w"});
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << r.status().ToString();
   EXPECT_NE(r.status().message().find("layers.0.w"), std::string::npos) << r.status().ToString();
@@ -520,7 +520,7 @@ TEST_F(GpuTest, MisalignedDeviceAddressIsRefusedBeforeLaunch) {
   bad.src_ld = bad.dst_ld = 64;
   bad.zero_fill = 1;
   bad.src_dtype = bad.dst_dtype = kernels::kF32;
-  auto r = dp.executor->RunLabeled({bad}, {"bad op"});
+  auto r = dp.executor->Run({bad}, {"bad op"});
   if (r.ok()) std::_Exit(11);
   if (dp.executor->health().ok()) std::_Exit(12);
   if (fatal_calls != 1) std::_Exit(13);

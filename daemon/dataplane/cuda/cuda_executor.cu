@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) BatchedCopyKernel(const CopyOp* __re
   }
 }
 
-size_t ElemSize(uint8_t dt) { return dt == kernels::kF32 ? 4 : 2; }
+using kernels::ElemSize;
 
 std::string LabelsOf(const std::vector<std::string>& labels) {
   std::string s;
@@ -354,14 +354,12 @@ class CudaExecutor final : public Executor {
     return Status::Ok();
   }
 
-  Result<uint64_t> Run(const std::vector<CopyOp>& ops) override { return RunLabeled(ops, {}); }
-
-  Result<uint64_t> RunLabeled(const std::vector<CopyOp>& ops, const std::vector<std::string>& labels) override {
+  Result<uint64_t> RunValidated(const std::vector<CopyOp>& ops, const std::vector<std::string>& labels) override {
     if (Status h = health(); !h.ok()) return h;
     std::vector<DeviceWork> work(devs_.size());
     uint64_t bytes = 0;
     for (size_t i = 0; i < ops.size(); ++i) {
-      std::string label = i < labels.size() && !labels[i].empty() ? labels[i] : "copy op " + std::to_string(i);
+      std::string label = OpLabel(labels, i);
       CopyOp op = ops[i];
       if (op.rows <= 0 || op.cols <= 0) continue;
       const uint64_t op_bytes = static_cast<uint64_t>(op.rows * op.cols) * ElemSize(op.dst_dtype);

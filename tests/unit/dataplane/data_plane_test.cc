@@ -20,7 +20,7 @@ bool Has(const std::string& s, const std::string& needle) { return s.find(needle
 class FakeGpuExecutor final : public Executor {
  public:
   explicit FakeGpuExecutor(std::atomic<int>* runs, std::atomic<bool>* sticky) : runs_(runs), sticky_(sticky) {}
-  Result<uint64_t> Run(const std::vector<kernels::CopyOp>& ops) override {
+  Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops, const std::vector<std::string>&) override {
     ++*runs_;
     if (*sticky_) return Internal("copy kernel: cudaEventSynchronize failed: cudaErrorIllegalAddress");
     uint64_t n = 0;
@@ -145,7 +145,7 @@ TEST(DataPlaneTest, ExecutorStartFailureRefusesCudaReferencesAndDeviceOps) {
   std::vector<float> a = {1, 2, 3, 4}, b(4, 0);
   ASSERT_TRUE(dp.executor->Run({CopyF32(a.data(), b.data(), 4)}).ok());
   EXPECT_EQ(a, b);
-  auto r = dp.executor->RunLabeled({CopyF32(a.data(), cuda.device_mem.data(), 4)}, {"tensor x"});
+  auto r = dp.executor->Run({CopyF32(a.data(), cuda.device_mem.data(), 4)}, {"tensor x"});
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), Code::kFailedPrecondition);
   EXPECT_TRUE(Has(r.status().message(), "tensor x")) << r.status().ToString();
@@ -242,7 +242,7 @@ TEST(DataPlaneTest, StickyErrorIsLatchedReportedOnceAndRefusesEveryLaterRun) {
   EXPECT_TRUE(fatal.empty());
 
   cuda.sticky = true;
-  auto r = dp.executor->RunLabeled({CopyF32(a.data(), cuda.device_mem.data(), 4)}, {"tensor x"});
+  auto r = dp.executor->Run({CopyF32(a.data(), cuda.device_mem.data(), 4)}, {"tensor x"});
   ASSERT_FALSE(r.ok());
   EXPECT_TRUE(Has(r.status().message(), "cudaErrorIllegalAddress")) << r.status().ToString();
   ASSERT_EQ(fatal.size(), 1u);
@@ -268,7 +268,7 @@ TEST(DataPlaneTest, MisalignedPointersAreRefusedBeforeAnyCopy) {
   // An f32 source 2 bytes into a buffer: a sticky cudaErrorMisalignedAddress
   // on the GPU, undefined behaviour on the host.
   kernels::CopyOp op = CopyF32(reinterpret_cast<const float*>(raw + 2), cuda.device_mem.data(), 4);
-  auto r = dp.executor->RunLabeled({op}, {"tensor x"});
+  auto r = dp.executor->Run({op}, {"tensor x"});
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
   EXPECT_TRUE(Has(r.status().message(), "tensor x")) << r.status().ToString();

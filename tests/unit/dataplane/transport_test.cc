@@ -54,7 +54,7 @@ TEST(TransportTest, MakeExecutorRunsHostOps) {
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_EQ(dst, src);
   op.rows = -2;
-  r = ex->RunLabeled({op}, {"lm_head.weight"});
+  r = ex->Run({op}, {"lm_head.weight"});
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("lm_head.weight"), std::string::npos);
 }
