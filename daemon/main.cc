@@ -30,6 +30,7 @@
 #include "daemon/server/metrics.h"
 #include "daemon/server/server.h"
 #include "daemon/server/systemd_notify.h"
+#include "daemon/transport/transport.h"
 
 #ifndef WS_DEFAULT_LAYOUTS_DIR
 #define WS_DEFAULT_LAYOUTS_DIR "/usr/local/share/weightsync/layouts"
@@ -281,7 +282,10 @@ int main(int argc, char** argv) {
   // The watchdog pings while housekeeping passes keep coming (three missed = stalled).
   ws::server::SystemdNotifier systemd(3 * co.housekeeping_interval);
   co.observers = {&metrics, &systemd};
-  ws::server::Coordinator coordinator(layouts.value(), domain.get(), executor.get(), co);
+  // Transports by route: today the local one (both ends mapped here).
+  auto transports = std::make_shared<ws::TransportRegistry>();
+  transports->Add(std::make_shared<ws::LocalTransport>(executor.get(), plane.cuda.ok()));
+  ws::server::Coordinator coordinator(layouts.value(), domain.get(), transports, co);
 
   ws::server::ServerOptions so;
   so.listen = listen;

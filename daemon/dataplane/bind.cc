@@ -26,6 +26,8 @@ Status BindOp(kernels::CopyOp op, const Mapping* src, const Mapping& dst, std::s
   }
   out->ops.push_back(op);
   out->labels.push_back(std::move(label));
+  // Mapped memory is on this node.
+  out->routes.push_back(Route{op.zero_fill ? dst.kind() : src->kind(), dst.kind(), true});
   return Status::Ok();
 }
 

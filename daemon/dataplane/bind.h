@@ -22,7 +22,8 @@ namespace ws {
 struct BoundOps {
   std::vector<kernels::CopyOp> ops;
   std::vector<std::string> labels;
-  uint64_t bytes_read = 0;  // source bytes the ops read
+  std::vector<Route> routes;  // where each op reads and writes (a zero fill: from its destination's kind)
+  uint64_t bytes_read = 0;    // source bytes the ops read
 };
 
 // Binds one planned op: `op` carries the plan's offsets, strides, shape,

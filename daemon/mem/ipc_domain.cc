@@ -51,7 +51,6 @@ class IpcDomain final : public MemoryDomain {
   DomainCaps caps() const override {
     DomainCaps c;
     c.cuda_ipc = true;
-    c.cuda_kernels = true;
     return c;
   }
 

@@ -21,6 +21,19 @@ namespace ws {
 
 enum class MemoryKind : uint8_t { kHostShm = 0, kCudaIpc = 1 };
 
+const char* MemoryKindName(MemoryKind k);  // "host_shm", "cuda_ipc"
+
+// Where a copy reads and where it writes: the memory kinds of its two ends
+// and whether both are on this node. Transports declare the routes they
+// serve (daemon/transport/transport.h).
+struct Route {
+  MemoryKind src = MemoryKind::kHostShm;
+  MemoryKind dst = MemoryKind::kHostShm;
+  bool same_node = true;
+  bool operator==(const Route&) const = default;
+  std::string ToString() const;  // "host_shm -> cuda_ipc on this node"
+};
+
 // Who a mapping is made for. The daemon maps memory on behalf of a peer and
 // only memory that peer owns (docs/security.md). Nothing is mapped for a peer
 // that is not `local` (credentials the kernel vouched for: unix socket
@@ -96,10 +109,10 @@ class Mapping {
   virtual MemoryExtent extent() const = 0;
 };
 
+// The reference kinds a domain maps.
 struct DomainCaps {
   bool host_shm = false;
   bool cuda_ipc = false;
-  bool cuda_kernels = false;   // can run repack kernels
 };
 
 class MemoryDomain {

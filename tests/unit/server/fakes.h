@@ -66,7 +66,7 @@ class FakeDomain final : public MemoryDomain {
     return cuda_trims_;
   }
 
-  DomainCaps caps() const override { return DomainCaps{true, false, false}; }
+  DomainCaps caps() const override { return DomainCaps{true, false}; }
 
   using MemoryDomain::Map;
   Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what, const Accessor&) override {
