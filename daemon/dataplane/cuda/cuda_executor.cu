@@ -30,6 +30,7 @@
 #include <utility>
 #include <vector>
 
+#include "daemon/core/thread_annotations.h"
 #include "daemon/kernels/copy_math.h"
 #include "daemon/dataplane/device_executor.h"
 #include "daemon/platform/cuda/cuda_platform.h"
@@ -272,13 +273,13 @@ struct Slot {
 // One stream of a device and its upload slots. `mu` is held while a Run
 // enqueues (slots are handed out one at a time), not while it waits.
 struct Lane {
-  std::mutex mu;
-  cudaStream_t stream = nullptr;
-  std::array<Slot, kSlots> slots;
-  size_t next_slot = 0;
+  Mutex mu;
+  cudaStream_t stream = nullptr;  // set by Init, before any Run
+  std::array<Slot, kSlots> slots WS_GUARDED_BY(mu);
+  size_t next_slot WS_GUARDED_BY(mu) = 0;
 
-  // The next slot, once its previous Run has completed. Called under `mu`.
-  Result<Slot*> TakeSlot(const std::string& what) {
+  // The next slot, once its previous Run has completed.
+  Result<Slot*> TakeSlot(const std::string& what) WS_REQUIRES(mu) {
     Slot* s = &slots[next_slot];
     next_slot = (next_slot + 1) % kSlots;
     if (s->used) WS_CUDA_RETURN(cudaEventSynchronize(s->done), what + " (waiting for an upload slot)");
@@ -293,7 +294,8 @@ struct DeviceState {
   std::array<Lane, kLanes> lanes;
   std::atomic<unsigned> next_lane{0};
 
-  ~DeviceState() {
+  // Init and the destructor run while no Run can: the lanes' locks are not taken.
+  ~DeviceState() WS_NO_THREAD_SAFETY_ANALYSIS {
     ScopedDevice scoped(device);
     for (Lane& l : lanes) {
       if (l.stream) cudaStreamSynchronize(l.stream);
@@ -302,7 +304,7 @@ struct DeviceState {
     }
   }
 
-  Status Init(int d) {
+  Status Init(int d) WS_NO_THREAD_SAFETY_ANALYSIS {
     device = d;
     const std::string what = "CUDA executor on device " + std::to_string(d);
     ScopedDevice scoped(d);
@@ -477,7 +479,7 @@ class CudaExecutor final : public Executor {
     cudaEvent_t done = nullptr;
     WS_CUDA_RETURN(cudaEventCreateWithFlags(&done, kEventFlags), what);
     Lane& lane = ds.NextLane();
-    std::lock_guard<std::mutex> lock(lane.mu);
+    MutexLock lock(&lane.mu);
     Status st = EnqueueBody(ds, lane, w);
     if (!st.ok() && error->ok()) *error = st;
     cudaError_t e = cudaEventRecord(done, lane.stream);
@@ -490,7 +492,7 @@ class CudaExecutor final : public Executor {
     return done;
   }
 
-  Status EnqueueBody(const DeviceState& ds, Lane& lane, const DeviceWork& w) {
+  Status EnqueueBody(const DeviceState& ds, Lane& lane, const DeviceWork& w) WS_REQUIRES(lane.mu) {
     cudaStream_t stream = lane.stream;
     for (const auto& [op, label] : w.engine_ops) {
       const size_t es = ElemSize(op.dst_dtype);

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "daemon/core/thread_annotations.h"
 #include "daemon/platform/cuda/cuda_util.h"
 
 namespace ws::cuda {
@@ -66,8 +67,8 @@ class CudaPlatformImpl final : public Platform {
 
 // Why cudaHostRegister refused a host range, by base address, for as long as
 // the object is mapped; the executor quotes it when it meets that memory.
-std::mutex pin_mu;
-std::map<uintptr_t, std::pair<uint64_t, std::string>> pin_failures;
+Mutex pin_mu;
+std::map<uintptr_t, std::pair<uint64_t, std::string>> pin_failures WS_GUARDED_BY(pin_mu);
 
 }  // namespace
 
@@ -122,12 +123,12 @@ Result<std::shared_ptr<void>> PinHostRange(void* base, uint64_t size, bool writa
   cudaGetLastError();
   const auto key = reinterpret_cast<uintptr_t>(base);
   {
-    std::lock_guard<std::mutex> lock(pin_mu);
+    MutexLock lock(&pin_mu);
     pin_failures[key] = {size, "cudaHostRegister of host memory '" + name + "' (" + std::to_string(size) +
                                    " bytes) failed: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e)};
   }
   return std::shared_ptr<void>(base, [key](void*) {
-    std::lock_guard<std::mutex> lock(pin_mu);
+    MutexLock lock(&pin_mu);
     pin_failures.erase(key);
   });
 }
@@ -135,7 +136,7 @@ Result<std::shared_ptr<void>> PinHostRange(void* base, uint64_t size, bool writa
 // Used by the executor: the recorded registration failure covering p, if any.
 std::string PinFailureFor(const void* p) {
   const auto a = reinterpret_cast<uintptr_t>(p);
-  std::lock_guard<std::mutex> lock(pin_mu);
+  MutexLock lock(&pin_mu);
   auto it = pin_failures.upper_bound(a);
   if (it == pin_failures.begin()) return {};
   --it;
