@@ -112,6 +112,12 @@ void SyncSession::StartStreaming(SyncPlan plan) {
     tensor_index_.emplace(mf.tensors[t].name, t);
     received_[t].assign(mf.tensors[t].shards.size(), 0);
   }
+  for (uint32_t e = 0; e < engines_.size(); ++e) {
+    const EngineRankSpec& spec = engines_[e]->spec;
+    bool in_place = false;
+    for (const auto& p : spec.params) in_place = in_place || !p.staged;
+    if (spec.acks_pause && in_place) awaiting_pause_.insert(e);
+  }
   state_ = SyncState::kStreaming;
 }
 
@@ -211,6 +217,7 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
       if (!OpInBounds(op, src_elems, dst.size() / DTypeSize(p.dtype)))
         return Internal(where + ": planned copy " + label + " falls outside its buffers");
       out.bytes_read += static_cast<uint64_t>(c.rows * c.cols) * DTypeSize(t.dtype);
+      if (!p.staged) out.in_place_engines.insert(c.engine);
       out.ops.push_back(op);
       out.labels.push_back(std::move(label));
     }
@@ -251,10 +258,29 @@ Result<BoundOps> SyncSession::BindZeroFills() const {
     std::string label = "zero fill of " + e.id + " param " + p.name;
     if (!OpInBounds(op, 0, e.maps[z.param]->size() / DTypeSize(p.dtype)))
       return Internal(Name() + ": planned " + label + " falls outside the param");
+    if (!p.staged) out.in_place_engines.insert(z.engine);
     out.ops.push_back(op);
     out.labels.push_back(std::move(label));
   }
   return out;
+}
+
+// ---------------------------------------------------------------- pause barrier
+
+bool SyncSession::MarkPaused(const std::string& engine_id) {
+  for (uint32_t e = 0; e < engines_.size(); ++e)
+    if (engines_[e]->id == engine_id) {
+      awaiting_pause_.erase(e);
+      return true;
+    }
+  return false;
+}
+
+std::string SyncSession::Unpaused(const std::set<uint32_t>& engines) const {
+  std::string who;
+  for (uint32_t e : engines)
+    if (awaiting_pause_.count(e)) who += (who.empty() ? "" : ", ") + engines_[e]->Describe();
+  return who;
 }
 
 SyncStats SyncSession::Stats() const {
