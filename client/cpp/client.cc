@@ -305,6 +305,17 @@ Status WeightSyncClient::AckVersion(const std::string& engine_id, uint64_t versi
   return FromGrpc(stub_->AckVersion(&ctx, req, &resp));
 }
 
+Status WeightSyncClient::AckPaused(const std::string& engine_id, uint64_t sync_id) {
+  if (!setup_.ok()) return setup_;
+  grpc::ClientContext ctx;
+  Prepare(&ctx);
+  pb::AckPausedRequest req;
+  req.set_engine_id(engine_id);
+  req.set_sync_id(sync_id);
+  pb::AckPausedResponse resp;
+  return FromGrpc(stub_->AckPaused(&ctx, req, &resp));
+}
+
 Status WeightSyncClient::UnregisterEngine(const std::string& engine_id) {
   if (!setup_.ok()) return setup_;
   grpc::ClientContext ctx;

@@ -115,6 +115,8 @@ class WeightSyncClient {
   // registration is the daemon's error.
   Result<std::unique_ptr<EngineSession>> RegisterEngine(const pb::RegisterEngineRequest& req);
   Status AckVersion(const std::string& engine_id, uint64_t version, bool ok, const std::string& error = "");
+  // After `started` (engines registered with acks_pause): this engine paused.
+  Status AckPaused(const std::string& engine_id, uint64_t sync_id);
   Status UnregisterEngine(const std::string& engine_id);
 
  private:

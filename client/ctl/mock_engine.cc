@@ -134,6 +134,7 @@ int ChildMain(const Setup& s, const Rank& r, const sigset_t& sigs) {
   req.set_tp_size(s.tp);
   req.set_dtype(ToProto(s.dtype));
   req.set_engine_label(Label());
+  req.set_acks_pause(true);  // nothing runs on its weights: paused as soon as it hears `started`
   for (const auto& [k, v] : s.options) (*req.mutable_options())[k] = v;
   for (const Param& p : r.params) {
     pb::EngineParam* ep = req.add_params();
@@ -171,6 +172,8 @@ int ChildMain(const Setup& s, const Rank& r, const sigset_t& sigs) {
     if (ev->has_started()) {
       Out(tag + ": sync " + std::to_string(ev->started().sync_id()) + " version " +
           std::to_string(ev->started().version()) + " started");
+      Status paused = client.AckPaused(engine_id, ev->started().sync_id());
+      if (!paused.ok()) Err(tag + ": AckPaused: " + paused.ToString());
     } else if (ev->has_committed()) {
       const uint64_t v = ev->committed().version();
       Status st = s.no_dump ? Status::Ok() : DumpNow(s, r, *mem, "v" + std::to_string(v));

@@ -74,6 +74,8 @@ struct EngineParamSpec {
   // (a tied copy, e.g. lm_head.weight tied to embed_tokens.weight). Only
   // declared ties may overlap in memory.
   std::string tied_to;
+  // A staging buffer the engine applies only at commit: writes need no pause.
+  bool staged = false;
 };
 
 // What one engine rank declares about itself (memory references are kept by
@@ -87,6 +89,9 @@ struct EngineRankSpec {
   uint32_t tp_size = 1;
   std::map<std::string, int64_t> options;  // e.g. enable_expert_parallel
   std::vector<EngineParamSpec> params;
+  // The engine acknowledges `started` once paused (AckPaused); in-place
+  // writes into it wait for that.
+  bool acks_pause = false;
 };
 
 }  // namespace ws

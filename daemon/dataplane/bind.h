@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,9 @@ struct BoundOps {
   std::vector<std::string> labels;
   std::vector<Route> routes;  // where each op reads and writes (a zero fill: from its destination's kind)
   uint64_t bytes_read = 0;    // source bytes the ops read
+  // Set by the sync layer: engines (indices in the sync) whose live, not
+  // staged, parameters the ops write; they must have paused first.
+  std::set<uint32_t> in_place_engines;
 };
 
 // Binds one planned op: `op` carries the plan's offsets, strides, shape,

@@ -168,6 +168,7 @@ Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req, const
   s.tp_rank = req.tp_rank();
   s.tp_size = req.tp_size();
   s.options = std::map<std::string, int64_t>(req.options().begin(), req.options().end());
+  s.acks_pause = req.acks_pause();
   r.label = req.engine_label();
   s.params.reserve(req.params_size());
   r.memory.reserve(req.params_size());
@@ -179,6 +180,7 @@ Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req, const
     WS_ASSIGN_OR_RETURN(ps.dtype, FromProto(p.dtype(), what));
     ps.mapping_json = p.mapping_json();
     ps.tied_to = p.tied_to();
+    ps.staged = p.staged();
     WS_ASSIGN_OR_RETURN(MemoryRef m, FromProto(p.memory(), what, limits));
     s.params.push_back(std::move(ps));
     r.memory.push_back(std::move(m));
@@ -284,6 +286,9 @@ void ToProto(const StatusSnapshot& s, pb::StatusResponse* out) {
     o->set_params(e.params);
     o->set_bytes(e.bytes);
     o->set_applied_version(e.applied_version);
+    o->set_staged_params(e.staged_params);
+    o->set_staged_bytes(e.staged_bytes);
+    o->set_acks_pause(e.acks_pause);
     o->set_label(e.label);
     o->set_owner(e.owner);
   }

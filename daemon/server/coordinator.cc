@@ -426,10 +426,13 @@ Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id,
   if (!bound.ok()) return EndWrite(*sync, bound.status());
   {
     MutexLock lk(&mu_);
-    if (sync->state() == SyncState::kAborted) {  // aborted while we mapped: write nothing
+    Status paused = sync->state() == SyncState::kAborted
+                        ? AbortedError(*sync)  // aborted while we mapped: write nothing
+                        : AwaitPausedLocked(lk, *sync, bound->in_place_engines, where);
+    if (!paused.ok()) {
       sync->writers--;
       ReleaseIfIdleLocked(*sync);
-      return AbortedError(*sync);
+      return paused;
     }
   }
   auto t0 = Clock::now();
@@ -448,7 +451,25 @@ Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id,
 
 // ---------------------------------------------------------------- Commit
 
-Status Coordinator::ZeroFillLocked(SyncSession& sync) {
+Status Coordinator::AwaitPausedLocked(MutexLock& lk, SyncSession& sync, const std::set<uint32_t>& engines,
+                                      const std::string& where) {
+  auto all_paused = [&] {
+    mu_.AssertHeld();
+    return sync.terminal() || sync.Unpaused(engines).empty();
+  };
+  if (all_paused() && !sync.terminal()) return Status::Ok();
+  const auto timeout = opts_.progress_timeout.count() > 0 ? opts_.progress_timeout : opts_.ack_timeout;
+  bool done = lk.WaitUntil(cv_, Clock::now() + timeout, all_paused);
+  if (sync.state() == SyncState::kAborted) return AbortedError(sync);
+  if (done) return Status::Ok();
+  std::string msg = fmt::format("{}: no AckPaused within {:.1f} s of started from {}: in-place writes into an engine "
+                                "wait until it paused",
+                                where, timeout.count() / 1000.0, sync.Unpaused(engines));
+  AbortLocked(sync, msg);
+  return DeadlineExceeded(msg);
+}
+
+Status Coordinator::ZeroFillLocked(MutexLock& lk, SyncSession& sync) {
   if (sync.plan().zeros.empty()) return Status::Ok();
   auto bound = sync.BindZeroFills();
   if (!bound.ok()) {
@@ -456,6 +477,12 @@ Status Coordinator::ZeroFillLocked(SyncSession& sync) {
     return bound.status();
   }
   sync.writers++;
+  if (Status paused = AwaitPausedLocked(lk, sync, bound->in_place_engines, sync.Name() + " zero fills");
+      !paused.ok()) {
+    sync.writers--;
+    ReleaseIfIdleLocked(sync);
+    return paused;
+  }
   mu_.Unlock();
   auto ran = transports_->Copy(*bound);
   mu_.Lock();
@@ -504,7 +531,7 @@ Result<SyncStats> Coordinator::Commit(const Peer& caller, uint64_t sync_id) {
     AbortLocked(*sync, missing);
     return FailedPrecondition(missing);
   }
-  WS_RETURN_IF_ERROR(ZeroFillLocked(*sync));  // vocab padding rows
+  WS_RETURN_IF_ERROR(ZeroFillLocked(lk, *sync));  // vocab padding rows
   WS_RETURN_IF_ERROR(AwaitAcksLocked(lk, *sync));
   FinishLocked(*sync, /*committed=*/true);
   return sync->Stats();
@@ -542,6 +569,17 @@ Status Coordinator::AckVersion(const Peer& caller, const std::string& engine_id,
   e.applied_version = version;
   sync->pending_acks.erase(engine_id);
   sync->acked.insert(engine_id);
+  cv_.notify_all();
+  return Status::Ok();
+}
+
+Status Coordinator::AckPaused(const Peer& caller, const std::string& engine_id, uint64_t sync_id) {
+  MutexLock lk(&mu_);
+  WS_ASSIGN_OR_RETURN(std::shared_ptr<Engine> owned, registry_.FindOwned(caller, engine_id, "acknowledge pauses for"));
+  auto it = syncs_.find(sync_id);
+  if (it == syncs_.end() || it->second->terminal() || !it->second->MarkPaused(engine_id))
+    return FailedPrecondition(owned->Describe() + ": sync " + std::to_string(sync_id) +
+                              " is not in flight with this engine; nothing waits for its pause");
   cv_.notify_all();
   return Status::Ok();
 }
@@ -591,6 +629,12 @@ StatusSnapshot Coordinator::GetStatus() const {
     i.params = static_cast<uint32_t>(e->spec.params.size());
     i.bytes = e->bytes;
     i.applied_version = e->applied_version;
+    for (size_t p = 0; p < e->spec.params.size(); ++p)
+      if (e->spec.params[p].staged) {
+        i.staged_params++;
+        i.staged_bytes += e->maps[p]->size();
+      }
+    i.acks_pause = e->spec.acks_pause;
     i.label = e->label;
     i.owner = e->owner;
     s.engines.push_back(std::move(i));

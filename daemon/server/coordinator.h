@@ -2,8 +2,10 @@
 // and no protobuf here; daemon/server/service.cc converts requests into these
 // calls, and the unit tests drive it directly.
 //
-// Lifecycle of a sync: BeginSync (plan, nothing written) -> PushLayer* (bytes
-// land in engine memory layer by layer) -> Commit (zero fills, Committed to
+// Lifecycle of a sync: BeginSync (plan, nothing written; engines hear
+// Started) -> PushLayer* (bytes land in engine memory layer by layer; writes
+// into an engine's in-place params wait for its AckPaused when it declared
+// acks_pause) -> Commit (zero fills, Committed to
 // every engine, wait for every engine's AckVersion) -> committed. Any error
 // on an in-flight sync aborts it: every engine of the model hears Aborted.
 //
@@ -32,6 +34,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
@@ -104,6 +107,9 @@ struct EngineInfo {
   uint64_t applied_version = 0;
   std::string label;
   std::string owner;  // principal of the peer that registered it
+  uint32_t staged_params = 0;
+  uint64_t staged_bytes = 0;
+  bool acks_pause = false;
 };
 
 struct ModelInfo {
@@ -169,6 +175,8 @@ class Coordinator {
   Status Abort(const Peer& caller, uint64_t sync_id, const std::string& reason);
   Status AckVersion(const Peer& caller, const std::string& engine_id, uint64_t version, bool ok,
                     const std::string& error);
+  // After `started`: the engine paused; in-place writes into it may begin.
+  Status AckPaused(const Peer& caller, const std::string& engine_id, uint64_t sync_id);
   // A trainer rank's Push stream ended; an unclean end before Commit aborts.
   // Ignored unless `caller` owns the sync.
   void TrainerStreamClosed(const Peer& caller, uint64_t sync_id, uint32_t rank, bool clean);
@@ -211,7 +219,12 @@ class Coordinator {
   // PushLayer: ends a write begun by ClaimLayerLocked; a failure aborts the sync.
   Status EndWrite(SyncSession& sync, Status st) WS_EXCLUDES(mu_);
   // Commit: runs the plan's zero fills with mu_ released.
-  Status ZeroFillLocked(SyncSession& sync) WS_REQUIRES(mu_);
+  Status ZeroFillLocked(MutexLock& lk, SyncSession& sync) WS_REQUIRES(mu_);
+  // Before in-place writes into `engines`: waits until each that acknowledges
+  // pauses has done so (bounded by progress_timeout, else ack_timeout); on
+  // timeout aborts the sync naming the engines.
+  Status AwaitPausedLocked(MutexLock& lk, SyncSession& sync, const std::set<uint32_t>& engines,
+                           const std::string& where) WS_REQUIRES(mu_);
   // Commit: Committed to every engine, then waits for every AckVersion.
   Status AwaitAcksLocked(MutexLock& lk, SyncSession& sync) WS_REQUIRES(mu_);
 

@@ -121,6 +121,14 @@ grpc::Status WeightSyncService::AckVersion(grpc::ServerContext* ctx, const pb::A
   return st.ok() ? grpc::Status::OK : Failed("AckVersion", st);
 }
 
+grpc::Status WeightSyncService::AckPaused(grpc::ServerContext* ctx, const pb::AckPausedRequest* req,
+                                          pb::AckPausedResponse*) {
+  auto peer = auth_->Identify(ctx);
+  if (!peer.ok()) return Failed("AckPaused", peer.status());
+  Status st = coord_->AckPaused(*peer, req->engine_id(), req->sync_id());
+  return st.ok() ? grpc::Status::OK : Failed("AckPaused", st);
+}
+
 grpc::Status WeightSyncService::UnregisterEngine(grpc::ServerContext* ctx, const pb::UnregisterEngineRequest* req,
                                                  pb::UnregisterEngineResponse*) {
   auto peer = auth_->Identify(ctx);

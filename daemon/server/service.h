@@ -32,6 +32,8 @@ class WeightSyncService final : public ::weightsync::v1::WeightSync::Service {
                               grpc::ServerWriter<::weightsync::v1::EngineEvent>* writer) override;
   grpc::Status AckVersion(grpc::ServerContext* ctx, const ::weightsync::v1::AckVersionRequest* req,
                           ::weightsync::v1::AckVersionResponse* resp) override;
+  grpc::Status AckPaused(grpc::ServerContext* ctx, const ::weightsync::v1::AckPausedRequest* req,
+                         ::weightsync::v1::AckPausedResponse* resp) override;
   grpc::Status UnregisterEngine(grpc::ServerContext* ctx, const ::weightsync::v1::UnregisterEngineRequest* req,
                                 ::weightsync::v1::UnregisterEngineResponse* resp) override;
   grpc::Status BeginSync(grpc::ServerContext* ctx, const ::weightsync::v1::BeginSyncRequest* req,

@@ -87,6 +87,12 @@ void SyncSession::StartStreaming(SyncPlan plan) {
     tensor_index_.emplace(mf.tensors[t].name, t);
     received_[t].assign(mf.tensors[t].shards.size(), 0);
   }
+  for (uint32_t e = 0; e < engines_.size(); ++e) {
+    const EngineRankSpec& spec = engines_[e]->spec;
+    bool in_place = false;
+    for (const auto& p : spec.params) in_place = in_place || !p.staged;
+    if (spec.acks_pause && in_place) awaiting_pause_.insert(e);
+  }
   state_ = SyncState::kStreaming;
 }
 
@@ -180,6 +186,7 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
       op.transpose = c.transpose ? 1 : 0;
       WS_RETURN_IF_ERROR(BindOp(op, src[i].get(), *e.maps[c.param], claimed[i].what + " -> " + e.id + " param " + p.name,
                                 where, &out));
+      if (!p.staged) out.in_place_engines.insert(c.engine);
     }
   }
   return out;
@@ -215,8 +222,27 @@ Result<BoundOps> SyncSession::BindZeroFills() const {
     op.src_dtype = op.dst_dtype = static_cast<uint8_t>(p.dtype);
     op.zero_fill = 1;
     WS_RETURN_IF_ERROR(BindOp(op, nullptr, *e.maps[z.param], "zero fill of " + e.id + " param " + p.name, Name(), &out));
+    if (!p.staged) out.in_place_engines.insert(z.engine);
   }
   return out;
+}
+
+// ---------------------------------------------------------------- pause barrier
+
+bool SyncSession::MarkPaused(const std::string& engine_id) {
+  for (uint32_t e = 0; e < engines_.size(); ++e)
+    if (engines_[e]->id == engine_id) {
+      awaiting_pause_.erase(e);
+      return true;
+    }
+  return false;
+}
+
+std::string SyncSession::Unpaused(const std::set<uint32_t>& engines) const {
+  std::string who;
+  for (uint32_t e : engines)
+    if (awaiting_pause_.count(e)) who += (who.empty() ? "" : ", ") + engines_[e]->Describe();
+  return who;
 }
 
 SyncStats SyncSession::Stats() const {

@@ -116,6 +116,17 @@ class SyncSession {
 
   SyncStats Stats() const;
 
+  // ---- pause barrier (coordinator lock held)
+  // Engines that acknowledge `started` (acks_pause) and have in-place params:
+  // writes into those params wait until the engine said it paused.
+  bool NeedsPause(uint32_t engine) const { return awaiting_pause_.count(engine) > 0; }
+  // Marks the engine paused; false when it is not one of this sync's engines.
+  bool MarkPaused(const std::string& engine_id);
+  // Those of `engines` that have not acknowledged the pause yet, described
+  // ("engine ID (model M replica R tp_rank T, label)"), comma-separated;
+  // empty when none.
+  std::string Unpaused(const std::set<uint32_t>& engines) const;
+
   // Bookkeeping the Coordinator reads and writes with its lock held.
   int writers = 0;  // pushes / zero fills currently writing engine memory
   bool started_sent = false;
@@ -134,6 +145,7 @@ class SyncSession {
   SyncPlan plan_;
   std::map<std::string, uint32_t> tensor_index_;
   std::vector<std::vector<uint8_t>> received_;  // [tensor][shard]
+  std::set<uint32_t> awaiting_pause_;            // set by StartStreaming, drained by MarkPaused
   SyncState state_ = SyncState::kPlanning;
   Clock::time_point begin_ = Clock::now();
   Clock::time_point end_;

@@ -17,6 +17,7 @@ class EngineSet:
         self.arch, self.cfg, self.T, self.dtype = arch, cfg, T, dtype
         self.param_dtypes = dict(param_dtypes or {})
         self.engines, self.commits = [], []
+        self.early_writes, self.pauses = [], 0
         for rep in range(replicas):
             for r in range(T):
                 eng = weightsync.Engine(address, model, cfg, tp_rank=r, tp_size=T, replica_id=rep, dtype=dtype)
@@ -28,13 +29,29 @@ class EngineSet:
                 def snapshot(version, eng=eng, seen=seen):
                     seen[version] = {n: t.clone() for n, t in eng.tensors.items()}
                 eng.on_commit(snapshot)
+                # The pause barrier: between a resume and the next pause the daemon writes nothing.
+                resumed = {n: t.clone() for n, t in eng.tensors.items()}
+
+                def paused(version, eng=eng, resumed=resumed):
+                    moved = [n for n, t in eng.tensors.items()
+                             if not torch.equal(t.view(-1).view(torch.uint8), resumed[n].view(-1).view(torch.uint8))]
+                    if moved:
+                        self.early_writes.append(f"tp {eng.tp_rank} v{version}: {moved[:3]} written before the pause")
+                    self.pauses += 1
+
+                def resume(version, eng=eng, resumed=resumed):
+                    resumed.update({n: t.clone() for n, t in eng.tensors.items()})
+                eng.on_pause(paused)
+                eng.on_resume(resume)
                 self.commits.append(seen)
                 self.engines.append(eng)
         for eng in self.engines:
             eng.start()
 
     def check(self, sd, version):
-        """Every engine applied `version` and holds the reference bit for bit."""
+        """Every engine applied `version` and holds the reference bit for bit; none was written unpaused."""
+        assert not self.early_writes, self.early_writes
+        assert self.pauses > 0, "no engine was asked to pause"
         for eng, seen in zip(self.engines, self.commits):
             eng.wait_for_version(version, timeout=30)
             assert version in seen, f"version {version} was never committed to this engine"

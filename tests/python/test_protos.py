@@ -29,7 +29,7 @@ def test_drift_is_detected(tmp_path):
     proto.mkdir(parents=True)
     text = (REPO / "proto" / "weightsync" / "v1" / "weightsync.proto").read_text()
     (proto / "weightsync.proto").write_text(text.replace("string engine_label = 10;",
-                                                         "string engine_label = 10;\n  string extra = 11;"))
+                                                         "string engine_label = 10;\n  string extra = 99;"))
     files = _protogen.generate(str(tmp_path))
     assert files["weightsync_pb2.py"] != (PKG / "weightsync" / "_proto" / "weightsync_pb2.py").read_text()
 

@@ -1,7 +1,9 @@
 """weightsync: move trainer weights straight into inference engines' memory.
 
 Trainer side: weightsync.Trainer(daemon, model).push(module_or_state_dict, version)
-Engine side:  weightsync.Engine (generic), weightsync.vllm.WorkerExtension (vLLM)
+Engine side:  weightsync.Engine (generic); vLLM: the weight-transfer backend "weightsync"
+              (weightsync.vllm_backend / weightsync.vllm_trainer, registered by the package's
+              vllm.general_plugins entry point), or weightsync.vllm.WorkerExtension (older vLLM)
 
 Only the protocol (weightsync.pb, weightsync.Daemon) works without torch;
 everything else needs it (pip install 'weightsync[torch]').

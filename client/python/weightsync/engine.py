@@ -4,6 +4,8 @@
                             tp_rank=0, tp_size=2)
     w = eng.empty("model.layers.0.self_attn.qkv_proj.weight", (640, 1024), torch.bfloat16)
     eng.on_commit(lambda version: ...)      # post-load steps, before the ack
+    eng.on_pause(lambda version: ...)       # stop work reading the weights (before in-place writes)
+    eng.on_resume(lambda version: ...)      # after the version was applied, or aborted
     eng.start()
     eng.wait_for_version(3)
 
@@ -11,7 +13,15 @@ The daemon writes straight into the registered buffers while a sync streams;
 `committed` means every byte of that version is in place. The engine then
 runs its on_commit callbacks and acknowledges (AckVersion ok, or the
 callback's error). `aborted` means the version will not be committed: buffers
-may hold a mix of versions until the next committed one.
+may hold a mix of versions until the next committed one (staged buffers:
+never the live weights).
+
+Pause barrier: `started` is answered with AckPaused after the on_pause
+callbacks returned (the engine stopped issuing work that reads its weights
+and synchronized its device); the daemon's in-place writes into this engine
+wait for it. on_resume runs once the version was applied (after on_commit)
+or aborted, or the stream broke. Buffers registered staged=True are applied
+only by on_commit: an engine with nothing but staged buffers is not paused.
 
 Surviving the daemon: when the event stream breaks after a successful
 registration (the daemon restarted or the connection dropped), the engine
@@ -112,6 +122,10 @@ class Engine:
         self._mappings: dict = {}
         self._on_commit: list = []
         self._on_abort: list = []
+        self._on_pause: list = []
+        self._on_resume: list = []
+        self._staged: set = set()
+        self._paused_for: "int | None" = None  # version the engine paused for (event thread only)
         self.engine_id: "str | None" = None
         self._cv = threading.Condition()
         self._applied = 0
@@ -135,15 +149,19 @@ class Engine:
 
     # ---- before start ----
 
-    def empty(self, name: str, shape, dtype=None, mapping_json: str = "") -> torch.Tensor:
+    def empty(self, name: str, shape, dtype=None, mapping_json: str = "", staged: bool = False) -> torch.Tensor:
         """Allocates a zeroed buffer in host shared memory and registers it under `name`."""
         t = self.arena.empty(shape, parse_dtype(dtype) or self.dtype)
         t.zero_()
-        self.register(name, t, mapping_json)
+        self.register(name, t, mapping_json, staged=staged)
         return t
 
-    def register(self, name: str, tensor: torch.Tensor, mapping_json: str = "") -> None:
-        """Registers an existing buffer: a CUDA tensor, or a CPU tensor in a named /dev/shm object."""
+    def register(self, name: str, tensor: torch.Tensor, mapping_json: str = "", staged: bool = False) -> None:
+        """Registers an existing buffer: a CUDA tensor, or a CPU tensor in a named /dev/shm object.
+
+        staged: a staging buffer that on_commit applies to the live weights; the daemon writes it
+        without waiting for the engine to pause.
+        """
         if self._started:
             raise WeightSyncError(f"parameter {name}: register() after start()")
         if name in self.tensors:
@@ -153,9 +171,27 @@ class Engine:
         to_wire(tensor.dtype, f"parameter {name}")
         self.tensors[name] = tensor
         self._mappings[name] = mapping_json
+        if staged:
+            self._staged.add(name)
 
     def on_commit(self, fn: Callable[[int], None]) -> None:
         self._on_commit.append(fn)
+
+    def on_pause(self, fn: Callable[[int], "bool | None"]) -> None:
+        """fn(version) returns once nothing reads the in-place weights (until on_resume).
+
+        Returning False means it could not pause: no AckPaused is sent (the daemon's in-place
+        writes keep waiting, up to its timeout) and on_resume is not called for this version.
+        """
+        self._on_pause.append(fn)
+
+    def on_resume(self, fn: Callable[[int], None]) -> None:
+        self._on_resume.append(fn)
+
+    @property
+    def needs_pause(self) -> bool:
+        """Whether any buffer is written in place (not staged)."""
+        return any(n not in self._staged for n in self.tensors)
 
     def on_abort(self, fn: Callable[[int, str], None]) -> None:
         self._on_abort.append(fn)
@@ -166,7 +202,7 @@ class Engine:
             model=self.model, architecture=self.architecture, hf_config_json=self.config_json,
             replica_id=self.replica_id, tp_rank=self.tp_rank, tp_size=self.tp_size,
             dtype=to_wire(self.dtype, "engine dtype"), options={k: int(v) for k, v in self.options.items()},
-            engine_label=self.label)
+            engine_label=self.label, acks_pause=True)
         for name, t in self.tensors.items():
             nbytes = t.numel() * t.element_size()
             what = f"parameter {name}"
@@ -184,7 +220,8 @@ class Engine:
             else:
                 raise WeightSyncError(f"{what}: buffers on {t.device} cannot be registered")
             req.params.append(pb.EngineParam(name=name, shape=list(t.shape), dtype=to_wire(t.dtype, what),
-                                             memory=mem, mapping_json=self._mappings[name]))
+                                             memory=mem, mapping_json=self._mappings[name],
+                                             staged=name in self._staged))
         return req
 
     # ---- lifecycle ----
@@ -227,6 +264,7 @@ class Engine:
         while True:
             got_id, code, end, fatal = self._consume(
                 call, registered, self.register_timeout if ever_registered else first_timeout)
+            self._resume(None)  # a broken stream: the daemon stopped writing
             ever_registered = ever_registered or got_id
             if fatal:  # a callback failed: the daemon must drop this engine now, not at its next Commit
                 call.cancel()
@@ -294,9 +332,13 @@ class Engine:
                         log.warning("%s: re-registered as %s (reconnect %d)", where, self.engine_id,
                                     self._reconnects)
                     registered.set()
+                elif kind == "started":
+                    self._pause(ev.started.sync_id, ev.started.version)
                 elif kind == "committed":
                     self._apply(ev.committed.version)
+                    self._resume(ev.committed.version)
                 elif kind == "aborted":
+                    self._resume(ev.aborted.version)
                     with self._cv:
                         self._aborted[ev.aborted.version] = ev.aborted.reason
                         _trim(self._aborted)
@@ -322,6 +364,47 @@ class Engine:
             return got_id, None, f"{where}: event thread failed: {type(e).__name__}: {e}", True
         finally:
             deadline.cancel()
+
+    def _pause(self, sync_id: int, version: int) -> None:
+        if not self.needs_pause:
+            return  # staged only: written while the engine serves, applied at commit
+        where = self._where()
+        if self._paused_for is None:
+            for i, fn in enumerate(self._on_pause):
+                try:
+                    ok = fn(version)
+                except Exception as e:
+                    ok, err = False, e
+                else:
+                    err = None
+                if ok is False or err is not None:
+                    if i > 0:  # earlier callbacks paused: resume them
+                        self._paused_for = version
+                        self._resume(version)
+                    if err is not None:
+                        raise _Stop(f"{where}: on_pause callback for version {version} failed "
+                                    f"({type(err).__name__}: {err}); the engine unregistered") from err
+                    log.warning("%s: could not pause for version %d; not acknowledging it", where, version)
+                    return
+            self._paused_for = version
+        try:
+            self.daemon.stub.AckPaused(pb.AckPausedRequest(engine_id=self.engine_id, sync_id=sync_id),
+                                       timeout=self.ack_timeout)
+        except grpc.RpcError as e:  # the daemon aborts the sync without it (its progress timeout)
+            msg = str(rpc_error(e, f"AckPaused sync {sync_id}"))
+            log.warning("%s: %s", where, msg)
+            with self._cv:
+                self._last_error = msg
+
+    def _resume(self, version: "int | None") -> None:
+        if self._paused_for is None:
+            return
+        paused_for, self._paused_for = self._paused_for, None
+        for fn in self._on_resume:
+            try:
+                fn(paused_for if version is None else version)
+            except Exception:  # never leave the engine paused over a callback's error
+                log.exception("%s: on_resume callback failed", self._where())
 
     def _unregister(self, registered: bool) -> None:
         if registered and self.engine_id is not None:

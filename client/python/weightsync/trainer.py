@@ -178,8 +178,12 @@ class Trainer:
 
     # ---- public ----
 
-    def push(self, src, version: int, *, hf_model=None) -> SyncResult:
-        """Sends `src` (module, state dict or (name, tensor) pairs) as `version`; returns once every engine applied it."""
+    def push(self, src, version: int, *, hf_model=None, before_commit: "Callable[[], None] | None" = None) -> SyncResult:
+        """Sends `src` (module, state dict or (name, tensor) pairs) as `version`; returns once every engine applied it.
+
+        before_commit: called on rank 0 once every rank streamed its shards, right before Commit
+        (e.g. to let the engines start applying; an exception aborts the sync).
+        """
         t0 = time.perf_counter()
         with torch.no_grad():
             try:
@@ -237,10 +241,16 @@ class Trainer:
                 done = (None, f"push of {self.model} version {version} (sync {sync_id}) failed:\n{reason}")
             else:
                 try:
+                    if before_commit is not None:
+                        before_commit()
                     resp = self.daemon.stub.Commit(pb.CommitRequest(sync_id=sync_id), timeout=self.timeout)
                     done = (_stats_dict(resp.stats), None)
                 except grpc.RpcError as e:
                     done = (None, str(rpc_error(e, f"Commit of {self.model} version {version} (sync {sync_id})")))
+                except Exception as e:  # before_commit failed: nothing was committed
+                    self._abort(sync_id, f"rank 0: before Commit: {e}")
+                    done = (None, f"push of {self.model} version {version} (sync {sync_id}) failed before "
+                                  f"Commit: {type(e).__name__}: {e}")
         committed, err = self.comm.broadcast(done)
         if err:
             raise WeightSyncError(err)

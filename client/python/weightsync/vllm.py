@@ -1,5 +1,9 @@
 """vLLM adapter: a worker extension that registers the worker's parameters with weightsyncd.
 
+vLLMs with the weight-transfer plugin API (>= ~0.22) are better served by the `weightsync`
+backend (weightsync.vllm_backend, one flag: --weight-transfer-config '{"backend": "weightsync"}');
+both share WorkerSync (registration, staging, apply) below.
+
 Start vLLM with the extension, then start it on every worker from the driver:
 
     llm = vllm.LLM(model=..., worker_extension_cls="weightsync.vllm.WorkerExtension")
@@ -148,41 +152,36 @@ def _replaced_by_post_load(module, leaf: str, p, name: str):
             f"loaded; {type(module).__name__} repacks it)"), layout
 
 
-class WorkerExtension:
-    """Mixed into vLLM's worker class by --worker-extension-cls weightsync.vllm.WorkerExtension."""
+class WorkerSync:
+    """One vLLM worker's parameters registered with weightsyncd, and the apply of committed versions.
 
-    def weightsync_start(self, daemon: str, model: str, replica_id: "int | None" = None,
-                         options: "dict | None" = None, exclude=(), timeout: float = 60.0, *,
-                         tls_ca=None, tls_cert=None, tls_key=None, token: "str | None" = None,
-                         token_file=None, staging: str = "auto", stage=(), in_place=()) -> str:
-        """Registers this worker's parameters under `model`; returns the engine id.
+    Shared by the worker extension (WorkerExtension) and the weight-transfer backend
+    (weightsync.vllm_backend); each decides on which thread apply() runs and what keeps the
+    model from stepping meanwhile.
 
-        staging: 'auto' (default) stages exactly the parameters that vLLM's post-load step replaced
-        or repacked (empty, reshaped or re-typed after loading, as on vLLM CPU), and writes the
-        others in place; 'always' / 'never' force it. stage / in_place: fnmatch patterns of
-        parameter names forced either way (over `staging`). A parameter that needs staging but is
-        forced in place, or whose loader layout is unknown, is refused here, by name.
+    staging: 'auto' stages exactly the parameters that vLLM's post-load step replaced or
+    repacked (empty, reshaped or re-typed after loading, as on vLLM CPU), and writes the others
+    in place; 'always' / 'never' force it. stage / in_place: fnmatch patterns of parameter names
+    forced either way (over `staging`). A parameter that needs staging but is forced in place,
+    or whose loader layout is unknown, is refused here, by name.
+    """
 
-        tls_ca / tls_cert / tls_key / token / token_file: connection options
-        (see weightsync.Daemon; paths, read on the worker).
-        """
-        if getattr(self, "_weightsync", None) is not None:
-            raise WeightSyncError("weightsync_start called twice on this worker")
+    def __init__(self, net, model_config, parallel_config, device, vllm_config, tp_rank: int, tp_size: int,
+                 daemon, model: str, replica_id: "int | None" = None, options: "dict | None" = None,
+                 exclude=(), staging: str = "auto", stage=(), in_place=(), **conn):
         if staging not in ("auto", "always", "never"):
             raise WeightSyncError(f"staging={staging!r}: expected 'auto', 'always' or 'never'")
-        net = self.model_runner.model
-        mc, pc = self.model_config, self.parallel_config
-        tp_rank, tp_size = _tp(self)
+        self.net, self.model_config, self.device, self.vllm_config = net, model_config, device, vllm_config
+        mc, pc = model_config, parallel_config
         if replica_id is None:
             replica_id = int(getattr(pc, "data_parallel_rank", 0) or 0)
         opts = {"use_mla": int(bool(getattr(mc, "use_mla", True))), **_expert_options(pc)}
         opts.update(options or {})
         eng = Engine(daemon, model, mc.hf_config, tp_rank=tp_rank, tp_size=tp_size, replica_id=replica_id,
-                     dtype=mc.dtype, options=opts, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
-                     token=token, token_file=token_file)
+                     dtype=mc.dtype, options=opts, **conn)
         index = ShmIndex()
-        self._weightsync_params = {}
-        self._weightsync_staged = {}  # name -> (module, leaf, staging buffer, replaced by post-load?)
+        self.params = {}  # name -> data_ptr of the live parameter written in place
+        self.staged = {}  # name -> (module, leaf, staging buffer, replaced by post-load?)
         try:
             for name, p in net.named_parameters():
                 if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
@@ -205,29 +204,112 @@ class WorkerExtension:
                         buf.zero_()  # read only after a committed version filled it
                     else:
                         buf.copy_(p.data)
-                    eng.register(name, buf)
-                    self._weightsync_staged[name] = (module, leaf, buf, bool(replaced))
+                    eng.register(name, buf, staged=True)
+                    self.staged[name] = (module, leaf, buf, bool(replaced))
                     continue
                 if p.device.type == "cpu" and index.locate_tensor(p.data) is None:
                     buf = eng.arena.empty(p.shape, p.dtype)  # CPU engines: move the weight into shm once
                     buf.copy_(p.data)
                     p.data = buf
                 eng.register(name, p.data)
-                self._weightsync_params[name] = p.data.data_ptr()
+                self.params[name] = p.data.data_ptr()
         except BaseException:
             eng.close()
             raise
-        self._weightsync_staging_bytes = sum(b.numel() * b.element_size()
-                                             for _, _, b, _ in self._weightsync_staged.values())
-        if self._weightsync_staged:
+        self.staging_bytes = sum(b.numel() * b.element_size() for _, _, b, _ in self.staged.values())
+        if self.staged:
             log.info("weightsync: %d parameters staged (%d bytes of staging, %s), %d written in place",
-                     len(self._weightsync_staged), self._weightsync_staging_bytes,
-                     "host shared memory" if all(b.device.type == "cpu" for _, _, b, _ in
-                                                 self._weightsync_staged.values()) else "device memory",
-                     len(self._weightsync_params))
+                     len(self.staged), self.staging_bytes,
+                     "host shared memory" if all(b.device.type == "cpu" for _, _, b, _ in self.staged.values())
+                     else "device memory", len(self.params))
+        self.engine = eng
+
+    def synchronize(self) -> None:
+        """Waits for the device's queued work (what "paused" needs before in-place writes)."""
+        dev = self.device
+        if getattr(dev, "type", "cpu") == "cuda" and torch.cuda.is_available():
+            torch.cuda.synchronize(dev)
+
+    def apply(self, version: int) -> None:
+        """Installs a committed version: staged parameters, then vLLM's post-load step.
+
+        The caller keeps the model from stepping meanwhile.
+        """
+        net, device = self.net, self.device or next(self.net.parameters()).device
+        with contextlib.ExitStack() as ctx:
+            # Staged parameters: the live weights change only here, after the commit. Replaced ones
+            # get a copy in the loader layout back (never the staging buffer itself: the next version
+            # writes there while this one serves), then vLLM's post-load step repacks them again.
+            for name, (module, leaf, buf, replaced) in self.staged.items():
+                if replaced:
+                    setattr(module, leaf, torch.nn.Parameter(buf.clone(), requires_grad=False))
+                else:
+                    getattr(module, leaf).data.copy_(buf)
+            if getattr(device, "type", "cpu") == "cuda":
+                ctx.enter_context(torch.cuda.device(device))  # the event thread's current device is GPU 0
+            if self.vllm_config is not None:
+                try:
+                    from vllm.config import set_current_vllm_config
+                except ImportError:
+                    set_current_vllm_config = None
+                if set_current_vllm_config is not None:
+                    ctx.enter_context(set_current_vllm_config(self.vllm_config))
+            _post_load(net, self.model_config, device)
+            self.synchronize()
+        moved = [n for n, p in net.named_parameters() if n in self.params and p.data.data_ptr() != self.params[n]]
+        if moved:
+            raise WeightSyncError(
+                f"post-load steps replaced registered parameters {moved[:5]}: later versions would not reach "
+                "them in place; register them staged (stage=[...] or staging='always')")
+
+    def status(self) -> dict:
+        eng = self.engine
+        st = eng.state()
+        return {"engine_id": eng.engine_id, "applied_version": eng.applied_version,
+                "tp_rank": eng.tp_rank, "tp_size": eng.tp_size, "replica_id": eng.replica_id,
+                "params": len(eng.tensors), "connected": st["connected"], "reconnects": st["reconnects"],
+                "version_resets": st["version_resets"], "last_error": st["last_error"],
+                "staged_params": len(self.staged), "staging_bytes": self.staging_bytes}
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class WorkerExtension:
+    """Mixed into vLLM's worker class by --worker-extension-cls weightsync.vllm.WorkerExtension.
+
+    For vLLMs without the weight-transfer plugin API; with it, prefer the `weightsync` backend
+    (weightsync.vllm_backend, docs/python.md).
+    """
+
+    def weightsync_start(self, daemon: str, model: str, replica_id: "int | None" = None,
+                         options: "dict | None" = None, exclude=(), timeout: float = 60.0, *,
+                         tls_ca=None, tls_cert=None, tls_key=None, token: "str | None" = None,
+                         token_file=None, staging: str = "auto", stage=(), in_place=()) -> str:
+        """Registers this worker's parameters under `model`; returns the engine id.
+
+        staging / stage / in_place: see WorkerSync. tls_ca / tls_cert / tls_key / token /
+        token_file: connection options (see weightsync.Daemon; paths, read on the worker).
+
+        In-place writes wait until this worker paused: the event thread takes the lock that
+        execute_model/sample_tokens run under (after the step in flight) and holds it until the
+        version is applied or aborted. With TP > 1 and requests running, pause generation
+        (vLLM's pause_generation) first: ranks pausing at different steps would wait on each other.
+        """
+        if getattr(self, "_weightsync", None) is not None:
+            raise WeightSyncError("weightsync_start called twice on this worker")
+        tp_rank, tp_size = _tp(self)
+        sync = WorkerSync(self.model_runner.model, self.model_config, self.parallel_config,
+                          getattr(self, "device", None), getattr(self, "vllm_config", None), tp_rank, tp_size,
+                          daemon, model, replica_id, options, exclude, staging, stage, in_place,
+                          tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token, token_file=token_file)
+        eng = sync.engine
+        self._weightsync_sync = sync
+        self._weightsync_model_lock = threading.RLock()  # held by the event thread from pause to resume
+        eng.on_pause(self._weightsync_pause)
+        eng.on_resume(self._weightsync_resume)
         eng.on_commit(self._weightsync_post_load)
         self._weightsync = eng
-        self._weightsync_model_lock = threading.Lock()
         self._weightsync_wrap_model_methods()
         try:
             return eng.start(timeout)
@@ -236,7 +318,7 @@ class WorkerExtension:
             raise
 
     def _weightsync_wrap_model_methods(self) -> None:
-        """Runs execute_model/sample_tokens under the lock that post-load takes."""
+        """Runs execute_model/sample_tokens under the lock that pause and post-load take."""
         lock = self._weightsync_model_lock
         self._weightsync_wrapped = []
         for name in _MODEL_METHODS:
@@ -251,38 +333,16 @@ class WorkerExtension:
             setattr(self, name, locked)  # an instance attribute: collective_rpc's getattr finds it
             self._weightsync_wrapped.append(name)
 
+    def _weightsync_pause(self, version: int) -> None:
+        self._weightsync_model_lock.acquire()  # after the step in flight, before the next
+        self._weightsync_sync.synchronize()
+
+    def _weightsync_resume(self, version: int) -> None:
+        self._weightsync_model_lock.release()
+
     def _weightsync_post_load(self, version: int) -> None:
-        net = self.model_runner.model
-        device = getattr(self, "device", None) or next(net.parameters()).device
-        with contextlib.ExitStack() as ctx:
-            ctx.enter_context(self._weightsync_model_lock)  # after the step in flight, before the next
-            # Staged parameters: the live weights change only here, after the commit. Replaced ones
-            # get a copy in the loader layout back (never the staging buffer itself: the next version
-            # writes there while this one serves), then vLLM's post-load step repacks them again.
-            for name, (module, leaf, buf, replaced) in self._weightsync_staged.items():
-                if replaced:
-                    setattr(module, leaf, torch.nn.Parameter(buf.clone(), requires_grad=False))
-                else:
-                    getattr(module, leaf).data.copy_(buf)
-            if getattr(device, "type", "cpu") == "cuda":
-                ctx.enter_context(torch.cuda.device(device))  # the event thread's current device is GPU 0
-            vllm_config = getattr(self, "vllm_config", None)
-            if vllm_config is not None:
-                try:
-                    from vllm.config import set_current_vllm_config
-                except ImportError:
-                    set_current_vllm_config = None
-                if set_current_vllm_config is not None:
-                    ctx.enter_context(set_current_vllm_config(vllm_config))
-            _post_load(net, self.model_config, device)
-            if torch.cuda.is_available() and getattr(device, "type", "cpu") == "cuda":
-                torch.cuda.synchronize(device)
-        moved = [n for n, p in net.named_parameters()
-                 if n in self._weightsync_params and p.data.data_ptr() != self._weightsync_params[n]]
-        if moved:
-            raise WeightSyncError(
-                f"post-load steps replaced registered parameters {moved[:5]}: later versions would not reach "
-                "them in place; register them staged (weightsync_start(stage=[...]) or staging='always')")
+        with self._weightsync_model_lock:  # reentrant: held already when the engine paused
+            self._weightsync_sync.apply(version)
 
     def weightsync_wait(self, version: int, timeout: "float | None" = DEFAULT_WAIT_TIMEOUT) -> int:
         """Waits for `version` on this worker (None: the default, 300 s); returns the applied version."""
@@ -290,13 +350,8 @@ class WorkerExtension:
         return self._weightsync.applied_version
 
     def weightsync_status(self) -> dict:
-        eng = self._weightsync_engine()
-        st = eng.state()
-        return {"engine_id": eng.engine_id, "applied_version": eng.applied_version,
-                "tp_rank": eng.tp_rank, "tp_size": eng.tp_size, "replica_id": eng.replica_id,
-                "params": len(eng.tensors), "connected": st["connected"], "reconnects": st["reconnects"],
-                "version_resets": st["version_resets"], "last_error": st["last_error"],
-                "staged_params": len(self._weightsync_staged), "staging_bytes": self._weightsync_staging_bytes}
+        self._weightsync_engine()
+        return self._weightsync_sync.status()
 
     def weightsync_stop(self) -> None:
         eng = getattr(self, "_weightsync", None)

@@ -143,10 +143,13 @@ class CoordinatorTest : public ::testing::Test {
     return spec;
   }
 
-  EngineHandle Register(uint32_t replica, uint32_t tp) {
+  // acks_pause: the engine answers `started` with AckPaused; staged: every param is a staging buffer.
+  EngineHandle Register(uint32_t replica, uint32_t tp, bool acks_pause = false, bool staged = false) {
     EngineHandle h;
     std::vector<MemoryRef> mem;
     EngineRankSpec spec = Spec(replica, tp, &mem, &h);
+    spec.acks_pause = acks_pause;
+    for (auto& p : spec.params) p.staged = staged;
     auto id = coord_->RegisterEngine(Self(), spec, mem, h.sink.get(), "test:" + std::to_string(tp));
     EXPECT_TRUE(id.ok()) << id.status().ToString();
     if (id.ok()) h.id = *id;
@@ -565,6 +568,64 @@ TEST_F(CoordinatorTest, EngineLeavingBeforeItsAckAbortsTheCommit) {
   auto c = fut.get();
   EXPECT_EQ(c.status().code(), Code::kAborted);
   EXPECT_ERR(c.status(), "unregistered");
+}
+
+TEST_F(CoordinatorTest, InPlaceWritesWaitForThePauseAckStagedOnesDoNot) {
+  std::vector<EngineHandle> engines{Register(0, 0, /*acks_pause=*/true), Register(0, 1, true, /*staged=*/true)};
+  auto b = coord_->BeginSync(Self(), Manifest(3));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  // A layer with bytes for the in-place engine waits for its ack; the staged engine never acks.
+  auto push = std::async(std::launch::async,
+                         [&] { return coord_->PushLayer(Self(), b->sync_id, 0, "embed", Layer(0, "embed")); });
+  EXPECT_EQ(push.wait_for(std::chrono::milliseconds(300)), std::future_status::timeout);
+  EXPECT_TRUE(Untouched(engines[0]));
+  EXPECT_TRUE(Untouched(engines[1]));
+  ASSERT_TRUE(coord_->AckPaused(Self(), engines[0].id, b->sync_id).ok());
+  auto r = push.get();
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_FALSE(Untouched(engines[0]));
+  for (uint32_t rank = 0; rank < W_; ++rank)  // the rest goes without waiting
+    for (const auto& l : Layers())
+      if (rank != 0 || l != "embed") ASSERT_TRUE(coord_->PushLayer(Self(), b->sync_id, rank, l, Layer(rank, l)).ok());
+  auto st = CommitAcked(b->sync_id, engines);
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  for (auto& e : engines) EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e));
+  auto status = coord_->GetStatus();
+  ASSERT_EQ(status.engines.size(), 2u);
+  for (const auto& e : status.engines) {
+    EXPECT_TRUE(e.acks_pause);
+    EXPECT_EQ(e.staged_params, e.engine_id == engines[1].id ? e.params : 0u);
+    EXPECT_EQ(e.staged_bytes, e.engine_id == engines[1].id ? e.bytes : 0u);
+  }
+  // No sync in flight: nothing waits for a pause.
+  EXPECT_EQ(coord_->AckPaused(Self(), engines[0].id, b->sync_id).code(), Code::kFailedPrecondition);
+}
+
+TEST_F(CoordinatorTest, EnginesWithoutPauseAcksAreWrittenAtOnce) {
+  auto engines = RegisterAll();  // acks_pause unset: clients from before the barrier
+  auto b = coord_->BeginSync(Self(), Manifest(2));
+  ASSERT_TRUE(b.ok());
+  PushAll(b->sync_id);
+  ASSERT_TRUE(CommitAcked(b->sync_id, engines).ok());
+}
+
+TEST_F(CoordinatorTest, MissingPauseAckAbortsNamingTheEngine) {
+  Init(2, 2, std::chrono::seconds(10), /*progress_timeout=*/std::chrono::milliseconds(300));
+  std::vector<EngineHandle> engines{Register(0, 0, /*acks_pause=*/true), Register(0, 1, /*acks_pause=*/true)};
+  auto b = coord_->BeginSync(Self(), Manifest(5));
+  ASSERT_TRUE(b.ok());
+  ASSERT_TRUE(coord_->AckPaused(Self(), engines[1].id, b->sync_id).ok());  // only tp 1 pauses
+  auto r = coord_->PushLayer(Self(), b->sync_id, 0, "embed", Layer(0, "embed"));
+  EXPECT_EQ(r.status().code(), Code::kDeadlineExceeded) << r.status().ToString();
+  EXPECT_ERR(r.status(), "no AckPaused");
+  EXPECT_ERR(r.status(), engines[0].id);
+  EXPECT_FALSE(Has(r.status().message(), engines[1].id + " ")) << r.status().ToString();
+  for (auto& e : engines) {
+    EXPECT_TRUE(Untouched(e));
+    EXPECT_EQ(e.sink->kinds(), "SA");
+  }
+  EXPECT_EQ(coord_->Commit(Self(), b->sync_id).status().code(), Code::kAborted);
+  EXPECT_TRUE(coord_->GetStatus().current_syncs.empty());
 }
 
 TEST_F(CoordinatorTest, IdleSyncIsAbortedAndFreesTheModel) {

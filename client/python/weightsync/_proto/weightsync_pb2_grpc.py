@@ -16,6 +16,10 @@ class WeightSyncStub:
             '/weightsync.v1.WeightSync/AckVersion',
             request_serializer=_pb.AckVersionRequest.SerializeToString,
             response_deserializer=_pb.AckVersionResponse.FromString)
+        self.AckPaused = channel.unary_unary(
+            '/weightsync.v1.WeightSync/AckPaused',
+            request_serializer=_pb.AckPausedRequest.SerializeToString,
+            response_deserializer=_pb.AckPausedResponse.FromString)
         self.UnregisterEngine = channel.unary_unary(
             '/weightsync.v1.WeightSync/UnregisterEngine',
             request_serializer=_pb.UnregisterEngineRequest.SerializeToString,
@@ -52,6 +56,11 @@ class WeightSyncServicer:
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('AckVersion is not implemented')
         raise NotImplementedError('AckVersion')
+
+    def AckPaused(self, request, context):
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('AckPaused is not implemented')
+        raise NotImplementedError('AckPaused')
 
     def UnregisterEngine(self, request, context):
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -94,6 +103,10 @@ def add_WeightSyncServicer_to_server(servicer, server):
             servicer.AckVersion,
             request_deserializer=_pb.AckVersionRequest.FromString,
             response_serializer=_pb.AckVersionResponse.SerializeToString),
+        'AckPaused': grpc.unary_unary_rpc_method_handler(
+            servicer.AckPaused,
+            request_deserializer=_pb.AckPausedRequest.FromString,
+            response_serializer=_pb.AckPausedResponse.SerializeToString),
         'UnregisterEngine': grpc.unary_unary_rpc_method_handler(
             servicer.UnregisterEngine,
             request_deserializer=_pb.UnregisterEngineRequest.FromString,
