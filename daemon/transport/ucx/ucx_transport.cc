@@ -213,11 +213,21 @@ Status UcxTransport::Exchange(const std::vector<Op>& ops, std::chrono::milliseco
     }
   }
   check();
-  // On failure: cancel what is still pending and wait for the cancellations,
-  // so no request outlives this call (its buffer belongs to the caller).
-  if (!first.ok())
-    for (Slot& s : slots)
-      if (s.req != nullptr && !s.done) ucp_request_cancel(impl_->worker, s.req);
+  // On failure: cancel what is still pending and wait for it, so no request
+  // outlives this call (its buffer belongs to the caller). A receive not yet
+  // matched is cancelled; a send, or a receive already matched (a rendezvous
+  // transfer under way), cannot be, so the endpoint of its peer is closed by
+  // force, which completes its requests as cancelled (the peer must be
+  // connected again).
+  if (!first.ok()) {
+    for (size_t i = 0; i < ops.size(); ++i)
+      if (slots[i].req != nullptr && !slots[i].done && !ops[i].send) ucp_request_cancel(impl_->worker, slots[i].req);
+    for (int n = 0; n < 100 && pending(); ++n) ucp_worker_progress(impl_->worker);
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (slots[i].req == nullptr || slots[i].done) continue;
+      if (auto it = impl_->peers.find(ops[i].peer); it != impl_->peers.end()) impl_->Close(it->second);
+    }
+  }
   while (pending()) ucp_worker_progress(impl_->worker);
   for (Slot& s : slots)
     if (s.req != nullptr) ucp_request_free(s.req);

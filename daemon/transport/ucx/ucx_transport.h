@@ -11,7 +11,8 @@
 // that fails completes its requests with an error (endpoints use UCX's peer
 // error handling); a deadline cancels every outstanding request. Either way
 // the error names the peer and the op's `what`, nothing is left pending, and
-// the endpoint to a failed peer is dropped (Connect() again to retry).
+// the endpoint to a failed peer, or one with a send left unfinished, is
+// closed (Connect() again to retry).
 //
 // Buffers are the caller's: UCX reads/writes them in place (registering them
 // as it sees fit); bytes per peer in flight are bounded by what the caller
