@@ -19,16 +19,6 @@ PORT = 7070
 
 
 @pytest.fixture
-def net():
-    why = netns.unavailable_reason()
-    if why:
-        pytest.skip(f"multi-host tests need network namespaces: {why}")
-    n = netns.Net()
-    yield n
-    n.close()
-
-
-@pytest.fixture
 def cluster(binaries, net, tmp_path):
     """make(names, peers=None, extra=None) -> {name: Daemon}: a daemon per node, TLS (mutual) and a
     bearer token on 10.77.0.N:7070. peers[name] maps each peer name the daemon is given to the node

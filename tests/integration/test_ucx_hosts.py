@@ -12,19 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import netns
-
-
-@pytest.fixture
-def net():
-    why = netns.unavailable_reason()
-    if why:
-        pytest.skip(f"multi-host tests need network namespaces: {why}")
-    n = netns.Net()
-    n.add("a")
-    n.add("b")
-    yield n
-    n.close()
 
 
 @pytest.fixture
@@ -34,6 +21,13 @@ def bulk():
     if not exe.exists():
         pytest.fail(f"{exe} is not built (cmake with WS_BUILD_BENCH=ON)", pytrace=False)
     return exe
+
+
+@pytest.fixture
+def hosts(net):
+    net.add("a")
+    net.add("b")
+    return net
 
 
 def _start(bulk, node, role, peer, d, *extra):
@@ -52,20 +46,27 @@ def _finish(p, timeout=60):
     return p.returncode, out, err
 
 
-def _transfer(bulk, net, d, *extra):
+def _transfer(bulk, hosts, d, *extra):
     d.mkdir(exist_ok=True)
-    r = _start(bulk, net.nodes["b"], "recv", "a", d, *extra)
-    s = _start(bulk, net.nodes["a"], "send", "b", d, *extra)
+    r = _start(bulk, hosts.nodes["b"], "recv", "a", d, *extra)
+    s = _start(bulk, hosts.nodes["a"], "send", "b", d, *extra)
     return _finish(s), _finish(r)
 
 
-def test_bytes_cross_the_link_intact(bulk, net, tmp_path):
-    (src, so, se), (rrc, ro, re_) = _transfer(bulk, net, tmp_path / "x", "--bytes", "48M", "--chunk", "1M",
+def test_bytes_cross_the_link_intact(bulk, hosts, tmp_path):
+    (src, so, se), (rrc, ro, re_) = _transfer(bulk, hosts, tmp_path / "x", "--bytes", "48M", "--chunk", "1M",
                                             "--repeats", "3")
     assert src == 0 and rrc == 0, f"send: {se}\nrecv: {re_}"
     got = json.loads(ro.strip().splitlines()[-1])
     assert got["verified"] == 3 and got["bytes"] == 48 << 20 and got["gbps"] > 0, got
     assert json.loads(so.strip().splitlines()[-1])["verified"] == 3
+
+
+def _endless(bulk, hosts, d):
+    """A receiver on b and a sender on a, transferring until something breaks (3 s deadlines)."""
+    d.mkdir()
+    args = ("--bytes", "64M", "--chunk", "1M", "--repeats", "100000", "--timeout-ms", "3000")
+    return (_start(bulk, hosts.nodes["b"], "recv", "a", d, *args), _start(bulk, hosts.nodes["a"], "send", "b", d, *args))
 
 
 def _wait_started(p, timeout=30):
@@ -74,31 +75,23 @@ def _wait_started(p, timeout=30):
     assert line.strip() == "started" and time.monotonic() < deadline, line
 
 
-def test_link_down_mid_transfer_fails_both_sides_then_recovers(bulk, net, tmp_path):
-    d = tmp_path / "down"
-    d.mkdir()
-    args = ("--bytes", "64M", "--chunk", "1M", "--repeats", "100000", "--timeout-ms", "3000")
-    r = _start(bulk, net.nodes["b"], "recv", "a", d, *args)
-    s = _start(bulk, net.nodes["a"], "send", "b", d, *args)
+def test_link_down_mid_transfer_fails_both_sides_then_recovers(bulk, hosts, tmp_path):
+    r, s = _endless(bulk, hosts, tmp_path / "down")
     _wait_started(r)
     time.sleep(0.5)  # mid-transfer
-    net.nodes["b"].link(False)
+    hosts.nodes["b"].link(False)
     t0 = time.monotonic()
     (src, _, se), (rrc, _, re_) = _finish(s), _finish(r)
     assert src == 1 and rrc == 1, f"send {src}: {se}\nrecv {rrc}: {re_}"
     assert time.monotonic() - t0 < 30
     assert "peer b" in se and "peer a" in re_, f"send: {se}\nrecv: {re_}"
-    net.nodes["b"].link(True)
-    (src, _, se), (rrc, ro, re_) = _transfer(bulk, net, tmp_path / "again", "--bytes", "8M", "--repeats", "2")
+    hosts.nodes["b"].link(True)
+    (src, _, se), (rrc, ro, re_) = _transfer(bulk, hosts, tmp_path / "again", "--bytes", "8M", "--repeats", "2")
     assert src == 0 and rrc == 0, f"send: {se}\nrecv: {re_}"
 
 
-def test_sender_killed_mid_transfer_fails_the_receiver_naming_it(bulk, net, tmp_path):
-    d = tmp_path / "kill"
-    d.mkdir()
-    args = ("--bytes", "64M", "--chunk", "1M", "--repeats", "100000", "--timeout-ms", "3000")
-    r = _start(bulk, net.nodes["b"], "recv", "a", d, *args)
-    s = _start(bulk, net.nodes["a"], "send", "b", d, *args)
+def test_sender_killed_mid_transfer_fails_the_receiver_naming_it(bulk, hosts, tmp_path):
+    r, s = _endless(bulk, hosts, tmp_path / "kill")
     _wait_started(s)
     time.sleep(0.5)
     os.killpg(s.pid, signal.SIGKILL)

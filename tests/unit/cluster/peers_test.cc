@@ -43,6 +43,19 @@ class ScriptedProber : public PeerProber {
   std::map<std::string, std::deque<std::pair<Result<HelloReply>, milliseconds>>> script_;
 };
 
+// A PeerSet over a ScriptedProber and a FakeClock.
+struct Scripted {
+  explicit Scripted(std::vector<PeerSpec> peers, PeerSetOptions o = {}) {
+    auto p = std::make_unique<ScriptedProber>(&clock);
+    prober = p.get();
+    o.now = [this] { return clock(); };
+    set = std::make_unique<PeerSet>("a", std::move(peers), std::move(p), o);
+  }
+  FakeClock clock;
+  ScriptedProber* prober = nullptr;
+  std::unique_ptr<PeerSet> set;
+};
+
 TEST(ParsePeerSpec, AcceptsNameEqualsHostPort) {
   auto p = ParsePeerSpec("node-b=10.0.0.2:7070");
   ASSERT_TRUE(p.ok()) << p.status().ToString();
@@ -79,13 +92,12 @@ TEST(ValidatePeers, RefusesSelfDuplicatesAndBadNodeName) {
 }
 
 TEST(PeerSet, UnknownUntilProbedThenUpWithRoundTrip) {
-  FakeClock clock;
-  auto prober = std::make_unique<ScriptedProber>(&clock);
-  auto* pr = prober.get();
   PeerSetOptions o;
   o.timeout = milliseconds(750);
-  o.now = [&clock] { return clock(); };
-  PeerSet set("a", {{"b", "hb:1"}, {"c", "hc:1"}}, std::move(prober), o);
+  Scripted t({{"b", "hb:1"}, {"c", "hc:1"}}, o);
+  auto& set = *t.set;
+  auto* pr = t.prober;
+  auto& clock = t.clock;
   for (const auto& s : set.Snapshot()) EXPECT_EQ(s.health, PeerHealth::kUnknown);
 
   pr->Answer("hb:1", HelloReply{"b", "1.2.3"}, milliseconds(4));
@@ -105,12 +117,9 @@ TEST(PeerSet, UnknownUntilProbedThenUpWithRoundTrip) {
 }
 
 TEST(PeerSet, DownWithTheReasonThenBackUp) {
-  FakeClock clock;
-  auto prober = std::make_unique<ScriptedProber>(&clock);
-  auto* pr = prober.get();
-  PeerSetOptions o;
-  o.now = [&clock] { return clock(); };
-  PeerSet set("a", {{"b", "hb:1"}}, std::move(prober), o);
+  Scripted t(std::vector<PeerSpec>{{"b", "hb:1"}});
+  auto& set = *t.set;
+  auto* pr = t.prober;
 
   pr->Answer("hb:1", HelloReply{"b", "v"});
   set.ProbeAll();
@@ -136,12 +145,9 @@ TEST(PeerSet, DownWithTheReasonThenBackUp) {
 }
 
 TEST(PeerSet, APeerAnsweringAsAnotherNodeIsDown) {
-  FakeClock clock;
-  auto prober = std::make_unique<ScriptedProber>(&clock);
-  auto* pr = prober.get();
-  PeerSetOptions o;
-  o.now = [&clock] { return clock(); };
-  PeerSet set("a", {{"b", "hb:1"}}, std::move(prober), o);
+  Scripted t(std::vector<PeerSpec>{{"b", "hb:1"}});
+  auto& set = *t.set;
+  auto* pr = t.prober;
   pr->Answer("hb:1", HelloReply{"c", "v"});
   set.ProbeAll();
   auto s = set.Snapshot()[0];
@@ -150,14 +156,12 @@ TEST(PeerSet, APeerAnsweringAsAnotherNodeIsDown) {
 }
 
 TEST(PeerSet, BackgroundThreadProbesAndStops) {
-  FakeClock clock;
-  auto prober = std::make_unique<ScriptedProber>(&clock);
-  auto* pr = prober.get();
-  for (int i = 0; i < 3; ++i) pr->Answer("hb:1", HelloReply{"b", "v"});
   PeerSetOptions o;
   o.interval = milliseconds(3600 * 1000);  // one pass, then Stop() must wake it
-  o.now = [&clock] { return clock(); };
-  PeerSet set("a", {{"b", "hb:1"}}, std::move(prober), o);
+  Scripted t({{"b", "hb:1"}}, o);
+  auto& set = *t.set;
+  auto* pr = t.prober;
+  for (int i = 0; i < 3; ++i) pr->Answer("hb:1", HelloReply{"b", "v"});
   set.Start();
   // The thread probes once before it first waits, so a Stop() right away
   // still sees one pass; it must return without waiting out the interval.
