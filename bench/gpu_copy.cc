@@ -21,7 +21,8 @@
 #if WS_WITH_CUDA
 #include <cuda_runtime.h>
 
-#include "daemon/mem/cuda/cuda_domain.h"
+#include "daemon/dataplane/device_executor.h"
+#include "daemon/platform/cuda/cuda_platform.h"
 #endif
 
 int main(int argc, char** argv) {
@@ -52,7 +53,7 @@ int main(int argc, char** argv) {
   }
   cudaMemset(src, 0x3c, elems * 4);
   for (int64_t i = 0; i < elems; ++i) host[i] = static_cast<float>(i % 1000);
-  auto ex = ws::cuda::MakeCudaExecutor();
+  auto ex = ws::MakeDeviceExecutor();
   if (!ex.ok()) {
     std::fprintf(stderr, "gpu_copy: %s\n", ex.status().ToString().c_str());
     return 1;

@@ -23,6 +23,7 @@
 
 #include "daemon/cluster/peers.h"
 #include "daemon/core/layout.h"
+#include "daemon/core/thread_annotations.h"
 #include "daemon/core/limits.h"
 #include "daemon/core/token.h"
 #include "daemon/dataplane/data_plane.h"
@@ -33,6 +34,7 @@
 #include "daemon/server/peer_prober.h"
 #include "daemon/server/server.h"
 #include "daemon/server/systemd_notify.h"
+#include "daemon/transport/transport.h"
 
 #ifndef WS_DEFAULT_LAYOUTS_DIR
 #define WS_DEFAULT_LAYOUTS_DIR "/usr/local/share/weightsync/layouts"
@@ -46,10 +48,10 @@ constexpr int kExitFatal = 3;
 
 // Shared with the detached sigwait thread, so they outlive main().
 sigset_t g_term;
-std::mutex g_mu;
-std::condition_variable g_cv;
-int g_signal = 0;
-std::string g_fatal;  // set once by the data plane's on_fatal
+ws::Mutex g_mu;
+std::condition_variable g_cv;                // signalled when g_signal or g_fatal is set
+int g_signal WS_GUARDED_BY(g_mu) = 0;        // the first SIGTERM/SIGINT
+std::string g_fatal WS_GUARDED_BY(g_mu);     // set once by the data plane's on_fatal
 
 int StartupError(const std::string& msg) {
   std::fprintf(stderr, "weightsyncd: %s\n", msg.c_str());
@@ -306,7 +308,7 @@ int main(int argc, char** argv) {
   dpo.executor.chunk_bytes = chunk_bytes;
   dpo.on_fatal = [](const ws::Status& st) {
     {
-      std::lock_guard lk(g_mu);
+      ws::MutexLock lk(&g_mu);
       g_fatal = st.message();
     }
     g_cv.notify_all();
@@ -327,7 +329,10 @@ int main(int argc, char** argv) {
   // The watchdog pings while housekeeping passes keep coming (three missed = stalled).
   ws::server::SystemdNotifier systemd(3 * co.housekeeping_interval);
   co.observers = {&metrics, &systemd};
-  ws::server::Coordinator coordinator(layouts.value(), domain.get(), executor.get(), co);
+  // Transports by route: today the local one (both ends mapped here).
+  auto transports = std::make_shared<ws::TransportRegistry>();
+  transports->Add(std::make_shared<ws::LocalTransport>(executor.get(), plane.cuda.ok()));
+  ws::server::Coordinator coordinator(layouts.value(), domain.get(), transports, co);
 
   ws::server::ServerOptions so;
   so.listen = listen;
@@ -382,7 +387,7 @@ int main(int argc, char** argv) {
     int sig = 0;
     if (sigwait(&g_term, &sig) != 0) return;
     {
-      std::lock_guard lk(g_mu);
+      ws::MutexLock lk(&g_mu);
       g_signal = sig;
     }
     g_cv.notify_all();
@@ -399,8 +404,11 @@ int main(int argc, char** argv) {
   int got = 0;
   std::string fatal;
   {
-    std::unique_lock lk(g_mu);
-    g_cv.wait(lk, [] { return g_signal != 0 || !g_fatal.empty(); });
+    ws::MutexLock lk(&g_mu);
+    lk.Wait(g_cv, [] {
+      g_mu.AssertHeld();
+      return g_signal != 0 || !g_fatal.empty();
+    });
     got = g_signal;
     fatal = g_fatal;
   }

@@ -6,7 +6,7 @@
 #if WS_WITH_CUDA
 #include <cuda_runtime.h>
 
-#include "daemon/mem/cuda/cuda_domain.h"
+#include "daemon/platform/cuda/cuda_platform.h"
 #endif
 
 namespace ws::ctl {

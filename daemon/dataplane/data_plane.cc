@@ -1,14 +1,13 @@
 #include "daemon/dataplane/data_plane.h"
 
 #include <future>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "daemon/core/thread_annotations.h"
-
-#if WS_WITH_CUDA
-#include "daemon/mem/cuda/cuda_domain.h"
-#endif
+#include "daemon/mem/host_shm.h"
+#include "daemon/mem/ipc_domain.h"
 
 namespace ws {
 namespace {
@@ -18,40 +17,13 @@ namespace {
 // error.
 class DispatchExecutor final : public Executor {
  public:
-  DispatchExecutor(std::unique_ptr<Executor> host, std::unique_ptr<Executor> gpu, Status no_gpu, CudaPlatform* cuda,
+  DispatchExecutor(std::unique_ptr<Executor> host, std::unique_ptr<Executor> gpu, Status no_gpu, Platform& platform,
                    std::function<void(const Status&)> on_fatal)
       : host_(std::move(host)),
         gpu_(std::move(gpu)),
         no_gpu_(std::move(no_gpu)),
-        cuda_(cuda),
+        platform_(platform),
         on_fatal_(std::move(on_fatal)) {}
-
-  Result<uint64_t> Run(const std::vector<kernels::CopyOp>& ops) override { return RunLabeled(ops, {}); }
-
-  Result<uint64_t> RunLabeled(const std::vector<kernels::CopyOp>& ops, const std::vector<std::string>& labels) override {
-    if (Status h = health(); !h.ok()) return h;
-    std::vector<kernels::CopyOp> host_ops, gpu_ops;
-    std::vector<std::string> host_labels, gpu_labels;
-    for (size_t i = 0; i < ops.size(); ++i) {
-      const std::string label = i < labels.size() && !labels[i].empty() ? labels[i] : "copy op " + std::to_string(i);
-      WS_RETURN_IF_ERROR(ValidateCopyOp(ops[i], label));
-      const bool on_gpu = cuda_->PointerDevice(ops[i].dst) >= 0 ||
-                          (!ops[i].zero_fill && cuda_->PointerDevice(ops[i].src) >= 0);
-      if (on_gpu && !gpu_) {
-        return FailedPrecondition(label + ": the copy touches device memory, but " + no_gpu_.message());
-      }
-      (on_gpu ? gpu_ops : host_ops).push_back(ops[i]);
-      (on_gpu ? gpu_labels : host_labels).push_back(label);
-    }
-    if (gpu_ops.empty()) return host_->RunLabeled(host_ops, host_labels);
-    if (host_ops.empty()) return Checked(gpu_->RunLabeled(gpu_ops, gpu_labels));
-    auto gpu = std::async(std::launch::async, [&] { return gpu_->RunLabeled(gpu_ops, gpu_labels); });
-    auto host = host_->RunLabeled(host_ops, host_labels);
-    auto dev = Checked(gpu.get());
-    if (!dev.ok()) return dev.status();
-    if (!host.ok()) return host.status();
-    return *host + *dev;
-  }
 
   int threads() const override { return host_->threads(); }
 
@@ -64,6 +36,32 @@ class DispatchExecutor final : public Executor {
     Status h = gpu_->health();
     if (!h.ok()) Latch(h);
     return h;
+  }
+
+ protected:
+  Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops,
+                                const std::vector<std::string>& labels) override {
+    if (Status h = health(); !h.ok()) return h;
+    std::vector<kernels::CopyOp> host_ops, gpu_ops;
+    std::vector<std::string> host_labels, gpu_labels;
+    for (size_t i = 0; i < ops.size(); ++i) {
+      std::string label = OpLabel(labels, i);
+      const bool on_gpu = platform_.PointerDevice(ops[i].dst) >= 0 ||
+                          (!ops[i].zero_fill && platform_.PointerDevice(ops[i].src) >= 0);
+      if (on_gpu && !gpu_) {
+        return FailedPrecondition(label + ": the copy touches device memory, but " + no_gpu_.message());
+      }
+      (on_gpu ? gpu_ops : host_ops).push_back(ops[i]);
+      (on_gpu ? gpu_labels : host_labels).push_back(std::move(label));
+    }
+    if (gpu_ops.empty()) return host_->Run(host_ops, host_labels);
+    if (host_ops.empty()) return Checked(gpu_->Run(gpu_ops, gpu_labels));
+    auto gpu = std::async(std::launch::async, [&] { return gpu_->Run(gpu_ops, gpu_labels); });
+    auto host = host_->Run(host_ops, host_labels);
+    auto dev = Checked(gpu.get());
+    if (!dev.ok()) return dev.status();
+    if (!host.ok()) return host.status();
+    return *host + *dev;
   }
 
  private:
@@ -84,49 +82,29 @@ class DispatchExecutor final : public Executor {
   std::unique_ptr<Executor> host_;
   std::unique_ptr<Executor> gpu_;  // nullptr: no CUDA executor, see no_gpu_
   Status no_gpu_;
-  CudaPlatform* cuda_;
+  Platform& platform_;
   std::function<void(const Status&)> on_fatal_;
   mutable Mutex mu_;
   mutable Status fatal_ WS_GUARDED_BY(mu_);  // the first fatal error, for good
 };
 
-#if WS_WITH_CUDA
-class RealCudaPlatform final : public CudaPlatform {
- public:
-  Result<std::unique_ptr<MemoryDomain>> MakeDomain() override { return cuda::MakeCudaIpcDomain(); }
-  Result<std::unique_ptr<Executor>> MakeExecutor() override {
-    cuda::CudaExecutorOptions o;
-    o.pin_host = PinHostObject;
-    return cuda::MakeCudaExecutor(o);
-  }
-  int PointerDevice(const void* p) override { return cuda::PointerDevice(p); }
-  decltype(HostShmOptions::pin) Pin() override { return cuda::PinHostRange; }
-};
-#endif
-
 }  // namespace
 
-CudaPlatform* DefaultCudaPlatform() {
-#if WS_WITH_CUDA
-  static RealCudaPlatform platform;
-  return &platform;
-#else
-  return nullptr;
-#endif
-}
-
-DataPlane MakeDataPlane(const DataPlaneOptions& opts, CudaPlatform* cuda) {
+DataPlane MakeDataPlane(const DataPlaneOptions& opts, Platform& platform) {
   DataPlane dp;
   auto host = MakeHostExecutor(opts.executor);
-  if (cuda == nullptr) {
-    dp.cuda = Unimplemented("this weightsync build has no CUDA support (built with WS_WITH_CUDA=OFF)");
+  if (Status support = platform.DeviceSupport(); !support.ok()) {
+    dp.cuda = support;
     dp.domain = MakeCompositeDomain(MakeHostShmDomain(), nullptr, dp.cuda);
     dp.executor = std::move(host);
     return dp;
   }
   // The executor first: CUDA references are accepted only if it runs.
-  auto gpu = cuda->MakeExecutor();
-  Result<std::unique_ptr<MemoryDomain>> dom = gpu.ok() ? cuda->MakeDomain()
+  DeviceExecutorOptions dev;
+  dev.pin_host = PinHostObject;
+  auto gpu = opts.device_executor ? opts.device_executor(dev)
+                                  : Result<std::unique_ptr<Executor>>(Internal("no device executor factory"));
+  Result<std::unique_ptr<MemoryDomain>> dom = gpu.ok() ? MakeIpcDomain(platform)
                                                        : Result<std::unique_ptr<MemoryDomain>>(gpu.status());
   if (!gpu.ok()) {
     dp.cuda = FailedPrecondition("the CUDA executor could not start: " + gpu.status().message());
@@ -135,14 +113,18 @@ DataPlane MakeDataPlane(const DataPlaneOptions& opts, CudaPlatform* cuda) {
   }
   if (!dp.cuda.ok()) {
     dp.domain = MakeCompositeDomain(MakeHostShmDomain(), nullptr, dp.cuda);
-    dp.executor = std::make_unique<DispatchExecutor>(std::move(host), nullptr, dp.cuda, cuda, opts.on_fatal);
+    dp.executor = std::make_unique<DispatchExecutor>(std::move(host), nullptr, dp.cuda, platform, opts.on_fatal);
     return dp;
   }
   HostShmOptions shm;
-  shm.pin = cuda->Pin();  // host objects become readable by the copy kernels,
-  shm.lazy_pin = true;    // pinned when a device copy first needs them
+  // Host objects become readable by the copy kernels, pinned when a device
+  // copy first needs them.
+  shm.pin = [&platform](void* base, uint64_t size, bool writable, const std::string& name) {
+    return platform.PinHostRange(base, size, writable, name);
+  };
+  shm.lazy_pin = true;
   dp.domain = MakeCompositeDomain(std::make_unique<HostShmDomain>(std::move(shm)), std::move(dom).value(), Status());
-  dp.executor = std::make_unique<DispatchExecutor>(std::move(host), std::move(gpu).value(), Status(), cuda,
+  dp.executor = std::make_unique<DispatchExecutor>(std::move(host), std::move(gpu).value(), Status(), platform,
                                                    opts.on_fatal);
   return dp;
 }

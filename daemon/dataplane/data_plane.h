@@ -6,8 +6,10 @@
 // any op that still reaches device memory, instead of dereferencing device
 // pointers on the CPU.
 //
-// The CUDA side sits behind CudaPlatform (cf. LevelDB's Env), so host-only
-// builds test how the pieces are put together with a fake.
+// Device queries, pinning and IPC come from a Platform (daemon/platform/),
+// the device executor from DataPlaneOptions::device_executor (this build's
+// MakeDeviceExecutor by default), so host-only builds test how the pieces
+// are put together with fakes.
 //
 // Sticky CUDA errors (illegal or misaligned address, launch failure, ...)
 // leave the CUDA context unusable until the process exits: once the CUDA
@@ -25,33 +27,19 @@
 #include <string>
 
 #include "daemon/core/status.h"
+#include "daemon/dataplane/device_executor.h"
 #include "daemon/dataplane/executor.h"
-#include "daemon/mem/host_shm.h"
 #include "daemon/mem/memory.h"
+#include "daemon/platform/platform.h"
 
 namespace ws {
-
-// The few CUDA calls the data plane's assembly needs.
-class CudaPlatform {
- public:
-  virtual ~CudaPlatform() = default;
-  // The CUDA IPC memory domain (FailedPrecondition when no device is usable).
-  virtual Result<std::unique_ptr<MemoryDomain>> MakeDomain() = 0;
-  // The executor for ops touching device memory.
-  virtual Result<std::unique_ptr<Executor>> MakeExecutor() = 0;
-  // Device ordinal of the memory at p, or -1 for host memory.
-  virtual int PointerDevice(const void* p) = 0;
-  // HostShmOptions::pin for host objects the device copies may read.
-  virtual decltype(HostShmOptions::pin) Pin() = 0;
-};
-
-// This build's platform: nullptr without CUDA (WS_WITH_CUDA=OFF).
-CudaPlatform* DefaultCudaPlatform();
 
 struct DataPlaneOptions {
   ExecutorOptions executor;
   // Called once, with the error, when the CUDA executor becomes unusable.
   std::function<void(const Status&)> on_fatal;
+  // Makes the executor for ops touching device memory (tests inject fakes).
+  std::function<Result<std::unique_ptr<Executor>>(const DeviceExecutorOptions&)> device_executor = MakeDeviceExecutor;
 };
 
 struct DataPlane {
@@ -62,8 +50,9 @@ struct DataPlane {
   Status cuda;
 };
 
-// `cuda` may be nullptr (no CUDA in this build).
-DataPlane MakeDataPlane(const DataPlaneOptions& opts, CudaPlatform* cuda);
-inline DataPlane MakeDataPlane(const DataPlaneOptions& opts) { return MakeDataPlane(opts, DefaultCudaPlatform()); }
+// `platform` must outlive the data plane; its DeviceSupport() decides
+// whether device memory is served at all.
+DataPlane MakeDataPlane(const DataPlaneOptions& opts, Platform& platform);
+inline DataPlane MakeDataPlane(const DataPlaneOptions& opts) { return MakeDataPlane(opts, DefaultPlatform()); }
 
 }  // namespace ws

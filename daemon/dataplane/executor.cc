@@ -4,7 +4,31 @@
 
 namespace ws {
 
-Status ValidateCopyOp(const kernels::CopyOp& op, const std::string& what) {
+namespace {
+
+// Last element index of `outer` rows of `inner` elements at stride `ld` from
+// `offset`; false when it overflows (a wrapped index must fail the check).
+bool LastIndex(int64_t offset, int64_t outer, int64_t ld, int64_t inner, uint64_t* out) {
+  int64_t a, b;
+  if (__builtin_mul_overflow(outer - 1, ld, &a) || __builtin_add_overflow(offset, a, &b) ||
+      __builtin_add_overflow(b, inner - 1, &b))
+    return false;
+  *out = static_cast<uint64_t>(b);
+  return true;
+}
+
+}  // namespace
+
+std::string OpLabel(const std::vector<std::string>& labels, size_t i) {
+  return i < labels.size() && !labels[i].empty() ? labels[i] : "copy op " + std::to_string(i);
+}
+
+Result<uint64_t> Executor::Run(const std::vector<kernels::CopyOp>& ops, const std::vector<std::string>& labels) {
+  for (size_t i = 0; i < ops.size(); ++i) WS_RETURN_IF_ERROR(ValidateCopyOp(ops[i], OpLabel(labels, i)));
+  return RunValidated(ops, labels);
+}
+
+Status ValidateCopyOp(const kernels::CopyOp& op, const std::string& what, const OpExtents* extents) {
   auto bad = [&](const std::string& m) { return InvalidArgument(what + ": invalid copy op: " + m); };
   if (op.rows < 0 || op.cols < 0) {
     return bad("negative shape " + std::to_string(op.rows) + "x" + std::to_string(op.cols));
@@ -19,13 +43,24 @@ Status ValidateCopyOp(const kernels::CopyOp& op, const std::string& what) {
   // Misaligned element accesses are undefined on the host and a sticky
   // error (cudaErrorMisalignedAddress) on the GPU.
   auto misaligned = [](const void* p, uint8_t dtype) {
-    return reinterpret_cast<uintptr_t>(p) % (dtype == kernels::kF32 ? 4 : 2) != 0;
+    return reinterpret_cast<uintptr_t>(p) % kernels::ElemSize(dtype) != 0;
   };
   if (misaligned(op.dst, op.dst_dtype)) return bad("destination address is not aligned to its element size");
   if (!op.zero_fill && misaligned(op.src, op.src_dtype)) return bad("source address is not aligned to its element size");
   if (op.rows > 1 && op.dst_ld < op.cols) {
     return bad("destination stride " + std::to_string(op.dst_ld) + " < cols " + std::to_string(op.cols) +
                " (rows would overlap)");
+  }
+  if (extents == nullptr) return Status::Ok();
+  uint64_t last;
+  if (!LastIndex(op.dst_offset, op.rows, op.dst_ld, op.cols, &last) || last >= extents->dst_elems) {
+    return bad("writes past the end of its destination (" + std::to_string(extents->dst_elems) + " elements)");
+  }
+  if (op.zero_fill) return Status::Ok();
+  if (!(op.transpose ? LastIndex(op.src_offset, op.cols, op.src_ld, op.rows, &last)
+                     : LastIndex(op.src_offset, op.rows, op.src_ld, op.cols, &last)) ||
+      last >= extents->src_elems) {
+    return bad("reads past the end of its source (" + std::to_string(extents->src_elems) + " elements)");
   }
   return Status::Ok();
 }

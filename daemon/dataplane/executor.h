@@ -11,7 +11,7 @@
 // on first construction; a previous handler is kept and chained to). Each
 // host work item runs with a per-thread guard armed; a SIGBUS on that thread
 // while armed (a peer truncated a mapped shm object mid-copy) jumps back out
-// of the item, and Run/RunLabeled return FailedPrecondition naming the op's
+// of the item, and Run returns FailedPrecondition naming the op's
 // label and the cause (DiagnoseMemoryFault: truncated, or out of space in
 // /dev/shm), with the remaining items skipped and the destination partly
 // written. A SIGBUS anywhere else goes to the previous handler, or kills the
@@ -38,20 +38,25 @@ struct ExecutorOptions {
 class Executor {
  public:
   virtual ~Executor() = default;
-  // Runs every op to completion (blocking). Returns the destination bytes written.
-  virtual Result<uint64_t> Run(const std::vector<kernels::CopyOp>& ops) = 0;
-  // As Run(); labels[i], when present, names ops[i] (e.g. the tensor it
-  // copies) in error messages.
-  virtual Result<uint64_t> RunLabeled(const std::vector<kernels::CopyOp>& ops,
-                                      const std::vector<std::string>& labels) {
-    return Run(ops);
-  }
+  // Runs every op to completion (blocking) and returns the destination bytes
+  // written. labels[i], when present and non-empty, names ops[i] in errors
+  // (otherwise "copy op i"). Every op is checked first (ValidateCopyOp): a
+  // malformed one refuses the whole call before any byte is written.
+  Result<uint64_t> Run(const std::vector<kernels::CopyOp>& ops, const std::vector<std::string>& labels = {});
   virtual int threads() const = 0;
   // Ok while the executor can run ops. Once it cannot run anything again
   // (a sticky CUDA error: the context stays broken until the process exits)
   // the error, for good.
   virtual Status health() const { return Status::Ok(); }
+
+ protected:
+  // Run's work, on ops that passed ValidateCopyOp (labels as given to Run).
+  virtual Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops,
+                                        const std::vector<std::string>& labels) = 0;
 };
+
+// The name of ops[i] in errors: labels[i], or "copy op i" when absent.
+std::string OpLabel(const std::vector<std::string>& labels, size_t i);
 
 // Host memory only (every op's pointers must be host-addressable).
 std::unique_ptr<Executor> MakeHostExecutor(const ExecutorOptions& opts);
@@ -64,10 +69,17 @@ std::unique_ptr<Executor> MakeHostExecutor(const ExecutorOptions& opts);
 // memory domain. Without CUDA this is the host executor.
 std::unique_ptr<Executor> MakeExecutor(const ExecutorOptions& opts);
 
+// Where a bound op's buffers end, in elements of their dtypes.
+struct OpExtents {
+  uint64_t src_elems = 0;  // unused for zero fills
+  uint64_t dst_elems = 0;
+};
+
 // Checks an op's shape fields (non-negative sizes, known dtypes, non-null
 // pointers aligned to their element size, destination rows that do not
-// overlap). `what` names it in errors.
-Status ValidateCopyOp(const kernels::CopyOp& op, const std::string& what);
+// overlap) and, given `extents`, that every element it reads or writes lies
+// inside them (computed with overflow checks). InvalidArgument naming `what`.
+Status ValidateCopyOp(const kernels::CopyOp& op, const std::string& what, const OpExtents* extents = nullptr);
 
 // Single-threaded reference path: the plain per-element loop over
 // kernels::RunElement. Used by tests to check the fast paths.

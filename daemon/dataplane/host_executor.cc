@@ -36,7 +36,7 @@ namespace {
 
 using kernels::CopyOp;
 
-inline size_t ElemSize(uint8_t dt) { return dt == kernels::kF32 ? 4 : 2; }
+using kernels::ElemSize;
 
 struct Item {
   const CopyOp* op;
@@ -254,19 +254,17 @@ class HostExecutor final : public Executor {
     InstallSigbusHandler();
   }
 
-  Result<uint64_t> Run(const std::vector<CopyOp>& ops) override { return RunLabeled(ops, {}); }
+  int threads() const override { return threads_; }
 
-  Result<uint64_t> RunLabeled(const std::vector<CopyOp>& ops, const std::vector<std::string>& labels) override {
-    auto what = [&](size_t i) {
-      return i < labels.size() && !labels[i].empty() ? labels[i] : "copy op " + std::to_string(i);
-    };
+ protected:
+  Result<uint64_t> RunValidated(const std::vector<CopyOp>& ops, const std::vector<std::string>& labels) override {
+    auto what = [&](size_t i) { return OpLabel(labels, i); };
     std::vector<CopyOp> norm;
     std::vector<size_t> index;  // norm[k] is ops[index[k]]
     norm.reserve(ops.size());
     index.reserve(ops.size());
     uint64_t bytes = 0;
     for (size_t i = 0; i < ops.size(); ++i) {
-      WS_RETURN_IF_ERROR(ValidateCopyOp(ops[i], what(i)));
       if (ops[i].rows == 0 || ops[i].cols == 0) continue;
       norm.push_back(Normalize(ops[i]));
       index.push_back(i);
@@ -301,8 +299,6 @@ class HostExecutor final : public Executor {
     }
     return bytes;
   }
-
-  int threads() const override { return threads_; }
 
  private:
   int threads_;

@@ -17,6 +17,9 @@ namespace ws::kernels {
 // dtype codes; equal to ws::DType's values.
 enum : uint8_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
+// Bytes per element of a dtype code.
+WS_HD uint32_t ElemSize(uint8_t dt) { return dt == kF32 ? 4 : 2; }
+
 WS_HD uint32_t FloatBits(float f) {
   uint32_t u;
   memcpy(&u, &f, 4);

@@ -23,6 +23,18 @@ std::string MemoryRef::ToString() const {
   return s + " offset=" + std::to_string(offset) + " length=" + std::to_string(length) + "}";
 }
 
+const char* MemoryKindName(MemoryKind k) {
+  switch (k) {
+    case MemoryKind::kHostShm: return "host_shm";
+    case MemoryKind::kCudaIpc: return "cuda_ipc";
+  }
+  return "unknown";
+}
+
+std::string Route::ToString() const {
+  return std::string(MemoryKindName(src)) + " -> " + MemoryKindName(dst) + (same_node ? " on this node" : " across nodes");
+}
+
 std::string MemoryExtent::ToString() const {
   std::string obj = kind == MemoryKind::kHostShm
                         ? "shm inode " + std::to_string(object_a) + ":" + std::to_string(object_b)
@@ -53,7 +65,6 @@ class CompositeDomain final : public MemoryDomain {
     if (cuda_) {
       DomainCaps g = cuda_->caps();
       c.cuda_ipc = g.cuda_ipc;
-      c.cuda_kernels = g.cuda_kernels;
     }
     return c;
   }

@@ -1,7 +1,8 @@
 // Memory domains: where source shards and engine parameters live, behind one
 // small interface (cf. LevelDB's Env). A host shared-memory domain works on
-// every machine and backs all tests; a CUDA domain (daemon/mem/cuda/) is
-// chosen by MakeMemoryDomain() when built with CUDA and a device is present.
+// every machine and backs all tests; the device IPC domain (ipc_domain.h,
+// over the platform's IPC) is added by MakeMemoryDomain() when built with
+// CUDA and a device is present.
 //
 // Thread-safety: MemoryDomain implementations are thread-safe. A Mapping is
 // immutable; its bytes may be written concurrently by copy workers on
@@ -19,6 +20,19 @@
 namespace ws {
 
 enum class MemoryKind : uint8_t { kHostShm = 0, kCudaIpc = 1 };
+
+const char* MemoryKindName(MemoryKind k);  // "host_shm", "cuda_ipc"
+
+// Where a copy reads and where it writes: the memory kinds of its two ends
+// and whether both are on this node. Transports declare the routes they
+// serve (daemon/transport/transport.h).
+struct Route {
+  MemoryKind src = MemoryKind::kHostShm;
+  MemoryKind dst = MemoryKind::kHostShm;
+  bool same_node = true;
+  bool operator==(const Route&) const = default;
+  std::string ToString() const;  // "host_shm -> cuda_ipc on this node"
+};
 
 // Who a mapping is made for. The daemon maps memory on behalf of a peer and
 // only memory that peer owns (docs/security.md). Nothing is mapped for a peer
@@ -95,10 +109,10 @@ class Mapping {
   virtual MemoryExtent extent() const = 0;
 };
 
+// The reference kinds a domain maps.
 struct DomainCaps {
   bool host_shm = false;
   bool cuda_ipc = false;
-  bool cuda_kernels = false;   // can run repack kernels
 };
 
 class MemoryDomain {

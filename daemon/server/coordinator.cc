@@ -50,13 +50,23 @@ RegistryOptions ToRegistryOptions(const CoordinatorOptions& o) {
   return r;
 }
 
+std::shared_ptr<const TransportRegistry> LocalTransports(Executor* executor) {
+  auto reg = std::make_shared<TransportRegistry>();
+  reg->Add(std::make_shared<LocalTransport>(executor, /*device_memory=*/true));
+  return reg;
+}
+
 }  // namespace
 
+Coordinator::Coordinator(std::shared_ptr<const LayoutRegistry> layouts, MemoryDomain* domain, Executor* executor,
+                         CoordinatorOptions opts)
+    : Coordinator(std::move(layouts), domain, LocalTransports(executor), opts) {}
+
 Coordinator::Coordinator(std::shared_ptr<const LayoutRegistry> layouts, MemoryDomain* domain,
-                         Executor* executor, CoordinatorOptions opts)
+                         std::shared_ptr<const TransportRegistry> transports, CoordinatorOptions opts)
     : layouts_(std::move(layouts)),
       domain_(domain),
-      executor_(executor),
+      transports_(std::move(transports)),
       opts_(opts),
       started_(Clock::now()),
       // Sync ids grow across daemon restarts, so a trainer that still holds an
@@ -423,7 +433,7 @@ Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id,
     }
   }
   auto t0 = Clock::now();
-  auto ran = executor_->RunLabeled(bound->ops, bound->labels);
+  auto ran = transports_->Copy(*bound);
   double secs = Seconds(Clock::now() - t0);
   if (!ran.ok()) return EndWrite(*sync, ran.status().WithContext(where));
   {
@@ -447,7 +457,7 @@ Status Coordinator::ZeroFillLocked(SyncSession& sync) {
   }
   sync.writers++;
   mu_.Unlock();
-  auto ran = executor_->RunLabeled(bound->ops, bound->labels);
+  auto ran = transports_->Copy(*bound);
   mu_.Lock();
   sync.writers--;
   if (ran.ok()) sync.bytes_written += ran.value();

@@ -44,6 +44,7 @@
 #include "daemon/core/status.h"
 #include "daemon/core/thread_annotations.h"
 #include "daemon/dataplane/executor.h"
+#include "daemon/transport/transport.h"
 #include "daemon/mem/memory.h"
 #include "daemon/server/observer.h"
 #include "daemon/server/peer.h"
@@ -125,7 +126,12 @@ struct StatusSnapshot {
 
 class Coordinator {
  public:
-  // `domain` and `executor` must outlive the Coordinator.
+  // `domain` must outlive the Coordinator. Bound copies go to the transport
+  // `transports` picks for their route.
+  Coordinator(std::shared_ptr<const LayoutRegistry> layouts, MemoryDomain* domain,
+              std::shared_ptr<const TransportRegistry> transports, CoordinatorOptions opts = {});
+  // One local transport over `executor` (which must outlive the Coordinator)
+  // for every same-node route.
   Coordinator(std::shared_ptr<const LayoutRegistry> layouts, MemoryDomain* domain, Executor* executor,
               CoordinatorOptions opts = {});
   ~Coordinator();
@@ -220,7 +226,7 @@ class Coordinator {
 
   const std::shared_ptr<const LayoutRegistry> layouts_;
   MemoryDomain* const domain_;
-  Executor* const executor_;
+  const std::shared_ptr<const TransportRegistry> transports_;
   const CoordinatorOptions opts_;
   const std::chrono::steady_clock::time_point started_;
 

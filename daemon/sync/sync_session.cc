@@ -18,31 +18,6 @@ namespace {
 
 double Seconds(SyncSession::Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
-// Largest element index an op touches on each side, for a bounds check
-// against the mapped sizes (a planner bug must not write outside a buffer).
-bool OpInBounds(const kernels::CopyOp& op, uint64_t src_elems, uint64_t dst_elems) {
-  if (op.rows <= 0 || op.cols <= 0) return true;
-  // Computed with overflow checks: a wrapped index must fail the check.
-  auto last = [](int64_t offset, int64_t outer, int64_t ld, int64_t inner, uint64_t* out) {
-    int64_t a, b;
-    if (__builtin_mul_overflow(outer - 1, ld, &a) || __builtin_add_overflow(offset, a, &b) ||
-        __builtin_add_overflow(b, inner - 1, &b))
-      return false;
-    *out = static_cast<uint64_t>(b);
-    return true;
-  };
-  if (op.dst_offset < 0 || op.dst_ld < (op.rows > 1 ? op.cols : 0)) return false;
-  uint64_t dst_last;
-  if (!last(op.dst_offset, op.rows, op.dst_ld, op.cols, &dst_last) || dst_last >= dst_elems) return false;
-  if (op.zero_fill) return true;
-  if (op.src_offset < 0 || op.src_ld < 0) return false;
-  uint64_t src_last;
-  if (!(op.transpose ? last(op.src_offset, op.cols, op.src_ld, op.rows, &src_last)
-                     : last(op.src_offset, op.rows, op.src_ld, op.cols, &src_last)))
-    return false;
-  return src_last < src_elems;
-}
-
 }  // namespace
 
 const char* SyncStateName(SyncState s) {
@@ -189,15 +164,11 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
   BoundOps out;
   for (size_t i = 0; i < claimed.size(); ++i) {
     const SourceTensor& t = manifest_.tensors[claimed[i].tensor];
-    uint64_t src_elems = src[i]->size() / DTypeSize(t.dtype);
     for (uint32_t ci : plan_.by_shard[claimed[i].tensor][claimed[i].shard]) {
       const PlannedCopy& c = plan_.copies[ci];
       const Engine& e = *engines_[c.engine];
       const EngineParamSpec& p = e.spec.params[c.param];
-      const Mapping& dst = *e.maps[c.param];
       kernels::CopyOp op;
-      op.src = src[i]->data();
-      op.dst = dst.data();
       op.src_offset = c.src_offset;
       op.src_ld = c.src_ld;
       op.dst_offset = c.dst_offset;
@@ -207,12 +178,8 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
       op.src_dtype = static_cast<uint8_t>(t.dtype);
       op.dst_dtype = static_cast<uint8_t>(p.dtype);
       op.transpose = c.transpose ? 1 : 0;
-      std::string label = claimed[i].what + " -> " + e.id + " param " + p.name;
-      if (!OpInBounds(op, src_elems, dst.size() / DTypeSize(p.dtype)))
-        return Internal(where + ": planned copy " + label + " falls outside its buffers");
-      out.bytes_read += static_cast<uint64_t>(c.rows * c.cols) * DTypeSize(t.dtype);
-      out.ops.push_back(op);
-      out.labels.push_back(std::move(label));
+      WS_RETURN_IF_ERROR(BindOp(op, src[i].get(), *e.maps[c.param], claimed[i].what + " -> " + e.id + " param " + p.name,
+                                where, &out));
     }
   }
   return out;
@@ -241,18 +208,13 @@ Result<BoundOps> SyncSession::BindZeroFills() const {
     const Engine& e = *engines_[z.engine];
     const EngineParamSpec& p = e.spec.params[z.param];
     kernels::CopyOp op;
-    op.dst = e.maps[z.param]->data();
     op.dst_offset = z.dst_offset;
     op.dst_ld = z.dst_ld;
     op.rows = z.rows;
     op.cols = z.cols;
     op.src_dtype = op.dst_dtype = static_cast<uint8_t>(p.dtype);
     op.zero_fill = 1;
-    std::string label = "zero fill of " + e.id + " param " + p.name;
-    if (!OpInBounds(op, 0, e.maps[z.param]->size() / DTypeSize(p.dtype)))
-      return Internal(Name() + ": planned " + label + " falls outside the param");
-    out.ops.push_back(op);
-    out.labels.push_back(std::move(label));
+    WS_RETURN_IF_ERROR(BindOp(op, nullptr, *e.maps[z.param], "zero fill of " + e.id + " param " + p.name, Name(), &out));
   }
   return out;
 }

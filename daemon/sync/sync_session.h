@@ -26,7 +26,7 @@
 #include "daemon/core/manifest.h"
 #include "daemon/core/planner.h"
 #include "daemon/core/status.h"
-#include "daemon/kernels/copy_math.h"
+#include "daemon/dataplane/bind.h"
 #include "daemon/mem/memory.h"
 #include "daemon/sync/engine_registry.h"
 
@@ -49,13 +49,6 @@ struct SyncStats {
   std::string error;
   uint32_t engines = 0;
   uint32_t world_size = 0;
-};
-
-// Copy operations ready for Executor::RunLabeled, one label per op.
-struct BoundOps {
-  std::vector<kernels::CopyOp> ops;
-  std::vector<std::string> labels;
-  uint64_t bytes_read = 0;
 };
 
 // One shard of a pushed layer, matched against the manifest.
@@ -111,7 +104,8 @@ class SyncSession {
                                                 const std::vector<std::pair<std::string, MemoryRef>>& shards,
                                                 const std::string& where);
   // The planned copies of `claimed` from `src` (one mapping per claimed
-  // shard) into the engines, bounds-checked against both mappings.
+  // shard) into the engines, bound and checked against both mappings
+  // (BindOp).
   Result<BoundOps> BindLayer(const std::vector<ClaimedShard>& claimed,
                              const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where) const;
 

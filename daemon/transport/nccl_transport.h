@@ -10,8 +10,8 @@
 // nothing of a partial group keeps running) and the transport refuses
 // further use; make a new one.
 // Not implemented: exchanging the unique id (the caller carries it out of
-// band), any use by the sync protocol (the planner never routes through it
-// yet), casts/layout on receive (bytes arrive as sent; run an Executor on
+// band), any use by the sync protocol (it is not a Transport: it serves no
+// Route and the registry never picks it), casts/layout on receive (bytes arrive as sent; run an Executor on
 // the received buffer), abort from another thread, host memory.
 //
 // Thread-safety: one thread at a time per NcclTransport (NCCL communicators
@@ -25,11 +25,10 @@
 #include <vector>
 
 #include "daemon/core/status.h"
-#include "daemon/transport/transport.h"
 
 namespace ws {
 
-class NcclTransport final : public Transport {
+class NcclTransport final {
  public:
   // ncclGetUniqueId as bytes (128); rank 0 makes it, every rank passes it to Create.
   static Result<std::string> NewUniqueId();
@@ -39,16 +38,10 @@ class NcclTransport final : public Transport {
   static Result<std::unique_ptr<NcclTransport>> Create(const std::string& unique_id, int nranks, int rank,
                                                        const std::string& device_uuid,
                                                        std::chrono::milliseconds timeout = std::chrono::seconds(120));
-  ~NcclTransport() override;
+  ~NcclTransport();
+  NcclTransport(const NcclTransport&) = delete;
+  NcclTransport& operator=(const NcclTransport&) = delete;
 
-  const char* name() const override { return "nccl"; }
-  TransportCaps caps() const override {
-    TransportCaps c;
-    c.cuda_memory = true;
-    c.cross_node = true;
-    c.zero_copy = false;  // NCCL stages through its own buffers
-    return c;
-  }
   int rank() const;
   int nranks() const;
 

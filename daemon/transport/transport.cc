@@ -1,26 +1,67 @@
 #include "daemon/transport/transport.h"
 
-#if WS_WITH_CUDA
-#include "daemon/mem/cuda/cuda_domain.h"
-#endif
+#include <utility>
 
 namespace ws {
 
+bool TransportCaps::Serves(const Route& r) const {
+  for (const Route& x : routes)
+    if (x == r) return true;
+  return false;
+}
+
+std::string TransportCaps::ToString() const {
+  std::string s;
+  for (const Route& r : routes) s += (s.empty() ? "" : ", ") + r.ToString();
+  return "{" + s + "}";
+}
+
 TransportCaps LocalTransport::caps() const {
   TransportCaps c;
-  c.host_memory = true;
-  c.cuda_memory = cuda_memory_;
-  c.cross_node = false;
-  c.zero_copy = true;
+  std::vector<MemoryKind> kinds = {MemoryKind::kHostShm};
+  if (device_memory_) kinds.push_back(MemoryKind::kCudaIpc);
+  for (MemoryKind src : kinds)
+    for (MemoryKind dst : kinds) c.routes.push_back(Route{src, dst, true});
   return c;
 }
 
-std::unique_ptr<LocalTransport> MakeLocalTransport(const ExecutorOptions& opts) {
-  bool cuda = false;
-#if WS_WITH_CUDA
-  cuda = cuda::DeviceCount().ok();
-#endif
-  return std::make_unique<LocalTransport>(std::shared_ptr<Executor>(MakeExecutor(opts)), cuda);
+Result<Transport*> TransportRegistry::Pick(const Route& route) const {
+  for (const auto& t : transports_)
+    if (t->caps().Serves(route)) return t.get();
+  std::string have;
+  for (const auto& t : transports_) have += (have.empty() ? "" : "; ") + std::string(t->name()) + " " + t->caps().ToString();
+  return FailedPrecondition("no transport serves " + route.ToString() + " (transports: " +
+                            (have.empty() ? "none" : have) + ")");
+}
+
+Result<uint64_t> TransportRegistry::Copy(const BoundOps& ops) const {
+  // Which transport runs each op; the common case is one for all.
+  std::vector<Transport*> picked(ops.ops.size());
+  std::vector<Transport*> distinct;
+  for (size_t i = 0; i < ops.ops.size(); ++i) {
+    const Route route = i < ops.routes.size() ? ops.routes[i] : Route{};
+    auto t = Pick(route);
+    if (!t.ok()) return t.status().WithContext(OpLabel(ops.labels, i));
+    picked[i] = *t;
+    bool seen = false;
+    for (Transport* d : distinct) seen = seen || d == *t;
+    if (!seen) distinct.push_back(*t);
+  }
+  if (distinct.empty()) return uint64_t{0};
+  if (distinct.size() == 1) return distinct[0]->Copy(ops);
+  uint64_t bytes = 0;
+  for (Transport* t : distinct) {
+    BoundOps part;
+    for (size_t i = 0; i < ops.ops.size(); ++i) {
+      if (picked[i] != t) continue;
+      part.ops.push_back(ops.ops[i]);
+      part.labels.push_back(OpLabel(ops.labels, i));
+      part.routes.push_back(i < ops.routes.size() ? ops.routes[i] : Route{});
+    }
+    WS_ASSIGN_OR_RETURN(uint64_t n, t->Copy(part));
+    bytes += n;
+  }
+  return bytes;
 }
 
 }  // namespace ws

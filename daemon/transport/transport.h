@@ -1,15 +1,20 @@
 // Transports: how bytes get from a trainer shard to an engine parameter.
-// Each declares what it can do so the server can pick one per pair of
-// memory locations. Implemented today:
+// Each declares the routes it serves (source memory kind, destination memory
+// kind, same node or not: Route, daemon/mem/memory.h); the coordinator hands
+// bound ops to a TransportRegistry, which picks the first registered
+// transport serving each op's route. A transport for other nodes plugs in by
+// being registered (daemon/main.cc), without touching the coordinator.
+// Implemented today:
 //   local: both ends mapped in this process (host shm, CUDA IPC); copies
 //          run through an Executor with the full CopyOp semantics (cast,
 //          transpose, slicing) straight into the destination.
-//   nccl:  (CUDA builds, daemon/transport/nccl_transport.h) raw byte-range
-//          send/recv between ranks of an NCCL communicator; see there for
-//          what it does not do yet.
+// (The NCCL communicator in nccl_transport.h and the UCX worker in
+// ucx/ucx_transport.h move raw byte ranges between ranks / nodes but serve no
+// route yet.)
 //
-// Thread-safety: caps()/name() are const and safe anywhere; see each class
-// for its data-moving calls.
+// Thread-safety: name()/caps() are const and safe anywhere; Copy() and the
+// registry's Copy() may be called concurrently (transports are
+// thread-safe); Add() only before the registry is shared.
 #pragma once
 
 #include <memory>
@@ -17,27 +22,17 @@
 #include <vector>
 
 #include "daemon/core/status.h"
+#include "daemon/dataplane/bind.h"
 #include "daemon/dataplane/executor.h"
+#include "daemon/mem/memory.h"
 
 namespace ws {
 
+// What a transport can do: the routes it serves.
 struct TransportCaps {
-  bool host_memory = false;  // reads/writes host shared memory
-  bool cuda_memory = false;  // reads/writes device memory
-  bool cross_node = false;   // peers may be on other machines
-  bool zero_copy = false;    // writes straight into the destination, no staging buffer
-
-  std::string ToString() const {
-    std::string s;
-    auto add = [&](bool on, const char* n) {
-      if (on) s += (s.empty() ? "" : ",") + std::string(n);
-    };
-    add(host_memory, "host_memory");
-    add(cuda_memory, "cuda_memory");
-    add(cross_node, "cross_node");
-    add(zero_copy, "zero_copy");
-    return "{" + s + "}";
-  }
+  std::vector<Route> routes;
+  bool Serves(const Route& r) const;
+  std::string ToString() const;  // "{host_shm -> host_shm on this node, ...}"
 };
 
 class Transport {
@@ -45,31 +40,42 @@ class Transport {
   virtual ~Transport() = default;
   virtual const char* name() const = 0;
   virtual TransportCaps caps() const = 0;
+  // Runs `ops` (every op on a route caps() serves) to completion; returns the
+  // destination bytes written.
+  virtual Result<uint64_t> Copy(const BoundOps& ops) = 0;
 };
 
-// In-process copies through an Executor. Copy() may be called concurrently
-// (the executor is thread-safe).
+// In-process copies through an Executor. `device_memory`: the executor also
+// runs ops touching CUDA IPC memory (the data plane could start its device
+// executor).
 class LocalTransport final : public Transport {
  public:
-  LocalTransport(std::shared_ptr<Executor> executor, bool cuda_memory)
-      : executor_(std::move(executor)), cuda_memory_(cuda_memory) {}
+  // `executor` must outlive the transport.
+  LocalTransport(Executor* executor, bool device_memory) : executor_(executor), device_memory_(device_memory) {}
 
   const char* name() const override { return "local"; }
   TransportCaps caps() const override;
-
-  // Runs the ops to completion; returns destination bytes written.
-  Result<uint64_t> Copy(const std::vector<kernels::CopyOp>& ops, const std::vector<std::string>& labels = {}) {
-    return executor_->RunLabeled(ops, labels);
-  }
-  Executor& executor() { return *executor_; }
+  Result<uint64_t> Copy(const BoundOps& ops) override { return executor_->Run(ops.ops, ops.labels); }
 
  private:
-  std::shared_ptr<Executor> executor_;
-  bool cuda_memory_;
+  Executor* const executor_;
+  const bool device_memory_;
 };
 
-// A local transport over MakeExecutor(opts): CUDA memory too when this build
-// has CUDA and a device is present.
-std::unique_ptr<LocalTransport> MakeLocalTransport(const ExecutorOptions& opts);
+class TransportRegistry {
+ public:
+  void Add(std::shared_ptr<Transport> t) { transports_.push_back(std::move(t)); }
+  // The first transport that serves `route`; FailedPrecondition naming the
+  // route and the transports there are when none does.
+  Result<Transport*> Pick(const Route& route) const;
+  // Runs every op of `ops` on the transport its route picks (ops.routes;
+  // ops without a route are same-node host copies), one Copy per transport;
+  // returns the destination bytes written. Refused before any byte moves
+  // when an op's route has no transport, naming the op.
+  Result<uint64_t> Copy(const BoundOps& ops) const;
+
+ private:
+  std::vector<std::shared_ptr<Transport>> transports_;
+};
 
 }  // namespace ws

@@ -21,10 +21,12 @@
 #include <vector>
 
 #include "daemon/dataplane/data_plane.h"
+#include "daemon/dataplane/device_executor.h"
 #include "daemon/dataplane/executor.h"
-#include "daemon/mem/cuda/cuda_domain.h"
-#include "daemon/mem/cuda/cuda_util.h"
+#include "daemon/platform/cuda/cuda_platform.h"
+#include "daemon/platform/cuda/cuda_util.h"
 #include "daemon/mem/host_shm.h"
+#include "daemon/mem/ipc_domain.h"
 #include "daemon/transport/nccl_transport.h"
 
 extern char** environ;
@@ -158,7 +160,7 @@ RandOp MakeRandOp(std::mt19937_64& rng) {
 }
 
 TEST_F(GpuTest, CudaExecutorMatchesReferenceOnRandomOps) {
-  auto ex = cuda::MakeCudaExecutor();
+  auto ex = MakeDeviceExecutor();
   ASSERT_TRUE(ex.ok()) << ex.status().ToString();
   std::mt19937_64 rng(99);
   for (int round = 0; round < 20; ++round) {
@@ -194,7 +196,7 @@ TEST_F(GpuTest, CudaExecutorMatchesReferenceOnRandomOps) {
 TEST_F(GpuTest, ConcurrentRunsFromManyThreadsMatchReference) {
   // Runs on one device are enqueued under a lock and waited for outside it,
   // each holding one of a ring of upload slots: more threads than slots.
-  auto ex = cuda::MakeCudaExecutor();
+  auto ex = MakeDeviceExecutor();
   ASSERT_TRUE(ex.ok()) << ex.status().ToString();
   constexpr int kWorkers = 12, kRunsEach = 10;
   std::vector<std::string> errors(kWorkers);
@@ -281,7 +283,7 @@ TEST_F(GpuTest, PinnedHostSourceThroughDispatchingExecutor) {
   a.dst_dtype = kernels::kBF16;
   CopyOp b = a;
   b.dst = host_dst.data();
-  auto r = ex->RunLabeled({a, b}, {"to_device", "to_host"});
+  auto r = ex->Run({a, b}, {"to_device", "to_host"});
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   CopyOp ref_op = a;
   ref_op.dst = want.data();
@@ -299,7 +301,7 @@ TEST_F(GpuTest, PinnedHostSourceThroughDispatchingExecutor) {
   c.cols = 64;
   c.transpose = 1;  // forces the kernel path
   c.src_ld = 1;
-  auto bad = ex->RunLabeled({c}, {"model.norm.weight"});
+  auto bad = ex->Run({c}, {"model.norm.weight"});
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("model.norm.weight"), std::string::npos) << bad.status().ToString();
 }
@@ -351,7 +353,7 @@ TEST_F(GpuTest, IpcHandleFromChildProcess) {
   ref.length = bytes;
   EXPECT_EQ(offset, 256u);
   {
-    auto dom = cuda::MakeCudaIpcDomain();
+    auto dom = MakeIpcDomain(cuda::CudaPlatform());
     ASSERT_TRUE(dom.ok()) << dom.status().ToString();
     auto m = (*dom)->Map(ref, "trainer.layers.0.weight");
     ASSERT_TRUE(m.ok()) << m.status().ToString();
@@ -363,7 +365,7 @@ TEST_F(GpuTest, IpcHandleFromChildProcess) {
     // Read through the executor: f32 IPC memory -> local bf16.
     const size_t n = bytes / 4;
     DevBuf<uint16_t> local(n);
-    auto ex = cuda::MakeCudaExecutor();
+    auto ex = MakeDeviceExecutor();
     ASSERT_TRUE(ex.ok());
     CopyOp op;
     op.src = (*m)->data();
@@ -444,8 +446,7 @@ TEST_F(GpuTest, NcclSingleRankSendRecv) {
   ASSERT_TRUE(uuid.ok());
   auto t = NcclTransport::Create(*id, 1, 0, *uuid);
   ASSERT_TRUE(t.ok()) << t.status().ToString();
-  EXPECT_TRUE((*t)->caps().cuda_memory);
-  EXPECT_TRUE((*t)->caps().cross_node);
+  EXPECT_EQ((*t)->nranks(), 1);
   const size_t n = 1 << 16;
   DevBuf<unsigned char> a(n), b(n);
   std::vector<unsigned char> h(n);
@@ -486,7 +487,7 @@ TEST_F(GpuTest, MisalignedDeviceAddressIsRefusedBeforeLaunch) {
   op.src_ld = op.dst_ld = 256;
   op.src_dtype = kernels::kF32;
   op.dst_dtype = kernels::kBF16;
-  auto r = dp.executor->RunLabeled({op}, {"layers.0.w"});
+  auto r = dp.executor->Run({op}, {"layers.0.w"});
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << r.status().ToString();
   EXPECT_NE(r.status().message().find("layers.0.w"), std::string::npos) << r.status().ToString();
@@ -518,7 +519,7 @@ TEST_F(GpuTest, MisalignedDeviceAddressIsRefusedBeforeLaunch) {
   bad.src_ld = bad.dst_ld = 64;
   bad.zero_fill = 1;
   bad.src_dtype = bad.dst_dtype = kernels::kF32;
-  auto r = dp.executor->RunLabeled({bad}, {"bad op"});
+  auto r = dp.executor->Run({bad}, {"bad op"});
   if (r.ok()) std::_Exit(11);
   if (dp.executor->health().ok()) std::_Exit(12);
   if (fatal_calls != 1) std::_Exit(13);

@@ -7,8 +7,8 @@
 #include <cstring>
 #include <thread>
 
-#include "daemon/mem/cuda/cuda_domain.h"
-#include "daemon/mem/cuda/cuda_util.h"
+#include "daemon/platform/cuda/cuda_platform.h"
+#include "daemon/platform/cuda/cuda_util.h"
 
 namespace ws {
 namespace {

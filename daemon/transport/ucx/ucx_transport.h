@@ -30,7 +30,6 @@
 #include <vector>
 
 #include "daemon/core/status.h"
-#include "daemon/transport/transport.h"
 
 namespace ws {
 
@@ -39,20 +38,16 @@ struct UcxOptions {
   std::string net_devices;  // UCX_NET_DEVICES-style list ("eth0", "mlx5_0:1"); "" = all
 };
 
-class UcxTransport final : public Transport {
+// Not a Transport (transport.h) yet: it moves raw byte ranges and serves no
+// route until cross-node syncs use it.
+class UcxTransport final {
  public:
   static Result<std::unique_ptr<UcxTransport>> Create(const UcxOptions& opts = {});
-  ~UcxTransport() override;
+  ~UcxTransport();
   UcxTransport(const UcxTransport&) = delete;
   UcxTransport& operator=(const UcxTransport&) = delete;
 
-  const char* name() const override { return "ucx"; }
-  TransportCaps caps() const override {
-    TransportCaps c;
-    c.host_memory = true;
-    c.cross_node = true;
-    return c;
-  }
+  const char* name() const { return "ucx"; }
 
   // This worker's address, for peers' Connect().
   const std::string& address() const;

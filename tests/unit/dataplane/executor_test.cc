@@ -190,7 +190,7 @@ TEST(HostExecutorTest, RejectsBadOpsNamingTheLabel) {
   op.cols = 2;
   op.src_ld = 2;
   op.dst_ld = 1;  // rows would overlap
-  auto r = ex->RunLabeled({op}, {"model.layers.0.mlp.down_proj.weight"});
+  auto r = ex->Run({op}, {"model.layers.0.mlp.down_proj.weight"});
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
   EXPECT_NE(r.status().message().find("model.layers.0.mlp.down_proj.weight"), std::string::npos) << r.status().ToString();

@@ -82,7 +82,7 @@ void ExpectTruncationError(const Result<uint64_t>& r, const std::string& label, 
 void ExpectStillWorks(Executor& ex) {
   std::vector<float> src(64 * 1024), dst(src.size(), 0.f);
   for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<float>(i);
-  auto r = ex.RunLabeled({Op(src.data(), dst.data(), static_cast<int64_t>(src.size()))}, {"after"});
+  auto r = ex.Run({Op(src.data(), dst.data(), static_cast<int64_t>(src.size()))}, {"after"});
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_EQ(*r, src.size() * 4);
   EXPECT_EQ(std::memcmp(src.data(), dst.data(), src.size() * 4), 0);
@@ -105,7 +105,7 @@ TEST(FaultGuardTest, TruncatedSourceFailsTheRunNamingTheTensor) {
     const int64_t n = kBytes / 4;
     std::vector<float> ok_src(n, 1.f), ok_dst(n), dst(n);
     // A good op first and after, so the failing op is not the only one.
-    auto r = ex->RunLabeled({Op(ok_src.data(), ok_dst.data(), n), Op(m->data(), dst.data(), n, kernels::kBF16),
+    auto r = ex->Run({Op(ok_src.data(), ok_dst.data(), n), Op(m->data(), dst.data(), n, kernels::kBF16),
                              Op(ok_src.data(), ok_dst.data(), n)},
                             {"good.a", "model.layers.0.mlp.up_proj.weight", "good.b"});
     ExpectTruncationError(r, "model.layers.0.mlp.up_proj.weight", "reading the source");
@@ -125,11 +125,11 @@ TEST(FaultGuardTest, TruncatedDestinationFailsTheRunNamingTheParam) {
     auto ex = MakeHostExecutor(Opts(threads));
     const int64_t n = kBytes / 4;
     std::vector<float> src(n, 2.f);
-    auto r = ex->RunLabeled({Op(src.data(), m->data(), n)}, {"model.layers.1.self_attn.qkv_proj.weight"});
+    auto r = ex->Run({Op(src.data(), m->data(), n)}, {"model.layers.1.self_attn.qkv_proj.weight"});
     ExpectTruncationError(r, "model.layers.1.self_attn.qkv_proj.weight", "writing the destination");
     CopyOp zero = Op(nullptr, m->data(), n);
     zero.zero_fill = 1;
-    ExpectTruncationError(ex->RunLabeled({zero}, {"lm_head.weight"}), "lm_head.weight", "writing the destination");
+    ExpectTruncationError(ex->Run({zero}, {"lm_head.weight"}), "lm_head.weight", "writing the destination");
     ExpectStillWorks(*ex);
   }
 }

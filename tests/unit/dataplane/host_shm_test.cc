@@ -684,7 +684,7 @@ TEST(HostShmSpaceTest, ReserveAndSigbusSayOutOfSpace) {
   ExecutorOptions eo;
   eo.threads = 2;
   eo.chunk_bytes = 64 << 10;
-  auto ran = MakeHostExecutor(eo)->RunLabeled({op}, {"engine-0 param lm_head.weight"});
+  auto ran = MakeHostExecutor(eo)->Run({op}, {"engine-0 param lm_head.weight"});
   ASSERT_FALSE(ran.ok());
   const std::string& msg = ran.status().message();
   for (const std::string& s : {std::string("engine-0 param lm_head.weight"),

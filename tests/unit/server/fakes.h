@@ -66,7 +66,7 @@ class FakeDomain final : public MemoryDomain {
     return cuda_trims_;
   }
 
-  DomainCaps caps() const override { return DomainCaps{true, false, false}; }
+  DomainCaps caps() const override { return DomainCaps{true, false}; }
 
   using MemoryDomain::Map;
   Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what, const Accessor&) override {
@@ -158,7 +158,7 @@ class RecordingSink final : public EventSink {
 // until released (to abort a sync while its copy is running) or failing.
 class TestExecutor final : public Executor {
  public:
-  Result<uint64_t> Run(const std::vector<kernels::CopyOp>& ops) override {
+  Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops, const std::vector<std::string>&) override {
     {
       std::unique_lock lk(mu_);
       ++runs_;

@@ -30,9 +30,11 @@
 #include <utility>
 #include <vector>
 
+#include "daemon/core/thread_annotations.h"
 #include "daemon/kernels/copy_math.h"
-#include "daemon/mem/cuda/cuda_domain.h"
-#include "daemon/mem/cuda/cuda_util.h"
+#include "daemon/dataplane/device_executor.h"
+#include "daemon/platform/cuda/cuda_platform.h"
+#include "daemon/platform/cuda/cuda_util.h"
 
 namespace ws::cuda {
 namespace {
@@ -217,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) BatchedCopyKernel(const CopyOp* __re
   }
 }
 
-size_t ElemSize(uint8_t dt) { return dt == kernels::kF32 ? 4 : 2; }
+using kernels::ElemSize;
 
 std::string LabelsOf(const std::vector<std::string>& labels) {
   std::string s;
@@ -271,13 +273,13 @@ struct Slot {
 // One stream of a device and its upload slots. `mu` is held while a Run
 // enqueues (slots are handed out one at a time), not while it waits.
 struct Lane {
-  std::mutex mu;
-  cudaStream_t stream = nullptr;
-  std::array<Slot, kSlots> slots;
-  size_t next_slot = 0;
+  Mutex mu;
+  cudaStream_t stream = nullptr;  // set by Init, before any Run
+  std::array<Slot, kSlots> slots WS_GUARDED_BY(mu);
+  size_t next_slot WS_GUARDED_BY(mu) = 0;
 
-  // The next slot, once its previous Run has completed. Called under `mu`.
-  Result<Slot*> TakeSlot(const std::string& what) {
+  // The next slot, once its previous Run has completed.
+  Result<Slot*> TakeSlot(const std::string& what) WS_REQUIRES(mu) {
     Slot* s = &slots[next_slot];
     next_slot = (next_slot + 1) % kSlots;
     if (s->used) WS_CUDA_RETURN(cudaEventSynchronize(s->done), what + " (waiting for an upload slot)");
@@ -292,7 +294,8 @@ struct DeviceState {
   std::array<Lane, kLanes> lanes;
   std::atomic<unsigned> next_lane{0};
 
-  ~DeviceState() {
+  // Init and the destructor run while no Run can: the lanes' locks are not taken.
+  ~DeviceState() WS_NO_THREAD_SAFETY_ANALYSIS {
     ScopedDevice scoped(device);
     for (Lane& l : lanes) {
       if (l.stream) cudaStreamSynchronize(l.stream);
@@ -301,7 +304,7 @@ struct DeviceState {
     }
   }
 
-  Status Init(int d) {
+  Status Init(int d) WS_NO_THREAD_SAFETY_ANALYSIS {
     device = d;
     const std::string what = "CUDA executor on device " + std::to_string(d);
     ScopedDevice scoped(d);
@@ -329,7 +332,7 @@ struct DeviceWork {
 
 class CudaExecutor final : public Executor {
  public:
-  explicit CudaExecutor(const CudaExecutorOptions& opts) : opts_(opts) {}
+  explicit CudaExecutor(const DeviceExecutorOptions& opts) : opts_(opts) {}
 
   Status Init(int n) {
     for (int d = 0; d < n; ++d) {
@@ -353,14 +356,12 @@ class CudaExecutor final : public Executor {
     return Status::Ok();
   }
 
-  Result<uint64_t> Run(const std::vector<CopyOp>& ops) override { return RunLabeled(ops, {}); }
-
-  Result<uint64_t> RunLabeled(const std::vector<CopyOp>& ops, const std::vector<std::string>& labels) override {
+  Result<uint64_t> RunValidated(const std::vector<CopyOp>& ops, const std::vector<std::string>& labels) override {
     if (Status h = health(); !h.ok()) return h;
     std::vector<DeviceWork> work(devs_.size());
     uint64_t bytes = 0;
     for (size_t i = 0; i < ops.size(); ++i) {
-      std::string label = i < labels.size() && !labels[i].empty() ? labels[i] : "copy op " + std::to_string(i);
+      std::string label = OpLabel(labels, i);
       CopyOp op = ops[i];
       if (op.rows <= 0 || op.cols <= 0) continue;
       const uint64_t op_bytes = static_cast<uint64_t>(op.rows * op.cols) * ElemSize(op.dst_dtype);
@@ -478,7 +479,7 @@ class CudaExecutor final : public Executor {
     cudaEvent_t done = nullptr;
     WS_CUDA_RETURN(cudaEventCreateWithFlags(&done, kEventFlags), what);
     Lane& lane = ds.NextLane();
-    std::lock_guard<std::mutex> lock(lane.mu);
+    MutexLock lock(&lane.mu);
     Status st = EnqueueBody(ds, lane, w);
     if (!st.ok() && error->ok()) *error = st;
     cudaError_t e = cudaEventRecord(done, lane.stream);
@@ -491,7 +492,7 @@ class CudaExecutor final : public Executor {
     return done;
   }
 
-  Status EnqueueBody(const DeviceState& ds, Lane& lane, const DeviceWork& w) {
+  Status EnqueueBody(const DeviceState& ds, Lane& lane, const DeviceWork& w) WS_REQUIRES(lane.mu) {
     cudaStream_t stream = lane.stream;
     for (const auto& [op, label] : w.engine_ops) {
       const size_t es = ElemSize(op.dst_dtype);
@@ -542,18 +543,22 @@ class CudaExecutor final : public Executor {
     return Status::Ok();
   }
 
-  CudaExecutorOptions opts_;
+  DeviceExecutorOptions opts_;
   std::vector<std::unique_ptr<DeviceState>> devs_;
   std::vector<std::vector<bool>> peer_;  // peer_[a][b]: kernels on a may read b's memory
 };
 
 }  // namespace
 
-Result<std::unique_ptr<Executor>> MakeCudaExecutor(const CudaExecutorOptions& opts) {
-  WS_ASSIGN_OR_RETURN(int n, DeviceCount());
-  auto ex = std::make_unique<CudaExecutor>(opts);
+}  // namespace ws::cuda
+
+namespace ws {
+
+Result<std::unique_ptr<Executor>> MakeDeviceExecutor(const DeviceExecutorOptions& opts) {
+  WS_ASSIGN_OR_RETURN(int n, cuda::DeviceCount());
+  auto ex = std::make_unique<cuda::CudaExecutor>(opts);
   WS_RETURN_IF_ERROR(ex->Init(n));
   return std::unique_ptr<Executor>(std::move(ex));
 }
 
-}  // namespace ws::cuda
+}  // namespace ws
