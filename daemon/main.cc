@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
@@ -20,6 +21,7 @@
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
+#include "daemon/cluster/peers.h"
 #include "daemon/core/layout.h"
 #include "daemon/core/thread_annotations.h"
 #include "daemon/core/limits.h"
@@ -29,6 +31,7 @@
 #include "daemon/server/coordinator.h"
 #include "daemon/server/logging.h"
 #include "daemon/server/metrics.h"
+#include "daemon/server/peer_prober.h"
 #include "daemon/server/server.h"
 #include "daemon/server/systemd_notify.h"
 #include "daemon/transport/transport.h"
@@ -116,6 +119,10 @@ int main(int argc, char** argv) {
   std::vector<uint32_t> admin_uids;
   std::vector<std::string> admin_cns, shm_groups;
   std::string metrics_listen;
+  std::string node_name;
+  std::vector<std::string> peer_values;
+  std::string peer_tls_ca, peer_tls_cert, peer_tls_key, peer_token_file;
+  double peer_probe_interval = 2;
 
   app.add_option("--listen", listen,
                  "Address to serve on, repeatable: unix:/path/to.sock or host:port (a stale socket file is replaced)")
@@ -209,6 +216,19 @@ int main(int argc, char** argv) {
                  "Group (name or gid) whose shared-memory objects its members may name, besides their own "
                  "(repeatable)");
 
+  app.add_option("--node-name", node_name, "This node's name among its peers (default: the host name)");
+  app.add_option("--peer", peer_values,
+                 "A peer daemon of this deployment as NAME=HOST:PORT, NAME being its --node-name (repeatable)");
+  app.add_option("--peer-tls-ca", peer_tls_ca, "PEM CAs that signed the peers' server certificates");
+  app.add_option("--peer-tls-cert", peer_tls_cert,
+                 "PEM client certificate this daemon presents to its peers (with --peer-tls-key)");
+  app.add_option("--peer-tls-key", peer_tls_key, "PEM private key of --peer-tls-cert");
+  app.add_option("--peer-token-file", peer_token_file,
+                 "Bearer token file presented to peers (default: --token-file)");
+  app.add_option("--peer-probe-interval", peer_probe_interval, "Seconds between probes of each peer")
+      ->capture_default_str()
+      ->check(CLI::Range(0.1, 3600.0));
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {  // --help, --version
@@ -246,6 +266,32 @@ int main(int argc, char** argv) {
     if (!token.ok()) return StartupError(token.status().message());
     auth.token = std::move(token).value();
   }
+
+  if (node_name.empty()) {
+    char host[256] = {};
+    if (gethostname(host, sizeof(host) - 1) != 0 || host[0] == '\0') return StartupError("--node-name: no host name");
+    node_name = host;
+  }
+  std::vector<ws::cluster::PeerSpec> peer_specs;
+  for (const auto& v : peer_values) {
+    auto p = ws::cluster::ParsePeerSpec(v);
+    if (!p.ok()) return StartupError(p.status().message());
+    peer_specs.push_back(std::move(p).value());
+  }
+  if (ws::Status st = ws::cluster::ValidatePeers(node_name, peer_specs); !st.ok()) return StartupError(st.message());
+  if (peer_tls_cert.empty() != peer_tls_key.empty())
+    return StartupError("--peer-tls-cert and --peer-tls-key go together");
+  ws::ClientOptions peer_client;
+  peer_client.tls_ca_file = peer_tls_ca;
+  peer_client.tls_cert_file = peer_tls_cert;
+  peer_client.tls_key_file = peer_tls_key;
+  peer_client.token_file = peer_token_file.empty() ? token_file : peer_token_file;
+  const auto probe_interval = std::chrono::milliseconds(static_cast<int64_t>(peer_probe_interval * 1000));
+  ws::cluster::PeerSetOptions pso;
+  pso.interval = probe_interval;
+  pso.timeout = std::min(probe_interval, std::chrono::milliseconds(2000));
+  ws::cluster::PeerSet peers(node_name, std::move(peer_specs),
+                             std::make_unique<ws::server::GrpcPeerProber>(node_name, peer_client), pso);
 
   ws::server::LogOptions lo;
   lo.format = log_format == "json" ? ws::server::LogFormat::kJson : ws::server::LogFormat::kText;
@@ -299,9 +345,10 @@ int main(int argc, char** argv) {
   so.insecure_tcp = insecure_tcp;
   so.socket_mode = sock_mode;
   so.metrics = &metrics;
+  so.peers = &peers;
   ws::server::Server server(&coordinator, so);
   if (ws::Status st = server.Start(); !st.ok()) return StartupError(st.message());
-  ws::server::MetricsServer metrics_server(&metrics, &coordinator);
+  ws::server::MetricsServer metrics_server(&metrics, &coordinator, &peers);
   if (!metrics_listen.empty()) {
     if (ws::Status st = metrics_server.Start(metrics_listen); !st.ok()) {
       server.Stop(std::chrono::milliseconds(0));
@@ -328,6 +375,12 @@ int main(int argc, char** argv) {
                  auth.token.empty() ? "not required" : "required", admins, auth.shm_gids.size());
   }
 
+  if (peers.size() > 0) {
+    std::string names;
+    for (const auto& p : peers.Snapshot()) names += (names.empty() ? "" : ", ") + p.spec.name + "=" + p.spec.address;
+    spdlog::info("node {}; peers: {} (probed every {:.1f} s)", node_name, names, peer_probe_interval);
+  }
+  peers.Start();
   systemd.Ready(&coordinator, server.addresses());
 
   std::thread([] {
@@ -378,6 +431,7 @@ int main(int argc, char** argv) {
   }).detach();
   systemd.Stopping(got == 0 ? "CUDA data plane unusable" : strsignal(got));
   metrics_server.Stop();
+  peers.Stop();
   server.Stop(std::chrono::milliseconds(static_cast<int64_t>(shutdown_grace * 1000)));
   spdlog::info("stopped");
   spdlog::shutdown();

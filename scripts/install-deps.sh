@@ -16,7 +16,7 @@ PKGS=(build-essential cmake ninja-build pkg-config ccache git clang libclang-rt-
       libspdlog-dev libcli11-dev nlohmann-json3-dev libgtest-dev libgmock-dev
       python3 python3-venv python3-pip systemd openssl
       python3-grpcio python3-protobuf passwd util-linux
-      libcpp-httplib-dev libsystemd-dev prometheus dpkg-dev file)
+      libcpp-httplib-dev libsystemd-dev prometheus dpkg-dev file libucx-dev iproute2)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -229,6 +229,17 @@ Result<pb::StatusResponse> WeightSyncClient::GetStatus() {
   return resp;
 }
 
+Result<pb::PeerHelloResponse> WeightSyncClient::PeerHello(const pb::PeerHelloRequest& req, double timeout_s) {
+  if (!setup_.ok()) return setup_;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(DeadlineAfter(timeout_s));
+  AddToken(&ctx);
+  pb::PeerHelloResponse resp;
+  grpc::Status s = stub_->PeerHello(&ctx, req, &resp);
+  if (!s.ok()) return FromGrpc(s);
+  return resp;
+}
+
 Result<pb::BeginSyncResponse> WeightSyncClient::BeginSync(const pb::BeginSyncRequest& req) {
   if (!setup_.ok()) return setup_;
   grpc::ClientContext ctx;

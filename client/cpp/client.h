@@ -104,6 +104,8 @@ class WeightSyncClient {
   // grpc.health.v1 Check of `service` ("" = the whole server).
   Result<HealthState> Health(const std::string& service = "", double timeout_s = 5.0);
   Result<pb::StatusResponse> GetStatus();
+  // Peer daemons: one PeerHello round trip, failing after `timeout_s`.
+  Result<pb::PeerHelloResponse> PeerHello(const pb::PeerHelloRequest& req, double timeout_s);
 
   // Trainer.
   Result<pb::BeginSyncResponse> BeginSync(const pb::BeginSyncRequest& req);

@@ -142,6 +142,16 @@ int RunStatus(const GlobalOptions& g, const StatusOptions& o) {
   }
   std::string out = "weightsyncd " + s.daemon_version() + ", up " + Fmt(s.uptime_seconds(), 1) + " s, syncs committed " +
                     std::to_string(s.syncs_committed()) + ", aborted " + std::to_string(s.syncs_aborted()) + "\n";
+  if (!s.node_name().empty()) out += "node " + s.node_name() + "\n";
+  if (!s.peers().empty()) {
+    out += "\npeers:\n";
+    Table t({"  PEER", "ADDRESS", "STATE", "LAST_OK", "RTT_MS", "VERSION", "ERROR"});
+    for (const auto& p : s.peers())
+      t.Add({"  " + p.name(), p.address(), p.state(),
+             p.last_ok_age_seconds() < 0 ? "never" : Fmt(p.last_ok_age_seconds(), 1) + " s ago", Fmt(p.rtt_ms(), 2),
+             p.daemon_version(), p.last_error()});
+    out += t.Render();
+  }
   out += "\nmodels:\n";
   if (s.models().empty()) {
     out += "  (none)\n";

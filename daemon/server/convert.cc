@@ -306,4 +306,19 @@ void ToProto(const StatusSnapshot& s, pb::StatusResponse* out) {
   out->set_syncs_aborted(s.syncs_aborted);
 }
 
+void ToProto(const std::vector<cluster::PeerState>& peers, std::chrono::steady_clock::time_point now,
+             google::protobuf::RepeatedPtrField<pb::PeerStatus>* out) {
+  for (const auto& p : peers) {
+    pb::PeerStatus* o = out->Add();
+    o->set_name(p.spec.name);
+    o->set_address(p.spec.address);
+    o->set_state(cluster::PeerHealthName(p.health));
+    o->set_last_error(p.last_error);
+    o->set_last_ok_age_seconds(p.last_ok ? std::chrono::duration<double>(now - *p.last_ok).count() : -1.0);
+    o->set_rtt_ms(p.rtt_ms);
+    o->set_daemon_version(p.daemon_version);
+    o->set_consecutive_failures(p.consecutive_failures);
+  }
+}
+
 }  // namespace ws::server

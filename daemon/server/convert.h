@@ -6,12 +6,14 @@
 // checked before anything proportional to them is built.
 #pragma once
 
+#include <chrono>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include <grpcpp/support/status.h>
 
+#include "daemon/cluster/peers.h"
 #include "daemon/core/limits.h"
 #include "daemon/core/manifest.h"
 #include "daemon/core/status.h"
@@ -54,5 +56,8 @@ Result<std::vector<std::pair<std::string, MemoryRef>>> FromProto(const pb::Layer
 pb::EngineEvent ToProto(const EngineEvent& ev);
 void ToProto(const SyncStats& s, pb::SyncStats* out);
 void ToProto(const StatusSnapshot& s, pb::StatusResponse* out);
+// Peer states as seen at `now` (ages relative to it).
+void ToProto(const std::vector<cluster::PeerState>& peers, std::chrono::steady_clock::time_point now,
+             google::protobuf::RepeatedPtrField<pb::PeerStatus>* out);
 
 }  // namespace ws::server

@@ -85,7 +85,7 @@ void Metrics::RpcFinished(const std::string& method, int code) {
   ++rpc_errors_[{method, StatusCodeName(code)}];
 }
 
-std::string Metrics::Render(const StatusSnapshot& s) const {
+std::string Metrics::Render(const StatusSnapshot& s, const std::vector<cluster::PeerState>& peers) const {
   std::string out;
   Family(out, "weightsync_build_info", "gauge", "Build of the running daemon (always 1).");
   out += fmt::format("weightsync_build_info{{version=\"{}\",cuda=\"{}\"}} 1\n", EscapeLabelValue(build_.version),
@@ -120,6 +120,12 @@ std::string Metrics::Render(const StatusSnapshot& s) const {
                        EscapeLabelValue(e.engine_id), EscapeLabelValue(e.model),
                        c > e.applied_version ? c - e.applied_version : 0);
   }
+
+  Family(out, "weightsync_peer_up", "gauge",
+         "1 when the peer daemon answered its last probe as the node it is configured as, else 0.");
+  for (const auto& p : peers)
+    out += fmt::format("weightsync_peer_up{{peer=\"{}\"}} {}\n", EscapeLabelValue(p.spec.name),
+                       p.health == cluster::PeerHealth::kUp ? 1 : 0);
 
   std::lock_guard lk(mu_);
   Family(out, "weightsync_syncs_total", "counter", "Finished syncs by outcome.");
@@ -191,8 +197,8 @@ std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> MakeRpcMe
 
 // ---------------------------------------------------------------- HTTP
 
-MetricsServer::MetricsServer(Metrics* metrics, const Coordinator* coordinator)
-    : metrics_(metrics), coordinator_(coordinator) {}
+MetricsServer::MetricsServer(Metrics* metrics, const Coordinator* coordinator, const cluster::PeerSet* peers)
+    : metrics_(metrics), coordinator_(coordinator), peers_(peers) {}
 
 MetricsServer::~MetricsServer() { Stop(); }
 
@@ -211,7 +217,8 @@ Status MetricsServer::Start(const std::string& address) {
   http_ = std::make_unique<httplib::Server>();
   http_->new_task_queue = [] { return new httplib::ThreadPool(2); };
   http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-    res.set_content(metrics_->Render(coordinator_->GetStatus()), "text/plain; version=0.0.4; charset=utf-8");
+    res.set_content(metrics_->Render(coordinator_->GetStatus(),
+                                    peers_ != nullptr ? peers_->Snapshot() : std::vector<cluster::PeerState>{}), "text/plain; version=0.0.4; charset=utf-8");
   });
   int bound = port;
   if (port == 0)

@@ -19,6 +19,7 @@
 
 #include <grpcpp/support/server_interceptor.h>
 
+#include "daemon/cluster/peers.h"
 #include "daemon/core/status.h"
 #include "daemon/server/coordinator.h"
 #include "daemon/server/observer.h"
@@ -50,8 +51,9 @@ class Metrics : public CoordinatorObserver {
 
   uint64_t housekeeping_passes() const { return housekeeping_.load(std::memory_order_relaxed); }
 
-  // The text exposition of every metric, with the gauges taken from `status`.
-  std::string Render(const StatusSnapshot& status) const;
+  // The text exposition of every metric, with the gauges taken from `status`
+  // and, per peer daemon, `peers`.
+  std::string Render(const StatusSnapshot& status, const std::vector<cluster::PeerState>& peers = {}) const;
 
  private:
   const BuildInfo build_;
@@ -80,8 +82,8 @@ std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> MakeRpcMe
 // Serves GET /metrics over plain HTTP on one address.
 class MetricsServer {
  public:
-  // `metrics` and `coordinator` must outlive the server.
-  MetricsServer(Metrics* metrics, const Coordinator* coordinator);
+  // `metrics`, `coordinator` and `peers` (may be null) must outlive the server.
+  MetricsServer(Metrics* metrics, const Coordinator* coordinator, const cluster::PeerSet* peers = nullptr);
   ~MetricsServer();  // Stop()s
   MetricsServer(const MetricsServer&) = delete;
   MetricsServer& operator=(const MetricsServer&) = delete;
@@ -96,6 +98,7 @@ class MetricsServer {
  private:
   Metrics* const metrics_;
   const Coordinator* const coordinator_;
+  const cluster::PeerSet* const peers_;
   std::unique_ptr<httplib::Server> http_;
   std::thread thread_;
   std::string url_;

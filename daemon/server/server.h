@@ -41,6 +41,7 @@ struct ServerOptions {
   bool insecure_tcp = false;  // without TLS options, serve TCP as plaintext anyway (warned at Start)
   uint32_t socket_mode = 0660;  // permission bits of the unix socket files
   Metrics* metrics = nullptr;   // when set, counts every RPC's status (must outlive the server)
+  const cluster::PeerSet* peers = nullptr;  // node name and peer daemons for GetStatus/PeerHello (outlives the server)
 };
 
 // For "unix:/p", "unix:///p", "unix:p" returns the socket path; "" otherwise.

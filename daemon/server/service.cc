@@ -63,8 +63,9 @@ class WeightSyncService::EventQueue final : public EventSink {
   grpc::Status why_ WS_GUARDED_BY(mu_);
 };
 
-WeightSyncService::WeightSyncService(Coordinator* coordinator, const Authenticator* auth)
-    : coord_(coordinator), auth_(auth) {}
+WeightSyncService::WeightSyncService(Coordinator* coordinator, const Authenticator* auth,
+                                     const cluster::PeerSet* peers)
+    : coord_(coordinator), auth_(auth), peers_(peers) {}
 WeightSyncService::~WeightSyncService() = default;
 
 void WeightSyncService::BeginShutdown() {
@@ -223,6 +224,23 @@ grpc::Status WeightSyncService::GetStatus(grpc::ServerContext* ctx, const pb::St
   auto peer = auth_->Identify(ctx);
   if (!peer.ok()) return Failed("GetStatus", peer.status());
   ToProto(coord_->GetStatus(), resp);
+  resp->set_daemon_version(WS_VERSION);
+  if (peers_ != nullptr) {
+    resp->set_node_name(peers_->self());
+    ToProto(peers_->Snapshot(), std::chrono::steady_clock::now(), resp->mutable_peers());
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status WeightSyncService::PeerHello(grpc::ServerContext* ctx, const pb::PeerHelloRequest* req,
+                                          pb::PeerHelloResponse* resp) {
+  auto peer = auth_->Identify(ctx);
+  if (!peer.ok()) return Failed("PeerHello", peer.status());
+  const std::string self = peers_ != nullptr ? peers_->self() : "";
+  if (!self.empty() && req->node_name() == self)
+    return Failed("PeerHello", InvalidArgument("caller " + peer->principal + " says it is node '" + self +
+                                               "', which is this daemon's own --node-name: two nodes share a name"));
+  resp->set_node_name(self);
   resp->set_daemon_version(WS_VERSION);
   return grpc::Status::OK;
 }

@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "daemon/cluster/peers.h"
 #include "daemon/core/thread_annotations.h"
 #include "daemon/server/auth.h"
 #include "daemon/server/coordinator.h"
@@ -20,8 +21,10 @@ namespace ws::server {
 
 class WeightSyncService final : public ::weightsync::v1::WeightSync::Service {
  public:
-  // `auth` identifies the caller of every RPC; both must outlive the service.
-  WeightSyncService(Coordinator* coordinator, const Authenticator* auth);
+  // `auth` identifies the caller of every RPC; `peers` (may be null: no node
+  // name, no peers) is this node's view of the deployment. All must outlive
+  // the service.
+  WeightSyncService(Coordinator* coordinator, const Authenticator* auth, const cluster::PeerSet* peers = nullptr);
   ~WeightSyncService() override;
 
   // Ends every engine event stream once its queued events (e.g. the Aborted
@@ -46,12 +49,15 @@ class WeightSyncService final : public ::weightsync::v1::WeightSync::Service {
                      ::weightsync::v1::AbortResponse* resp) override;
   grpc::Status GetStatus(grpc::ServerContext* ctx, const ::weightsync::v1::StatusRequest* req,
                          ::weightsync::v1::StatusResponse* resp) override;
+  grpc::Status PeerHello(grpc::ServerContext* ctx, const ::weightsync::v1::PeerHelloRequest* req,
+                         ::weightsync::v1::PeerHelloResponse* resp) override;
 
  private:
   class EventQueue;
 
   Coordinator* const coord_;
   const Authenticator* const auth_;
+  const cluster::PeerSet* const peers_;
   std::atomic<bool> stopping_{false};
   Mutex mu_;
   std::map<std::string, std::shared_ptr<EventQueue>> streams_ WS_GUARDED_BY(mu_);  // engine id -> its open stream

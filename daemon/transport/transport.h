@@ -8,8 +8,9 @@
 //   local: both ends mapped in this process (host shm, CUDA IPC); copies
 //          run through an Executor with the full CopyOp semantics (cast,
 //          transpose, slicing) straight into the destination.
-// (The NCCL communicator in nccl_transport.h moves raw byte ranges between
-// ranks but serves no route yet.)
+// (The NCCL communicator in nccl_transport.h and the UCX worker in
+// ucx/ucx_transport.h move raw byte ranges between ranks / nodes but serve no
+// route yet.)
 //
 // Thread-safety: name()/caps() are const and safe anywhere; Copy() and the
 // registry's Copy() may be called concurrently (transports are

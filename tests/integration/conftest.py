@@ -493,3 +493,15 @@ def pytest_terminal_summary(terminalreporter):
               and all(o == "passed" for k, o in mine.items() if k[2:] == (T, ep))]
         bad = sorted(f"{v} T={T}{' EP' if ep else ''}" for (_, v, T, ep), o in mine.items() if o == "failed")
         tr.write_line(f"| {a} | {', '.join(ok) or '-'} | {', '.join(bad) or '-'} |")
+
+
+@pytest.fixture
+def net():
+    """Hosts as network namespaces (netns.py); skipped, visibly, where they cannot be made."""
+    import netns
+    why = netns.unavailable_reason()
+    if why:
+        pytest.skip(f"multi-host tests need network namespaces: {why}")
+    n = netns.Net()
+    yield n
+    n.close()

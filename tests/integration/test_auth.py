@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 
 import pytest
 
+from certs import make_certs
 from conftest import Ctl, _env, describe, run
 
 SMALL = dict(hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=160, vocab_size=100, seed=1)
@@ -19,22 +19,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _make_certs(d) -> None:
-    """ca.pem, server.pem/.key (127.0.0.1, localhost), client.pem/.key (CN ws-test-client)."""
-    if shutil.which("openssl") is None:
-        pytest.fail("the openssl CLI is needed to make test certificates (scripts/install-deps.sh installs it)",
-                    pytrace=False)
-    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"]
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for argv in (["req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=ws-test-ca"],
-                 ["req", *key, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"],
-                 ["x509", "-req", "-in", "server.csr", *sign, "-out", "server.pem", "-extfile", "server.ext"],
-                 ["req", *key, "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=ws-test-client"],
-                 ["x509", "-req", "-in", "client.csr", *sign, "-out", "client.pem"]):
-        subprocess.run(["openssl", *argv], cwd=d, check=True, capture_output=True)
 
 
 def _token_file(path, token: str, mode: int = 0o600):
@@ -80,7 +64,7 @@ def test_tcp_without_tls_is_refused(binaries, tmp_path):
 
 
 def test_tls_port_health_and_status(binaries, daemon_factory, tmp_path):
-    _make_certs(tmp_path)
+    make_certs(tmp_path)
     port = _free_port()
     d = daemon_factory(start=False)
     d.argv += ["--listen", f"127.0.0.1:{port}", "--tls-cert", str(tmp_path / "server.pem"),
@@ -98,7 +82,7 @@ def test_tls_port_health_and_status(binaries, daemon_factory, tmp_path):
 
 
 def test_mutual_tls_requires_a_client_certificate(binaries, daemon_factory, tmp_path):
-    _make_certs(tmp_path)
+    make_certs(tmp_path)
     port = _free_port()
     d = daemon_factory(start=False)
     d.argv += ["--listen", f"127.0.0.1:{port}", "--tls-cert", str(tmp_path / "server.pem"),

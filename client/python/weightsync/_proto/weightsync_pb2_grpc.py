@@ -44,6 +44,10 @@ class WeightSyncStub:
             '/weightsync.v1.WeightSync/GetStatus',
             request_serializer=_pb.StatusRequest.SerializeToString,
             response_deserializer=_pb.StatusResponse.FromString)
+        self.PeerHello = channel.unary_unary(
+            '/weightsync.v1.WeightSync/PeerHello',
+            request_serializer=_pb.PeerHelloRequest.SerializeToString,
+            response_deserializer=_pb.PeerHelloResponse.FromString)
 
 
 class WeightSyncServicer:
@@ -92,6 +96,11 @@ class WeightSyncServicer:
         context.set_details('GetStatus is not implemented')
         raise NotImplementedError('GetStatus')
 
+    def PeerHello(self, request, context):
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('PeerHello is not implemented')
+        raise NotImplementedError('PeerHello')
+
 
 def add_WeightSyncServicer_to_server(servicer, server):
     handlers = {
@@ -131,5 +140,9 @@ def add_WeightSyncServicer_to_server(servicer, server):
             servicer.GetStatus,
             request_deserializer=_pb.StatusRequest.FromString,
             response_serializer=_pb.StatusResponse.SerializeToString),
+        'PeerHello': grpc.unary_unary_rpc_method_handler(
+            servicer.PeerHello,
+            request_deserializer=_pb.PeerHelloRequest.FromString,
+            response_serializer=_pb.PeerHelloResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler('weightsync.v1.WeightSync', handlers),))
