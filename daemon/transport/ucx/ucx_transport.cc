@@ -17,12 +17,14 @@ struct Slot {
   bool done = false;
   ucs_status_t status = UCS_OK;
   size_t length = 0;    // bytes received
+  size_t* outstanding = nullptr;  // the exchange's count of requests not yet completed
 };
 
 void SendDone(void*, ucs_status_t status, void* user) {
   auto* s = static_cast<Slot*>(user);
   s->done = true;
   s->status = status;
+  --*s->outstanding;
 }
 
 void RecvDone(void*, ucs_status_t status, const ucp_tag_recv_info_t* info, void* user) {
@@ -30,6 +32,7 @@ void RecvDone(void*, ucs_status_t status, const ucp_tag_recv_info_t* info, void*
   s->done = true;
   s->status = status;
   if (status == UCS_OK && info != nullptr) s->length = info->length;
+  --*s->outstanding;
 }
 
 }  // namespace
@@ -38,6 +41,7 @@ struct UcxTransport::Impl {
   struct Peer {
     ucp_ep_h ep = nullptr;
     ucs_status_t error = UCS_OK;  // set by the error handler: the peer or link failed
+    uint64_t* errors = nullptr;   // the transport's count of peer errors, bumped with it
   };
 
   ucp_context_h ctx = nullptr;
@@ -46,7 +50,13 @@ struct UcxTransport::Impl {
   // std::map: Peer addresses stay stable (the error handler holds one).
   std::map<std::string, Peer> peers;
 
-  static void OnPeerError(void* arg, ucp_ep_h, ucs_status_t status) { static_cast<Peer*>(arg)->error = status; }
+  uint64_t peer_errors = 0;  // error-handler calls so far (an exchange re-checks its ops when it grows)
+
+  static void OnPeerError(void* arg, ucp_ep_h, ucs_status_t status) {
+    auto* p = static_cast<Peer*>(arg);
+    p->error = status;
+    ++*p->errors;
+  }
 
   void Close(Peer& p) {
     if (p.ep == nullptr) return;
@@ -115,6 +125,7 @@ bool UcxTransport::connected(const std::string& peer) const {
 Status UcxTransport::Connect(const std::string& peer, const std::string& address) {
   if (address.empty()) return InvalidArgument("UCX peer " + peer + ": empty worker address");
   Impl::Peer& p = impl_->peers[peer];
+  p.errors = &impl_->peer_errors;
   impl_->Close(p);
   p.error = UCS_OK;
   ucp_ep_params_t ep{};
@@ -134,6 +145,7 @@ Status UcxTransport::Connect(const std::string& peer, const std::string& address
 Status UcxTransport::Exchange(const std::vector<Op>& ops, std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   std::vector<Slot> slots(ops.size());
+  size_t outstanding = 0;  // requests posted and not completed (the callbacks count down)
   Status first;
   auto fail = [&](Status st) {
     if (first.ok()) first = std::move(st);
@@ -149,6 +161,7 @@ Status UcxTransport::Exchange(const std::vector<Op>& ops, std::chrono::milliseco
       const Op& op = ops[i];
       if (op.send != (pass == 1)) continue;
       Slot& slot = slots[i];
+      slot.outstanding = &outstanding;
       ucp_request_param_t rp{};
       rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
       rp.user_data = &slot;
@@ -176,16 +189,13 @@ Status UcxTransport::Exchange(const std::vector<Op>& ops, std::chrono::milliseco
         slot.status = UCS_PTR_STATUS(r);
       } else {
         slot.req = r;
+        ++outstanding;
       }
     }
   }
 
   // Progress to completion, a failure, or the deadline.
-  auto pending = [&] {
-    for (const Slot& s : slots)
-      if (s.req != nullptr && !s.done) return true;
-    return false;
-  };
+  auto pending = [&] { return outstanding > 0; };
   auto check = [&] {
     for (size_t i = 0; i < ops.size() && first.ok(); ++i) {
       const Slot& s = slots[i];
@@ -201,9 +211,19 @@ Status UcxTransport::Exchange(const std::vector<Op>& ops, std::chrono::milliseco
       }
     }
   };
+  // Completions and peer errors arrive only through the callbacks progress
+  // runs: the ops are re-checked when a request completed or a peer failed,
+  // not on every turn of the loop.
+  check();
+  size_t seen_outstanding = outstanding;
+  uint64_t seen_errors = impl_->peer_errors;
   while (first.ok() && pending()) {
     ucp_worker_progress(impl_->worker);
-    check();
+    if (outstanding != seen_outstanding || impl_->peer_errors != seen_errors) {
+      seen_outstanding = outstanding;
+      seen_errors = impl_->peer_errors;
+      check();
+    }
     if (first.ok() && pending() && std::chrono::steady_clock::now() > deadline) {
       for (size_t i = 0; i < ops.size(); ++i)
         if (slots[i].req != nullptr && !slots[i].done) {
