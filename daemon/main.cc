@@ -31,6 +31,7 @@
 #include "daemon/server/coordinator.h"
 #include "daemon/server/logging.h"
 #include "daemon/server/metrics.h"
+#include "daemon/server/grpc_cluster_link.h"
 #include "daemon/server/peer_prober.h"
 #include "daemon/server/server.h"
 #include "daemon/server/systemd_notify.h"
@@ -123,6 +124,9 @@ int main(int argc, char** argv) {
   std::vector<std::string> peer_values;
   std::string peer_tls_ca, peer_tls_cert, peer_tls_key, peer_token_file;
   double peer_probe_interval = 2;
+  uint64_t peer_staging_mb = 64;
+  std::string peer_ucx_transports = "tcp", peer_ucx_devices;
+  double peer_transfer_timeout = 30;
 
   app.add_option("--listen", listen,
                  "Address to serve on, repeatable: unix:/path/to.sock or host:port (a stale socket file is replaced)")
@@ -225,6 +229,18 @@ int main(int argc, char** argv) {
   app.add_option("--peer-tls-key", peer_tls_key, "PEM private key of --peer-tls-cert");
   app.add_option("--peer-token-file", peer_token_file,
                  "Bearer token file presented to peers (default: --token-file)");
+  app.add_option("--peer-staging-mb", peer_staging_mb,
+                 "Syncs across nodes: packed bytes held at once per peer (MiB), sending or receiving")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--peer-ucx-transports", peer_ucx_transports,
+                 "UCX transports for sync data between nodes (UCX_TLS syntax, e.g. tcp or rc,ud; \"\" = UCX's choice)")
+      ->capture_default_str();
+  app.add_option("--peer-ucx-devices", peer_ucx_devices,
+                 "UCX network devices for sync data (UCX_NET_DEVICES syntax, e.g. eth0; default: all)");
+  app.add_option("--peer-transfer-timeout", peer_transfer_timeout,
+                 "Seconds one window of sync data to a peer may take before the sync aborts")
+      ->capture_default_str();
   app.add_option("--peer-probe-interval", peer_probe_interval, "Seconds between probes of each peer")
       ->capture_default_str()
       ->check(CLI::Range(0.1, 3600.0));
@@ -325,6 +341,23 @@ int main(int argc, char** argv) {
   co.ack_timeout = std::chrono::milliseconds(static_cast<int64_t>(ack_timeout * 1000));
   co.progress_timeout = std::chrono::milliseconds(static_cast<int64_t>(progress_timeout * 1000));
   co.limits = limits;
+  // Syncs across nodes: with peers, a UCX worker for the data and the peer
+  // RPCs for the control (daemon/server/grpc_cluster_link.h).
+  std::unique_ptr<ws::server::GrpcClusterLink> cluster;
+  if (peers.size() > 0) {
+    ws::UcxOptions uo;
+    uo.transports = peer_ucx_transports;
+    uo.net_devices = peer_ucx_devices;
+    auto ucx = ws::UcxTransport::Create(uo);
+    if (!ucx.ok()) return StartupError("UCX worker for syncs across nodes: " + ucx.status().message());
+    ws::server::ClusterLinkOptions clo;
+    clo.staging_bytes = peer_staging_mb << 20;
+    clo.transfer_timeout = std::chrono::milliseconds(static_cast<int64_t>(peer_transfer_timeout * 1000));
+    clo.commit_timeout = co.ack_timeout + std::chrono::seconds(30);
+    clo.limits = limits;
+    cluster = std::make_unique<ws::server::GrpcClusterLink>(&peers, peer_client, std::move(ucx).value(), clo);
+    co.cluster = cluster.get();
+  }
   ws::server::Metrics metrics(ws::server::BuildInfo{WS_VERSION, plane.cuda.ok()});
   // The watchdog pings while housekeeping passes keep coming (three missed = stalled).
   ws::server::SystemdNotifier systemd(3 * co.housekeeping_interval);
@@ -346,6 +379,7 @@ int main(int argc, char** argv) {
   so.socket_mode = sock_mode;
   so.metrics = &metrics;
   so.peers = &peers;
+  so.cluster = cluster.get();
   ws::server::Server server(&coordinator, so);
   if (ws::Status st = server.Start(); !st.ok()) return StartupError(st.message());
   ws::server::MetricsServer metrics_server(&metrics, &coordinator, &peers);

@@ -240,6 +240,38 @@ Result<pb::PeerHelloResponse> WeightSyncClient::PeerHello(const pb::PeerHelloReq
   return resp;
 }
 
+template <typename Resp, typename Req, typename Method>
+Result<Resp> WeightSyncClient::PeerCall(Method method, const Req& req, double timeout_s) {
+  if (!setup_.ok()) return setup_;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(DeadlineAfter(timeout_s));
+  AddToken(&ctx);
+  Resp resp;
+  grpc::Status s = (stub_.get()->*method)(&ctx, req, &resp);
+  if (!s.ok()) return FromGrpc(s);
+  return resp;
+}
+
+Result<pb::PeerPrepareSyncResponse> WeightSyncClient::PeerPrepareSync(const pb::PeerPrepareSyncRequest& req,
+                                                                      double timeout_s) {
+  return PeerCall<pb::PeerPrepareSyncResponse>(&pb::WeightSync::Stub::PeerPrepareSync, req, timeout_s);
+}
+Result<pb::PeerStartSyncResponse> WeightSyncClient::PeerStartSync(const pb::PeerStartSyncRequest& req,
+                                                                  double timeout_s) {
+  return PeerCall<pb::PeerStartSyncResponse>(&pb::WeightSync::Stub::PeerStartSync, req, timeout_s);
+}
+Result<pb::PeerReceiveResponse> WeightSyncClient::PeerReceive(const pb::PeerReceiveRequest& req, double timeout_s) {
+  return PeerCall<pb::PeerReceiveResponse>(&pb::WeightSync::Stub::PeerReceive, req, timeout_s);
+}
+Result<pb::PeerCommitSyncResponse> WeightSyncClient::PeerCommitSync(const pb::PeerCommitSyncRequest& req,
+                                                                    double timeout_s) {
+  return PeerCall<pb::PeerCommitSyncResponse>(&pb::WeightSync::Stub::PeerCommitSync, req, timeout_s);
+}
+Result<pb::PeerAbortSyncResponse> WeightSyncClient::PeerAbortSync(const pb::PeerAbortSyncRequest& req,
+                                                                  double timeout_s) {
+  return PeerCall<pb::PeerAbortSyncResponse>(&pb::WeightSync::Stub::PeerAbortSync, req, timeout_s);
+}
+
 Result<pb::BeginSyncResponse> WeightSyncClient::BeginSync(const pb::BeginSyncRequest& req) {
   if (!setup_.ok()) return setup_;
   grpc::ClientContext ctx;

@@ -106,6 +106,13 @@ class WeightSyncClient {
   Result<pb::StatusResponse> GetStatus();
   // Peer daemons: one PeerHello round trip, failing after `timeout_s`.
   Result<pb::PeerHelloResponse> PeerHello(const pb::PeerHelloRequest& req, double timeout_s);
+  // Syncs across nodes (the leader daemon calls these on its peers), each
+  // failing after `timeout_s`.
+  Result<pb::PeerPrepareSyncResponse> PeerPrepareSync(const pb::PeerPrepareSyncRequest& req, double timeout_s);
+  Result<pb::PeerStartSyncResponse> PeerStartSync(const pb::PeerStartSyncRequest& req, double timeout_s);
+  Result<pb::PeerReceiveResponse> PeerReceive(const pb::PeerReceiveRequest& req, double timeout_s);
+  Result<pb::PeerCommitSyncResponse> PeerCommitSync(const pb::PeerCommitSyncRequest& req, double timeout_s);
+  Result<pb::PeerAbortSyncResponse> PeerAbortSync(const pb::PeerAbortSyncRequest& req, double timeout_s);
 
   // Trainer.
   Result<pb::BeginSyncResponse> BeginSync(const pb::BeginSyncRequest& req);
@@ -123,6 +130,8 @@ class WeightSyncClient {
 
  private:
   void Prepare(grpc::ClientContext* ctx) const;
+  template <typename Resp, typename Req, typename Method>
+  Result<Resp> PeerCall(Method method, const Req& req, double timeout_s);
   void AddToken(grpc::ClientContext* ctx) const;
   std::string target_;
   ClientOptions opts_;

@@ -136,7 +136,7 @@ Result<Shape> ShapeFromProto(const google::protobuf::RepeatedField<int64_t>& dim
 
 }  // namespace
 
-Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req, const Limits& limits) {
+Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req, const Limits& limits, bool memory) {
   // Sizes and counts first: nothing below is built from an oversized request.
   WS_RETURN_IF_ERROR(CheckName(req.model(), "model", limits));
   WS_RETURN_IF_ERROR(CheckName(req.architecture(), "architecture", limits));
@@ -181,11 +181,92 @@ Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req, const
     ps.mapping_json = p.mapping_json();
     ps.tied_to = p.tied_to();
     ps.staged = p.staged();
-    WS_ASSIGN_OR_RETURN(MemoryRef m, FromProto(p.memory(), what, limits));
     s.params.push_back(std::move(ps));
+    if (!memory) continue;
+    WS_ASSIGN_OR_RETURN(MemoryRef m, FromProto(p.memory(), what, limits));
     r.memory.push_back(std::move(m));
   }
   return r;
+}
+
+void ToProto(const EngineRankSpec& s, pb::RegisterEngineRequest* out) {
+  out->set_model(s.model);
+  out->set_architecture(s.architecture);
+  out->set_hf_config_json(s.hf_config_json);
+  out->set_replica_id(s.replica_id);
+  out->set_tp_rank(s.tp_rank);
+  out->set_tp_size(s.tp_size);
+  for (const auto& [k, v] : s.options) (*out->mutable_options())[k] = v;
+  out->set_acks_pause(s.acks_pause);
+  for (const auto& p : s.params) {
+    pb::EngineParam* q = out->add_params();
+    q->set_name(p.name);
+    for (int64_t d : p.shape) q->add_shape(d);
+    q->set_dtype(ToProto(p.dtype));
+    q->set_mapping_json(p.mapping_json);
+    q->set_tied_to(p.tied_to);
+    q->set_staged(p.staged);
+  }
+}
+
+void ToProto(const SourceManifest& m, pb::BeginSyncRequest* out) {
+  out->set_model(m.model);
+  out->set_version(m.version);
+  out->set_world_size(m.world_size);
+  out->set_negotiate_dtypes(m.negotiate_dtypes);
+  for (const auto& t : m.tensors) {
+    pb::SourceTensor* q = out->add_tensors();
+    q->set_name(t.name);
+    for (int64_t d : t.shape) q->add_shape(d);
+    q->set_dtype(ToProto(t.dtype));
+    for (const auto& sh : t.shards) {
+      pb::ShardSpec* r = q->add_shards();
+      r->set_rank(sh.rank);
+      r->set_dim(sh.dim);
+      r->set_start(sh.start);
+      r->set_length(sh.length);
+    }
+  }
+}
+
+void ToProto(const RemoteEngine& e, pb::PeerEngine* out) {
+  out->set_node(e.node);
+  out->set_engine_id(e.engine_id);
+  ToProto(e.spec, out->mutable_spec());
+}
+
+Result<RemoteEngine> FromProto(const pb::PeerEngine& e, const Limits& limits) {
+  WS_RETURN_IF_ERROR(CheckName(e.node(), "node", limits));
+  WS_RETURN_IF_ERROR(CheckName(e.engine_id(), "engine_id", limits));
+  auto reg = FromProto(e.spec(), limits, /*memory=*/false);
+  if (!reg.ok()) return reg.status().WithContext("node " + e.node() + " engine " + e.engine_id());
+  return RemoteEngine{e.node(), e.engine_id(), std::move(reg->spec)};
+}
+
+void ToProto(const RemoteStart& s, pb::PeerStartSyncRequest* out) {
+  out->set_leader(s.leader);
+  out->set_sync_id(s.sync_id);
+  ToProto(s.manifest, out->mutable_manifest());
+  for (const auto& e : s.engines) ToProto(e, out->add_engines());
+  out->set_chunk_bytes(s.chunk_bytes);
+  out->set_copy_ops(s.copy_ops);
+  out->set_bytes_planned(s.bytes_planned);
+}
+
+Result<RemoteStart> FromProto(const pb::PeerStartSyncRequest& req, const Limits& limits) {
+  RemoteStart s;
+  WS_RETURN_IF_ERROR(CheckName(req.leader(), "leader", limits));
+  s.leader = req.leader();
+  s.sync_id = req.sync_id();
+  WS_ASSIGN_OR_RETURN(s.manifest, FromProto(req.manifest(), limits));
+  for (const auto& e : req.engines()) {
+    WS_ASSIGN_OR_RETURN(RemoteEngine r, FromProto(e, limits));
+    s.engines.push_back(std::move(r));
+  }
+  s.chunk_bytes = req.chunk_bytes();
+  s.copy_ops = req.copy_ops();
+  s.bytes_planned = req.bytes_planned();
+  return s;
 }
 
 Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req, const Limits& limits) {

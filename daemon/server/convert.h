@@ -45,7 +45,16 @@ struct EngineRegistration {
   std::vector<MemoryRef> memory;  // one per spec.params entry
   std::string label;
 };
-Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req, const Limits& limits = {});
+// `memory` = false: an engine another node describes; params carry no memory.
+Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req, const Limits& limits = {},
+                                     bool memory = true);
+// Without memory references (syncs across nodes).
+void ToProto(const EngineRankSpec& s, pb::RegisterEngineRequest* out);
+void ToProto(const SourceManifest& m, pb::BeginSyncRequest* out);
+void ToProto(const RemoteEngine& e, pb::PeerEngine* out);
+Result<RemoteEngine> FromProto(const pb::PeerEngine& e, const Limits& limits = {});
+void ToProto(const RemoteStart& s, pb::PeerStartSyncRequest* out);
+Result<RemoteStart> FromProto(const pb::PeerStartSyncRequest& req, const Limits& limits = {});
 
 Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req, const Limits& limits = {});
 

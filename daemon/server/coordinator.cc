@@ -1,11 +1,14 @@
 #include "daemon/server/coordinator.h"
 
 #include <algorithm>
+#include <future>
 #include <random>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
+
+#include "daemon/sync/host_buffer.h"
 
 namespace ws::server {
 
@@ -107,6 +110,24 @@ void Coordinator::HousekeepingLoop() {
                                     opts_.progress_timeout.count() / 1000.0));
         trim_pending_ = true;
       }
+    }
+    if (opts_.cluster != nullptr) {
+      // A participating node the prober sees down aborts the sync (leader),
+      // as does a leader seen down (participant).
+      std::vector<std::pair<std::shared_ptr<SyncSession>, std::string>> lost;
+      for (const auto& [id, s] : syncs_) {
+        if (s->terminal() || s->state() == SyncState::kPlanning) continue;
+        std::vector<std::string> nodes = s->leader().empty() ? s->RemoteNodes() : std::vector<std::string>{s->leader()};
+        for (const auto& n : nodes) {
+          std::string why;
+          if (opts_.cluster->Down(n, &why)) {
+            lost.emplace_back(s, "node " + n + " is down (peer probe: " + why + ")");
+            break;
+          }
+        }
+      }
+      for (const auto& [s, why] : lost) AbortLocked(*s, why);
+      if (!lost.empty()) trim_pending_ = true;
     }
     const bool trim = trim_pending_, trim_cuda = trim_cuda_pending_;
     trim_pending_ = trim_cuda_pending_ = false;
@@ -215,6 +236,10 @@ void Coordinator::EmitLocked(const SyncSession& sync, EngineEvent::Kind kind, co
 void Coordinator::FinishLocked(SyncSession& sync, bool committed, const std::string& reason) {
   sync.Finish(committed, reason);
   SyncStats st = sync.Stats();
+  if (!committed && opts_.cluster != nullptr && sync.leader().empty()) {
+    std::vector<std::string> nodes = sync.RemoteNodes();
+    if (!nodes.empty()) opts_.cluster->AbortAsync(std::move(nodes), sync.id(), sync.error());
+  }
   if (committed) {
     ++syncs_committed_;
     if (Model* m = registry_.FindModel(sync.manifest().model)) m->committed_version = sync.manifest().version;
@@ -286,24 +311,30 @@ Result<std::shared_ptr<SyncSession>> Coordinator::FindLiveLocked(uint64_t sync_i
 
 // ---------------------------------------------------------------- BeginSync
 
-Result<std::shared_ptr<SyncSession>> Coordinator::ReserveSyncLocked(const Peer& caller, SourceManifest manifest) {
+Result<std::shared_ptr<SyncSession>> Coordinator::ReserveSyncLocked(const Peer& caller, SourceManifest manifest,
+                                                                  std::vector<std::shared_ptr<Engine>> remote) {
   if (shutting_down_) return Unavailable("the daemon is shutting down");
   Model* m = registry_.FindModel(manifest.model);
-  if (!m || m->engine_count == 0) return FailedPrecondition("no engines registered for model " + manifest.model);
-  if (!caller.Owns(m->owner))
-    return PermissionDenied("model " + m->name + " belongs to " + m->owner + "; " + caller.Describe() + " (" +
-                            caller.principal + ") may not sync it");
-  if (manifest.version <= m->committed_version)
-    return FailedPrecondition("model " + m->name + ": version " + std::to_string(manifest.version) +
-                              " is not above the committed version " + std::to_string(m->committed_version) +
-                              "; versions must strictly increase");
+  const bool local = m != nullptr && m->engine_count > 0;
+  if (!local && remote.empty())
+    return FailedPrecondition("no engines registered for model " + manifest.model +
+                              (opts_.cluster != nullptr ? " on this node or any up peer" : ""));
+  if (local) {
+    if (!caller.Owns(m->owner))
+      return PermissionDenied("model " + m->name + " belongs to " + m->owner + "; " + caller.Describe() + " (" +
+                              caller.principal + ") may not sync it");
+    if (manifest.version <= m->committed_version)
+      return FailedPrecondition("model " + m->name + ": version " + std::to_string(manifest.version) +
+                                " is not above the committed version " + std::to_string(m->committed_version) +
+                                "; versions must strictly increase");
+  }
   uint32_t mine = 0;
   for (const auto& [id, s] : syncs_) mine += s->owner() == caller.principal ? 1 : 0;
   if (mine >= opts_.max_syncs_per_peer)
     return ResourceExhausted(caller.Describe() + " (" + caller.principal + ") already has " + std::to_string(mine) +
                              " syncs in flight (limit max_syncs_per_peer = " +
                              std::to_string(opts_.max_syncs_per_peer) + ")");
-  if (m->busy_sync) {
+  if (local && m->busy_sync) {
     auto sit = syncs_.find(m->busy_sync);
     std::string what = sit != syncs_.end() && sit->second->terminal()
                            ? " is still finishing its copies after an abort"
@@ -311,11 +342,79 @@ Result<std::shared_ptr<SyncSession>> Coordinator::ReserveSyncLocked(const Peer& 
     return FailedPrecondition("model " + m->name + ": sync " + std::to_string(m->busy_sync) + what +
                               "; one sync per model at a time");
   }
-  WS_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<Engine>> engines, registry_.CompleteEngines(*m));
+  std::vector<std::shared_ptr<Engine>> engines;
+  if (local) {
+    WS_ASSIGN_OR_RETURN(engines, registry_.CompleteEngines(*m));
+  }
+  for (auto& e : remote) engines.push_back(std::move(e));
   auto sync = std::make_shared<SyncSession>(next_sync_id_++, caller.principal, std::move(manifest), std::move(engines));
-  m->busy_sync = sync->id();
+  if (local) m->busy_sync = sync->id();
   syncs_[sync->id()] = sync;
   return sync;
+}
+
+Result<std::shared_ptr<Engine>> Coordinator::RemoteEngineOf(const RemoteEngine& r) const {
+  auto e = std::make_shared<Engine>();
+  e->id = r.engine_id;
+  e->node = r.node;
+  e->spec = r.spec;
+  auto layout = ResolveEngineLayout(*layouts_, r.spec, opts_.limits);
+  if (!layout.ok())
+    return layout.status().WithContext("node " + r.node + " engine " + r.engine_id + " (" + DescribeRank(r.spec) + ")");
+  e->layout = std::move(layout).value();
+  for (const auto& p : r.spec.params) e->bytes += ElemBytes(static_cast<uint64_t>(NumElements(p.shape)), p.dtype);
+  return e;
+}
+
+Result<std::vector<std::shared_ptr<Engine>>> Coordinator::RemoteEngines(const std::string& model) {
+  std::vector<std::shared_ptr<Engine>> out;
+  for (const std::string& node : opts_.cluster->UpPeers()) {
+    auto got = opts_.cluster->Prepare(node, model);
+    if (!got.ok()) return got.status().WithContext("preparing the sync on node " + node);
+    for (const RemoteEngine& r : *got) {
+      if (r.node != node || r.spec.model != model)
+        return FailedPrecondition("node " + node + " answered with engine " + r.engine_id + " of node " + r.node +
+                                  ", model " + r.spec.model);
+      WS_ASSIGN_OR_RETURN(auto e, RemoteEngineOf(r));
+      out.push_back(std::move(e));
+    }
+  }
+  return out;
+}
+
+Status Coordinator::StartRemote(SyncSession& sync, const SyncPlan& plan) {
+  const std::string& self = opts_.cluster->self();
+  std::vector<std::vector<DType>> dtypes;
+  RemoteStart rs;
+  rs.leader = self;
+  rs.sync_id = sync.id();
+  rs.manifest = sync.manifest();
+  rs.manifest.negotiate_dtypes = false;  // the tensors carry the wire dtypes now
+  rs.chunk_bytes = std::max<uint64_t>(1, std::min(opts_.max_chunk_bytes, opts_.cluster->staging_bytes()));
+  rs.copy_ops = plan.copies.size();
+  rs.bytes_planned = plan.bytes_written;
+  const std::vector<std::string> nodes = sync.EngineNodes(self);
+  for (size_t i = 0; i < sync.engines().size(); ++i) {
+    const Engine& e = *sync.engines()[i];
+    std::vector<DType> d;
+    for (const auto& p : e.spec.params) d.push_back(p.dtype);
+    dtypes.push_back(std::move(d));
+    rs.engines.push_back(RemoteEngine{nodes[i], e.id, e.spec});
+  }
+  sync.SetCluster(self, "", cluster::BuildPackPlan(plan, nodes, dtypes, self, rs.chunk_bytes));
+  std::vector<std::string> started;
+  for (const std::string& node : sync.RemoteNodes()) {
+    if (Status st = opts_.cluster->Start(node, rs); !st.ok()) {
+      if (!started.empty())
+        opts_.cluster->AbortAsync(started, sync.id(), "node " + node + " refused the sync: " + st.message());
+      return st.WithContext("node " + node + " refused the sync");
+    }
+    started.push_back(node);
+  }
+  for (const auto& [node, np] : sync.pack().nodes)
+    spdlog::debug("sync {}: node {} gets {} chunks, {} bytes ({} payload) for {} engine bytes", sync.id(), node,
+                  np.chunks.size(), np.bytes, np.payload_bytes, np.scatter_bytes);
+  return Status::Ok();
 }
 
 Result<BeginSyncResult> Coordinator::StartSyncLocked(const std::shared_ptr<SyncSession>& sync, Result<SyncPlan> plan,
@@ -350,10 +449,15 @@ Result<BeginSyncResult> Coordinator::BeginSync(const Peer& caller, SourceManifes
   if (manifest.model.empty()) return InvalidArgument("model is empty");
   if (manifest.world_size == 0) return InvalidArgument("world_size must be at least 1");
   if (manifest.version == 0) return InvalidArgument("version must be at least 1");
+  // Across nodes: the engines of every up peer too (asked without the lock).
+  std::vector<std::shared_ptr<Engine>> remote;
+  if (opts_.cluster != nullptr) {
+    WS_ASSIGN_OR_RETURN(remote, RemoteEngines(manifest.model));
+  }
   std::shared_ptr<SyncSession> sync;
   {
     MutexLock lk(&mu_);
-    WS_ASSIGN_OR_RETURN(sync, ReserveSyncLocked(caller, std::move(manifest)));
+    WS_ASSIGN_OR_RETURN(sync, ReserveSyncLocked(caller, std::move(manifest), std::move(remote)));
   }
   // Plan without the lock. Engine specs and layouts are immutable after
   // registration; until the sync streams, only this thread reads the
@@ -361,6 +465,8 @@ Result<BeginSyncResult> Coordinator::BeginSync(const Peer& caller, SourceManifes
   std::vector<TensorDtypes> dtypes;
   Status backed = sync->CheckEnginesBacked();
   auto plan = backed.ok() ? sync->Plan(&dtypes) : Result<SyncPlan>(backed);
+  if (plan.ok() && !sync->RemoteNodes().empty())
+    if (Status st = StartRemote(*sync, *plan); !st.ok()) plan = st;
   MutexLock lk(&mu_);
   return StartSyncLocked(sync, std::move(plan), std::move(dtypes));
 }
@@ -437,6 +543,10 @@ Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id,
   }
   auto t0 = Clock::now();
   auto ran = transports_->Copy(*bound);
+  if (ran.ok() && !sync->pack().nodes.empty()) {  // other nodes' engines: packed and sent
+    auto sent = SendRemote(*sync, claimed, src, where);
+    ran = sent.ok() ? Result<uint64_t>(*ran + *sent) : Result<uint64_t>(sent.status());
+  }
   double secs = Seconds(Clock::now() - t0);
   if (!ran.ok()) return EndWrite(*sync, ran.status().WithContext(where));
   {
@@ -447,6 +557,39 @@ Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id,
   WS_RETURN_IF_ERROR(EndWrite(*sync, Status::Ok()));
   spdlog::trace("{}: {} shards, {} bytes in {:.4f}s", where, claimed.size(), ran.value(), secs);
   return LayerResult{layer, ran.value(), secs};
+}
+
+Result<uint64_t> Coordinator::SendRemote(SyncSession& sync, const std::vector<ClaimedShard>& claimed,
+                                         const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where) {
+  const uint64_t staging = opts_.cluster->staging_bytes();
+  uint64_t written = 0;
+  for (const auto& [node, np] : sync.pack().nodes) {
+    const std::vector<uint32_t> chunks = sync.ChunksOf(node, claimed);
+    // Windows of whole chunks within the staging bound (a chunk is never
+    // larger than it, unless one row is).
+    for (size_t k = 0; k < chunks.size();) {
+      std::vector<uint32_t> win;
+      std::vector<uint64_t> offsets;
+      uint64_t total = 0;
+      for (; k < chunks.size(); ++k) {
+        const uint64_t at = (total + 63) / 64 * 64;
+        const uint64_t b = np.chunks[chunks[k]].bytes;
+        if (!win.empty() && at + b > staging) break;
+        win.push_back(chunks[k]);
+        offsets.push_back(at);
+        total = at + b;
+      }
+      WS_ASSIGN_OR_RETURN(std::shared_ptr<HostBuffer> buf, HostBuffer::Create(total));
+      WS_ASSIGN_OR_RETURN(BoundOps ops, sync.BindPack(node, claimed, src, win, *buf, offsets, where));
+      WS_RETURN_IF_ERROR(transports_->Copy(ops).status());
+      std::vector<ChunkBuffer> out;
+      for (size_t i = 0; i < win.size(); ++i)
+        out.push_back(ChunkBuffer{win[i], static_cast<char*>(buf->data()) + offsets[i], np.chunks[win[i]].bytes});
+      WS_ASSIGN_OR_RETURN(uint64_t w, opts_.cluster->Send(node, sync.id(), out));
+      written += w;
+    }
+  }
+  return written;
 }
 
 // ---------------------------------------------------------------- Commit
@@ -496,7 +639,8 @@ Status Coordinator::ZeroFillLocked(MutexLock& lk, SyncSession& sync) {
 
 Status Coordinator::AwaitAcksLocked(MutexLock& lk, SyncSession& sync) {
   EmitLocked(sync, EngineEvent::Kind::kCommitted);
-  for (const auto& e : sync.engines()) sync.pending_acks.insert(e->id);
+  for (const auto& e : sync.engines())
+    if (e->local()) sync.pending_acks.insert(e->id);  // other nodes wait for theirs (PeerCommit)
   auto deadline = Clock::now() + opts_.ack_timeout;
   bool done = lk.WaitUntil(cv_, deadline, [&] {
     mu_.AssertHeld();
@@ -531,8 +675,29 @@ Result<SyncStats> Coordinator::Commit(const Peer& caller, uint64_t sync_id) {
     AbortLocked(*sync, missing);
     return FailedPrecondition(missing);
   }
-  WS_RETURN_IF_ERROR(ZeroFillLocked(lk, *sync));  // vocab padding rows
-  WS_RETURN_IF_ERROR(AwaitAcksLocked(lk, *sync));
+  // Other nodes commit their engines meanwhile; each returns once all its
+  // engines acknowledged.
+  std::vector<std::pair<std::string, std::future<Status>>> remote;
+  for (const std::string& node : sync->RemoteNodes())
+    remote.emplace_back(node, std::async(std::launch::async, [this, node, id = sync->id()] {
+                          return opts_.cluster->Commit(node, id);
+                        }));
+  Status local = ZeroFillLocked(lk, *sync);  // vocab padding rows
+  if (local.ok()) local = AwaitAcksLocked(lk, *sync);
+  if (!remote.empty()) {
+    std::vector<std::pair<std::string, Status>> got;
+    lk.Unlock();
+    for (auto& [node, f] : remote) got.emplace_back(node, f.get());
+    lk.Lock();
+    for (const auto& [node, st] : got) {
+      if (st.ok()) continue;
+      Status named = st.WithContext(sync->Name() + ": node " + node);
+      AbortLocked(*sync, named.message());
+      if (local.ok()) local = named;
+    }
+  }
+  if (!local.ok()) return local;
+  if (sync->terminal()) return AbortedError(*sync);
   FinishLocked(*sync, /*committed=*/true);
   return sync->Stats();
 }
@@ -611,6 +776,186 @@ void Coordinator::AbortAll(const std::string& reason, std::chrono::milliseconds 
       if (s->writers > 0) return false;
     return true;
   });
+}
+
+// ---------------------------------------------------------------- across nodes (participant)
+
+Result<std::vector<RemoteEngine>> Coordinator::PeerPrepare(const std::string& model) const {
+  if (opts_.cluster == nullptr) return FailedPrecondition("this daemon has no peers (--peer): it joins no sync across nodes");
+  MutexLock lk(&mu_);
+  std::vector<RemoteEngine> out;
+  auto it = registry_.models().find(model);
+  if (it == registry_.models().end() || it->second.engine_count == 0) return out;
+  WS_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<Engine>> engines, registry_.CompleteEngines(it->second));
+  for (const auto& e : engines) out.push_back(RemoteEngine{opts_.cluster->self(), e->id, e->spec});
+  return out;
+}
+
+Result<std::shared_ptr<SyncSession>> Coordinator::FindLedLocked(const std::string& leader, uint64_t sync_id) {
+  WS_ASSIGN_OR_RETURN(std::shared_ptr<SyncSession> sync, FindLiveLocked(sync_id));
+  if (sync->leader() != leader)
+    return PermissionDenied(sync->Name() + " is not led by node " + leader + " on this daemon");
+  return sync;
+}
+
+Status Coordinator::PeerStart(RemoteStart rs) {
+  TrimGuard trim{this};
+  if (opts_.cluster == nullptr) return FailedPrecondition("this daemon has no peers (--peer): it joins no sync across nodes");
+  const std::string self = opts_.cluster->self();
+  const std::string model = rs.manifest.model;
+  // The other nodes' engines, planned here too (layouts resolved without the lock).
+  std::vector<std::shared_ptr<Engine>> others(rs.engines.size());
+  for (size_t i = 0; i < rs.engines.size(); ++i)
+    if (rs.engines[i].node != self) {
+      WS_ASSIGN_OR_RETURN(others[i], RemoteEngineOf(rs.engines[i]));
+    }
+  std::shared_ptr<SyncSession> sync;
+  {
+    MutexLock lk(&mu_);
+    if (shutting_down_) return Unavailable("the daemon is shutting down");
+    Model* m = registry_.FindModel(model);
+    if (m == nullptr || m->engine_count == 0) return FailedPrecondition("no engines of model " + model + " here any more");
+    if (rs.manifest.version <= m->committed_version)
+      return FailedPrecondition("model " + model + ": version " + std::to_string(rs.manifest.version) +
+                                " is not above the committed version " + std::to_string(m->committed_version));
+    if (m->busy_sync)
+      return FailedPrecondition("model " + model + ": sync " + std::to_string(m->busy_sync) +
+                                " is in flight here; one sync per model at a time");
+    if (syncs_.count(rs.sync_id) || finished_.count(rs.sync_id))
+      return AlreadyExists("sync " + std::to_string(rs.sync_id) + " is known here already");
+    WS_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<Engine>> locals, registry_.CompleteEngines(*m));
+    std::map<std::string, std::shared_ptr<Engine>> by_id;
+    for (const auto& e : locals) by_id[e->id] = e;
+    std::vector<std::shared_ptr<Engine>> engines;
+    size_t used = 0;
+    for (size_t i = 0; i < rs.engines.size(); ++i) {
+      if (rs.engines[i].node != self) {
+        engines.push_back(others[i]);
+        continue;
+      }
+      auto it = by_id.find(rs.engines[i].engine_id);
+      if (it == by_id.end())
+        return FailedPrecondition("engine " + rs.engines[i].engine_id + " is no longer registered here");
+      engines.push_back(it->second);
+      ++used;
+    }
+    if (used != locals.size())
+      return FailedPrecondition("model " + model + ": " + std::to_string(locals.size()) +
+                                " engine ranks are registered here, the leader planned " + std::to_string(used));
+    sync = std::make_shared<SyncSession>(rs.sync_id, m->owner, rs.manifest, std::move(engines));
+    m->busy_sync = sync->id();
+    syncs_[sync->id()] = sync;
+  }
+  std::vector<TensorDtypes> dtypes;
+  Status backed = sync->CheckEnginesBacked();
+  auto plan = backed.ok() ? sync->Plan(&dtypes) : Result<SyncPlan>(backed);
+  if (plan.ok() && (plan->copies.size() != rs.copy_ops || plan->bytes_written != rs.bytes_planned))
+    plan = Internal("the plan made here (" + std::to_string(plan->copies.size()) + " copies, " +
+                    std::to_string(plan->bytes_written) + " bytes) differs from the leader's (" +
+                    std::to_string(rs.copy_ops) + " copies, " + std::to_string(rs.bytes_planned) + " bytes)");
+  if (plan.ok()) {
+    const std::vector<std::string> nodes = sync->EngineNodes(self);
+    std::vector<std::vector<DType>> param_dtypes;
+    for (const auto& e : sync->engines()) {
+      std::vector<DType> d;
+      for (const auto& p : e->spec.params) d.push_back(p.dtype);
+      param_dtypes.push_back(std::move(d));
+    }
+    sync->SetCluster(self, rs.leader, cluster::BuildPackPlan(*plan, nodes, param_dtypes, rs.leader, rs.chunk_bytes));
+  }
+  MutexLock lk(&mu_);
+  return StartSyncLocked(sync, std::move(plan), {}).status();
+}
+
+Result<uint64_t> Coordinator::PeerReceive(const std::string& leader, uint64_t sync_id,
+                                          const std::vector<uint32_t>& chunks) {
+  TrimGuard trim{this};
+  const std::string where = "sync " + std::to_string(sync_id) + " from node " + leader;
+  std::shared_ptr<SyncSession> sync;
+  std::vector<uint64_t> offsets;
+  uint64_t total = 0;
+  std::vector<ChunkBuffer> in;
+  {
+    MutexLock lk(&mu_);
+    WS_ASSIGN_OR_RETURN(sync, FindLedLocked(leader, sync_id));
+    if (sync->state() != SyncState::kStreaming)
+      return FailedPrecondition(where + ": chunks arrived while " + SyncStateName(sync->state()));
+    if (Status st = sync->ClaimChunks(chunks); !st.ok()) {
+      AbortLocked(*sync, st.message());
+      return st;
+    }
+    sync->writers++;
+    sync->last_activity = Clock::now();
+    const cluster::NodePack* np = sync->MyPack();
+    for (uint32_t c : chunks) {
+      total = (total + 63) / 64 * 64;
+      offsets.push_back(total);
+      in.push_back(ChunkBuffer{c, nullptr, np->chunks[c].bytes});
+      total += np->chunks[c].bytes;
+    }
+  }
+  if (total > std::max(opts_.cluster->staging_bytes(), in.empty() ? 0 : in.front().bytes))
+    return EndWrite(*sync, ResourceExhausted(where + ": " + std::to_string(total) +
+                                             " bytes at once exceed this node's staging bound of " +
+                                             std::to_string(opts_.cluster->staging_bytes()) + " bytes per peer"));
+  auto buf = HostBuffer::Create(total);
+  if (!buf.ok()) return EndWrite(*sync, buf.status());
+  for (size_t i = 0; i < in.size(); ++i) in[i].data = static_cast<char*>((*buf)->data()) + offsets[i];
+  if (Status st = opts_.cluster->Receive(leader, sync_id, in); !st.ok()) return EndWrite(*sync, st.WithContext(where));
+  auto bound = sync->BindScatter(chunks, **buf, offsets, where);
+  if (!bound.ok()) return EndWrite(*sync, bound.status());
+  {
+    MutexLock lk(&mu_);
+    Status paused = sync->state() == SyncState::kAborted ? AbortedError(*sync)
+                                                         : AwaitPausedLocked(lk, *sync, bound->in_place_engines, where);
+    if (!paused.ok()) {
+      sync->writers--;
+      ReleaseIfIdleLocked(*sync);
+      return paused;
+    }
+  }
+  auto ran = transports_->Copy(*bound);
+  if (!ran.ok()) return EndWrite(*sync, ran.status().WithContext(where));
+  {
+    MutexLock lk(&mu_);
+    sync->bytes_written += ran.value();
+    sync->bytes_read += bound->bytes_read;
+  }
+  WS_RETURN_IF_ERROR(EndWrite(*sync, Status::Ok()));
+  return ran.value();
+}
+
+Result<uint64_t> Coordinator::PeerCommit(const std::string& leader, uint64_t sync_id) {
+  TrimGuard trim{this};
+  MutexLock lk(&mu_);
+  WS_ASSIGN_OR_RETURN(std::shared_ptr<SyncSession> sync, FindLedLocked(leader, sync_id));
+  if (sync->state() != SyncState::kStreaming)
+    return FailedPrecondition(sync->Name() + " is " + SyncStateName(sync->state()) + "; Commit is accepted once");
+  sync->StartCommitting();
+  lk.Wait(cv_, [&] {
+    mu_.AssertHeld();
+    return sync->writers == 0 || sync->terminal();
+  });
+  if (sync->state() == SyncState::kAborted) return AbortedError(*sync);
+  if (std::string missing = sync->MissingChunks(); !missing.empty()) {
+    AbortLocked(*sync, missing);
+    return FailedPrecondition(missing);
+  }
+  WS_RETURN_IF_ERROR(ZeroFillLocked(lk, *sync));
+  WS_RETURN_IF_ERROR(AwaitAcksLocked(lk, *sync));
+  FinishLocked(*sync, /*committed=*/true);
+  return sync->bytes_written;
+}
+
+Status Coordinator::PeerAbort(const std::string& leader, uint64_t sync_id, const std::string& reason) {
+  TrimGuard trim{this};
+  MutexLock lk(&mu_);
+  auto it = syncs_.find(sync_id);
+  if (it == syncs_.end() || it->second->terminal()) return Status::Ok();
+  if (it->second->leader() != leader)
+    return PermissionDenied(it->second->Name() + " is not led by node " + leader + " on this daemon");
+  AbortLocked(*it->second, "aborted by the leader, node " + leader + ": " + reason);
+  return Status::Ok();
 }
 
 StatusSnapshot Coordinator::GetStatus() const {

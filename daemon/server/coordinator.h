@@ -51,6 +51,7 @@
 #include "daemon/mem/memory.h"
 #include "daemon/server/observer.h"
 #include "daemon/server/peer.h"
+#include "daemon/sync/cluster_link.h"
 #include "daemon/sync/engine_registry.h"
 #include "daemon/sync/events.h"
 #include "daemon/sync/sync_session.h"
@@ -78,6 +79,11 @@ struct CoordinatorOptions {
   // Told of every finished sync and every housekeeping pass; must outlive
   // the Coordinator.
   std::vector<CoordinatorObserver*> observers;
+  // Syncs across nodes: the peer daemons (null = this node only). BeginSync
+  // plans over the engines of every up peer too; must outlive the Coordinator.
+  ClusterLink* cluster = nullptr;
+  // Packed chunks are at most this big (and at most the link's staging bound).
+  uint64_t max_chunk_bytes = 4u << 20;
 };
 
 struct BeginSyncResult {
@@ -184,6 +190,21 @@ class Coordinator {
   void AbortAll(const std::string& reason,
                 std::chrono::milliseconds drain = std::chrono::milliseconds(0));
 
+  // ---- syncs across nodes, on a node the leader (the daemon that got
+  // BeginSync, node `leader`) involves; called by the peer RPCs.
+  // This node's complete engine ranks of `model` (none: not participating).
+  Result<std::vector<RemoteEngine>> PeerPrepare(const std::string& model) const;
+  // Plans the leader's sync again from `start` (checked against its copy and
+  // byte counts) and streams: this node's engines hear Started.
+  Status PeerStart(RemoteStart start);
+  // Receives `chunks` from the leader (ClusterLink::Receive) and scatters them
+  // into this node's engines; returns the engine bytes written.
+  Result<uint64_t> PeerReceive(const std::string& leader, uint64_t sync_id, const std::vector<uint32_t>& chunks);
+  // Every chunk arrived: zero fills, Committed, waits for the engines' acks.
+  Result<uint64_t> PeerCommit(const std::string& leader, uint64_t sync_id);
+  // Aborts the sync here (no-op when it is not in flight).
+  Status PeerAbort(const std::string& leader, uint64_t sync_id, const std::string& reason);
+
   StatusSnapshot GetStatus() const;
   const Limits& limits() const { return opts_.limits; }
 
@@ -207,8 +228,22 @@ class Coordinator {
   // RegisterEngine: shutdown, then the registry's admission checks.
   Status AdmitLocked(const Peer& caller, const std::string& model) const WS_REQUIRES(mu_);
   // BeginSync: every check against the model, then a planning session that holds it.
-  Result<std::shared_ptr<SyncSession>> ReserveSyncLocked(const Peer& caller, SourceManifest manifest)
-      WS_REQUIRES(mu_);
+  Result<std::shared_ptr<SyncSession>> ReserveSyncLocked(const Peer& caller, SourceManifest manifest,
+                                                       std::vector<std::shared_ptr<Engine>> remote) WS_REQUIRES(mu_);
+  // BeginSync across nodes: every up peer's engines of `model` (layouts resolved here).
+  Result<std::vector<std::shared_ptr<Engine>>> RemoteEngines(const std::string& model) WS_EXCLUDES(mu_);
+  // An engine of another node as planned here.
+  Result<std::shared_ptr<Engine>> RemoteEngineOf(const RemoteEngine& r) const;
+  // BeginSync across nodes: packs the plan per node and starts the sync on
+  // every other node with engines; on a refusal aborts those started.
+  Status StartRemote(SyncSession& sync, const SyncPlan& plan) WS_EXCLUDES(mu_);
+  // PushLayer across nodes: packs `claimed` for every other node and sends
+  // it; returns the engine bytes the nodes wrote.
+  Result<uint64_t> SendRemote(SyncSession& sync, const std::vector<ClaimedShard>& claimed,
+                              const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where)
+      WS_EXCLUDES(mu_);
+  // Participant: the sync `sync_id` led by `leader`, live.
+  Result<std::shared_ptr<SyncSession>> FindLedLocked(const std::string& leader, uint64_t sync_id) WS_REQUIRES(mu_);
   // BeginSync: streaming with `plan`, or the session dropped (engines heard nothing).
   Result<BeginSyncResult> StartSyncLocked(const std::shared_ptr<SyncSession>& sync, Result<SyncPlan> plan,
                                           std::vector<TensorDtypes> dtypes) WS_REQUIRES(mu_);

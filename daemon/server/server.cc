@@ -56,7 +56,7 @@ Status PrepareUnixSocket(const std::string& path) {
 }
 
 Server::Server(Coordinator* coordinator, ServerOptions opts)
-    : coord_(coordinator), opts_(std::move(opts)), auth_(opts_.auth), service_(coordinator, &auth_, opts_.peers) {}
+    : coord_(coordinator), opts_(std::move(opts)), auth_(opts_.auth), service_(coordinator, &auth_, opts_.peers, opts_.cluster) {}
 
 Server::~Server() { Stop(std::chrono::milliseconds(0)); }
 

@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/server/convert.h"
+#include "daemon/server/grpc_cluster_link.h"
 
 #ifndef WS_VERSION
 #define WS_VERSION "dev"
@@ -64,8 +65,8 @@ class WeightSyncService::EventQueue final : public EventSink {
 };
 
 WeightSyncService::WeightSyncService(Coordinator* coordinator, const Authenticator* auth,
-                                     const cluster::PeerSet* peers)
-    : coord_(coordinator), auth_(auth), peers_(peers) {}
+                                     const cluster::PeerSet* peers, const GrpcClusterLink* cluster)
+    : coord_(coordinator), auth_(auth), peers_(peers), cluster_(cluster) {}
 WeightSyncService::~WeightSyncService() = default;
 
 void WeightSyncService::BeginShutdown() {
@@ -155,8 +156,8 @@ grpc::Status WeightSyncService::BeginSync(grpc::ServerContext* ctx, const pb::Be
   resp->set_bytes_planned(r->bytes_planned);
   for (const TensorDtypes& d : r->dtypes) {
     pb::TensorDtypes* out = resp->add_dtypes();
-    out->set_wire(ToProto(d.wire));
-    for (DType dst : d.destinations) out->add_destinations(ToProto(dst));
+    out->set_wire(server::ToProto(d.wire));
+    for (DType dst : d.destinations) out->add_destinations(server::ToProto(dst));
   }
   return grpc::Status::OK;
 }
@@ -229,6 +230,15 @@ grpc::Status WeightSyncService::GetStatus(grpc::ServerContext* ctx, const pb::St
     resp->set_node_name(peers_->self());
     ToProto(peers_->Snapshot(), std::chrono::steady_clock::now(), resp->mutable_peers());
   }
+  if (cluster_ != nullptr) {
+    resp->set_peer_staging_bytes(cluster_->staging_bytes());
+    const auto bytes = cluster_->bytes();
+    for (auto& p : *resp->mutable_peers())
+      if (auto it = bytes.find(p.name()); it != bytes.end()) {
+        p.set_bytes_sent(it->second.sent);
+        p.set_bytes_received(it->second.received);
+      }
+  }
   return grpc::Status::OK;
 }
 
@@ -243,6 +253,65 @@ grpc::Status WeightSyncService::PeerHello(grpc::ServerContext* ctx, const pb::Pe
   resp->set_node_name(self);
   resp->set_daemon_version(WS_VERSION);
   return grpc::Status::OK;
+}
+
+// ---------------------------------------------------------------- syncs across nodes
+
+Status WeightSyncService::CheckPeerCall(grpc::ServerContext* ctx, const std::string& leader, const char* rpc) const {
+  auto peer = auth_->Identify(ctx);
+  if (!peer.ok()) return peer.status();
+  if (cluster_ == nullptr || peers_ == nullptr)
+    return FailedPrecondition(std::string(rpc) + ": this daemon has no peers (--peer); it joins no sync across nodes");
+  for (const auto& p : peers_->Snapshot())
+    if (p.spec.name == leader) return Status::Ok();
+  return PermissionDenied(std::string(rpc) + " from " + peer->Describe() + " for node '" + leader +
+                          "', which is not one of this daemon's peers (--peer)");
+}
+
+grpc::Status WeightSyncService::PeerPrepareSync(grpc::ServerContext* ctx, const pb::PeerPrepareSyncRequest* req,
+                                                pb::PeerPrepareSyncResponse* resp) {
+  if (Status st = CheckPeerCall(ctx, req->leader(), "PeerPrepareSync"); !st.ok()) return Failed("PeerPrepareSync", st);
+  auto engines = coord_->PeerPrepare(req->model());
+  if (!engines.ok()) return Failed("PeerPrepareSync", engines.status());
+  resp->set_node_name(peers_->self());
+  for (const auto& e : *engines) ToProto(e, resp->add_engines());
+  resp->set_ucx_address(cluster_->ucx_address());
+  return grpc::Status::OK;
+}
+
+grpc::Status WeightSyncService::PeerStartSync(grpc::ServerContext* ctx, const pb::PeerStartSyncRequest* req,
+                                              pb::PeerStartSyncResponse*) {
+  if (Status st = CheckPeerCall(ctx, req->leader(), "PeerStartSync"); !st.ok()) return Failed("PeerStartSync", st);
+  auto start = FromProto(*req, coord_->limits());
+  if (!start.ok()) return Failed("PeerStartSync", start.status());
+  Status st = coord_->PeerStart(std::move(start).value());
+  return st.ok() ? grpc::Status::OK : Failed("PeerStartSync", st);
+}
+
+grpc::Status WeightSyncService::PeerReceive(grpc::ServerContext* ctx, const pb::PeerReceiveRequest* req,
+                                            pb::PeerReceiveResponse* resp) {
+  if (Status st = CheckPeerCall(ctx, req->leader(), "PeerReceive"); !st.ok()) return Failed("PeerReceive", st);
+  std::vector<uint32_t> chunks(req->chunks().begin(), req->chunks().end());
+  auto r = coord_->PeerReceive(req->leader(), req->sync_id(), chunks);
+  if (!r.ok()) return Failed("PeerReceive", r.status());
+  resp->set_bytes_written(*r);
+  return grpc::Status::OK;
+}
+
+grpc::Status WeightSyncService::PeerCommitSync(grpc::ServerContext* ctx, const pb::PeerCommitSyncRequest* req,
+                                               pb::PeerCommitSyncResponse* resp) {
+  if (Status st = CheckPeerCall(ctx, req->leader(), "PeerCommitSync"); !st.ok()) return Failed("PeerCommitSync", st);
+  auto r = coord_->PeerCommit(req->leader(), req->sync_id());
+  if (!r.ok()) return Failed("PeerCommitSync", r.status());
+  resp->set_bytes_written(*r);
+  return grpc::Status::OK;
+}
+
+grpc::Status WeightSyncService::PeerAbortSync(grpc::ServerContext* ctx, const pb::PeerAbortSyncRequest* req,
+                                              pb::PeerAbortSyncResponse*) {
+  if (Status st = CheckPeerCall(ctx, req->leader(), "PeerAbortSync"); !st.ok()) return Failed("PeerAbortSync", st);
+  Status st = coord_->PeerAbort(req->leader(), req->sync_id(), req->reason());
+  return st.ok() ? grpc::Status::OK : Failed("PeerAbortSync", st);
 }
 
 }  // namespace ws::server

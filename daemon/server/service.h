@@ -19,12 +19,16 @@
 
 namespace ws::server {
 
+class GrpcClusterLink;  // daemon/server/grpc_cluster_link.h
+
 class WeightSyncService final : public ::weightsync::v1::WeightSync::Service {
  public:
   // `auth` identifies the caller of every RPC; `peers` (may be null: no node
   // name, no peers) is this node's view of the deployment. All must outlive
   // the service.
-  WeightSyncService(Coordinator* coordinator, const Authenticator* auth, const cluster::PeerSet* peers = nullptr);
+  // `cluster` (may be null) serves syncs across nodes.
+  WeightSyncService(Coordinator* coordinator, const Authenticator* auth, const cluster::PeerSet* peers = nullptr,
+                    const GrpcClusterLink* cluster = nullptr);
   ~WeightSyncService() override;
 
   // Ends every engine event stream once its queued events (e.g. the Aborted
@@ -51,6 +55,16 @@ class WeightSyncService final : public ::weightsync::v1::WeightSync::Service {
                          ::weightsync::v1::StatusResponse* resp) override;
   grpc::Status PeerHello(grpc::ServerContext* ctx, const ::weightsync::v1::PeerHelloRequest* req,
                          ::weightsync::v1::PeerHelloResponse* resp) override;
+  grpc::Status PeerPrepareSync(grpc::ServerContext* ctx, const ::weightsync::v1::PeerPrepareSyncRequest* req,
+                               ::weightsync::v1::PeerPrepareSyncResponse* resp) override;
+  grpc::Status PeerStartSync(grpc::ServerContext* ctx, const ::weightsync::v1::PeerStartSyncRequest* req,
+                             ::weightsync::v1::PeerStartSyncResponse* resp) override;
+  grpc::Status PeerReceive(grpc::ServerContext* ctx, const ::weightsync::v1::PeerReceiveRequest* req,
+                           ::weightsync::v1::PeerReceiveResponse* resp) override;
+  grpc::Status PeerCommitSync(grpc::ServerContext* ctx, const ::weightsync::v1::PeerCommitSyncRequest* req,
+                              ::weightsync::v1::PeerCommitSyncResponse* resp) override;
+  grpc::Status PeerAbortSync(grpc::ServerContext* ctx, const ::weightsync::v1::PeerAbortSyncRequest* req,
+                             ::weightsync::v1::PeerAbortSyncResponse* resp) override;
 
  private:
   class EventQueue;
@@ -58,6 +72,9 @@ class WeightSyncService final : public ::weightsync::v1::WeightSync::Service {
   Coordinator* const coord_;
   const Authenticator* const auth_;
   const cluster::PeerSet* const peers_;
+  const GrpcClusterLink* const cluster_;
+  // Peer RPCs: the caller is authenticated and names a configured peer.
+  Status CheckPeerCall(grpc::ServerContext* ctx, const std::string& leader, const char* rpc) const;
   std::atomic<bool> stopping_{false};
   Mutex mu_;
   std::map<std::string, std::shared_ptr<EventQueue>> streams_ WS_GUARDED_BY(mu_);  // engine id -> its open stream

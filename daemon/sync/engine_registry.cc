@@ -25,6 +25,7 @@ std::string Engine::Describe() const {
   std::string s = "engine " + id + " (" + spec.model + " replica " + std::to_string(spec.replica_id) +
                   " tp_rank " + std::to_string(spec.tp_rank);
   if (!label.empty()) s += ", " + label;
+  if (!node.empty()) s += ", on node " + node;
   return s + ")";
 }
 

@@ -31,6 +31,9 @@ namespace ws::server {
 
 struct Engine {
   std::string id;
+  // "" = registered with this daemon. Otherwise the peer node whose daemon
+  // holds it (a sync across nodes plans it here): no memory, no sink.
+  std::string node;
   std::string owner;  // principal of the peer that registered it
   std::string label;
   EngineRankSpec spec;
@@ -41,6 +44,7 @@ struct Engine {
   EventSink* sink = nullptr;  // null once unregistered
   uint64_t applied_version = 0;
 
+  bool local() const { return node.empty(); }
   std::string Describe() const;
 };
 

@@ -87,7 +87,9 @@ void SyncSession::StartStreaming(SyncPlan plan) {
     tensor_index_.emplace(mf.tensors[t].name, t);
     received_[t].assign(mf.tensors[t].shards.size(), 0);
   }
+  if (const cluster::NodePack* mine = MyPack()) chunks_received_.assign(mine->chunks.size(), 0);
   for (uint32_t e = 0; e < engines_.size(); ++e) {
+    if (!engines_[e]->local()) continue;  // another node's daemon runs its pause barrier
     const EngineRankSpec& spec = engines_[e]->spec;
     bool in_place = false;
     for (const auto& p : spec.params) in_place = in_place || !p.staged;
@@ -173,6 +175,7 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
     for (uint32_t ci : plan_.by_shard[claimed[i].tensor][claimed[i].shard]) {
       const PlannedCopy& c = plan_.copies[ci];
       const Engine& e = *engines_[c.engine];
+      if (!e.local()) continue;  // packed and sent to its node (BindPack)
       const EngineParamSpec& p = e.spec.params[c.param];
       kernels::CopyOp op;
       op.src_offset = c.src_offset;
@@ -190,6 +193,133 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
     }
   }
   return out;
+}
+
+// ---------------------------------------------------------------- across nodes
+
+void SyncSession::SetCluster(std::string self, std::string leader, cluster::PackPlan pack) {
+  if (state_ != SyncState::kPlanning) Panic(Name() + ": SetCluster in state " + SyncStateName(state_));
+  self_ = std::move(self);
+  leader_ = std::move(leader);
+  pack_ = std::move(pack);
+}
+
+std::vector<std::string> SyncSession::RemoteNodes() const {
+  std::set<std::string> nodes;
+  for (const auto& e : engines_)
+    if (!e->local()) nodes.insert(e->node);
+  return {nodes.begin(), nodes.end()};
+}
+
+std::vector<std::string> SyncSession::EngineNodes(const std::string& self) const {
+  std::vector<std::string> out;
+  out.reserve(engines_.size());
+  for (const auto& e : engines_) out.push_back(e->local() ? self : e->node);
+  return out;
+}
+
+std::vector<uint32_t> SyncSession::ChunksOf(const std::string& node, const std::vector<ClaimedShard>& claimed) const {
+  std::vector<uint32_t> out;
+  auto it = pack_.nodes.find(node);
+  if (it == pack_.nodes.end()) return out;
+  for (const auto& c : claimed)
+    if (auto b = it->second.by_shard.find({c.tensor, c.shard}); b != it->second.by_shard.end())
+      out.insert(out.end(), b->second.begin(), b->second.end());
+  return out;
+}
+
+Result<BoundOps> SyncSession::BindPack(const std::string& node, const std::vector<ClaimedShard>& claimed,
+                                       const std::vector<std::shared_ptr<Mapping>>& src,
+                                       const std::vector<uint32_t>& chunks, const Mapping& staging,
+                                       const std::vector<uint64_t>& offsets, const std::string& where) const {
+  const cluster::NodePack& np = pack_.nodes.at(node);
+  std::map<std::pair<uint32_t, uint32_t>, size_t> source;  // (tensor, shard) -> claimed index
+  for (size_t i = 0; i < claimed.size(); ++i) source[{claimed[i].tensor, claimed[i].shard}] = i;
+  BoundOps out;
+  for (size_t k = 0; k < chunks.size(); ++k) {
+    const cluster::PackChunk& ch = np.chunks.at(chunks[k]);
+    const size_t i = source.at({ch.tensor, ch.shard});
+    const SourceTensor& t = manifest_.tensors[ch.tensor];
+    for (const cluster::PackSegment& s : ch.segments) {
+      const uint64_t esize = DTypeSize(s.dtype);
+      kernels::CopyOp op;
+      op.src_offset = s.src_offset;
+      op.src_ld = s.src_ld;
+      op.dst_offset = static_cast<int64_t>((offsets[k] + s.offset) / esize);
+      op.dst_ld = s.cols;
+      op.rows = s.rows;
+      op.cols = s.cols;
+      op.src_dtype = static_cast<uint8_t>(t.dtype);
+      op.dst_dtype = static_cast<uint8_t>(s.dtype);
+      op.transpose = s.transpose ? 1 : 0;
+      WS_RETURN_IF_ERROR(BindOp(op, src[i].get(), staging,
+                                claimed[i].what + " -> node " + node + " chunk " + std::to_string(chunks[k]), where,
+                                &out));
+    }
+  }
+  return out;
+}
+
+const cluster::NodePack* SyncSession::MyPack() const {
+  if (leader_.empty()) return nullptr;
+  auto it = pack_.nodes.find(self_);
+  return it == pack_.nodes.end() ? nullptr : &it->second;
+}
+
+Status SyncSession::ClaimChunks(const std::vector<uint32_t>& chunks) {
+  std::set<uint32_t> seen;
+  for (uint32_t c : chunks) {
+    if (c >= chunks_received_.size())
+      return InvalidArgument(Name() + ": chunk " + std::to_string(c) + " is not in the plan of node " + self_ + " (" +
+                             std::to_string(chunks_received_.size()) + " chunks)");
+    if (chunks_received_[c] || !seen.insert(c).second)
+      return InvalidArgument(Name() + ": chunk " + std::to_string(c) + " was already received");
+  }
+  for (uint32_t c : chunks) chunks_received_[c] = 1;
+  return Status::Ok();
+}
+
+Result<BoundOps> SyncSession::BindScatter(const std::vector<uint32_t>& chunks, const Mapping& buffer,
+                                          const std::vector<uint64_t>& offsets, const std::string& where) const {
+  const cluster::NodePack* np = MyPack();
+  BoundOps out;
+  if (np == nullptr) return out;
+  for (size_t k = 0; k < chunks.size(); ++k) {
+    for (const cluster::PackSegment& s : np->chunks.at(chunks[k]).segments) {
+      const uint64_t esize = DTypeSize(s.dtype);
+      for (uint32_t ci : s.copies) {
+        const PlannedCopy& c = plan_.copies[ci];
+        const Engine& e = *engines_[c.engine];
+        if (!e.local()) Panic(Name() + ": chunk " + std::to_string(chunks[k]) + " scatters into " + e.Describe());
+        const EngineParamSpec& p = e.spec.params[c.param];
+        kernels::CopyOp op;
+        op.src_offset = static_cast<int64_t>((offsets[k] + s.offset) / esize);
+        op.src_ld = s.cols;
+        op.dst_offset = c.dst_offset + s.row0 * c.dst_ld;
+        op.dst_ld = c.dst_ld;
+        op.rows = s.rows;
+        op.cols = s.cols;
+        op.src_dtype = op.dst_dtype = static_cast<uint8_t>(s.dtype);
+        WS_RETURN_IF_ERROR(BindOp(op, &buffer, *e.maps[c.param],
+                                  "chunk " + std::to_string(chunks[k]) + " of tensor " +
+                                      manifest_.tensors[c.tensor].name + " -> " + e.id + " param " + p.name,
+                                  where, &out));
+        if (!p.staged) out.in_place_engines.insert(c.engine);
+      }
+    }
+  }
+  return out;
+}
+
+std::string SyncSession::MissingChunks() const {
+  size_t n = 0, first = 0;
+  for (size_t c = 0; c < chunks_received_.size(); ++c)
+    if (!chunks_received_[c] && n++ == 0) first = c;
+  if (n == 0) return "";
+  const cluster::PackChunk& ch = MyPack()->chunks[first];
+  return Name() + ": Commit before every chunk arrived on node " + self_ + "; " + std::to_string(n) +
+         " missing, the first of tensor " + manifest_.tensors[ch.tensor].name + " (rank " +
+         std::to_string(manifest_.tensors[ch.tensor].shards[ch.shard].rank) + ")";
 }
 
 // ---------------------------------------------------------------- commit
@@ -213,6 +343,7 @@ Result<BoundOps> SyncSession::BindZeroFills() const {
   BoundOps out;
   for (const PlannedZero& z : plan_.zeros) {
     const Engine& e = *engines_[z.engine];
+    if (!e.local()) continue;  // its node fills it
     const EngineParamSpec& p = e.spec.params[z.param];
     kernels::CopyOp op;
     op.dst_offset = z.dst_offset;

@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "daemon/cluster/pack.h"
 #include "daemon/core/manifest.h"
 #include "daemon/core/planner.h"
 #include "daemon/core/status.h"
@@ -90,6 +91,17 @@ class SyncSession {
   Result<SyncPlan> Plan(std::vector<TensorDtypes>* dtypes);
   // planning -> streaming.
   void StartStreaming(SyncPlan plan);
+  // Syncs across nodes, while planning: the node that holds the sources
+  // (leader; "" = this daemon leads) and the packing of the copies into other
+  // nodes' engines (cluster::BuildPackPlan). `self` is this node's name.
+  void SetCluster(std::string self, std::string leader, cluster::PackPlan pack);
+  const std::string& leader() const { return leader_; }
+  const std::string& self_node() const { return self_; }
+  const cluster::PackPlan& pack() const { return pack_; }
+  // Nodes other than this one with engines in the sync, sorted.
+  std::vector<std::string> RemoteNodes() const;
+  // Each engine's node name (this node's for local ones), for BuildPackPlan.
+  std::vector<std::string> EngineNodes(const std::string& self) const;
 
   // ---- transitions (coordinator lock held)
   // streaming -> committing.
@@ -108,6 +120,25 @@ class SyncSession {
   // (BindOp).
   Result<BoundOps> BindLayer(const std::vector<ClaimedShard>& claimed,
                              const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where) const;
+
+  // ---- across nodes (leader): the packing of `claimed` for `node`. Returns
+  // the chunks of those shards, in order; `place` gives each chunk's buffer
+  // (as a mapping and a byte offset in it, aligned to 64). Binds the pack ops
+  // (shard rectangles cast into the chunk buffers).
+  std::vector<uint32_t> ChunksOf(const std::string& node, const std::vector<ClaimedShard>& claimed) const;
+  Result<BoundOps> BindPack(const std::string& node, const std::vector<ClaimedShard>& claimed,
+                            const std::vector<std::shared_ptr<Mapping>>& src, const std::vector<uint32_t>& chunks,
+                            const Mapping& staging, const std::vector<uint64_t>& offsets,
+                            const std::string& where) const;
+  // ---- across nodes (a participating node): the scatter of received chunks
+  // (at `offsets` into `buffer`) into this node's engines.
+  const cluster::NodePack* MyPack() const;
+  // Marks chunks received; InvalidArgument naming one out of range or seen before.
+  Status ClaimChunks(const std::vector<uint32_t>& chunks);
+  Result<BoundOps> BindScatter(const std::vector<uint32_t>& chunks, const Mapping& buffer,
+                               const std::vector<uint64_t>& offsets, const std::string& where) const;
+  // The message listing chunks never received; empty when none.
+  std::string MissingChunks() const;
 
   // ---- commit
   // The message listing shards that never arrived; empty when none.
@@ -143,6 +174,9 @@ class SyncSession {
   SourceManifest manifest_;
   const std::vector<std::shared_ptr<Engine>> engines_;  // keeps mappings alive while copies run
   SyncPlan plan_;
+  std::string self_, leader_;
+  cluster::PackPlan pack_;
+  std::vector<uint8_t> chunks_received_;  // participant: [chunk of MyPack()]
   std::map<std::string, uint32_t> tensor_index_;
   std::vector<std::vector<uint8_t>> received_;  // [tensor][shard]
   std::set<uint32_t> awaiting_pause_;            // set by StartStreaming, drained by MarkPaused

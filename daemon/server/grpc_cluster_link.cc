@@ -1,0 +1,178 @@
+#include "daemon/server/grpc_cluster_link.h"
+
+#include <future>
+
+#include <spdlog/spdlog.h>
+
+#include "daemon/cluster/pack.h"
+#include "daemon/server/convert.h"
+
+namespace ws::server {
+
+namespace {
+
+double Secs(std::chrono::milliseconds d) { return std::chrono::duration<double>(d).count(); }
+
+}  // namespace
+
+GrpcClusterLink::GrpcClusterLink(const cluster::PeerSet* peers, ClientOptions client,
+                                 std::unique_ptr<UcxTransport> ucx, ClusterLinkOptions opts)
+    : peers_(peers), client_opts_(std::move(client)), ucx_(std::move(ucx)), opts_(opts) {}
+
+GrpcClusterLink::~GrpcClusterLink() {
+  std::vector<std::thread> threads;
+  {
+    MutexLock lk(&mu_);
+    threads.swap(aborts_);
+  }
+  for (auto& t : threads) t.join();
+}
+
+std::vector<std::string> GrpcClusterLink::UpPeers() const {
+  std::vector<std::string> out;
+  for (const auto& p : peers_->Snapshot())
+    if (p.health == cluster::PeerHealth::kUp) out.push_back(p.spec.name);
+  return out;
+}
+
+bool GrpcClusterLink::Down(const std::string& node, std::string* why) const {
+  for (const auto& p : peers_->Snapshot())
+    if (p.spec.name == node && p.health == cluster::PeerHealth::kDown) {
+      if (why != nullptr) *why = p.last_error;
+      return true;
+    }
+  return false;
+}
+
+std::map<std::string, PeerBytes> GrpcClusterLink::bytes() const {
+  MutexLock lk(&mu_);
+  return bytes_;
+}
+
+Result<WeightSyncClient*> GrpcClusterLink::Client(const std::string& node) {
+  std::string address;
+  for (const auto& p : peers_->Snapshot())
+    if (p.spec.name == node) address = p.spec.address;
+  if (address.empty()) return NotFound("node " + node + " is not a configured peer (--peer)");
+  MutexLock lk(&mu_);
+  auto& c = clients_[node];
+  if (!c) c = std::make_unique<WeightSyncClient>(address, client_opts_);
+  return c.get();  // never erased: lives as long as the link
+}
+
+Result<std::vector<RemoteEngine>> GrpcClusterLink::Prepare(const std::string& node, const std::string& model) {
+  WS_ASSIGN_OR_RETURN(WeightSyncClient * c, Client(node));
+  pb::PeerPrepareSyncRequest req;
+  req.set_leader(self());
+  req.set_model(model);
+  auto r = c->PeerPrepareSync(req, Secs(opts_.rpc_timeout));
+  if (!r.ok()) return r.status();
+  if (r->node_name() != node)
+    return FailedPrecondition("the daemon at node " + node + "'s address answers as node '" + r->node_name() + "'");
+  std::vector<RemoteEngine> out;
+  for (const auto& e : r->engines()) {
+    WS_ASSIGN_OR_RETURN(RemoteEngine re, FromProto(e, opts_.limits));
+    out.push_back(std::move(re));
+  }
+  if (out.empty()) return out;
+  // Data endpoint: (re)connect when the worker is new to us or changed.
+  bool connect;
+  {
+    MutexLock lk(&mu_);
+    connect = ucx_peer_address_[node] != r->ucx_address();
+  }
+  MutexLock ulk(&ucx_mu_);
+  if (connect || !ucx_->connected(node)) {
+    if (Status st = ucx_->Connect(node, r->ucx_address()); !st.ok()) return st.WithContext("UCX endpoint to node " + node);
+    MutexLock lk(&mu_);
+    ucx_peer_address_[node] = r->ucx_address();
+  }
+  return out;
+}
+
+Status GrpcClusterLink::Start(const std::string& node, const RemoteStart& start) {
+  WS_ASSIGN_OR_RETURN(WeightSyncClient * c, Client(node));
+  pb::PeerStartSyncRequest req;
+  ToProto(start, &req);
+  return c->PeerStartSync(req, Secs(opts_.rpc_timeout)).status();
+}
+
+Result<uint64_t> GrpcClusterLink::Send(const std::string& node, uint64_t sync_id,
+                                       const std::vector<ChunkBuffer>& chunks) {
+  WS_ASSIGN_OR_RETURN(WeightSyncClient * c, Client(node));
+  MutexLock send(&send_mu_);
+  pb::PeerReceiveRequest req;
+  req.set_leader(self());
+  req.set_sync_id(sync_id);
+  std::vector<UcxTransport::Op> ops;
+  uint64_t total = 0;
+  for (const auto& ch : chunks) {
+    req.add_chunks(ch.chunk);
+    ops.push_back(UcxTransport::Op{true, node, cluster::ChunkTag(sync_id, ch.chunk), ch.data, ch.bytes,
+                                   "chunk " + std::to_string(ch.chunk)});
+    total += ch.bytes;
+  }
+  // The node posts its receives when the RPC arrives; the sends wait for them.
+  auto rpc = std::async(std::launch::async, [&] { return c->PeerReceive(req, Secs(opts_.transfer_timeout)); });
+  Status sent;
+  {
+    MutexLock ulk(&ucx_mu_);
+    sent = ucx_->connected(node) ? ucx_->Exchange(ops, opts_.transfer_timeout)
+                                 : Unavailable("no UCX endpoint to node " + node + " (lost after an error)");
+  }
+  auto got = rpc.get();
+  if (sent.ok()) {
+    MutexLock lk(&mu_);
+    bytes_[node].sent += total;
+  }
+  if (!got.ok()) return got.status();  // the node's reason comes first: it says what failed there
+  if (!sent.ok()) return sent;
+  return got->bytes_written();
+}
+
+Status GrpcClusterLink::Commit(const std::string& node, uint64_t sync_id) {
+  WS_ASSIGN_OR_RETURN(WeightSyncClient * c, Client(node));
+  pb::PeerCommitSyncRequest req;
+  req.set_leader(self());
+  req.set_sync_id(sync_id);
+  return c->PeerCommitSync(req, Secs(opts_.commit_timeout)).status();
+}
+
+void GrpcClusterLink::AbortAsync(std::vector<std::string> nodes, uint64_t sync_id, std::string reason) {
+  MutexLock lk(&mu_);
+  aborts_.emplace_back([this, nodes = std::move(nodes), sync_id, reason = std::move(reason)] {
+    for (const auto& node : nodes) {
+      auto c = Client(node);
+      if (!c.ok()) continue;
+      pb::PeerAbortSyncRequest req;
+      req.set_leader(self());
+      req.set_sync_id(sync_id);
+      req.set_reason(reason);
+      auto r = (*c)->PeerAbortSync(req, Secs(opts_.rpc_timeout));
+      if (!r.ok()) spdlog::warn("sync {}: telling node {} of the abort: {}", sync_id, node, r.status().ToString());
+    }
+  });
+  // Finished threads are joined at destruction; one per aborted sync is few.
+}
+
+Status GrpcClusterLink::Receive(const std::string& leader, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) {
+  std::vector<UcxTransport::Op> ops;
+  uint64_t total = 0;
+  for (const auto& ch : chunks) {
+    ops.push_back(UcxTransport::Op{false, leader, cluster::ChunkTag(sync_id, ch.chunk), ch.data, ch.bytes,
+                                   "chunk " + std::to_string(ch.chunk)});
+    total += ch.bytes;
+  }
+  Status st;
+  {
+    MutexLock ulk(&ucx_mu_);
+    st = ucx_->Exchange(ops, opts_.transfer_timeout);
+  }
+  if (st.ok()) {
+    MutexLock lk(&mu_);
+    bytes_[leader].received += total;
+  }
+  return st;
+}
+
+}  // namespace ws::server

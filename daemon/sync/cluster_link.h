@@ -1,0 +1,78 @@
+// What the coordinator needs of the other nodes for syncs that span nodes
+// (docs/architecture.md "Syncs across nodes"): the peer daemons' engines,
+// the control calls of a sync on each node, and moving packed chunks. The
+// daemon implements it over the peer gRPC RPCs and UCX
+// (daemon/server/grpc_cluster_link.h); unit tests with fakes. A coordinator
+// without one (or without up peers) plans and copies on its node only.
+//
+// Thread-safety: every method may be called from any thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "daemon/core/manifest.h"
+#include "daemon/core/status.h"
+
+namespace ws::server {
+
+// An engine rank as another node describes it (no memory).
+struct RemoteEngine {
+  std::string node;
+  std::string engine_id;
+  EngineRankSpec spec;
+};
+
+// What every participating node needs to derive the leader's plan and packing.
+struct RemoteStart {
+  std::string leader;
+  uint64_t sync_id = 0;
+  SourceManifest manifest;             // wire dtypes, negotiate_dtypes unset
+  std::vector<RemoteEngine> engines;   // every engine of every node, in plan order
+  uint64_t chunk_bytes = 0;
+  uint64_t copy_ops = 0;
+  uint64_t bytes_planned = 0;
+};
+
+// A packed chunk (cluster::PackChunk) in memory: sent by the leader, or a
+// buffer a node receives it into.
+struct ChunkBuffer {
+  uint32_t chunk = 0;
+  void* data = nullptr;
+  uint64_t bytes = 0;
+};
+
+class ClusterLink {
+ public:
+  virtual ~ClusterLink() = default;
+  virtual const std::string& self() const = 0;
+  // Peers whose last probe succeeded, by node name.
+  virtual std::vector<std::string> UpPeers() const = 0;
+  // The prober has seen `node` down (not merely unknown); `why` gets its last error.
+  virtual bool Down(const std::string& node, std::string* why) const = 0;
+  // Bound on the packed bytes held for one peer at a time.
+  virtual uint64_t staging_bytes() const = 0;
+
+  // ---- leader side
+  // `node`'s engine ranks of `model` (empty: it has none); connects to its
+  // data endpoint.
+  virtual Result<std::vector<RemoteEngine>> Prepare(const std::string& node, const std::string& model) = 0;
+  virtual Status Start(const std::string& node, const RemoteStart& start) = 0;
+  // Sends `chunks` to `node` while it receives and scatters them; returns
+  // once it has, with the engine bytes it wrote (or the first error, naming
+  // the node).
+  virtual Result<uint64_t> Send(const std::string& node, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) = 0;
+  // Runs the node's commit: returns once every engine there acknowledged.
+  virtual Status Commit(const std::string& node, uint64_t sync_id) = 0;
+  // Tells the nodes the sync is aborted; returns at once (best effort, in
+  // the background).
+  virtual void AbortAsync(std::vector<std::string> nodes, uint64_t sync_id, std::string reason) = 0;
+
+  // ---- participant side
+  // Receives exactly `chunks` (each its `bytes`) sent by `leader` for the sync.
+  virtual Status Receive(const std::string& leader, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) = 0;
+};
+
+}  // namespace ws::server

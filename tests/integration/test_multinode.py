@@ -1,0 +1,206 @@
+"""Syncs whose engines are on other nodes (network namespaces joined by a bridge, netns.py; one
+daemon per node, peered with mutual TLS and the bearer token as in test_peering.py). Node a runs
+the trainer (weightsyncctl push, W=4) and no engine; nodes b and c each run an engine replica with
+TP=2. The daemon of a plans once for every engine of every node, packs for each node exactly the
+bytes its engines need, cast to their dtype, and sends them over UCX (TCP on eth0); b and c
+scatter them into their engines. Checked: every rank bit-exact against the independent reference,
+the bytes a sent each node equal what that node's engines need (replicated params once, padding
+rows not at all), and a daemon killed or a link taken down mid-sync aborts the sync on every node,
+after which the next sync succeeds without restarting the survivors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import Ctl, MockEngine, check_version, describe, reference
+from test_peering import _wait_peers, cluster  # noqa: F401  (fixture)
+
+SMALL = dict(hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=160, vocab_size=100)
+EXTRA = ["--peer-ucx-devices", "eth0", "--peer-transfer-timeout", "5", "--sync-progress-timeout", "20"]
+
+
+class TokenCtl(Ctl):
+    """weightsyncctl with the cluster's bearer token."""
+
+    def __init__(self, binary, d):
+        super().__init__(binary, d.addr)
+        self.token = d.token
+
+    def argv(self, *args) -> list:
+        return super().argv("--token-file", self.token, *args)
+
+
+def _status(ctl: Ctl) -> dict:
+    cp = ctl("status", "--json", timeout=30)
+    assert cp.returncode == 0, describe(cp)
+    return json.loads(cp.stdout)
+
+
+def _peer_bytes(ctl: Ctl) -> dict:
+    return {p["name"]: (int(p.get("bytes_sent", 0)), int(p.get("bytes_received", 0)))
+            for p in _status(ctl).get("peers", [])}
+
+
+def _needed_bytes(ckpt, tp: int, dtype: str = "bf16") -> int:
+    """Bytes one replica of TP `tp` needs from the trainer, from the reference alone: every rank's
+    params, a param identical on every rank (replicated: norms) once, all-zero rows (vocab padding,
+    filled on the node, never sent) not at all."""
+    ranks = [reference(ckpt, tp, r, dtype) for r in range(tp)]
+    total = 0
+    for name in ranks[0]:
+        arrays = [rk[name] for rk in ranks]
+        replicated = all(a.shape == arrays[0].shape and np.array_equal(a.view(np.uint8), arrays[0].view(np.uint8))
+                         for a in arrays[1:])
+        for a in arrays[:1] if replicated else arrays:
+            rows = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
+            zero_rows = int((rows.view(np.uint8).reshape(rows.shape[0], -1) == 0).all(axis=1).sum())
+            total += a.nbytes - zero_rows * rows.shape[1] * a.itemsize
+    return total
+
+
+@pytest.fixture
+def three(binaries, cluster, workdir):  # noqa: F811
+    """Daemons on a, b, c (all up to each other); restart(name) starts a fresh daemon on a node."""
+    ds = cluster(["a", "b", "c"], extra={n: EXTRA for n in "abc"})
+    for n, d in ds.items():
+        _wait_peers(binaries, d, {p: "up" for p in ds if p != n})
+    ctls = {n: TokenCtl(binaries["weightsyncctl"], d) for n, d in ds.items()}
+    engines: list[MockEngine] = []
+
+    def engine(node, ckpt, syncs, name):
+        e = MockEngine(ctls[node], workdir, "m", ckpt, tp=2, replicas=1, syncs=syncs, name=name)
+        engines.append(e)
+        e.wait_registered()
+        return e
+
+    def restart(node):
+        d = cluster([node], peers={node: {p: p for p in "abc" if p != node}}, extra={node: EXTRA})[node]
+        ds[node] = d
+        ctls[node] = TokenCtl(binaries["weightsyncctl"], d)
+        for n, other in ds.items():
+            _wait_peers(binaries, other, {p: "up" for p in ds if p != n})
+
+    yield ds, ctls, engine, restart
+    for e in engines:
+        e.stop()
+
+
+def _push(ctl, ckpt, version, timeout=120):
+    return ctl("push", "--checkpoint", ckpt, "--model", "m", "--world-size", 4, "--version", version,
+               timeout=timeout)
+
+
+def _freeze(e: MockEngine, stop: bool) -> None:
+    os.killpg(e.proc.pid, signal.SIGSTOP if stop else signal.SIGCONT)
+
+
+def _wait(pred, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_disaggregated_trainer_on_a_engines_on_b_and_c(three, checkpoint_cache):
+    ds, ctls, engine, _ = three
+    a = checkpoint_cache("LlamaForCausalLM", **SMALL, seed=1)
+    b = checkpoint_cache("LlamaForCausalLM", **SMALL, seed=2)
+    eb = engine("b", a, syncs=2, name="eb")
+    ec = engine("c", a, syncs=2, name="ec")
+    for v, ck in ((1, a), (2, b)):
+        cp = _push(ctls["a"], ck, v)
+        assert cp.returncode == 0, describe(cp) + "\n" + ds["a"].log()[-4000:]
+    for e in (eb, ec):
+        assert e.wait() == 0, e.output()
+        assert e.versions() == [1, 2] and e.aborted() == []
+        check_version(e, "v1", a)
+        check_version(e, "v2", b)
+    # Bytes on the wire: what each node's two ranks need, once, in bf16; the same at both ends.
+    want = _needed_bytes(a, 2) + _needed_bytes(b, 2)
+    sent = _peer_bytes(ctls["a"])
+    assert sent["b"][0] == want and sent["c"][0] == want, (sent, want)
+    assert _peer_bytes(ctls["b"])["a"][1] == want and _peer_bytes(ctls["c"])["a"][1] == want
+    st = _status(ctls["a"])
+    assert int(st["syncs_committed"]) == 2 and int(st["peer_staging_bytes"]) == 64 << 20
+    for n in "bc":
+        assert int(_status(ctls[n])["syncs_committed"]) == 2
+
+
+def _failing_push(ctls, ck, version):
+    """Starts a push from a in the background; returns (thread, result holder)."""
+    out = {}
+
+    def run():
+        out["cp"] = _push(ctls["a"], ck, version)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def _sync_in_flight(ctl) -> bool:
+    return bool(_status(ctl).get("current_syncs"))
+
+
+def test_remote_daemon_killed_mid_sync_aborts_and_the_next_sync_succeeds(three, checkpoint_cache):
+    ds, ctls, engine, restart = three
+    a = checkpoint_cache("LlamaForCausalLM", **SMALL, seed=1)
+    eb = engine("b", a, syncs=1, name="eb")
+    ec = engine("c", a, syncs=1, name="ec")
+    # b's engine never pauses: its daemon holds the data phase; then b's daemon is killed.
+    _freeze(eb, True)
+    t, out = _failing_push(ctls, a, 1)
+    _wait(lambda: _sync_in_flight(ctls["b"]), "the sync to start on b")
+    ds["b"].proc.send_signal(signal.SIGKILL)
+    ds["b"].proc.wait()
+    t.join(60)
+    cp = out["cp"]
+    assert cp.returncode != 0 and "node b" in cp.stderr, describe(cp)
+    _wait(lambda: ec.aborted() == [1], "c's engine to hear aborted")
+    _freeze(eb, False)
+    eb.stop()
+    ec.stop()
+    # b comes back; a and c were not restarted.
+    restart("b")
+    eb2 = engine("b", a, syncs=1, name="eb2")
+    ec2 = engine("c", a, syncs=1, name="ec2")
+    cp = _push(ctls["a"], a, 2)
+    assert cp.returncode == 0, describe(cp) + "\n" + ds["a"].log()[-4000:]
+    for e in (eb2, ec2):
+        assert e.wait() == 0, e.output()
+        check_version(e, "v2", a)
+
+
+def test_link_down_mid_sync_aborts_and_the_next_sync_succeeds(three, checkpoint_cache):
+    ds, ctls, engine, _ = three
+    a = checkpoint_cache("LlamaForCausalLM", **SMALL, seed=1)
+    b = checkpoint_cache("LlamaForCausalLM", **SMALL, seed=2)
+    eb = engine("b", a, syncs=2, name="eb")
+    ec = engine("c", a, syncs=2, name="ec")
+    _freeze(ec, True)  # c's daemon holds the data phase until its engine pauses
+    t, out = _failing_push(ctls, a, 1)
+    _wait(lambda: _sync_in_flight(ctls["c"]), "the sync to start on c")
+    ds["c"].node.link(False)
+    t.join(90)
+    cp = out["cp"]
+    assert cp.returncode != 0 and "node c" in cp.stderr, describe(cp)
+    _wait(lambda: eb.aborted() == [1], "b's engine to hear aborted")
+    _freeze(ec, False)
+    _wait(lambda: ec.aborted() == [1], "c's engine to hear aborted (c's daemon lost its leader)", timeout=60)
+    ds["c"].node.link(True)
+    _wait(lambda: all(p["state"] == "up" for p in _status(ctls["a"])["peers"]), "a to see b and c up")
+    cp = _push(ctls["a"], b, 2)
+    assert cp.returncode == 0, describe(cp) + "\n" + ds["a"].log()[-4000:]
+    for e in (eb, ec):
+        assert e.wait() == 0, e.output()
+        assert e.versions() == [2] and e.aborted() == [1]
+        check_version(e, "v2", b)
