@@ -370,7 +370,7 @@ Result<std::vector<std::shared_ptr<Engine>>> Coordinator::RemoteEngines(const st
   std::vector<std::shared_ptr<Engine>> out;
   for (const std::string& node : opts_.cluster->UpPeers()) {
     auto got = opts_.cluster->Prepare(node, model);
-    if (!got.ok()) return got.status().WithContext("preparing the sync on node " + node);
+    if (!got.ok()) return got.status().WithContext("preparing the sync");
     for (const RemoteEngine& r : *got) {
       if (r.node != node || r.spec.model != model)
         return FailedPrecondition("node " + node + " answered with engine " + r.engine_id + " of node " + r.node +
@@ -407,7 +407,7 @@ Status Coordinator::StartRemote(SyncSession& sync, const SyncPlan& plan) {
     if (Status st = opts_.cluster->Start(node, rs); !st.ok()) {
       if (!started.empty())
         opts_.cluster->AbortAsync(started, sync.id(), "node " + node + " refused the sync: " + st.message());
-      return st.WithContext("node " + node + " refused the sync");
+      return st.WithContext("starting the sync");
     }
     started.push_back(node);
   }
@@ -568,6 +568,10 @@ Result<uint64_t> Coordinator::SendRemote(SyncSession& sync, const std::vector<Cl
     // Windows of whole chunks within the staging bound (a chunk is never
     // larger than it, unless one row is).
     for (size_t k = 0; k < chunks.size();) {
+      {
+        MutexLock lk(&mu_);
+        if (sync.terminal()) return AbortedError(sync);  // sends nothing for a sync the nodes dropped
+      }
       std::vector<uint32_t> win;
       std::vector<uint64_t> offsets;
       uint64_t total = 0;
@@ -691,7 +695,7 @@ Result<SyncStats> Coordinator::Commit(const Peer& caller, uint64_t sync_id) {
     lk.Lock();
     for (const auto& [node, st] : got) {
       if (st.ok()) continue;
-      Status named = st.WithContext(sync->Name() + ": node " + node);
+      Status named = st.WithContext(sync->Name());
       AbortLocked(*sync, named.message());
       if (local.ok()) local = named;
     }

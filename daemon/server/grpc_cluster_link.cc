@@ -66,7 +66,7 @@ Result<std::vector<RemoteEngine>> GrpcClusterLink::Prepare(const std::string& no
   req.set_leader(self());
   req.set_model(model);
   auto r = c->PeerPrepareSync(req, Secs(opts_.rpc_timeout));
-  if (!r.ok()) return r.status();
+  if (!r.ok()) return r.status().WithContext("node " + node);
   if (r->node_name() != node)
     return FailedPrecondition("the daemon at node " + node + "'s address answers as node '" + r->node_name() + "'");
   std::vector<RemoteEngine> out;
@@ -76,25 +76,40 @@ Result<std::vector<RemoteEngine>> GrpcClusterLink::Prepare(const std::string& no
   }
   if (out.empty()) return out;
   // Data endpoint: (re)connect when the worker is new to us or changed.
+  MutexLock ulk(&ucx_mu_);
+  if (Status st = EnsureEndpoint(node, r->ucx_address()); !st.ok()) return st;
+  return out;
+}
+
+Status GrpcClusterLink::EnsureEndpoint(const std::string& node, const std::string& address) {
   bool connect;
   {
     MutexLock lk(&mu_);
-    connect = ucx_peer_address_[node] != r->ucx_address();
+    std::string& known = ucx_peer_address_[node];
+    if (!address.empty() && known != address) {
+      known = address;
+      reconnect_.insert(node);
+    }
+    if (known.empty()) return Unavailable("no UCX address of node " + node + " (not prepared)");
+    connect = reconnect_.count(node) > 0 || !ucx_->connected(node);
   }
-  MutexLock ulk(&ucx_mu_);
-  if (connect || !ucx_->connected(node)) {
-    if (Status st = ucx_->Connect(node, r->ucx_address()); !st.ok()) return st.WithContext("UCX endpoint to node " + node);
+  if (!connect) return Status::Ok();
+  std::string at;
+  {
     MutexLock lk(&mu_);
-    ucx_peer_address_[node] = r->ucx_address();
+    at = ucx_peer_address_[node];
   }
-  return out;
+  if (Status st = ucx_->Connect(node, at); !st.ok()) return st.WithContext("UCX endpoint to node " + node);
+  MutexLock lk(&mu_);
+  reconnect_.erase(node);
+  return Status::Ok();
 }
 
 Status GrpcClusterLink::Start(const std::string& node, const RemoteStart& start) {
   WS_ASSIGN_OR_RETURN(WeightSyncClient * c, Client(node));
   pb::PeerStartSyncRequest req;
   ToProto(start, &req);
-  return c->PeerStartSync(req, Secs(opts_.rpc_timeout)).status();
+  return c->PeerStartSync(req, Secs(opts_.rpc_timeout)).status().WithContext("node " + node);
 }
 
 Result<uint64_t> GrpcClusterLink::Send(const std::string& node, uint64_t sync_id,
@@ -117,16 +132,18 @@ Result<uint64_t> GrpcClusterLink::Send(const std::string& node, uint64_t sync_id
   Status sent;
   {
     MutexLock ulk(&ucx_mu_);
-    sent = ucx_->connected(node) ? ucx_->Exchange(ops, opts_.transfer_timeout)
-                                 : Unavailable("no UCX endpoint to node " + node + " (lost after an error)");
+    sent = EnsureEndpoint(node, "");
+    if (sent.ok()) sent = ucx_->Exchange(ops, opts_.transfer_timeout);
   }
   auto got = rpc.get();
-  if (sent.ok()) {
+  {
     MutexLock lk(&mu_);
-    bytes_[node].sent += total;
+    if (sent.ok()) bytes_[node].sent += total;
+    if (!got.ok() || !sent.ok()) reconnect_.insert(node);  // a fresh endpoint for the next window
   }
-  if (!got.ok()) return got.status();  // the node's reason comes first: it says what failed there
-  if (!sent.ok()) return sent;
+  // The node's reason comes first: it says what failed there.
+  if (!got.ok()) return got.status().WithContext("node " + node + " receiving");
+  if (!sent.ok()) return sent.WithContext("node " + node + " (UCX)");
   return got->bytes_written();
 }
 
@@ -135,7 +152,7 @@ Status GrpcClusterLink::Commit(const std::string& node, uint64_t sync_id) {
   pb::PeerCommitSyncRequest req;
   req.set_leader(self());
   req.set_sync_id(sync_id);
-  return c->PeerCommitSync(req, Secs(opts_.commit_timeout)).status();
+  return c->PeerCommitSync(req, Secs(opts_.commit_timeout)).status().WithContext("node " + node + " committing");
 }
 
 void GrpcClusterLink::AbortAsync(std::vector<std::string> nodes, uint64_t sync_id, std::string reason) {

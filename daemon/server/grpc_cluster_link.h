@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -70,6 +71,9 @@ class GrpcClusterLink final : public ClusterLink {
 
  private:
   Result<WeightSyncClient*> Client(const std::string& node);
+  // Connects to `node` when its worker `address` is new ("" = the one known),
+  // the endpoint was closed, or an exchange with it failed. ucx_mu_ held.
+  Status EnsureEndpoint(const std::string& node, const std::string& address) WS_REQUIRES(ucx_mu_);
 
   const cluster::PeerSet* const peers_;
   const ClientOptions client_opts_;
@@ -79,6 +83,7 @@ class GrpcClusterLink final : public ClusterLink {
   mutable Mutex mu_;
   std::map<std::string, std::unique_ptr<WeightSyncClient>> clients_ WS_GUARDED_BY(mu_);  // by node
   std::map<std::string, std::string> ucx_peer_address_ WS_GUARDED_BY(mu_);             // by node, as prepared
+  std::set<std::string> reconnect_ WS_GUARDED_BY(mu_);                                  // endpoints to remake
   std::map<std::string, PeerBytes> bytes_ WS_GUARDED_BY(mu_);
   std::vector<std::thread> aborts_ WS_GUARDED_BY(mu_);
   Mutex ucx_mu_;   // the UCX worker
