@@ -48,6 +48,26 @@ class WeightSyncStub:
             '/weightsync.v1.WeightSync/PeerHello',
             request_serializer=_pb.PeerHelloRequest.SerializeToString,
             response_deserializer=_pb.PeerHelloResponse.FromString)
+        self.PeerPrepareSync = channel.unary_unary(
+            '/weightsync.v1.WeightSync/PeerPrepareSync',
+            request_serializer=_pb.PeerPrepareSyncRequest.SerializeToString,
+            response_deserializer=_pb.PeerPrepareSyncResponse.FromString)
+        self.PeerStartSync = channel.unary_unary(
+            '/weightsync.v1.WeightSync/PeerStartSync',
+            request_serializer=_pb.PeerStartSyncRequest.SerializeToString,
+            response_deserializer=_pb.PeerStartSyncResponse.FromString)
+        self.PeerReceive = channel.unary_unary(
+            '/weightsync.v1.WeightSync/PeerReceive',
+            request_serializer=_pb.PeerReceiveRequest.SerializeToString,
+            response_deserializer=_pb.PeerReceiveResponse.FromString)
+        self.PeerCommitSync = channel.unary_unary(
+            '/weightsync.v1.WeightSync/PeerCommitSync',
+            request_serializer=_pb.PeerCommitSyncRequest.SerializeToString,
+            response_deserializer=_pb.PeerCommitSyncResponse.FromString)
+        self.PeerAbortSync = channel.unary_unary(
+            '/weightsync.v1.WeightSync/PeerAbortSync',
+            request_serializer=_pb.PeerAbortSyncRequest.SerializeToString,
+            response_deserializer=_pb.PeerAbortSyncResponse.FromString)
 
 
 class WeightSyncServicer:
@@ -101,6 +121,31 @@ class WeightSyncServicer:
         context.set_details('PeerHello is not implemented')
         raise NotImplementedError('PeerHello')
 
+    def PeerPrepareSync(self, request, context):
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('PeerPrepareSync is not implemented')
+        raise NotImplementedError('PeerPrepareSync')
+
+    def PeerStartSync(self, request, context):
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('PeerStartSync is not implemented')
+        raise NotImplementedError('PeerStartSync')
+
+    def PeerReceive(self, request, context):
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('PeerReceive is not implemented')
+        raise NotImplementedError('PeerReceive')
+
+    def PeerCommitSync(self, request, context):
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('PeerCommitSync is not implemented')
+        raise NotImplementedError('PeerCommitSync')
+
+    def PeerAbortSync(self, request, context):
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('PeerAbortSync is not implemented')
+        raise NotImplementedError('PeerAbortSync')
+
 
 def add_WeightSyncServicer_to_server(servicer, server):
     handlers = {
@@ -144,5 +189,25 @@ def add_WeightSyncServicer_to_server(servicer, server):
             servicer.PeerHello,
             request_deserializer=_pb.PeerHelloRequest.FromString,
             response_serializer=_pb.PeerHelloResponse.SerializeToString),
+        'PeerPrepareSync': grpc.unary_unary_rpc_method_handler(
+            servicer.PeerPrepareSync,
+            request_deserializer=_pb.PeerPrepareSyncRequest.FromString,
+            response_serializer=_pb.PeerPrepareSyncResponse.SerializeToString),
+        'PeerStartSync': grpc.unary_unary_rpc_method_handler(
+            servicer.PeerStartSync,
+            request_deserializer=_pb.PeerStartSyncRequest.FromString,
+            response_serializer=_pb.PeerStartSyncResponse.SerializeToString),
+        'PeerReceive': grpc.unary_unary_rpc_method_handler(
+            servicer.PeerReceive,
+            request_deserializer=_pb.PeerReceiveRequest.FromString,
+            response_serializer=_pb.PeerReceiveResponse.SerializeToString),
+        'PeerCommitSync': grpc.unary_unary_rpc_method_handler(
+            servicer.PeerCommitSync,
+            request_deserializer=_pb.PeerCommitSyncRequest.FromString,
+            response_serializer=_pb.PeerCommitSyncResponse.SerializeToString),
+        'PeerAbortSync': grpc.unary_unary_rpc_method_handler(
+            servicer.PeerAbortSync,
+            request_deserializer=_pb.PeerAbortSyncRequest.FromString,
+            response_serializer=_pb.PeerAbortSyncResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler('weightsync.v1.WeightSync', handlers),))
