@@ -382,7 +382,7 @@ int main(int argc, char** argv) {
   so.cluster = cluster.get();
   ws::server::Server server(&coordinator, so);
   if (ws::Status st = server.Start(); !st.ok()) return StartupError(st.message());
-  ws::server::MetricsServer metrics_server(&metrics, &coordinator, &peers);
+  ws::server::MetricsServer metrics_server(&metrics, &coordinator, &peers, cluster.get());
   if (!metrics_listen.empty()) {
     if (ws::Status st = metrics_server.Start(metrics_listen); !st.ok()) {
       server.Stop(std::chrono::milliseconds(0));

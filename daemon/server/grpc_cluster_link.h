@@ -39,10 +39,6 @@ struct ClusterLinkOptions {
   Limits limits;                                        // of what peers answer
 };
 
-struct PeerBytes {
-  uint64_t sent = 0, received = 0;
-};
-
 class GrpcClusterLink final : public ClusterLink {
  public:
   // `peers` must outlive the link.

@@ -8,6 +8,8 @@
 #include <spdlog/fmt/fmt.h>
 #include <spdlog/spdlog.h>
 
+#include "daemon/server/grpc_cluster_link.h"
+
 namespace ws::server {
 
 namespace {
@@ -85,7 +87,8 @@ void Metrics::RpcFinished(const std::string& method, int code) {
   ++rpc_errors_[{method, StatusCodeName(code)}];
 }
 
-std::string Metrics::Render(const StatusSnapshot& s, const std::vector<cluster::PeerState>& peers) const {
+std::string Metrics::Render(const StatusSnapshot& s, const std::vector<cluster::PeerState>& peers,
+                            const std::map<std::string, PeerBytes>& peer_bytes) const {
   std::string out;
   Family(out, "weightsync_build_info", "gauge", "Build of the running daemon (always 1).");
   out += fmt::format("weightsync_build_info{{version=\"{}\",cuda=\"{}\"}} 1\n", EscapeLabelValue(build_.version),
@@ -126,6 +129,16 @@ std::string Metrics::Render(const StatusSnapshot& s, const std::vector<cluster::
   for (const auto& p : peers)
     out += fmt::format("weightsync_peer_up{{peer=\"{}\"}} {}\n", EscapeLabelValue(p.spec.name),
                        p.health == cluster::PeerHealth::kUp ? 1 : 0);
+  if (!peer_bytes.empty()) {
+    Family(out, "weightsync_peer_bytes_sent_total", "counter", "Sync data (packed chunks) sent to the peer over UCX.");
+    for (const auto& [peer, b] : peer_bytes)
+      out += fmt::format("weightsync_peer_bytes_sent_total{{peer=\"{}\"}} {}\n", EscapeLabelValue(peer), b.sent);
+    Family(out, "weightsync_peer_bytes_received_total", "counter",
+           "Sync data (packed chunks) received from the peer over UCX.");
+    for (const auto& [peer, b] : peer_bytes)
+      out += fmt::format("weightsync_peer_bytes_received_total{{peer=\"{}\"}} {}\n", EscapeLabelValue(peer),
+                         b.received);
+  }
 
   std::lock_guard lk(mu_);
   Family(out, "weightsync_syncs_total", "counter", "Finished syncs by outcome.");
@@ -197,8 +210,9 @@ std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> MakeRpcMe
 
 // ---------------------------------------------------------------- HTTP
 
-MetricsServer::MetricsServer(Metrics* metrics, const Coordinator* coordinator, const cluster::PeerSet* peers)
-    : metrics_(metrics), coordinator_(coordinator), peers_(peers) {}
+MetricsServer::MetricsServer(Metrics* metrics, const Coordinator* coordinator, const cluster::PeerSet* peers,
+                             const GrpcClusterLink* cluster)
+    : metrics_(metrics), coordinator_(coordinator), peers_(peers), cluster_(cluster) {}
 
 MetricsServer::~MetricsServer() { Stop(); }
 
@@ -218,7 +232,9 @@ Status MetricsServer::Start(const std::string& address) {
   http_->new_task_queue = [] { return new httplib::ThreadPool(2); };
   http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics_->Render(coordinator_->GetStatus(),
-                                    peers_ != nullptr ? peers_->Snapshot() : std::vector<cluster::PeerState>{}), "text/plain; version=0.0.4; charset=utf-8");
+                                     peers_ != nullptr ? peers_->Snapshot() : std::vector<cluster::PeerState>{},
+                                     cluster_ != nullptr ? cluster_->bytes() : std::map<std::string, PeerBytes>{}),
+                    "text/plain; version=0.0.4; charset=utf-8");
   });
   int bound = port;
   if (port == 0)

@@ -30,6 +30,8 @@ class Server;
 
 namespace ws::server {
 
+class GrpcClusterLink;  // daemon/server/grpc_cluster_link.h
+
 struct BuildInfo {
   std::string version;
   bool cuda = false;  // CUDA references can be served
@@ -53,7 +55,9 @@ class Metrics : public CoordinatorObserver {
 
   // The text exposition of every metric, with the gauges taken from `status`
   // and, per peer daemon, `peers`.
-  std::string Render(const StatusSnapshot& status, const std::vector<cluster::PeerState>& peers = {}) const;
+  // `peer_bytes`: sync data sent to / received from each peer (syncs across nodes).
+  std::string Render(const StatusSnapshot& status, const std::vector<cluster::PeerState>& peers = {},
+                     const std::map<std::string, PeerBytes>& peer_bytes = {}) const;
 
  private:
   const BuildInfo build_;
@@ -83,7 +87,9 @@ std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> MakeRpcMe
 class MetricsServer {
  public:
   // `metrics`, `coordinator` and `peers` (may be null) must outlive the server.
-  MetricsServer(Metrics* metrics, const Coordinator* coordinator, const cluster::PeerSet* peers = nullptr);
+  // `cluster` (may be null): per-peer byte counters.
+  MetricsServer(Metrics* metrics, const Coordinator* coordinator, const cluster::PeerSet* peers = nullptr,
+                const GrpcClusterLink* cluster = nullptr);
   ~MetricsServer();  // Stop()s
   MetricsServer(const MetricsServer&) = delete;
   MetricsServer& operator=(const MetricsServer&) = delete;
@@ -99,6 +105,7 @@ class MetricsServer {
   Metrics* const metrics_;
   const Coordinator* const coordinator_;
   const cluster::PeerSet* const peers_;
+  const GrpcClusterLink* const cluster_;
   std::unique_ptr<httplib::Server> http_;
   std::thread thread_;
   std::string url_;

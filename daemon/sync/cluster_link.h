@@ -44,6 +44,11 @@ struct ChunkBuffer {
   uint64_t bytes = 0;
 };
 
+// Sync data moved to / from one peer.
+struct PeerBytes {
+  uint64_t sent = 0, received = 0;
+};
+
 class ClusterLink {
  public:
   virtual ~ClusterLink() = default;

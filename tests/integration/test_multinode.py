@@ -131,6 +131,7 @@ def test_disaggregated_trainer_on_a_engines_on_b_and_c(three, checkpoint_cache):
     assert _peer_bytes(ctls["b"])["a"][1] == want and _peer_bytes(ctls["c"])["a"][1] == want
     st = _status(ctls["a"])
     assert int(st["syncs_committed"]) == 2 and int(st["peer_staging_bytes"]) == 64 << 20
+
     for n in "bc":
         assert int(_status(ctls[n])["syncs_committed"]) == 2
 

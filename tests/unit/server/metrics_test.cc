@@ -118,6 +118,15 @@ TEST(Metrics, CountsRpcErrorsByCodeOnly) {
   EXPECT_EQ(m["weightsync_housekeeping_passes_total"], "1");
 }
 
+TEST(Metrics, CountsSyncBytesPerPeer) {
+  Metrics metrics(BuildInfo{"v", false});
+  auto m = Parse(metrics.Render(StatusSnapshot{}, {}, {{"b", PeerBytes{123, 0}}, {"c", PeerBytes{0, 45}}}));
+  EXPECT_EQ(m["weightsync_peer_bytes_sent_total{peer=\"b\"}"], "123");
+  EXPECT_EQ(m["weightsync_peer_bytes_received_total{peer=\"c\"}"], "45");
+  EXPECT_EQ(m["weightsync_peer_bytes_sent_total{peer=\"c\"}"], "0");
+  EXPECT_EQ(Parse(metrics.Render(StatusSnapshot{})).count("weightsync_peer_bytes_sent_total{peer=\"b\"}"), 0u);
+}
+
 TEST(Metrics, EscapesLabelValues) {
   EXPECT_EQ(EscapeLabelValue("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
   EXPECT_EQ(StatusCodeName(16), "UNAUTHENTICATED");
