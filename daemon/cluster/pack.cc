@@ -49,7 +49,8 @@ PackPlan BuildPackPlan(const SyncPlan& plan, const std::vector<std::string>& eng
   for (auto& [node, shards] : groups) {
     NodePack& np = out.nodes[node];
     np.scatter_bytes = scatter[node];
-    for (auto& [ts, sh] : shards) {
+    for (auto& [shard_key, sh] : shards) {
+      const std::pair<uint32_t, uint32_t> ts = shard_key;  // a lambda may not capture a structured binding (clang)
       PackChunk cur;
       cur.tensor = ts.first;
       cur.shard = ts.second;
