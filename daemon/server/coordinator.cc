@@ -370,6 +370,10 @@ Result<std::vector<std::shared_ptr<Engine>>> Coordinator::RemoteEngines(const st
   std::vector<std::shared_ptr<Engine>> out;
   for (const std::string& node : opts_.cluster->UpPeers()) {
     auto got = opts_.cluster->Prepare(node, model);
+    if (!got.ok() && got.status().code() == Code::kUnimplemented) {
+      spdlog::debug("node {} takes part in no sync across nodes (older daemon): {}", node, got.status().message());
+      continue;
+    }
     if (!got.ok()) return got.status().WithContext("preparing the sync");
     for (const RemoteEngine& r : *got) {
       if (r.node != node || r.spec.model != model)
@@ -401,7 +405,7 @@ Status Coordinator::StartRemote(SyncSession& sync, const SyncPlan& plan) {
     dtypes.push_back(std::move(d));
     rs.engines.push_back(RemoteEngine{nodes[i], e.id, e.spec});
   }
-  sync.SetCluster(self, "", cluster::BuildPackPlan(plan, nodes, dtypes, self, rs.chunk_bytes));
+  sync.SetPack(cluster::BuildPackPlan(plan, nodes, dtypes, self, rs.chunk_bytes));
   std::vector<std::string> started;
   for (const std::string& node : sync.RemoteNodes()) {
     if (Status st = opts_.cluster->Start(node, rs); !st.ok()) {
@@ -847,6 +851,7 @@ Status Coordinator::PeerStart(RemoteStart rs) {
       return FailedPrecondition("model " + model + ": " + std::to_string(locals.size()) +
                                 " engine ranks are registered here, the leader planned " + std::to_string(used));
     sync = std::make_shared<SyncSession>(rs.sync_id, m->owner, rs.manifest, std::move(engines));
+    sync->SetLeader(self, rs.leader);
     m->busy_sync = sync->id();
     syncs_[sync->id()] = sync;
   }
@@ -865,7 +870,7 @@ Status Coordinator::PeerStart(RemoteStart rs) {
       for (const auto& p : e->spec.params) d.push_back(p.dtype);
       param_dtypes.push_back(std::move(d));
     }
-    sync->SetCluster(self, rs.leader, cluster::BuildPackPlan(*plan, nodes, param_dtypes, rs.leader, rs.chunk_bytes));
+    sync->SetPack(cluster::BuildPackPlan(*plan, nodes, param_dtypes, rs.leader, rs.chunk_bytes));
   }
   MutexLock lk(&mu_);
   return StartSyncLocked(sync, std::move(plan), {}).status();

@@ -197,12 +197,12 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
 
 // ---------------------------------------------------------------- across nodes
 
-void SyncSession::SetCluster(std::string self, std::string leader, cluster::PackPlan pack) {
-  if (state_ != SyncState::kPlanning) Panic(Name() + ": SetCluster in state " + SyncStateName(state_));
+void SyncSession::SetLeader(std::string self, std::string leader) {
   self_ = std::move(self);
   leader_ = std::move(leader);
-  pack_ = std::move(pack);
 }
+
+void SyncSession::SetPack(cluster::PackPlan pack) { pack_ = std::move(pack); }
 
 std::vector<std::string> SyncSession::RemoteNodes() const {
   std::set<std::string> nodes;

@@ -91,10 +91,13 @@ class SyncSession {
   Result<SyncPlan> Plan(std::vector<TensorDtypes>* dtypes);
   // planning -> streaming.
   void StartStreaming(SyncPlan plan);
-  // Syncs across nodes, while planning: the node that holds the sources
-  // (leader; "" = this daemon leads) and the packing of the copies into other
-  // nodes' engines (cluster::BuildPackPlan). `self` is this node's name.
-  void SetCluster(std::string self, std::string leader, cluster::PackPlan pack);
+  // Syncs across nodes. Before the session is shared (coordinator lock
+  // held): this node's name and the node that holds the sources (leader; ""
+  // = this daemon leads).
+  void SetLeader(std::string self, std::string leader);
+  // While planning: the packing of the copies into other nodes' engines
+  // (cluster::BuildPackPlan); read only once the session streams.
+  void SetPack(cluster::PackPlan pack);
   const std::string& leader() const { return leader_; }
   const std::string& self_node() const { return self_; }
   const cluster::PackPlan& pack() const { return pack_; }
