@@ -93,7 +93,7 @@ def main() -> int:
             print(cp.stderr, file=sys.stderr)
             return 1
         syncs = [json.loads(line) for line in cp.stdout.splitlines() if line.startswith("{")]
-        secs = statistics.median(float(s["seconds"]) for s in syncs)
+        secs = statistics.median(float(s["daemon_seconds"]) for s in syncs)
         sent = {p["name"]: int(p.get("bytes_sent", 0)) // args.syncs for p in status("a")["peers"]}
         recv = {n: int(next(p for p in status(n)["peers"] if p["name"] == "a").get("bytes_received", 0)) //
                 args.syncs for n in "bc"}
