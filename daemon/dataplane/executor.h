@@ -33,6 +33,12 @@ namespace ws {
 struct ExecutorOptions {
   int threads = 0;                   // 0 = hardware concurrency
   size_t chunk_bytes = 4u << 20;     // destination bytes per work item
+  // Host row loops: a rows::Isa (host_rows.h) to force, which must be
+  // supported (tests, benchmarks); -1: rows::Best().
+  int host_isa = -1;
+  // Host ops writing at least this many bytes use non-temporal stores (their
+  // destination is not read again by the daemon).
+  uint64_t stream_min_bytes = 256u << 10;
 };
 
 class Executor {
