@@ -21,6 +21,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -51,6 +52,16 @@ class Executor {
   virtual Result<uint64_t> RunLabeled(const std::vector<kernels::CopyOp>& ops,
                                       const std::vector<std::string>& labels) {
     return Run(ops);
+  }
+  // As RunLabeled(); name(i) names ops[i] and is called only for an error
+  // message (no per-op string work on the hot path). The default makes every
+  // label first.
+  virtual Result<uint64_t> RunNamed(const std::vector<kernels::CopyOp>& ops,
+                                    const std::function<std::string(size_t)>& name) {
+    std::vector<std::string> labels;
+    labels.reserve(ops.size());
+    for (size_t i = 0; i < ops.size(); ++i) labels.push_back(name(i));
+    return RunLabeled(ops, labels);
   }
   virtual int threads() const = 0;
   // Ok while the executor can run ops. Once it cannot run anything again

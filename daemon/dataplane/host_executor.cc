@@ -173,11 +173,13 @@ void InstallSigbusHandler() {
   });
 }
 
-// Runs one item with the guard armed. Returns false (and the faulting
-// address) when it hit SIGBUS; the item is then partly written. The jump
-// target is this frame, live for the whole copy; CopyItem holds no locks
-// and no objects with destructors, so abandoning it is safe.
-bool GuardedCopyItem(const Item& it, const RunMode& mode, void** fault_addr) {
+// Runs items[0, n) with the guard armed once. Returns false (with the
+// faulting item and address) when one hit SIGBUS; that item is then partly
+// written and the rest not run. The jump target is this frame, live for the
+// whole copy; CopyItem holds no locks and no objects with destructors, so
+// abandoning it is safe.
+bool GuardedCopyItems(const Item* items, size_t n, const RunMode& mode, size_t* fault_item, void** fault_addr) {
+  volatile size_t cur = 0;  // read after the jump
   if (sigsetjmp(t_guard.jump, 0) != 0) {
     // Jumped out of the handler: SIGBUS is still blocked in this thread
     // (savemask 0 keeps the fast path free of syscalls); unblock it.
@@ -186,11 +188,15 @@ bool GuardedCopyItem(const Item& it, const RunMode& mode, void** fault_addr) {
     sigaddset(&bus, SIGBUS);
     pthread_sigmask(SIG_UNBLOCK, &bus, nullptr);
     *fault_addr = t_guard.addr;
+    *fault_item = cur;
     return false;
   }
   t_guard.active = 1;
   std::atomic_signal_fence(std::memory_order_seq_cst);  // no copy access before arming
-  CopyItem(it, mode);
+  for (size_t i = 0; i < n; ++i) {
+    cur = i;
+    CopyItem(items[i], mode);
+  }
   std::atomic_signal_fence(std::memory_order_seq_cst);  // nor after disarming
   t_guard.active = 0;
   return true;
@@ -221,16 +227,19 @@ class HostExecutor final : public Executor {
   Result<uint64_t> Run(const std::vector<CopyOp>& ops) override { return RunLabeled(ops, {}); }
 
   Result<uint64_t> RunLabeled(const std::vector<CopyOp>& ops, const std::vector<std::string>& labels) override {
-    auto what = [&](size_t i) {
+    return RunNamed(ops, [&](size_t i) {
       return i < labels.size() && !labels[i].empty() ? labels[i] : "copy op " + std::to_string(i);
-    };
+    });
+  }
+
+  Result<uint64_t> RunNamed(const std::vector<CopyOp>& ops, const std::function<std::string(size_t)>& what) override {
     std::vector<CopyOp> norm;
     std::vector<size_t> index;  // norm[k] is ops[index[k]]
     norm.reserve(ops.size());
     index.reserve(ops.size());
     uint64_t bytes = 0;
     for (size_t i = 0; i < ops.size(); ++i) {
-      WS_RETURN_IF_ERROR(ValidateCopyOp(ops[i], what(i)));
+      if (!ValidateCopyOp(ops[i], std::string()).ok()) return ValidateCopyOp(ops[i], what(i));  // names it
       if (ops[i].rows == 0 || ops[i].cols == 0) continue;
       norm.push_back(Normalize(ops[i]));
       index.push_back(i);
@@ -238,15 +247,29 @@ class HostExecutor final : public Executor {
     }
     std::vector<Item> items;
     for (const CopyOp& op : norm) Split(&op, chunk_bytes_, &items);
+    // Consecutive small items run as one task (one dispatch, one guard):
+    // tasks of about chunk_bytes / 4 destination bytes, or single items.
+    std::vector<size_t> task{0};  // items[task[k], task[k + 1]) is task k
+    const uint64_t task_bytes = std::max<uint64_t>(chunk_bytes_ / 4, 1);
+    uint64_t acc = 0;
+    for (size_t i = 0; i < items.size(); ++i) {
+      const Item& it = items[i];
+      acc += static_cast<uint64_t>((it.r1 - it.r0) * (it.c1 - it.c0)) * ElemSize(it.op->dst_dtype);
+      if (acc >= task_bytes || i + 1 == items.size()) {
+        task.push_back(i + 1);
+        acc = 0;
+      }
+    }
     constexpr size_t kNone = std::numeric_limits<size_t>::max();
     std::atomic<size_t> failed{kNone};  // norm index of the first faulted op
     std::atomic<void*> failed_addr{nullptr};
-    pool_.ParallelFor(items.size(), [&](size_t i) {
+    pool_.ParallelFor(task.size() - 1, [&](size_t k) {
       if (failed.load(std::memory_order_relaxed) != kNone) return;  // already failing: skip the rest
       void* addr = nullptr;
-      if (GuardedCopyItem(items[i], mode_, &addr)) return;
+      size_t item = 0;
+      if (GuardedCopyItems(&items[task[k]], task[k + 1] - task[k], mode_, &item, &addr)) return;
       size_t expect = kNone;
-      if (failed.compare_exchange_strong(expect, static_cast<size_t>(items[i].op - norm.data()))) {
+      if (failed.compare_exchange_strong(expect, static_cast<size_t>(items[task[k] + item].op - norm.data()))) {
         failed_addr.store(addr);
       }
     });
