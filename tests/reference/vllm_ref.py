@@ -491,7 +491,8 @@ def deepseek_v2(cfg, ck, T, r, opts):
             gates = {e: ck[f"{m}.experts.{e}.gate_proj.weight"] for e in experts}
             ups = {e: ck[f"{m}.experts.{e}.up_proj.weight"] for e in experts}
             downs = {e: ck[f"{m}.experts.{e}.down_proj.weight"] for e in experts}
-            out[f"{m}.experts.w13_weight"], out[f"{m}.experts.w2_weight"] = \
+            fused = f"{m}.experts.routed_experts" if opts.get("vllm_routed_experts") else f"{m}.experts"
+            out[f"{fused}.w13_weight"], out[f"{fused}.w2_weight"] = \
                 moe_experts(gates, ups, downs, t_moe, k_moe, experts)
     _full(ck, ["model.norm.weight"], out)
 
