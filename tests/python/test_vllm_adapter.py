@@ -432,6 +432,9 @@ def test_repacked_moe_experts_are_staged_and_packed_again(daemon, checkpoints, m
     monkeypatch.setattr(wsv, "_loader_layout", lambda module, leaf: (
         (tuple(getattr(module, leaf).shape), getattr(module, leaf).dtype) if leaf in ("w13_weight", "w2_weight")
         else loader_layout(module, leaf)))
+    with pytest.raises(weightsync.WeightSyncError, match=r"parameter model\.layers\.1\.mlp\.experts\.w2_weight: "
+                                                         r"excluded, but vLLM's experts kernel repacks it"):
+        w.weightsync_start(daemon.address, "standin-moe", exclude=["*.w2_weight"])
     w.weightsync_start(daemon.address, "standin-moe")
     try:
         st = w.weightsync_status()

