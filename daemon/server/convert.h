@@ -58,9 +58,9 @@ Result<RemoteStart> FromProto(const pb::PeerStartSyncRequest& req, const Limits&
 
 Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req, const Limits& limits = {});
 
-// One layer's shards as (tensor name, memory) pairs.
-Result<std::vector<std::pair<std::string, MemoryRef>>> FromProto(const pb::LayerData& layer,
-                                                                  const Limits& limits = {});
+// One layer's shards: named ones as (tensor name, memory) pairs, indexed
+// ones as (manifest index, offset) in one memory object.
+Result<LayerShards> FromProto(const pb::LayerData& layer, const Limits& limits = {});
 
 pb::EngineEvent ToProto(const EngineEvent& ev);
 void ToProto(const SyncStats& s, pb::SyncStats* out);

@@ -158,7 +158,7 @@ class RecordingSink final : public EventSink {
 // until released (to abort a sync while its copy is running) or failing.
 class TestExecutor final : public Executor {
  public:
-  Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops, const std::vector<std::string>&) override {
+  Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops, const OpNamer&) override {
     {
       std::unique_lock lk(mu_);
       ++runs_;
