@@ -33,6 +33,7 @@
 #include "client/ctl/commands.h"
 #include "client/ctl/parallel.h"
 #include "client/ctl/cuda_buffers.h"
+#include "daemon/core/posix_handles.h"
 
 namespace ws::ctl {
 namespace {
@@ -566,6 +567,7 @@ int PushProcesses(const GlobalOptions& g, const PushOptions& o, const Plan& p, c
   }
   void* mem = ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (mem == MAP_FAILED) return Fail(std::string("mmap of the ranks' shared state: ") + std::strerror(errno));
+  const UniqueMapping shared_map(mem, sizeof(Shared));  // unmapped on every return
   Shared* sh = new (mem) Shared();
   pthread_barrierattr_t attr;
   pthread_barrierattr_init(&attr);
@@ -622,7 +624,6 @@ int PushProcesses(const GlobalOptions& g, const PushOptions& o, const Plan& p, c
   // No pthread_barrier_destroy: it waits for waiters, and killed ranks may
   // have died waiting. Unmapping is enough.
   sh->~Shared();
-  ::munmap(mem, sizeof(Shared));
   return code;
 }
 
