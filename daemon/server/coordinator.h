@@ -50,9 +50,9 @@
 #include "daemon/transport/transport.h"
 #include "daemon/mem/memory.h"
 #include "daemon/server/observer.h"
-#include "daemon/server/peer.h"
 #include "daemon/sync/engine_registry.h"
 #include "daemon/sync/events.h"
+#include "daemon/sync/peer.h"
 #include "daemon/sync/sync_session.h"
 
 namespace ws::server {
