@@ -60,7 +60,38 @@ struct Plan {
   std::vector<uint64_t> rank_bytes;  // size of each rank's buffer
   uint64_t trainer_bytes = 0;
   pb::BeginSyncRequest begin;        // the manifest (version set per sync)
+  std::vector<int64_t> manifest_index;  // per tensor: its position in begin.tensors (-1: not sent)
 };
+
+// A 64-bit FNV-1a digest of the manifest as serialized (version unset), as
+// hex: BeginSyncRequest.manifest_fingerprint.
+std::string Fingerprint(const pb::BeginSyncRequest& begin) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : begin.SerializeAsString()) h = (h ^ c) * 1099511628211ull;
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+// BeginSync, naming the manifest by its fingerprint after the first sync
+// (the daemon then reuses the manifest, and its plan when the engines are
+// unchanged); the full manifest when the daemon keeps none under it.
+Result<pb::BeginSyncResponse> Begin(WeightSyncClient& client, const pb::BeginSyncRequest& full, bool* sent_before) {
+  if (*sent_before) {
+    pb::BeginSyncRequest lean;
+    lean.set_model(full.model());
+    lean.set_version(full.version());
+    lean.set_world_size(full.world_size());
+    lean.set_negotiate_dtypes(full.negotiate_dtypes());
+    lean.set_manifest_fingerprint(full.manifest_fingerprint());
+    lean.set_reuse_manifest(true);
+    auto r = client.BeginSync(lean);
+    if (r.ok() || r.status().code() != Code::kNotFound) return r;
+  }
+  auto r = client.BeginSync(full);
+  if (r.ok()) *sent_before = true;
+  return r;
+}
 
 using Clock = std::chrono::steady_clock;
 double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
@@ -154,6 +185,11 @@ Result<Plan> MakePlan(const st::Checkpoint& ckpt, const PushOptions& o) {
     Err("weightsyncctl push: --inject " + k + " applied to tensor \"" + tensors[static_cast<size_t>(i)].name + "\"");
   }
 
+  begin.set_manifest_fingerprint(Fingerprint(begin));
+  p.manifest_index.assign(tensors.size(), -1);
+  for (size_t i = 0, m = 0; i < tensors.size(); ++i)
+    if (in_manifest[i]) p.manifest_index[i] = static_cast<int64_t>(m++);
+
   // Layers, in checkpoint order.
   std::vector<std::string> names;
   std::vector<size_t> index;
@@ -173,8 +209,9 @@ Result<Plan> MakePlan(const st::Checkpoint& ckpt, const PushOptions& o) {
 // Fills the memory reference of [offset, offset + length) of rank r's buffer.
 using RefFn = std::function<void(uint32_t r, uint64_t offset, uint64_t length, pb::MemoryRef* ref)>;
 
-// Rank r's message for one layer (no shards: nothing to send). With
-// --inject oob-memref the first shard rank 0 sends points past its buffer.
+// Rank r's message for one layer (no shards: nothing to send): its shards by
+// manifest index and offset in the rank's buffer. With --inject oob-memref
+// the first shard rank 0 sends points past its buffer.
 pb::LayerData LayerMessage(const Plan& p, const PushOptions& o, uint64_t sync_id, uint32_t r, const Layer& layer,
                            const RefFn& ref, bool* oob_done, bool say_oob) {
   pb::LayerData msg;
@@ -185,17 +222,17 @@ pb::LayerData LayerMessage(const Plan& p, const PushOptions& o, uint64_t sync_id
     const Tensor& t = p.tensors[ti];
     for (size_t k = 0; k < t.shards.size(); ++k) {
       if (t.shards[k].rank != r) continue;
-      pb::ShardData* sd = msg.add_shards();
-      sd->set_tensor(t.name);
       uint64_t offset = t.offset[k];
       if (o.inject == "oob-memref" && r == 0 && !*oob_done) {
         offset = p.rank_bytes[r] + 64;
         *oob_done = true;
         if (say_oob) Err("weightsyncctl push: --inject oob-memref applied to tensor \"" + t.name + "\"");
       }
-      ref(r, offset, t.bytes[k], sd->mutable_memory());
+      msg.add_tensor_index(static_cast<uint32_t>(p.manifest_index[ti]));
+      msg.add_offset(offset);
     }
   }
+  if (msg.tensor_index_size() > 0) ref(r, 0, p.rank_bytes[r], msg.mutable_memory());
   return msg;
 }
 
@@ -217,6 +254,8 @@ void PrintSync(const PushOptions& o, const Plan& p, const SyncReport& r) {
     j["device"] = o.device;
     j["engines"] = r.started.engines();
     j["copy_ops"] = r.started.copy_ops();
+    j["plan_reused"] = r.started.plan_reused();
+    j["manifest_reused"] = r.started.manifest_reused();
     j["bytes_planned"] = r.started.bytes_planned();
     j["bytes_written"] = s.bytes_written();
     j["bytes_read"] = s.bytes_read();
@@ -316,12 +355,13 @@ int PushHost(const GlobalOptions& g, const PushOptions& o, const Plan& p) {
   }
 
   pb::BeginSyncRequest begin = p.begin;
+  bool sent_before = false;
   for (uint32_t rep = 0; rep < o.repeat; ++rep) {
     SyncReport rpt;
     rpt.version = o.version + rep;
     begin.set_version(rpt.version);
     const auto t0 = Clock::now();
-    auto started = clients[0]->BeginSync(begin);
+    auto started = Begin(*clients[0], begin, &sent_before);
     if (!started.ok())
       return Fail("BeginSync version " + std::to_string(rpt.version) + ": " + started.status().ToString());
     rpt.started = *started;
@@ -350,7 +390,7 @@ int PushHost(const GlobalOptions& g, const PushOptions& o, const Plan& p) {
         for (const Layer& layer : p.layers) {
           if (failure.failed()) break;
           pb::LayerData msg = LayerMessage(p, o, sync_id, r, layer, ref, &oob_done, rep == 0);
-          if (msg.shards_size() == 0) continue;
+          if (msg.tensor_index_size() == 0) continue;
           if (Status s = (*stream)->Send(msg); !s.ok()) {
             failure.Unregister(r);
             return abort_sync(r, s.WithContext("layer " + layer.key));
@@ -488,13 +528,14 @@ int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const 
     h->set_length(length);
   };
   pb::BeginSyncRequest begin = p.begin;
+  bool sent_before = false;
   for (uint32_t rep = 0; rep < o.repeat; ++rep) {
     SyncReport rpt;
     rpt.version = o.version + rep;
     const auto t0 = Clock::now();
     if (r == 0) {
       begin.set_version(rpt.version);
-      auto started = client->BeginSync(begin);
+      auto started = Begin(*client, begin, &sent_before);
       if (started.ok()) {
         rpt.started = *started;
         sh->sync_id = started->sync_id();
@@ -526,7 +567,7 @@ int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const 
           return;
         }
         pb::LayerData msg = LayerMessage(p, o, sync_id, r, layer, ref, &oob_done, rep == 0);
-        if (msg.shards_size() == 0) continue;
+        if (msg.tensor_index_size() == 0) continue;
         if (Status s = (*stream)->Send(msg); !s.ok()) return fail(s.WithContext("layer " + layer.key));
         auto ack = (*stream)->Read();
         if (!ack.ok()) return fail(ack.status().WithContext("layer " + layer.key));

@@ -61,6 +61,11 @@ struct SourceManifest {
   // Dtype negotiation: each tensor's dtype is the trainer's source dtype and
   // BeginSync replaces it by the wire dtype it chooses (NegotiateDTypes).
   bool negotiate_dtypes = false;
+  // Plan reuse (BeginSyncRequest.manifest_fingerprint, reuse_manifest): with
+  // reuse_manifest, `tensors` is empty and the manifest the daemon keeps
+  // under `fingerprint` is used.
+  std::string fingerprint;
+  bool reuse_manifest = false;
 };
 
 // ---- Engine side ----------------------------------------------------------

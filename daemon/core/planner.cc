@@ -4,6 +4,7 @@
 #include <map>
 #include <set>
 #include <tuple>
+#include <unordered_map>
 
 #include "daemon/core/text.h"
 
@@ -126,7 +127,7 @@ void CheckShards(const SourceTensor& t, uint32_t world, ErrorList* errs, TensorI
 
 Status ValidateEngine(const EngineRankSpec& spec, const RankLayout& layout) {
   ErrorList errs;
-  std::map<std::string, const ExpectedParam*> expected;
+  std::unordered_map<std::string, const ExpectedParam*> expected;
   for (const ExpectedParam& p : layout.params) expected[p.name] = &p;
   std::set<std::string> registered;
   std::vector<std::string> unfilled;
@@ -166,9 +167,9 @@ DType ChooseWireDType(DType source, const std::vector<DType>& destinations) {
 }
 
 std::vector<TensorDtypes> NegotiateDTypes(const SourceManifest& manifest, const std::vector<PlanEngine>& engines) {
-  std::map<std::string, std::set<DType>> dests;  // source -> dtypes of the params it fills
+  std::unordered_map<std::string, std::set<DType>> dests;  // source -> dtypes of the params it fills
   for (const PlanEngine& pe : engines) {
-    std::map<std::string, const ExpectedParam*> expected;
+    std::unordered_map<std::string, const ExpectedParam*> expected;
     for (const ExpectedParam& p : pe.layout.params) expected.emplace(p.name, &p);
     for (const EngineParamSpec& ps : pe.spec.params) {
       auto it = expected.find(ps.name);
@@ -189,11 +190,11 @@ std::vector<TensorDtypes> NegotiateDTypes(const SourceManifest& manifest, const 
 Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<PlanEngine>& engines) {
   ErrorList errs;
   // Sources: declared ones (with shapes) and those some fill reads.
-  std::map<std::string, std::pair<Shape, std::string>> declared;  // name -> (shape, architecture)
+  std::unordered_map<std::string, std::pair<Shape, std::string>> declared;  // name -> (shape, architecture)
   std::map<std::string, std::string> needed_by;                     // source -> first param reading it
   std::vector<std::string> skips;  // distinct, in first-seen order
   std::set<std::string> skip_set;
-  std::vector<std::map<std::string, const ExpectedParam*>> expected(engines.size());
+  std::vector<std::unordered_map<std::string, const ExpectedParam*>> expected(engines.size());
   for (size_t e = 0; e < engines.size(); ++e) {
     const PlanEngine& pe = engines[e];
     Status st = ValidateEngine(pe.spec, pe.layout);
@@ -215,7 +216,7 @@ Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<Pla
       if (skip_set.insert(s).second) skips.push_back(s);
   }
 
-  std::map<std::string, uint32_t> index;
+  std::unordered_map<std::string, uint32_t> index;
   std::vector<TensorInfo> info(manifest.tensors.size());
   for (uint32_t t = 0; t < manifest.tensors.size(); ++t) {
     const SourceTensor& st = manifest.tensors[t];
@@ -335,22 +336,16 @@ Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<Pla
   }
   if (!errs.empty()) return InvalidArgument(errs.Join());
   // Group copies by (tensor, shard), keeping their order within a group.
-  std::vector<size_t> base(manifest.tensors.size() + 1, 0);
-  for (uint32_t t = 0; t < manifest.tensors.size(); ++t) base[t + 1] = base[t] + manifest.tensors[t].shards.size();
-  std::vector<uint32_t> count(base.back() + 1, 0);
-  for (const PlannedCopy& c : plan.copies) ++count[base[c.tensor] + c.shard + 1];
-  for (size_t i = 1; i < count.size(); ++i) count[i] += count[i - 1];
+  plan.shard_base.assign(manifest.tensors.size() + 1, 0);
+  for (uint32_t t = 0; t < manifest.tensors.size(); ++t)
+    plan.shard_base[t + 1] = plan.shard_base[t] + static_cast<uint32_t>(manifest.tensors[t].shards.size());
+  std::vector<uint32_t>& begin = plan.shard_begin;
+  begin.assign(plan.shard_base.back() + 1, 0);
+  for (const PlannedCopy& c : plan.copies) ++begin[plan.shard_base[c.tensor] + c.shard + 1];
+  for (size_t i = 1; i < begin.size(); ++i) begin[i] += begin[i - 1];
+  std::vector<uint32_t> next(begin.begin(), begin.end() - 1);
   std::vector<PlannedCopy> sorted(plan.copies.size());
-  plan.by_shard.resize(manifest.tensors.size());
-  for (uint32_t t = 0; t < manifest.tensors.size(); ++t) {
-    plan.by_shard[t].resize(manifest.tensors[t].shards.size());
-    for (uint32_t sh = 0; sh < manifest.tensors[t].shards.size(); ++sh) {
-      size_t b = count[base[t] + sh], e = count[base[t] + sh + 1];
-      plan.by_shard[t][sh].resize(e - b);
-      for (size_t i = b; i < e; ++i) plan.by_shard[t][sh][i - b] = static_cast<uint32_t>(i);
-    }
-  }
-  for (const PlannedCopy& c : plan.copies) sorted[count[base[c.tensor] + c.shard]++] = c;
+  for (const PlannedCopy& c : plan.copies) sorted[next[plan.shard_base[c.tensor] + c.shard]++] = c;
   plan.copies = std::move(sorted);
   return plan;
 }

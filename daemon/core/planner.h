@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "daemon/core/layout.h"
@@ -47,10 +48,17 @@ struct PlannedZero {
 };
 
 struct SyncPlan {
-  std::vector<PlannedCopy> copies;   // grouped by (tensor, shard): see by_shard
+  std::vector<PlannedCopy> copies;   // grouped by (tensor, shard), in manifest order: see CopiesOf
   std::vector<PlannedZero> zeros;
-  // by_shard[t][s] = indices into `copies` reading tensor t, shard s.
-  std::vector<std::vector<std::vector<uint32_t>>> by_shard;
+  // Flat shard ids: shard s of tensor t is shard_base[t] + s (size: tensors + 1).
+  std::vector<uint32_t> shard_base;
+  // The copies reading flat shard f are copies[shard_begin[f], shard_begin[f + 1]).
+  std::vector<uint32_t> shard_begin;
+  // [first, last) indices into `copies` reading tensor t, shard s.
+  std::pair<uint32_t, uint32_t> CopiesOf(uint32_t t, uint32_t s) const {
+    const uint32_t f = shard_base[t] + s;
+    return {shard_begin[f], shard_begin[f + 1]};
+  }
   uint64_t bytes_written = 0;  // engine bytes (copies + zeros)
   uint64_t bytes_read = 0;     // trainer bytes read by copies
 };

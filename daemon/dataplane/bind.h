@@ -9,34 +9,42 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "daemon/core/status.h"
+#include "daemon/dataplane/executor.h"
 #include "daemon/kernels/copy_math.h"
 #include "daemon/mem/memory.h"
 
 namespace ws {
 
-// Copy operations ready for Executor::Run, one label per op.
+// Copy operations ready for Executor::RunNamed.
 struct BoundOps {
   std::vector<kernels::CopyOp> ops;
-  std::vector<std::string> labels;
+  // Names ops[i] in errors ("tensor T (rank R) -> ENGINE param P"); called
+  // only when an error needs it, so binding does no per-op string work.
+  // Empty: "copy op i".
+  OpNamer name;
   std::vector<Route> routes;  // where each op reads and writes (a zero fill: from its destination's kind)
   uint64_t bytes_read = 0;    // source bytes the ops read
   // Set by the sync layer: engines (indices in the sync) whose live, not
   // staged, parameters the ops write; they must have paused first.
   std::set<uint32_t> in_place_engines;
+
+  std::string Name(size_t i) const { return OpName(name, i); }
 };
 
 // Binds one planned op: `op` carries the plan's offsets, strides, shape,
 // dtypes, transpose and zero_fill (its pointers are ignored); `src` (nullptr
 // for a zero fill) and `dst` are the mapped buffers. Appends the bound op and
-// `label` to `out`. The plan was validated against the same sizes, so an op
-// that does not fit is a daemon bug: Internal, naming `where` and `label`,
-// and nothing is appended.
-Status BindOp(kernels::CopyOp op, const Mapping* src, const Mapping& dst, std::string label, const std::string& where,
-              BoundOps* out);
+// its route to `out` (the caller sets out->name). The plan was validated
+// against the same sizes, so an op that does not fit is a daemon bug:
+// Internal, naming `where` and label() (called only then), and nothing is
+// appended.
+Status BindOp(kernels::CopyOp op, const Mapping* src, const Mapping& dst, const std::function<std::string()>& label,
+              const std::string& where, BoundOps* out);
 
 }  // namespace ws

@@ -39,25 +39,25 @@ class DispatchExecutor final : public Executor {
   }
 
  protected:
-  Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops,
-                                const std::vector<std::string>& labels) override {
+  Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops, const OpNamer& name) override {
     if (Status h = health(); !h.ok()) return h;
     std::vector<kernels::CopyOp> host_ops, gpu_ops;
-    std::vector<std::string> host_labels, gpu_labels;
+    std::vector<size_t> host_index, gpu_index;  // position of each in `ops`, for names
     for (size_t i = 0; i < ops.size(); ++i) {
-      std::string label = OpLabel(labels, i);
       const bool on_gpu = platform_.PointerDevice(ops[i].dst) >= 0 ||
                           (!ops[i].zero_fill && platform_.PointerDevice(ops[i].src) >= 0);
       if (on_gpu && !gpu_) {
-        return FailedPrecondition(label + ": the copy touches device memory, but " + no_gpu_.message());
+        return FailedPrecondition(name(i) + ": the copy touches device memory, but " + no_gpu_.message());
       }
       (on_gpu ? gpu_ops : host_ops).push_back(ops[i]);
-      (on_gpu ? gpu_labels : host_labels).push_back(std::move(label));
+      (on_gpu ? gpu_index : host_index).push_back(i);
     }
-    if (gpu_ops.empty()) return host_->Run(host_ops, host_labels);
-    if (host_ops.empty()) return Checked(gpu_->Run(gpu_ops, gpu_labels));
-    auto gpu = std::async(std::launch::async, [&] { return gpu_->Run(gpu_ops, gpu_labels); });
-    auto host = host_->Run(host_ops, host_labels);
+    const OpNamer host_name = [&](size_t k) { return name(host_index[k]); };
+    const OpNamer gpu_name = [&](size_t k) { return name(gpu_index[k]); };
+    if (gpu_ops.empty()) return host_->RunNamed(host_ops, host_name);
+    if (host_ops.empty()) return Checked(gpu_->RunNamed(gpu_ops, gpu_name));
+    auto gpu = std::async(std::launch::async, [&] { return gpu_->RunNamed(gpu_ops, gpu_name); });
+    auto host = host_->RunNamed(host_ops, host_name);
     auto dev = Checked(gpu.get());
     if (!dev.ok()) return dev.status();
     if (!host.ok()) return host.status();

@@ -23,9 +23,20 @@ std::string OpLabel(const std::vector<std::string>& labels, size_t i) {
   return i < labels.size() && !labels[i].empty() ? labels[i] : "copy op " + std::to_string(i);
 }
 
+std::string OpName(const OpNamer& name, size_t i) {
+  return name ? name(i) : "copy op " + std::to_string(i);
+}
+
 Result<uint64_t> Executor::Run(const std::vector<kernels::CopyOp>& ops, const std::vector<std::string>& labels) {
-  for (size_t i = 0; i < ops.size(); ++i) WS_RETURN_IF_ERROR(ValidateCopyOp(ops[i], OpLabel(labels, i)));
-  return RunValidated(ops, labels);
+  return RunNamed(ops, [&labels](size_t i) { return OpLabel(labels, i); });
+}
+
+Result<uint64_t> Executor::RunNamed(const std::vector<kernels::CopyOp>& ops, const OpNamer& name) {
+  // Checked without a name first: the name is made only for the message.
+  for (size_t i = 0; i < ops.size(); ++i)
+    if (!ValidateCopyOp(ops[i], std::string()).ok()) return ValidateCopyOp(ops[i], OpName(name, i));
+  if (name) return RunValidated(ops, name);
+  return RunValidated(ops, [](size_t i) { return OpName(OpNamer(), i); });
 }
 
 Status ValidateCopyOp(const kernels::CopyOp& op, const std::string& what, const OpExtents* extents) {

@@ -21,6 +21,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,9 +31,18 @@
 
 namespace ws {
 
+// Names op i of a batch in error messages; called only when an error needs it.
+using OpNamer = std::function<std::string(size_t)>;
+
 struct ExecutorOptions {
   int threads = 0;                   // 0 = hardware concurrency
   size_t chunk_bytes = 4u << 20;     // destination bytes per work item
+  // Host row loops: a rows::Isa (host_rows.h) to force, which must be
+  // supported (tests, benchmarks); -1: rows::Best().
+  int host_isa = -1;
+  // Host ops writing at least this many bytes use non-temporal stores (their
+  // destination is not read again by the daemon).
+  uint64_t stream_min_bytes = 256u << 10;
 };
 
 class Executor {
@@ -43,6 +53,9 @@ class Executor {
   // (otherwise "copy op i"). Every op is checked first (ValidateCopyOp): a
   // malformed one refuses the whole call before any byte is written.
   Result<uint64_t> Run(const std::vector<kernels::CopyOp>& ops, const std::vector<std::string>& labels = {});
+  // As Run(); name(i) names ops[i] and is called only for an error message
+  // (no per-op string work on the hot path); an empty `name` gives "copy op i".
+  Result<uint64_t> RunNamed(const std::vector<kernels::CopyOp>& ops, const OpNamer& name);
   virtual int threads() const = 0;
   // Ok while the executor can run ops. Once it cannot run anything again
   // (a sticky CUDA error: the context stays broken until the process exits)
@@ -50,13 +63,15 @@ class Executor {
   virtual Status health() const { return Status::Ok(); }
 
  protected:
-  // Run's work, on ops that passed ValidateCopyOp (labels as given to Run).
-  virtual Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops,
-                                        const std::vector<std::string>& labels) = 0;
+  // The work of Run/RunNamed, on ops that passed ValidateCopyOp; `name`
+  // never empty.
+  virtual Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops, const OpNamer& name) = 0;
 };
 
 // The name of ops[i] in errors: labels[i], or "copy op i" when absent.
 std::string OpLabel(const std::vector<std::string>& labels, size_t i);
+// The name of ops[i] in errors: name(i), or "copy op i" when `name` is empty.
+std::string OpName(const OpNamer& name, size_t i);
 
 // Host memory only (every op's pointers must be host-addressable).
 std::unique_ptr<Executor> MakeHostExecutor(const ExecutorOptions& opts);

@@ -1,18 +1,11 @@
 // Host executor: ops are cut into rectangular work items of about
 // chunk_bytes destination bytes and run on a shared thread pool. Per item:
-// memcpy (same dtype), a tight per-row cast loop (vectorizable; the casts are
-// copy_math.h's, shared with the GPU), a cache-blocked transpose, or memset
-// for zero fill. Every item runs under a SIGBUS fault guard (see
+// the row loops of host_rows.h (copy or cast, built for the widest
+// instruction set present; ops of at least stream_min_bytes write with
+// non-temporal stores), a cache-blocked transpose, or memset for zero fill. Every item runs under a SIGBUS fault guard (see
 // executor.h): a peer that truncates a mapped shm object mid-copy (or a
 // full /dev/shm) fails the Run with an error naming the op and, from the
 // memory domain, the cause, instead of killing the process.
-
-// The branch-free f16 casts contain a float add; GCC only turns their selects
-// into vector code when FP ops may be assumed not to trap. Results are
-// unchanged (same rounding); nothing here reads FP exception flags.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
 
 #include <pthread.h>
 #include <setjmp.h>
@@ -28,6 +21,7 @@
 #include <thread>
 
 #include "daemon/dataplane/executor.h"
+#include "daemon/dataplane/host_rows.h"
 #include "daemon/dataplane/thread_pool.h"
 #include "daemon/mem/memory.h"
 
@@ -43,67 +37,48 @@ struct Item {
   int64_t r0, r1, c0, c1;
 };
 
-// Element converters on storage types (f32 as its bits).
-inline uint16_t F32ToBF16(uint32_t v) { return kernels::F32ToBF16(kernels::BitsFloat(v)); }
-inline uint16_t F32ToF16(uint32_t v) { return kernels::F32ToF16(kernels::BitsFloat(v)); }
-inline uint32_t BF16ToF32(uint16_t v) { return kernels::FloatBits(kernels::BF16ToF32(v)); }
-inline uint32_t F16ToF32(uint16_t v) { return kernels::FloatBits(kernels::F16ToF32(v)); }
-inline uint16_t BF16ToF16(uint16_t v) { return kernels::F32ToF16(kernels::BF16ToF32(v)); }
-inline uint16_t F16ToBF16(uint16_t v) { return kernels::F32ToBF16(kernels::F16ToF32(v)); }
-
-// One contiguous run: d[j] = conv(s[j]). On x86-64 each loop is also built
-// for AVX2 and picked at load time (twice the SSE2 speed for the f16 casts).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define WS_ROW_TARGETS __attribute__((target_clones("avx2", "default")))
-#else
-#define WS_ROW_TARGETS
-#endif
-#define WS_ROW_FN(name, S, D, conv)                                               \
-  WS_ROW_TARGETS void name(const S* __restrict s, D* __restrict d, int64_t n) { \
-    for (int64_t j = 0; j < n; ++j) d[j] = conv(s[j]);                           \
-  }
-WS_ROW_FN(RowF32ToBF16, uint32_t, uint16_t, F32ToBF16)
-WS_ROW_FN(RowF32ToF16, uint32_t, uint16_t, F32ToF16)
-WS_ROW_FN(RowBF16ToF32, uint16_t, uint32_t, BF16ToF32)
-WS_ROW_FN(RowF16ToF32, uint16_t, uint32_t, F16ToF32)
-WS_ROW_FN(RowBF16ToF16, uint16_t, uint16_t, BF16ToF16)
-WS_ROW_FN(RowF16ToBF16, uint16_t, uint16_t, F16ToBF16)
-#undef WS_ROW_FN
-
-template <typename T>
-void RowCopy(const T* __restrict s, T* __restrict d, int64_t n) {
-  std::memcpy(d, s, n * sizeof(T));
-}
-
 constexpr int64_t kTile = 64;
 
-template <typename S, typename D, void (*Row)(const S*, D*, int64_t)>
-void CastItem(const Item& it) {
+// How items are run: the row loops of one instruction set, and which ops
+// stream their destination.
+struct RunMode {
+  rows::Isa isa;
+  uint64_t stream_min_bytes;
+};
+
+void CastItem(const Item& it, rows::RowFn row, bool stream) {
   const CopyOp& op = *it.op;
-  const S* s = static_cast<const S*>(op.src) + op.src_offset;
-  D* d = static_cast<D*>(op.dst) + op.dst_offset;
+  const size_t ss = ElemSize(op.src_dtype), ds = ElemSize(op.dst_dtype);
+  const char* s = static_cast<const char*>(op.src) + op.src_offset * ss;
+  char* d = static_cast<char*>(op.dst) + op.dst_offset * ds;
   if (!op.transpose) {
-    for (int64_t i = it.r0; i < it.r1; ++i) Row(s + i * op.src_ld + it.c0, d + i * op.dst_ld + it.c0, it.c1 - it.c0);
+    for (int64_t i = it.r0; i < it.r1; ++i)
+      row(s + (i * op.src_ld + it.c0) * ss, d + (i * op.dst_ld + it.c0) * ds, it.c1 - it.c0, stream);
     return;
   }
   // dst(i, j) = src(j, i), one kTile x kTile block at a time: convert source
   // rows contiguously into a small tile (no cache-set conflicts from large
   // power-of-two strides), then write destination rows contiguously.
-  D tile[kTile][kTile];  // tile[j][i] = converted src(jb + j, ib + i)
+  alignas(64) char tile[kTile][kTile * 4];  // row j: converted src(jb + j, ib .. ib + ni)
   for (int64_t ib = it.r0; ib < it.r1; ib += kTile) {
     const int64_t ni = std::min(kTile, it.r1 - ib);
     for (int64_t jb = it.c0; jb < it.c1; jb += kTile) {
       const int64_t nj = std::min(kTile, it.c1 - jb);
-      for (int64_t j = 0; j < nj; ++j) Row(s + (jb + j) * op.src_ld + ib, tile[j], ni);
+      for (int64_t j = 0; j < nj; ++j) row(s + ((jb + j) * op.src_ld + ib) * ss, tile[j], ni, false);
       for (int64_t i = 0; i < ni; ++i) {
-        D* __restrict dr = d + (ib + i) * op.dst_ld + jb;
-        for (int64_t j = 0; j < nj; ++j) dr[j] = tile[j][i];
+        if (ds == 4) {
+          uint32_t* __restrict dr = reinterpret_cast<uint32_t*>(d) + (ib + i) * op.dst_ld + jb;
+          for (int64_t j = 0; j < nj; ++j) std::memcpy(&dr[j], &tile[j][i * 4], 4);
+        } else {
+          uint16_t* __restrict dr = reinterpret_cast<uint16_t*>(d) + (ib + i) * op.dst_ld + jb;
+          for (int64_t j = 0; j < nj; ++j) std::memcpy(&dr[j], &tile[j][i * 2], 2);
+        }
       }
     }
   }
 }
 
-void CopyItem(const Item& it) {
+void CopyItem(const Item& it, const RunMode& mode) {
   const CopyOp& op = *it.op;
   const size_t es = ElemSize(op.dst_dtype);
   char* d = static_cast<char*>(op.dst);
@@ -112,26 +87,10 @@ void CopyItem(const Item& it) {
     for (int64_t i = it.r0; i < it.r1; ++i) std::memset(d + (op.dst_offset + i * op.dst_ld + it.c0) * es, 0, row_bytes);
     return;
   }
-  if (op.src_dtype == op.dst_dtype && !op.transpose) {
-    const char* s = static_cast<const char*>(op.src);
-    for (int64_t i = it.r0; i < it.r1; ++i) {
-      std::memcpy(d + (op.dst_offset + i * op.dst_ld + it.c0) * es, s + (op.src_offset + i * op.src_ld + it.c0) * es,
-                  row_bytes);
-    }
-    return;
-  }
-  using namespace kernels;
-  switch (op.src_dtype * 3 + op.dst_dtype) {
-    case kF32 * 3 + kF32: return CastItem<uint32_t, uint32_t, RowCopy<uint32_t>>(it);
-    case kF32 * 3 + kBF16: return CastItem<uint32_t, uint16_t, RowF32ToBF16>(it);
-    case kF32 * 3 + kF16: return CastItem<uint32_t, uint16_t, RowF32ToF16>(it);
-    case kBF16 * 3 + kF32: return CastItem<uint16_t, uint32_t, RowBF16ToF32>(it);
-    case kBF16 * 3 + kBF16: return CastItem<uint16_t, uint16_t, RowCopy<uint16_t>>(it);
-    case kBF16 * 3 + kF16: return CastItem<uint16_t, uint16_t, RowBF16ToF16>(it);
-    case kF16 * 3 + kF32: return CastItem<uint16_t, uint32_t, RowF16ToF32>(it);
-    case kF16 * 3 + kBF16: return CastItem<uint16_t, uint16_t, RowF16ToBF16>(it);
-    case kF16 * 3 + kF16: return CastItem<uint16_t, uint16_t, RowCopy<uint16_t>>(it);
-  }
+  // The destination is not read again by the daemon: large ops stream it.
+  const bool stream = !op.transpose && static_cast<uint64_t>(op.rows * op.cols) * es >= mode.stream_min_bytes;
+  CastItem(it, rows::Row(mode.isa, op.src_dtype, op.dst_dtype), stream);
+  if (stream) rows::StreamFence();
 }
 
 // A non-transposed op whose rows are back to back on both sides is one long row.
@@ -214,11 +173,13 @@ void InstallSigbusHandler() {
   });
 }
 
-// Runs one item with the guard armed. Returns false (and the faulting
-// address) when it hit SIGBUS; the item is then partly written. The jump
-// target is this frame, live for the whole copy; CopyItem holds no locks
-// and no objects with destructors, so abandoning it is safe.
-bool GuardedCopyItem(const Item& it, void** fault_addr) {
+// Runs items[0, n) with the guard armed once. Returns false (with the
+// faulting item and address) when one hit SIGBUS; that item is then partly
+// written and the rest not run. The jump target is this frame, live for the
+// whole copy; CopyItem holds no locks and no objects with destructors, so
+// abandoning it is safe.
+bool GuardedCopyItems(const Item* items, size_t n, const RunMode& mode, size_t* fault_item, void** fault_addr) {
+  volatile size_t cur = 0;  // read after the jump
   if (sigsetjmp(t_guard.jump, 0) != 0) {
     // Jumped out of the handler: SIGBUS is still blocked in this thread
     // (savemask 0 keeps the fast path free of syscalls); unblock it.
@@ -227,11 +188,15 @@ bool GuardedCopyItem(const Item& it, void** fault_addr) {
     sigaddset(&bus, SIGBUS);
     pthread_sigmask(SIG_UNBLOCK, &bus, nullptr);
     *fault_addr = t_guard.addr;
+    *fault_item = cur;
     return false;
   }
   t_guard.active = 1;
   std::atomic_signal_fence(std::memory_order_seq_cst);  // no copy access before arming
-  CopyItem(it);
+  for (size_t i = 0; i < n; ++i) {
+    cur = i;
+    CopyItem(items[i], mode);
+  }
   std::atomic_signal_fence(std::memory_order_seq_cst);  // nor after disarming
   t_guard.active = 0;
   return true;
@@ -250,15 +215,19 @@ class HostExecutor final : public Executor {
   explicit HostExecutor(const ExecutorOptions& opts)
       : threads_(opts.threads > 0 ? opts.threads : std::max(1u, std::thread::hardware_concurrency())),
         chunk_bytes_(std::max<size_t>(opts.chunk_bytes, 1)),
+        mode_{opts.host_isa >= 0 ? static_cast<rows::Isa>(opts.host_isa) : rows::Best(), opts.stream_min_bytes},
         pool_(threads_ - 1) {
+    if (opts.host_isa >= rows::kIsaCount || !rows::Supported(mode_.isa)) {
+      std::fprintf(stderr, "weightsync: host executor: instruction set %d is not supported here\n", opts.host_isa);
+      std::abort();
+    }
     InstallSigbusHandler();
   }
 
   int threads() const override { return threads_; }
 
  protected:
-  Result<uint64_t> RunValidated(const std::vector<CopyOp>& ops, const std::vector<std::string>& labels) override {
-    auto what = [&](size_t i) { return OpLabel(labels, i); };
+  Result<uint64_t> RunValidated(const std::vector<CopyOp>& ops, const OpNamer& what) override {
     std::vector<CopyOp> norm;
     std::vector<size_t> index;  // norm[k] is ops[index[k]]
     norm.reserve(ops.size());
@@ -272,15 +241,29 @@ class HostExecutor final : public Executor {
     }
     std::vector<Item> items;
     for (const CopyOp& op : norm) Split(&op, chunk_bytes_, &items);
+    // Consecutive small items run as one task (one dispatch, one guard):
+    // tasks of about chunk_bytes / 4 destination bytes, or single items.
+    std::vector<size_t> task{0};  // items[task[k], task[k + 1]) is task k
+    const uint64_t task_bytes = std::max<uint64_t>(chunk_bytes_ / 4, 1);
+    uint64_t acc = 0;
+    for (size_t i = 0; i < items.size(); ++i) {
+      const Item& it = items[i];
+      acc += static_cast<uint64_t>((it.r1 - it.r0) * (it.c1 - it.c0)) * ElemSize(it.op->dst_dtype);
+      if (acc >= task_bytes || i + 1 == items.size()) {
+        task.push_back(i + 1);
+        acc = 0;
+      }
+    }
     constexpr size_t kNone = std::numeric_limits<size_t>::max();
     std::atomic<size_t> failed{kNone};  // norm index of the first faulted op
     std::atomic<void*> failed_addr{nullptr};
-    pool_.ParallelFor(items.size(), [&](size_t i) {
+    pool_.ParallelFor(task.size() - 1, [&](size_t k) {
       if (failed.load(std::memory_order_relaxed) != kNone) return;  // already failing: skip the rest
       void* addr = nullptr;
-      if (GuardedCopyItem(items[i], &addr)) return;
+      size_t item = 0;
+      if (GuardedCopyItems(&items[task[k]], task[k + 1] - task[k], mode_, &item, &addr)) return;
       size_t expect = kNone;
-      if (failed.compare_exchange_strong(expect, static_cast<size_t>(items[i].op - norm.data()))) {
+      if (failed.compare_exchange_strong(expect, static_cast<size_t>(items[task[k] + item].op - norm.data()))) {
         failed_addr.store(addr);
       }
     });
@@ -303,6 +286,7 @@ class HostExecutor final : public Executor {
  private:
   int threads_;
   size_t chunk_bytes_;
+  RunMode mode_;
   ThreadPool pool_;
 };
 

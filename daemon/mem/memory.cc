@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <utility>
 
 
@@ -53,6 +54,30 @@ Accessor Accessor::Self() {
 
 namespace {
 
+class Slice final : public Mapping {
+ public:
+  Slice(std::shared_ptr<Mapping> whole, uint64_t offset, uint64_t length)
+      : whole_(std::move(whole)), offset_(offset), length_(length) {}
+  void* data() const override { return static_cast<char*>(whole_->data()) + offset_; }
+  uint64_t size() const override { return length_; }
+  MemoryKind kind() const override { return whole_->kind(); }
+  int device() const override { return whole_->device(); }
+  bool writable() const override { return whole_->writable(); }
+  Status CheckBacked() const override { return whole_->CheckBacked(); }
+  Status Reserve() const override { return whole_->Reserve(); }
+  const void* object() const override { return whole_->object(); }
+  MemoryExtent extent() const override {
+    MemoryExtent e = whole_->extent();
+    e.begin += offset_;
+    e.end = e.begin + length_;
+    return e;
+  }
+
+ private:
+  const std::shared_ptr<Mapping> whole_;
+  const uint64_t offset_, length_;
+};
+
 // Host shm always; CUDA IPC when a CUDA domain could be created, otherwise
 // CUDA refs fail with `cuda_unavailable`.
 class CompositeDomain final : public MemoryDomain {
@@ -101,6 +126,16 @@ class CompositeDomain final : public MemoryDomain {
 };
 
 }  // namespace
+
+std::shared_ptr<Mapping> SliceMapping(std::shared_ptr<Mapping> whole, uint64_t offset, uint64_t length) {
+  if (offset > whole->size() || length > whole->size() - offset) {
+    std::fprintf(stderr, "weightsyncd: invariant violated: slice [%llu, +%llu) of a %llu-byte mapping\n",
+                 static_cast<unsigned long long>(offset), static_cast<unsigned long long>(length),
+                 static_cast<unsigned long long>(whole->size()));
+    std::abort();
+  }
+  return std::make_shared<Slice>(std::move(whole), offset, length);
+}
 
 std::unique_ptr<MemoryDomain> MakeCompositeDomain(std::unique_ptr<MemoryDomain> host,
                                                   std::unique_ptr<MemoryDomain> cuda, Status cuda_unavailable) {

@@ -109,6 +109,11 @@ class Mapping {
   virtual MemoryExtent extent() const = 0;
 };
 
+// [offset, offset + length) of `whole` (which must cover it) as a mapping of
+// its own, sharing `whole`'s object: one Map of a range several references
+// fall in, then a slice per reference.
+std::shared_ptr<Mapping> SliceMapping(std::shared_ptr<Mapping> whole, uint64_t offset, uint64_t length);
+
 // The reference kinds a domain maps.
 struct DomainCaps {
   bool host_shm = false;

@@ -209,6 +209,9 @@ Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req, const Limits& 
   m.version = req.version();
   m.world_size = req.world_size();
   m.negotiate_dtypes = req.negotiate_dtypes();
+  WS_RETURN_IF_ERROR(CheckName(req.manifest_fingerprint(), "manifest_fingerprint", limits));
+  m.fingerprint = req.manifest_fingerprint();
+  m.reuse_manifest = req.reuse_manifest();
   m.tensors.reserve(req.tensors_size());
   for (const auto& t : req.tensors()) {
     const std::string what = "tensor " + t.name();
@@ -223,18 +226,29 @@ Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req, const Limits& 
   return m;
 }
 
-Result<std::vector<std::pair<std::string, MemoryRef>>> FromProto(const pb::LayerData& layer, const Limits& limits) {
+Result<LayerShards> FromProto(const pb::LayerData& layer, const Limits& limits) {
   WS_RETURN_IF_ERROR(CheckName(layer.layer(), "layer", limits));
-  WS_RETURN_IF_ERROR(CheckCount(static_cast<size_t>(layer.shards_size()), limits.max_tensors_per_manifest,
-                                "layer \"" + layer.layer() + "\" has", "shards", "max_tensors_per_manifest"));
+  WS_RETURN_IF_ERROR(CheckCount(static_cast<size_t>(layer.shards_size()) + layer.tensor_index_size(),
+                                limits.max_tensors_per_manifest, "layer \"" + layer.layer() + "\" has", "shards",
+                                "max_tensors_per_manifest"));
   for (const auto& s : layer.shards())
     WS_RETURN_IF_ERROR(CheckName(s.tensor(), "layer \"" + layer.layer() + "\" tensor", limits));
-  std::vector<std::pair<std::string, MemoryRef>> out;
-  out.reserve(layer.shards_size());
+  if (layer.offset_size() != layer.tensor_index_size())
+    return InvalidArgument("layer \"" + layer.layer() + "\" has " + std::to_string(layer.tensor_index_size()) +
+                           " tensor_index entries but " + std::to_string(layer.offset_size()) + " offsets");
+  if (layer.tensor_index_size() > 0 && !layer.has_memory())
+    return InvalidArgument("layer \"" + layer.layer() + "\" has tensor_index entries but no memory object");
+  LayerShards out;
+  out.named.reserve(layer.shards_size());
   for (const auto& s : layer.shards()) {
     WS_ASSIGN_OR_RETURN(MemoryRef m, FromProto(s.memory(), "layer \"" + layer.layer() + "\" tensor " + s.tensor(),
                                                limits));
-    out.emplace_back(s.tensor(), std::move(m));
+    out.named.emplace_back(s.tensor(), std::move(m));
+  }
+  if (layer.tensor_index_size() > 0) {
+    WS_ASSIGN_OR_RETURN(out.object, FromProto(layer.memory(), "layer \"" + layer.layer() + "\" memory", limits));
+    out.index.assign(layer.tensor_index().begin(), layer.tensor_index().end());
+    out.offset.assign(layer.offset().begin(), layer.offset().end());
   }
   return out;
 }

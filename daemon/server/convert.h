@@ -49,9 +49,9 @@ Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req, const
 
 Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req, const Limits& limits = {});
 
-// One layer's shards as (tensor name, memory) pairs.
-Result<std::vector<std::pair<std::string, MemoryRef>>> FromProto(const pb::LayerData& layer,
-                                                                  const Limits& limits = {});
+// One layer's shards: named ones as (tensor name, memory) pairs, indexed
+// ones as (manifest index, offset) in one memory object.
+Result<LayerShards> FromProto(const pb::LayerData& layer, const Limits& limits = {});
 
 pb::EngineEvent ToProto(const EngineEvent& ev);
 void ToProto(const SyncStats& s, pb::SyncStats* out);

@@ -3,9 +3,12 @@
 #include <algorithm>
 #include <random>
 #include <sstream>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
+
+#include "daemon/core/text.h"
 
 namespace ws::server {
 
@@ -39,6 +42,69 @@ std::string LogQuote(const std::string& s) {
     }
   }
   return out + "\"";
+}
+
+// Maps a layer's shards: one Map per memory object, of the range its shards
+// span, and a slice of it per shard. When that fails, shard by shard, so the
+// error names the offending one.
+Result<std::vector<std::shared_ptr<Mapping>>> MapShards(MemoryDomain& domain, const SyncSession& sync,
+                                                        const std::vector<ClaimedShard>& claimed,
+                                                        const Accessor& access) {
+  struct Span {
+    MemoryRef ref;  // the covering range
+    size_t first = 0;
+    bool ok = true;
+    std::shared_ptr<Mapping> mapped;
+  };
+  std::vector<Span> spans;
+  std::map<const MemoryRef*, size_t> by_object;  // indexed shards share one object
+  std::map<std::tuple<MemoryKind, std::string, std::string, std::string>, size_t> by_name;
+  std::vector<size_t> of(claimed.size());
+  for (size_t i = 0; i < claimed.size(); ++i) {
+    const ClaimedShard& c = claimed[i];
+    const MemoryRef& r = *c.object;
+    size_t k;
+    if (auto it = by_object.find(&r); it != by_object.end()) {
+      k = it->second;
+    } else {
+      auto [jt, fresh] = by_name.try_emplace({r.kind, r.name, r.cuda_handle, r.device_uuid}, spans.size());
+      if (fresh) {
+        spans.push_back(Span{r, i, true, nullptr});
+        spans.back().ref.offset = c.offset;
+        spans.back().ref.length = 0;
+      }
+      k = jt->second;
+      by_object.emplace(&r, k);
+    }
+    of[i] = k;
+    Span& sp = spans[k];
+    uint64_t end;
+    if (__builtin_add_overflow(c.offset, c.length, &end)) {
+      sp.ok = false;
+      continue;
+    }
+    const uint64_t lo = std::min(sp.ref.offset, c.offset), hi = std::max(sp.ref.offset + sp.ref.length, end);
+    sp.ref.offset = lo;
+    sp.ref.length = hi - lo;
+  }
+  for (Span& sp : spans) {
+    if (!sp.ok) continue;
+    auto m = domain.Map(sp.ref, sync.ShardName(claimed[sp.first].tensor, claimed[sp.first].shard), access);
+    if (m.ok()) sp.mapped = std::move(m).value();
+  }
+  std::vector<std::shared_ptr<Mapping>> out(claimed.size());
+  for (size_t i = 0; i < claimed.size(); ++i) {
+    const Span& sp = spans[of[i]];
+    if (sp.mapped) {
+      out[i] = SliceMapping(sp.mapped, claimed[i].offset - sp.ref.offset, claimed[i].length);
+      continue;
+    }
+    MemoryRef ref = *claimed[i].object;
+    ref.offset = claimed[i].offset;
+    ref.length = claimed[i].length;
+    WS_ASSIGN_OR_RETURN(out[i], domain.Map(ref, sync.ShardName(claimed[i].tensor, claimed[i].shard), access));
+  }
+  return out;
 }
 
 Status AbortedError(const SyncSession& sync) { return Aborted(sync.Name() + " was aborted: " + sync.error()); }
@@ -141,6 +207,7 @@ Status Coordinator::AdmitLocked(const Peer& caller, const std::string& model) co
 Result<std::string> Coordinator::RegisterEngine(const Peer& caller, EngineRankSpec spec,
                                                 std::vector<MemoryRef> memory, EventSink* sink, std::string label) {
   TrimGuard trim{this};  // a refusal after mapping lets the domain drop those objects
+  const auto t0 = Clock::now();
   WS_ASSIGN_OR_RETURN(nlohmann::json cfg, CheckEngineSpec(spec, memory.size(), opts_.limits));
   {
     // Cheap refusals first, before resolving and mapping; re-checked below.
@@ -172,8 +239,8 @@ Result<std::string> Coordinator::RegisterEngine(const Peer& caller, EngineRankSp
     trim_pending_ = true;
     return id.status();
   }
-  spdlog::info("engine registered: {} params={} bytes={} layout={} by {}", e->Describe(), e->spec.params.size(),
-               e->bytes, e->layout.rule_file, caller.Describe());
+  spdlog::info("engine registered: {} params={} bytes={} layout={} by {} in {:.3f}s", e->Describe(),
+               e->spec.params.size(), e->bytes, e->layout.rule_file, caller.Describe(), Seconds(Clock::now() - t0));
   return id;
 }
 
@@ -197,6 +264,7 @@ Status Coordinator::UnregisterEngine(const Peer& caller, const std::string& engi
   }
   // Aborting releases the model (and drops it when it has no engines left).
   if (sync) AbortLocked(*sync, e->Describe() + " unregistered");
+  DropKeptIfGoneLocked(e->spec.model);
   spdlog::info("engine unregistered: {}", e->Describe());
   return Status::Ok();
 }
@@ -207,7 +275,7 @@ void Coordinator::EmitLocked(const SyncSession& sync, EngineEvent::Kind kind, co
   EngineEvent ev;
   ev.kind = kind;
   ev.sync_id = sync.id();
-  ev.version = sync.manifest().version;
+  ev.version = sync.version();
   ev.reason = reason;
   for (const auto& e : sync.engines())
     if (e->sink) e->sink->Deliver(ev);
@@ -218,7 +286,7 @@ void Coordinator::FinishLocked(SyncSession& sync, bool committed, const std::str
   SyncStats st = sync.Stats();
   if (committed) {
     ++syncs_committed_;
-    if (Model* m = registry_.FindModel(sync.manifest().model)) m->committed_version = sync.manifest().version;
+    if (Model* m = registry_.FindModel(sync.model())) m->committed_version = sync.version();
   } else {
     ++syncs_aborted_;
   }
@@ -254,7 +322,8 @@ void Coordinator::ReleaseIfIdleLocked(SyncSession& sync) {
     sync.aborted_sent = true;
     EmitLocked(sync, EngineEvent::Kind::kAborted, sync.error());
   }
-  registry_.ReleaseModel(sync.manifest().model, sync.id());
+  registry_.ReleaseModel(sync.model(), sync.id());
+  DropKeptIfGoneLocked(sync.model());
   const uint64_t id = sync.id();
   syncs_.erase(id);  // may destroy `sync` unless the caller holds a reference
   cv_.notify_all();
@@ -287,15 +356,22 @@ Result<std::shared_ptr<SyncSession>> Coordinator::FindLiveLocked(uint64_t sync_i
 
 // ---------------------------------------------------------------- BeginSync
 
-Result<std::shared_ptr<SyncSession>> Coordinator::ReserveSyncLocked(const Peer& caller, SourceManifest manifest) {
+void Coordinator::DropKeptIfGoneLocked(const std::string& model) {
+  if (!registry_.FindModel(model)) kept_.erase(model);
+}
+
+Result<std::shared_ptr<SyncSession>> Coordinator::ReserveSyncLocked(const Peer& caller,
+                                                                    std::shared_ptr<const IndexedManifest> manifest,
+                                                                    uint64_t version) {
   if (shutting_down_) return Unavailable("the daemon is shutting down");
-  Model* m = registry_.FindModel(manifest.model);
-  if (!m || m->engine_count == 0) return FailedPrecondition("no engines registered for model " + manifest.model);
+  const std::string& model = manifest->manifest.model;
+  Model* m = registry_.FindModel(model);
+  if (!m || m->engine_count == 0) return FailedPrecondition("no engines registered for model " + model);
   if (!caller.Owns(m->owner))
     return PermissionDenied("model " + m->name + " belongs to " + m->owner + "; " + caller.Describe() + " (" +
                             caller.principal + ") may not sync it");
-  if (manifest.version <= m->committed_version)
-    return FailedPrecondition("model " + m->name + ": version " + std::to_string(manifest.version) +
+  if (version <= m->committed_version)
+    return FailedPrecondition("model " + m->name + ": version " + std::to_string(version) +
                               " is not above the committed version " + std::to_string(m->committed_version) +
                               "; versions must strictly increase");
   uint32_t mine = 0;
@@ -313,15 +389,17 @@ Result<std::shared_ptr<SyncSession>> Coordinator::ReserveSyncLocked(const Peer& 
                               "; one sync per model at a time");
   }
   WS_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<Engine>> engines, registry_.CompleteEngines(*m));
-  auto sync = std::make_shared<SyncSession>(next_sync_id_++, caller.principal, std::move(manifest), std::move(engines));
+  auto sync =
+      std::make_shared<SyncSession>(next_sync_id_++, caller.principal, version, std::move(manifest), std::move(engines));
   sync->last_activity = clock_.Now();
   m->busy_sync = sync->id();
   syncs_[sync->id()] = sync;
   return sync;
 }
 
-Result<BeginSyncResult> Coordinator::StartSyncLocked(const std::shared_ptr<SyncSession>& sync, Result<SyncPlan> plan,
-                                                     std::vector<TensorDtypes> dtypes) {
+Result<BeginSyncResult> Coordinator::StartSyncLocked(const std::shared_ptr<SyncSession>& sync,
+                                                     Result<std::shared_ptr<const ReadyPlan>> plan, bool plan_reused,
+                                                     bool manifest_reused) {
   const SourceManifest& mf = sync->manifest();
   if (sync->state() == SyncState::kAborted) return AbortedError(*sync);  // an engine left while planning
   if (!plan.ok()) {
@@ -329,22 +407,27 @@ Result<BeginSyncResult> Coordinator::StartSyncLocked(const std::shared_ptr<SyncS
     registry_.ReleaseModel(mf.model, sync->id());
     syncs_.erase(sync->id());
     cv_.notify_all();
-    Status st = plan.status().WithContext("model " + mf.model + " version " + std::to_string(mf.version));
+    Status st = plan.status().WithContext("model " + mf.model + " version " + std::to_string(sync->version()));
     spdlog::warn("BeginSync refused: {}", LogQuote(st.message()));
     return st;
   }
-  sync->StartStreaming(std::move(plan).value());
+  std::shared_ptr<const ReadyPlan> ready = std::move(plan).value();
+  kept_[mf.model] = KeptPlan{sync->indexed_manifest(), ready};
+  sync->StartStreaming(ready);
   sync->started_sent = true;
   EmitLocked(*sync, EngineEvent::Kind::kStarted);
-  spdlog::debug("sync {} begun: model={} version={} engines={} world_size={} copy_ops={} bytes_planned={}",
-                sync->id(), mf.model, mf.version, sync->engines().size(), mf.world_size, sync->plan().copies.size(),
-                sync->plan().bytes_written);
+  spdlog::debug("sync {} begun: model={} version={} engines={} world_size={} copy_ops={} bytes_planned={} "
+                "plan_reused={} manifest_reused={}",
+                sync->id(), mf.model, sync->version(), sync->engines().size(), mf.world_size,
+                sync->plan().copies.size(), sync->plan().bytes_written, plan_reused, manifest_reused);
   BeginSyncResult r;
   r.sync_id = sync->id();
   r.engines = static_cast<uint32_t>(sync->engines().size());
   r.copy_ops = sync->plan().copies.size();
   r.bytes_planned = sync->plan().bytes_written;
-  r.dtypes = std::move(dtypes);
+  if (!(plan_reused && manifest_reused)) r.dtypes = ready->dtypes;
+  r.plan_reused = plan_reused;
+  r.manifest_reused = manifest_reused;
   return r;
 }
 
@@ -352,26 +435,59 @@ Result<BeginSyncResult> Coordinator::BeginSync(const Peer& caller, SourceManifes
   if (manifest.model.empty()) return InvalidArgument("model is empty");
   if (manifest.world_size == 0) return InvalidArgument("world_size must be at least 1");
   if (manifest.version == 0) return InvalidArgument("version must be at least 1");
+  if (manifest.reuse_manifest && manifest.fingerprint.empty())
+    return InvalidArgument("reuse_manifest needs a manifest_fingerprint");
+  if (manifest.reuse_manifest && !manifest.tensors.empty())
+    return InvalidArgument("reuse_manifest is set, but the request carries " + std::to_string(manifest.tensors.size()) +
+                           " tensors; send either the manifest or its fingerprint with reuse_manifest");
+  const uint64_t version = manifest.version;
+  const bool reuse = manifest.reuse_manifest, negotiate = manifest.negotiate_dtypes;
+  const uint32_t world_size = manifest.world_size;
+  const std::string model = manifest.model, fingerprint = manifest.fingerprint;
+  // A manifest sent in full is indexed before taking the lock.
+  std::shared_ptr<const IndexedManifest> sent;
+  if (!reuse) sent = IndexManifest(std::move(manifest), fingerprint);
   std::shared_ptr<SyncSession> sync;
+  std::shared_ptr<const ReadyPlan> plan;
+  bool manifest_reused = false;
   {
     MutexLock lk(&mu_);
-    WS_ASSIGN_OR_RETURN(sync, ReserveSyncLocked(caller, std::move(manifest)));
+    KeptPlan kept;
+    if (auto it = kept_.find(model); it != kept_.end()) kept = it->second;
+    std::shared_ptr<const IndexedManifest> use = sent;
+    if (reuse) {
+      const bool match = kept.manifest && kept.manifest->fingerprint == fingerprint &&
+                         kept.manifest->manifest.world_size == world_size &&
+                         kept.manifest->manifest.negotiate_dtypes == negotiate;
+      if (!match)
+        return NotFound("model " + model + ": no manifest is kept under fingerprint " + Truncate(fingerprint, 64) +
+                        " with world_size " + std::to_string(world_size) +
+                        " (first sync, daemon restart, or another manifest since); send the manifest in full");
+      use = kept.manifest;
+      manifest_reused = true;
+    } else if (kept.manifest && SameManifest(kept.manifest->manifest, sent->manifest) &&
+               kept.manifest->fingerprint == sent->fingerprint) {
+      use = kept.manifest;  // the same manifest again: its plan may be reused
+    }
+    WS_ASSIGN_OR_RETURN(sync, ReserveSyncLocked(caller, use, version));
+    if (kept.plan && kept.manifest == use && kept.plan->Fits(sync->engines())) plan = kept.plan;
   }
   // Plan without the lock. Engine specs and layouts are immutable after
-  // registration; until the sync streams, only this thread reads the
-  // manifest's tensors.
-  std::vector<TensorDtypes> dtypes;
+  // registration; until the sync streams, only this thread reads the plan.
+  const bool plan_reused = plan != nullptr;
   Status backed = sync->CheckEnginesBacked();
-  auto plan = backed.ok() ? sync->Plan(&dtypes) : Result<SyncPlan>(backed);
+  Result<std::shared_ptr<const ReadyPlan>> ready =
+      !backed.ok() ? Result<std::shared_ptr<const ReadyPlan>>(backed)
+      : plan_reused ? Result<std::shared_ptr<const ReadyPlan>>(plan)
+                    : MakeReadyPlan(sync->manifest(), sync->engines());
   MutexLock lk(&mu_);
-  return StartSyncLocked(sync, std::move(plan), std::move(dtypes));
+  return StartSyncLocked(sync, std::move(ready), plan_reused, manifest_reused);
 }
 
 // ---------------------------------------------------------------- PushLayer
 
-Result<std::vector<ClaimedShard>> Coordinator::ClaimLayerLocked(
-    SyncSession& sync, uint32_t rank, const std::vector<std::pair<std::string, MemoryRef>>& shards,
-    const std::string& where) {
+Result<std::vector<ClaimedShard>> Coordinator::ClaimLayerLocked(SyncSession& sync, uint32_t rank,
+                                                                const LayerShards& shards, const std::string& where) {
   auto fail = [&](Status st) {
     mu_.AssertHeld();
     AbortLocked(sync, st.message());
@@ -403,8 +519,7 @@ Status Coordinator::EndWrite(SyncSession& sync, Status st) {
 }
 
 Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id, uint32_t rank,
-                                           const std::string& layer,
-                                           const std::vector<std::pair<std::string, MemoryRef>>& shards) {
+                                           const std::string& layer, const LayerShards& shards) {
   TrimGuard trim{this};
   const std::string where = "sync " + std::to_string(sync_id) + " rank " + std::to_string(rank) + " layer \"" +
                             layer + "\"";
@@ -417,14 +532,9 @@ Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id,
   }
 
   // Map every shard of the layer (as the caller) before any byte moves.
-  const Accessor access = caller.ToAccessor();
-  std::vector<std::shared_ptr<Mapping>> src(claimed.size());
-  for (size_t i = 0; i < claimed.size(); ++i) {
-    auto m = domain_->Map(*claimed[i].ref, claimed[i].what, access);
-    if (!m.ok()) return EndWrite(*sync, m.status().WithContext(where));
-    src[i] = std::move(m).value();
-  }
-  auto bound = sync->BindLayer(claimed, src, where);
+  auto src = MapShards(*domain_, *sync, claimed, caller.ToAccessor());
+  if (!src.ok()) return EndWrite(*sync, src.status().WithContext(where));
+  auto bound = sync->BindLayer(claimed, *src, where);
   if (!bound.ok()) return EndWrite(*sync, bound.status());
   {
     MutexLock lk(&mu_);
@@ -510,7 +620,7 @@ Status Coordinator::AwaitAcksLocked(MutexLock& lk, SyncSession& sync) {
   for (const auto& e : sync.engines())
     if (sync.pending_acks.count(e->id)) who += (who.empty() ? "" : ", ") + e->Describe();
   std::ostringstream msg;
-  msg << sync.Name() << ": no AckVersion for version " << sync.manifest().version << " within "
+  msg << sync.Name() << ": no AckVersion for version " << sync.version() << " within "
       << opts_.ack_timeout.count() / 1000.0 << " s from " << who;
   AbortLocked(sync, msg.str());
   return DeadlineExceeded(msg.str());
@@ -559,7 +669,7 @@ Status Coordinator::AckVersion(const Peer& caller, const std::string& engine_id,
   std::shared_ptr<SyncSession> sync;
   if (Model* m = registry_.FindModel(e.spec.model); m && m->busy_sync)
     if (auto sit = syncs_.find(m->busy_sync); sit != syncs_.end()) sync = sit->second;
-  if (!sync || sync->state() != SyncState::kCommitting || sync->manifest().version != version ||
+  if (!sync || sync->state() != SyncState::kCommitting || sync->version() != version ||
       !sync->pending_acks.count(engine_id))
     return FailedPrecondition(e.Describe() + ": no commit of version " + std::to_string(version) +
                               " is waiting for this engine's acknowledgement");

@@ -89,8 +89,12 @@ struct BeginSyncResult {
   uint32_t engines = 0;
   uint64_t copy_ops = 0;
   uint64_t bytes_planned = 0;
-  // With manifest.negotiate_dtypes: one entry per manifest tensor, in order.
+  // With manifest.negotiate_dtypes: one entry per manifest tensor, in order;
+  // empty when both the manifest and its plan were reused (the trainer has
+  // them from the sync that sent the manifest).
   std::vector<TensorDtypes> dtypes;
+  bool plan_reused = false;      // the model's last validated plan, unchanged
+  bool manifest_reused = false;  // the manifest kept under manifest.fingerprint
 };
 
 struct LayerResult {
@@ -168,11 +172,21 @@ class Coordinator {
   // Plans a sync over every engine rank of manifest.model. Nothing is written.
   // With manifest.negotiate_dtypes each tensor's dtype is its source dtype:
   // the wire dtype is chosen (NegotiateDTypes), planned and returned.
+  // Each model's last manifest and plan are kept: manifest.reuse_manifest
+  // takes the manifest kept under manifest.fingerprint (NotFound when none
+  // is), and a sync of the same manifest over the same engine registrations
+  // reuses the validated plan; anything else plans and validates afresh.
   Result<BeginSyncResult> BeginSync(const Peer& caller, SourceManifest manifest);
   // Maps and validates every shard of one layer, then copies them into the
   // engines (blocking). Any error aborts the sync.
   Result<LayerResult> PushLayer(const Peer& caller, uint64_t sync_id, uint32_t rank, const std::string& layer,
-                                const std::vector<std::pair<std::string, MemoryRef>>& shards);
+                                const LayerShards& shards);
+  Result<LayerResult> PushLayer(const Peer& caller, uint64_t sync_id, uint32_t rank, const std::string& layer,
+                                const std::vector<std::pair<std::string, MemoryRef>>& shards) {
+    LayerShards l;
+    l.named = shards;
+    return PushLayer(caller, sync_id, rank, layer, l);
+  }
   // Zero fills, Committed to every engine, waits for every AckVersion.
   Result<SyncStats> Commit(const Peer& caller, uint64_t sync_id);
   // Aborts an in-flight sync; engines hear Aborted with `reason` as given.
@@ -211,14 +225,18 @@ class Coordinator {
   // RegisterEngine: shutdown, then the registry's admission checks.
   Status AdmitLocked(const Peer& caller, const std::string& model) const WS_REQUIRES(mu_);
   // BeginSync: every check against the model, then a planning session that holds it.
-  Result<std::shared_ptr<SyncSession>> ReserveSyncLocked(const Peer& caller, SourceManifest manifest)
-      WS_REQUIRES(mu_);
-  // BeginSync: streaming with `plan`, or the session dropped (engines heard nothing).
-  Result<BeginSyncResult> StartSyncLocked(const std::shared_ptr<SyncSession>& sync, Result<SyncPlan> plan,
-                                          std::vector<TensorDtypes> dtypes) WS_REQUIRES(mu_);
+  Result<std::shared_ptr<SyncSession>> ReserveSyncLocked(const Peer& caller,
+                                                         std::shared_ptr<const IndexedManifest> manifest,
+                                                         uint64_t version) WS_REQUIRES(mu_);
+  // BeginSync: streaming with `plan` (which is then kept for the model), or
+  // the session dropped (engines heard nothing).
+  Result<BeginSyncResult> StartSyncLocked(const std::shared_ptr<SyncSession>& sync,
+                                          Result<std::shared_ptr<const ReadyPlan>> plan, bool plan_reused,
+                                          bool manifest_reused) WS_REQUIRES(mu_);
+  // Forgets the kept manifest and plan of a model that no longer exists.
+  void DropKeptIfGoneLocked(const std::string& model) WS_REQUIRES(mu_);
   // PushLayer: state checks, then claims the layer's shards and counts a writer.
-  Result<std::vector<ClaimedShard>> ClaimLayerLocked(SyncSession& sync, uint32_t rank,
-                                                     const std::vector<std::pair<std::string, MemoryRef>>& shards,
+  Result<std::vector<ClaimedShard>> ClaimLayerLocked(SyncSession& sync, uint32_t rank, const LayerShards& shards,
                                                      const std::string& where) WS_REQUIRES(mu_);
   // PushLayer: ends a write begun by ClaimLayerLocked; a failure aborts the sync.
   Status EndWrite(SyncSession& sync, Status st) WS_EXCLUDES(mu_);
@@ -263,6 +281,12 @@ class Coordinator {
   std::map<uint64_t, std::shared_ptr<SyncSession>> syncs_ WS_GUARDED_BY(mu_);  // in flight (incl. aborted, draining)
   std::map<uint64_t, FinishedSync> finished_ WS_GUARDED_BY(mu_);              // the most recent ones
   std::optional<SyncStats> last_sync_ WS_GUARDED_BY(mu_);
+  // Each model's last planned manifest and plan, for syncs that reuse them.
+  struct KeptPlan {
+    std::shared_ptr<const IndexedManifest> manifest;
+    std::shared_ptr<const ReadyPlan> plan;
+  };
+  std::map<std::string, KeptPlan> kept_ WS_GUARDED_BY(mu_);
   uint64_t syncs_committed_ WS_GUARDED_BY(mu_) = 0;
   uint64_t syncs_aborted_ WS_GUARDED_BY(mu_) = 0;
 };

@@ -153,6 +153,8 @@ grpc::Status WeightSyncService::BeginSync(grpc::ServerContext* ctx, const pb::Be
   resp->set_engines(r->engines);
   resp->set_copy_ops(r->copy_ops);
   resp->set_bytes_planned(r->bytes_planned);
+  resp->set_plan_reused(r->plan_reused);
+  resp->set_manifest_reused(r->manifest_reused);
   for (const TensorDtypes& d : r->dtypes) {
     pb::TensorDtypes* out = resp->add_dtypes();
     out->set_wire(ToProto(d.wire));

@@ -43,9 +43,68 @@ uint64_t ShardElements(const SourceTensor& t, const ShardSpec& s) {
   return n;
 }
 
-SyncSession::SyncSession(uint64_t id, std::string owner, SourceManifest manifest,
-                         std::vector<std::shared_ptr<Engine>> engines)
-    : id_(id), owner_(std::move(owner)), manifest_(std::move(manifest)), engines_(std::move(engines)) {}
+std::shared_ptr<const IndexedManifest> IndexManifest(SourceManifest manifest, std::string fingerprint) {
+  auto m = std::make_shared<IndexedManifest>();
+  m->manifest = std::move(manifest);
+  m->fingerprint = std::move(fingerprint);
+  m->index.reserve(m->manifest.tensors.size());
+  for (uint32_t t = 0; t < m->manifest.tensors.size(); ++t) m->index.emplace(m->manifest.tensors[t].name, t);
+  return m;
+}
+
+bool SameManifest(const SourceManifest& a, const SourceManifest& b) {
+  if (a.model != b.model || a.world_size != b.world_size || a.negotiate_dtypes != b.negotiate_dtypes ||
+      a.tensors.size() != b.tensors.size())
+    return false;
+  for (size_t t = 0; t < a.tensors.size(); ++t) {
+    const SourceTensor &x = a.tensors[t], &y = b.tensors[t];
+    if (x.name != y.name || x.shape != y.shape || x.dtype != y.dtype || x.shards.size() != y.shards.size()) return false;
+    for (size_t s = 0; s < x.shards.size(); ++s) {
+      const ShardSpec &p = x.shards[s], &q = y.shards[s];
+      if (p.rank != q.rank || p.dim != q.dim || p.start != q.start || p.length != q.length) return false;
+    }
+  }
+  return true;
+}
+
+bool ReadyPlan::Fits(const std::vector<std::shared_ptr<Engine>>& now) const {
+  if (now.size() != engines.size()) return false;
+  for (size_t i = 0; i < now.size(); ++i)
+    if (engines[i].lock() != now[i]) return false;  // an expired one never equals a live registration
+  return true;
+}
+
+Result<std::shared_ptr<const ReadyPlan>> MakeReadyPlan(const SourceManifest& manifest,
+                                                       const std::vector<std::shared_ptr<Engine>>& engines) {
+  std::vector<PlanEngine> pe;
+  pe.reserve(engines.size());
+  for (const auto& e : engines) pe.push_back(PlanEngine{e->id, e->spec, e->layout});
+  auto ready = std::make_shared<ReadyPlan>();
+  Result<SyncPlan> plan = Status::Ok();
+  if (manifest.negotiate_dtypes) {
+    ready->dtypes = NegotiateDTypes(manifest, pe);
+    SourceManifest wire = manifest;  // planned in the wire dtypes
+    for (size_t t = 0; t < ready->dtypes.size(); ++t) wire.tensors[t].dtype = ready->dtypes[t].wire;
+    plan = BuildPlan(wire, pe);
+  } else {
+    plan = BuildPlan(manifest, pe);
+  }
+  if (!plan.ok()) return plan.status();
+  ready->plan = std::move(plan).value();
+  ready->wire.reserve(manifest.tensors.size());
+  for (size_t t = 0; t < manifest.tensors.size(); ++t)
+    ready->wire.push_back(manifest.negotiate_dtypes ? ready->dtypes[t].wire : manifest.tensors[t].dtype);
+  for (const auto& e : engines) ready->engines.push_back(e);
+  return std::shared_ptr<const ReadyPlan>(std::move(ready));
+}
+
+SyncSession::SyncSession(uint64_t id, std::string owner, uint64_t version,
+                         std::shared_ptr<const IndexedManifest> manifest, std::vector<std::shared_ptr<Engine>> engines)
+    : id_(id),
+      owner_(std::move(owner)),
+      version_(version),
+      manifest_(std::move(manifest)),
+      engines_(std::move(engines)) {}
 
 // ---------------------------------------------------------------- planning
 
@@ -65,28 +124,10 @@ Status SyncSession::CheckEnginesBacked() const {
   return Status::Ok();
 }
 
-Result<SyncPlan> SyncSession::Plan(std::vector<TensorDtypes>* dtypes) {
-  std::vector<PlanEngine> pe;
-  pe.reserve(engines_.size());
-  for (const auto& e : engines_) pe.push_back(PlanEngine{e->id, e->spec, e->layout});
-  if (manifest_.negotiate_dtypes) {
-    *dtypes = NegotiateDTypes(manifest_, pe);
-    for (size_t t = 0; t < dtypes->size(); ++t) manifest_.tensors[t].dtype = (*dtypes)[t].wire;
-  }
-  return BuildPlan(manifest_, pe);
-}
-
-void SyncSession::StartStreaming(SyncPlan plan) {
+void SyncSession::StartStreaming(std::shared_ptr<const ReadyPlan> plan) {
   if (state_ != SyncState::kPlanning) Panic(Name() + ": StartStreaming in state " + SyncStateName(state_));
-  const SourceManifest& mf = manifest_;
   plan_ = std::move(plan);
-  plan_.by_shard.resize(mf.tensors.size());
-  received_.resize(mf.tensors.size());
-  for (uint32_t t = 0; t < mf.tensors.size(); ++t) {
-    plan_.by_shard[t].resize(mf.tensors[t].shards.size());
-    tensor_index_.emplace(mf.tensors[t].name, t);
-    received_[t].assign(mf.tensors[t].shards.size(), 0);
-  }
+  received_.assign(plan_->plan.shard_base.back(), 0);
   for (uint32_t e = 0; e < engines_.size(); ++e) {
     const EngineRankSpec& spec = engines_[e]->spec;
     bool in_place = false;
@@ -112,68 +153,108 @@ void SyncSession::Finish(bool committed, const std::string& reason) {
 
 // ---------------------------------------------------------------- streaming
 
-Result<std::vector<ClaimedShard>> SyncSession::ClaimShards(
-    uint32_t rank, const std::vector<std::pair<std::string, MemoryRef>>& shards, const std::string& where) {
-  const SourceManifest& mf = manifest_;
+std::string SyncSession::ShardName(uint32_t tensor, uint32_t shard) const {
+  const SourceTensor& t = manifest().tensors[tensor];
+  return "tensor " + t.name + " (rank " + std::to_string(t.shards[shard].rank) + ")";
+}
+
+Result<std::vector<ClaimedShard>> SyncSession::ClaimShards(uint32_t rank, const LayerShards& layer,
+                                                           const std::string& where) {
+  const SourceManifest& mf = manifest();
+  const std::vector<uint32_t>& base = plan_->plan.shard_base;
   std::vector<ClaimedShard> claimed;
+  claimed.reserve(layer.named.size() + layer.index.size());
   std::vector<std::string> errors;
-  std::set<std::pair<uint32_t, uint32_t>> taken;
-  for (const auto& [name, ref] : shards) {
-    auto ti = tensor_index_.find(name);
-    if (ti == tensor_index_.end()) {
-      errors.push_back("tensor " + name + " is not in the manifest");
-      continue;
-    }
-    const SourceTensor& t = mf.tensors[ti->second];
+  // Claims this rank's next unreceived shard of tensor t; `name` makes the
+  // tensor's name for messages (only on errors).
+  auto claim = [&](uint32_t t, const MemoryRef* object, uint64_t offset, uint64_t length, bool indexed,
+                   const auto& name) {
+    const SourceTensor& st = mf.tensors[t];
+    const DType wire = plan_->wire[t];
     std::optional<uint32_t> pick;
     bool seen = false;
-    for (uint32_t s = 0; s < t.shards.size(); ++s) {
-      if (t.shards[s].rank != rank || ShardElements(t, t.shards[s]) == 0) continue;
+    for (uint32_t s = 0; s < st.shards.size(); ++s) {
+      if (st.shards[s].rank != rank || ShardElements(st, st.shards[s]) == 0) continue;
       seen = true;
-      if (!received_[ti->second][s] && !taken.count({ti->second, s})) {
+      if (!received_[base[t] + s]) {
         pick = s;
         break;
       }
     }
-    std::string what = "tensor " + name + " (rank " + std::to_string(rank) + ")";
+    auto what = [&] { return "tensor " + name() + " (rank " + std::to_string(rank) + ")"; };
     if (!pick) {
-      errors.push_back(seen ? what + " was already received"
-                            : "tensor " + name + " has no shard for rank " + std::to_string(rank) + " in the manifest");
+      errors.push_back(seen ? what() + " was already received"
+                            : "tensor " + name() + " has no shard for rank " + std::to_string(rank) + " in the manifest");
+      return;
+    }
+    const uint64_t want = ElemBytes(ShardElements(st, st.shards[*pick]), wire);
+    if (offset % DTypeSize(wire) != 0) {
+      errors.push_back(what() + ": memory offset " + std::to_string(offset) + " is not a multiple of the " +
+                       DTypeName(wire) + " element size " + std::to_string(DTypeSize(wire)));
+      return;
+    }
+    if (!indexed && length != want) {
+      errors.push_back(what() + ": memory length " + std::to_string(length) + " bytes does not match the shard (" +
+                       std::to_string(want) + " bytes of " + DTypeName(wire) + ")");
+      return;
+    }
+    received_[base[t] + *pick] = 1;  // undone below when the layer is refused
+    claimed.push_back(ClaimedShard{t, *pick, object, offset, want});
+  };
+  for (const auto& [name, ref] : layer.named) {
+    auto ti = manifest_->index.find(name);
+    if (ti == manifest_->index.end()) {
+      errors.push_back("tensor " + name + " is not in the manifest");
       continue;
     }
-    uint64_t want = ElemBytes(ShardElements(t, t.shards[*pick]), t.dtype);
-    if (ref.offset % DTypeSize(t.dtype) != 0) {
-      errors.push_back(what + ": memory offset " + std::to_string(ref.offset) + " is not a multiple of the " +
-                       DTypeName(t.dtype) + " element size " + std::to_string(DTypeSize(t.dtype)));
+    claim(ti->second, &ref, ref.offset, ref.length, false, [&]() -> const std::string& { return name; });
+  }
+  for (size_t i = 0; i < layer.index.size(); ++i) {
+    const uint32_t t = layer.index[i];
+    if (t >= mf.tensors.size()) {
+      errors.push_back("tensor index " + std::to_string(t) + " is not below the manifest's " +
+                       std::to_string(mf.tensors.size()) + " tensors");
       continue;
     }
-    if (ref.length != want) {
-      errors.push_back(what + ": memory length " + std::to_string(ref.length) + " bytes does not match the shard (" +
-                       std::to_string(want) + " bytes of " + DTypeName(t.dtype) + ")");
-      continue;
-    }
-    taken.insert({ti->second, *pick});
-    claimed.push_back(ClaimedShard{ti->second, *pick, &ref, what});
+    claim(t, &layer.object, layer.offset[i], 0, true, [&]() -> const std::string& { return mf.tensors[t].name; });
   }
   if (!errors.empty()) {
+    for (const auto& c : claimed) received_[base[c.tensor] + c.shard] = 0;
     ErrorList listed;  // the first few; a layer may hold thousands of bad shards
     for (auto& e : errors) listed.Add(std::move(e));
     return InvalidArgument(where + ":" + listed.Join("\n  ", /*lead=*/true));
   }
-  for (const auto& c : claimed) received_[c.tensor][c.shard] = 1;
   return claimed;
+}
+
+std::string SyncSession::CopyName(uint32_t copy) const {
+  const PlannedCopy& c = plan_->plan.copies[copy];
+  const Engine& e = *engines_[c.engine];
+  return ShardName(c.tensor, c.shard) + " -> " + e.id + " param " + e.spec.params[c.param].name;
 }
 
 Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed,
                                         const std::vector<std::shared_ptr<Mapping>>& src,
                                         const std::string& where) const {
+  const SyncPlan& plan = plan_->plan;
+  size_t n = 0;
+  for (const ClaimedShard& c : claimed) {
+    auto [b, e] = plan.CopiesOf(c.tensor, c.shard);
+    n += e - b;
+  }
   BoundOps out;
+  out.ops.reserve(n);
+  auto index = std::make_shared<std::vector<uint32_t>>();  // plan copy of each op, for names
+  index->reserve(n);
+  uint32_t last_in_place = UINT32_MAX;  // in_place_engines.insert once per run of one engine's ops
   for (size_t i = 0; i < claimed.size(); ++i) {
-    const SourceTensor& t = manifest_.tensors[claimed[i].tensor];
-    for (uint32_t ci : plan_.by_shard[claimed[i].tensor][claimed[i].shard]) {
-      const PlannedCopy& c = plan_.copies[ci];
-      const Engine& e = *engines_[c.engine];
-      const EngineParamSpec& p = e.spec.params[c.param];
+    const uint8_t sdt = static_cast<uint8_t>(plan_->wire[claimed[i].tensor]);
+    const Mapping* const src_map = src[i].get();
+    auto [b, e] = plan.CopiesOf(claimed[i].tensor, claimed[i].shard);
+    for (uint32_t ci = b; ci < e; ++ci) {
+      const PlannedCopy& c = plan.copies[ci];
+      const Engine& eng = *engines_[c.engine];
+      const EngineParamSpec& p = eng.spec.params[c.param];
       kernels::CopyOp op;
       op.src_offset = c.src_offset;
       op.src_ld = c.src_ld;
@@ -181,26 +262,32 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
       op.dst_ld = c.dst_ld;
       op.rows = c.rows;
       op.cols = c.cols;
-      op.src_dtype = static_cast<uint8_t>(t.dtype);
+      op.src_dtype = sdt;
       op.dst_dtype = static_cast<uint8_t>(p.dtype);
       op.transpose = c.transpose ? 1 : 0;
-      WS_RETURN_IF_ERROR(BindOp(op, src[i].get(), *e.maps[c.param], claimed[i].what + " -> " + e.id + " param " + p.name,
-                                where, &out));
-      if (!p.staged) out.in_place_engines.insert(c.engine);
+      WS_RETURN_IF_ERROR(BindOp(op, src_map, *eng.maps[c.param], [this, ci] { return CopyName(ci); }, where, &out));
+      index->push_back(ci);
+      if (!p.staged && c.engine != last_in_place) {
+        out.in_place_engines.insert(c.engine);
+        last_in_place = c.engine;
+      }
     }
   }
+  out.name = [this, index](size_t i) { return CopyName((*index)[i]); };
   return out;
 }
 
 // ---------------------------------------------------------------- commit
 
 std::string SyncSession::MissingShards() const {
-  const SourceManifest& mf = manifest_;
+  const SourceManifest& mf = manifest();
+  const SyncPlan& plan = plan_->plan;
   std::vector<std::string> missing;
   size_t n_missing = 0;
   for (uint32_t t = 0; t < mf.tensors.size(); ++t)
     for (uint32_t s = 0; s < mf.tensors[t].shards.size(); ++s)
-      if (!received_[t][s] && !plan_.by_shard[t][s].empty() && n_missing++ < 20)
+      if (!received_[plan.shard_base[t] + s] && plan.CopiesOf(t, s).first != plan.CopiesOf(t, s).second &&
+          n_missing++ < 20)
         missing.push_back(mf.tensors[t].name + " (rank " + std::to_string(mf.tensors[t].shards[s].rank) + ")");
   if (!n_missing) return "";
   std::string msg = Name() + ": Commit before every shard arrived; " + std::to_string(n_missing) + " missing:";
@@ -209,9 +296,16 @@ std::string SyncSession::MissingShards() const {
   return msg;
 }
 
+namespace {
+std::string ZeroName(const Engine& e, const EngineParamSpec& p) { return "zero fill of " + e.id + " param " + p.name; }
+}  // namespace
+
 Result<BoundOps> SyncSession::BindZeroFills() const {
   BoundOps out;
-  for (const PlannedZero& z : plan_.zeros) {
+  auto index = std::make_shared<std::vector<uint32_t>>();  // plan zero fill of each op, for names
+  const std::vector<PlannedZero>& zeros = plan_->plan.zeros;
+  for (uint32_t zi = 0; zi < zeros.size(); ++zi) {
+    const PlannedZero& z = zeros[zi];
     const Engine& e = *engines_[z.engine];
     const EngineParamSpec& p = e.spec.params[z.param];
     kernels::CopyOp op;
@@ -221,9 +315,14 @@ Result<BoundOps> SyncSession::BindZeroFills() const {
     op.cols = z.cols;
     op.src_dtype = op.dst_dtype = static_cast<uint8_t>(p.dtype);
     op.zero_fill = 1;
-    WS_RETURN_IF_ERROR(BindOp(op, nullptr, *e.maps[z.param], "zero fill of " + e.id + " param " + p.name, Name(), &out));
+    WS_RETURN_IF_ERROR(BindOp(op, nullptr, *e.maps[z.param], [&] { return ZeroName(e, p); }, Name(), &out));
+    index->push_back(zi);
     if (!p.staged) out.in_place_engines.insert(z.engine);
   }
+  out.name = [this, index](size_t i) {
+    const PlannedZero& z = plan_->plan.zeros[(*index)[i]];
+    return ZeroName(*engines_[z.engine], engines_[z.engine]->spec.params[z.param]);
+  };
   return out;
 }
 
@@ -248,8 +347,8 @@ std::string SyncSession::Unpaused(const std::set<uint32_t>& engines) const {
 SyncStats SyncSession::Stats() const {
   SyncStats s;
   s.sync_id = id_;
-  s.model = manifest_.model;
-  s.version = manifest_.version;
+  s.model = model();
+  s.version = version_;
   s.state = SyncStateName(state_);
   s.bytes_written = bytes_written;
   s.bytes_read = bytes_read;
@@ -257,7 +356,7 @@ SyncStats SyncSession::Stats() const {
   s.gbps = s.seconds > 0 ? static_cast<double>(s.bytes_written) / s.seconds / 1e9 : 0;
   s.error = error_;
   s.engines = static_cast<uint32_t>(engines_.size());
-  s.world_size = manifest_.world_size;
+  s.world_size = manifest().world_size;
   return s;
 }
 

@@ -7,6 +7,11 @@
 // plus the steps that turn a layer's shards (or the plan's zero fills) into
 // bounds-checked copy operations for the executor.
 //
+// A sync's manifest (IndexedManifest) and validated plan (ReadyPlan) are
+// immutable and shared: the coordinator keeps each model's last ones and a
+// sync with the same manifest and the same engines (and engine memory) reuses
+// them, so a steady-state sync neither re-parses nor re-plans.
+//
 // Thread-safety: a SyncSession is not synchronized itself; the Coordinator
 // calls its mutating methods with its mutex held. The manifest, the plan and
 // the engine list are fixed once the session streams (only the planning
@@ -19,6 +24,8 @@
 #include <map>
 #include <memory>
 #include <set>
+#include <functional>
+#include <unordered_map>
 #include <string>
 #include <utility>
 #include <vector>
@@ -51,11 +58,47 @@ struct SyncStats {
   uint32_t world_size = 0;
 };
 
+// A manifest as received (wire dtypes not yet negotiated) with its name
+// index. Its `version` is that of the sync that sent it; a session's own is
+// SyncSession::version().
+struct IndexedManifest {
+  SourceManifest manifest;
+  std::string fingerprint;  // BeginSyncRequest.manifest_fingerprint; may be empty
+  std::unordered_map<std::string, uint32_t> index;  // tensor name -> first position
+};
+std::shared_ptr<const IndexedManifest> IndexManifest(SourceManifest manifest, std::string fingerprint);
+// Same tensors, shapes, dtypes, shards, world size and negotiation flag.
+bool SameManifest(const SourceManifest& a, const SourceManifest& b);
+
+// A validated plan of one manifest for one engine set.
+struct ReadyPlan {
+  SyncPlan plan;
+  std::vector<DType> wire;           // per tensor: the dtype its shards travel in
+  std::vector<TensorDtypes> dtypes;  // with negotiate_dtypes: per tensor, as planned
+  std::vector<std::weak_ptr<Engine>> engines;  // planned for exactly these registrations, in order
+  // Whether `engines` are still exactly those registrations (none joined,
+  // left, or registered again with new memory).
+  bool Fits(const std::vector<std::shared_ptr<Engine>>& engines) const;
+};
+// Negotiates dtypes (with manifest.negotiate_dtypes) and validates and builds
+// the plan. Runs without any lock: engine specs and layouts are immutable.
+Result<std::shared_ptr<const ReadyPlan>> MakeReadyPlan(const SourceManifest& manifest,
+                                                       const std::vector<std::shared_ptr<Engine>>& engines);
+
+// A pushed layer's shards: by tensor name, each with its own memory
+// reference, and by manifest index, all in one memory object.
+struct LayerShards {
+  std::vector<std::pair<std::string, MemoryRef>> named;
+  std::vector<uint32_t> index;
+  std::vector<uint64_t> offset;  // per index entry: byte offset in `object`
+  MemoryRef object;              // for the indexed shards; its offset and length are unused
+};
+
 // One shard of a pushed layer, matched against the manifest.
 struct ClaimedShard {
   uint32_t tensor = 0, shard = 0;
-  const MemoryRef* ref = nullptr;
-  std::string what;  // "tensor NAME (rank R)"
+  const MemoryRef* object = nullptr;  // the memory object (for named shards: their own reference)
+  uint64_t offset = 0, length = 0;    // the shard's bytes in it
 };
 
 // Elements of one trainer shard (a contiguous range along `dim` of the
@@ -67,15 +110,21 @@ class SyncSession {
  public:
   using Clock = std::chrono::steady_clock;
 
-  SyncSession(uint64_t id, std::string owner, SourceManifest manifest, std::vector<std::shared_ptr<Engine>> engines);
+  SyncSession(uint64_t id, std::string owner, uint64_t version, std::shared_ptr<const IndexedManifest> manifest,
+              std::vector<std::shared_ptr<Engine>> engines);
   SyncSession(const SyncSession&) = delete;
   SyncSession& operator=(const SyncSession&) = delete;
 
   uint64_t id() const { return id_; }
   const std::string& owner() const { return owner_; }
-  const SourceManifest& manifest() const { return manifest_; }
+  // The manifest as sent, with the negotiated dtypes in ready_plan()->wire.
+  const SourceManifest& manifest() const { return manifest_->manifest; }
+  const std::shared_ptr<const IndexedManifest>& indexed_manifest() const { return manifest_; }
+  const std::string& model() const { return manifest_->manifest.model; }
+  uint64_t version() const { return version_; }
   const std::vector<std::shared_ptr<Engine>>& engines() const { return engines_; }
-  const SyncPlan& plan() const { return plan_; }
+  const SyncPlan& plan() const { return plan_->plan; }
+  const std::shared_ptr<const ReadyPlan>& ready_plan() const { return plan_; }
   SyncState state() const { return state_; }
   bool terminal() const { return IsTerminal(state_); }
   const std::string& error() const { return error_; }
@@ -86,10 +135,8 @@ class SyncSession {
   // FailedPrecondition naming the param when an engine's memory is no longer
   // backed (a truncated shm object).
   Status CheckEnginesBacked() const;
-  // Negotiates dtypes (with manifest.negotiate_dtypes) and builds the plan.
-  Result<SyncPlan> Plan(std::vector<TensorDtypes>* dtypes);
   // planning -> streaming.
-  void StartStreaming(SyncPlan plan);
+  void StartStreaming(std::shared_ptr<const ReadyPlan> plan);
 
   // ---- transitions (coordinator lock held)
   // streaming -> committing.
@@ -99,15 +146,18 @@ class SyncSession {
 
   // ---- streaming
   // Matches a layer's shards to unreceived manifest shards of `rank` and
-  // marks them received. InvalidArgument lists what did not match.
-  Result<std::vector<ClaimedShard>> ClaimShards(uint32_t rank,
-                                                const std::vector<std::pair<std::string, MemoryRef>>& shards,
-                                                const std::string& where);
+  // marks them received. InvalidArgument lists what did not match. The
+  // claimed shards point into `layer`.
+  Result<std::vector<ClaimedShard>> ClaimShards(uint32_t rank, const LayerShards& layer, const std::string& where);
+  // "tensor NAME (rank R)"
+  std::string ShardName(uint32_t tensor, uint32_t shard) const;
   // The planned copies of `claimed` from `src` (one mapping per claimed
   // shard) into the engines, bound and checked against both mappings
   // (BindOp).
   Result<BoundOps> BindLayer(const std::vector<ClaimedShard>& claimed,
                              const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where) const;
+  // "tensor NAME (rank R) -> ENGINE param P" for plan copy `copy`.
+  std::string CopyName(uint32_t copy) const;
 
   // ---- commit
   // The message listing shards that never arrived; empty when none.
@@ -140,12 +190,12 @@ class SyncSession {
  private:
   const uint64_t id_;
   const std::string owner_;  // principal of the BeginSync caller
-  SourceManifest manifest_;
+  const uint64_t version_;
+  const std::shared_ptr<const IndexedManifest> manifest_;
   const std::vector<std::shared_ptr<Engine>> engines_;  // keeps mappings alive while copies run
-  SyncPlan plan_;
-  std::map<std::string, uint32_t> tensor_index_;
-  std::vector<std::vector<uint8_t>> received_;  // [tensor][shard]
-  std::set<uint32_t> awaiting_pause_;            // set by StartStreaming, drained by MarkPaused
+  std::shared_ptr<const ReadyPlan> plan_;
+  std::vector<uint8_t> received_;  // per flat shard id (SyncPlan::shard_base)
+  std::set<uint32_t> awaiting_pause_;  // set by StartStreaming, drained by MarkPaused
   SyncState state_ = SyncState::kPlanning;
   Clock::time_point begin_ = Clock::now();
   Clock::time_point end_;

@@ -35,29 +35,40 @@ Result<Transport*> TransportRegistry::Pick(const Route& route) const {
 }
 
 Result<uint64_t> TransportRegistry::Copy(const BoundOps& ops) const {
-  // Which transport runs each op; the common case is one for all.
+  // Which transport runs each op, picked once per distinct route (a batch
+  // has one or two); the common case is one transport for all.
+  std::vector<std::pair<Route, Transport*>> by_route;
   std::vector<Transport*> picked(ops.ops.size());
   std::vector<Transport*> distinct;
   for (size_t i = 0; i < ops.ops.size(); ++i) {
     const Route route = i < ops.routes.size() ? ops.routes[i] : Route{};
-    auto t = Pick(route);
-    if (!t.ok()) return t.status().WithContext(OpLabel(ops.labels, i));
-    picked[i] = *t;
-    bool seen = false;
-    for (Transport* d : distinct) seen = seen || d == *t;
-    if (!seen) distinct.push_back(*t);
+    Transport* t = nullptr;
+    for (const auto& [r, rt] : by_route)
+      if (r == route) t = rt;
+    if (t == nullptr) {
+      auto p = Pick(route);
+      if (!p.ok()) return p.status().WithContext(ops.Name(i));
+      t = *p;
+      by_route.emplace_back(route, t);
+      bool seen = false;
+      for (Transport* d : distinct) seen = seen || d == t;
+      if (!seen) distinct.push_back(t);
+    }
+    picked[i] = t;
   }
   if (distinct.empty()) return uint64_t{0};
   if (distinct.size() == 1) return distinct[0]->Copy(ops);
   uint64_t bytes = 0;
   for (Transport* t : distinct) {
     BoundOps part;
+    std::vector<size_t> index;  // part.ops[k] is ops.ops[index[k]]
     for (size_t i = 0; i < ops.ops.size(); ++i) {
       if (picked[i] != t) continue;
       part.ops.push_back(ops.ops[i]);
-      part.labels.push_back(OpLabel(ops.labels, i));
       part.routes.push_back(i < ops.routes.size() ? ops.routes[i] : Route{});
+      index.push_back(i);
     }
+    part.name = [&ops, &index](size_t k) { return ops.Name(index[k]); };
     WS_ASSIGN_OR_RETURN(uint64_t n, t->Copy(part));
     bytes += n;
   }

@@ -55,7 +55,7 @@ class LocalTransport final : public Transport {
 
   const char* name() const override { return "local"; }
   TransportCaps caps() const override;
-  Result<uint64_t> Copy(const BoundOps& ops) override { return executor_->Run(ops.ops, ops.labels); }
+  Result<uint64_t> Copy(const BoundOps& ops) override { return executor_->RunNamed(ops.ops, ops.name); }
 
  private:
   Executor* const executor_;

@@ -56,17 +56,19 @@ void CheckPlan(const SyncPlan& plan, const SourceManifest& m, const std::vector<
   Check(written == plan.bytes_written, "bytes_written matches the copies and zeros");
   Check(written == expected, "plan writes " + std::to_string(written) + " engine bytes, params hold " +
                                  std::to_string(expected));
-  Check(plan.by_shard.size() == m.tensors.size(), "by_shard covers every tensor");
+  Check(plan.shard_base.size() == m.tensors.size() + 1, "shard_base covers every tensor");
   size_t listed = 0;
-  for (size_t t = 0; t < plan.by_shard.size(); ++t) {
-    Check(plan.by_shard[t].size() == m.tensors[t].shards.size(), "by_shard covers every shard");
-    for (size_t s = 0; s < plan.by_shard[t].size(); ++s)
-      for (uint32_t i : plan.by_shard[t][s]) {
-        Check(i < plan.copies.size() && plan.copies[i].tensor == t && plan.copies[i].shard == s, "by_shard index");
+  for (uint32_t t = 0; t < m.tensors.size(); ++t) {
+    Check(plan.shard_base[t + 1] - plan.shard_base[t] == m.tensors[t].shards.size(), "shard_base covers every shard");
+    for (uint32_t s = 0; s < m.tensors[t].shards.size(); ++s) {
+      auto [b, e] = plan.CopiesOf(t, s);
+      for (uint32_t i = b; i < e; ++i) {
+        Check(i < plan.copies.size() && plan.copies[i].tensor == t && plan.copies[i].shard == s, "CopiesOf index");
         ++listed;
       }
+    }
   }
-  Check(listed == plan.copies.size(), "by_shard lists every copy once");
+  Check(listed == plan.copies.size(), "CopiesOf lists every copy once");
 }
 
 }  // namespace

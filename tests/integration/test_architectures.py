@@ -94,3 +94,19 @@ def test_deepseek_expert_parallel(ctl, engines, gen_any):
     ctl.push(d, "ep", 3, "--version", 1)
     assert eng.wait() == 0, eng.output()
     check_version(eng, "v1", d, options={"enable_expert_parallel": 1})
+
+
+@pytest.mark.parametrize("arch,name", [("MixtralForCausalLM", "model.layers.0.block_sparse_moe.experts"),
+                                       ("DeepseekV2ForCausalLM", "model.layers.1.mlp.experts")])
+def test_routed_experts_names(ctl, engines, gen_any, arch, name):
+    """vLLM versions whose FusedMoE keeps the experts in a child module (engine option
+    vllm_routed_experts = 1, sent by the Python vLLM adapter) name them experts.routed_experts.*."""
+    d = gen_any(arch)
+    opts = {"vllm_routed_experts": 1, "enable_expert_parallel": 1}
+    want = vllm_ref.expected_rank_tensors(d, 2, 0, options=opts)
+    assert f"{name}.routed_experts.w13_weight" in want and f"{name}.w13_weight" not in want
+    eng = engines("routed", d, tp=2, replicas=1,
+                  extra=[a for k, v in opts.items() for a in ("--option", f"{k}={v}")])
+    ctl.push(d, "routed", 3, "--version", 1)
+    assert eng.wait() == 0, eng.output()
+    check_version(eng, "v1", d, options=opts)

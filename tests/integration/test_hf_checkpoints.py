@@ -130,7 +130,7 @@ def _cases():
     for v in VARIANTS:
         for T in TP_SIZES:
             yield pytest.param(v, T, False, id=f"{v}-T{T}")
-        if "n_routed_experts" in hf_fixtures.VARIANTS[v].config:
+        if {"n_routed_experts", "num_local_experts"} & set(hf_fixtures.VARIANTS[v].config):
             for T in EP_TP_SIZES:
                 yield pytest.param(v, T, True, id=f"{v}-T{T}-ep")
 

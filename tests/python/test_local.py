@@ -97,7 +97,7 @@ def stream_with_fake_daemon(tr, tensors, reader=read_shm):
                              for n, t in tensors.items()})
     tr.daemon = types.SimpleNamespace(stub=types.SimpleNamespace(Push=fake))
     stats = RankStats()
-    tr._stream(7, held, stats)
+    tr._stream(7, held, stats, {})  # no manifest index: shards go by name, as FakePush reads them
     return fake, stats
 
 

@@ -378,3 +378,87 @@ def test_staging_refusals_name_the_parameter(daemon):
         w.weightsync_start(daemon.address, "standin-refused")
     with pytest.raises(weightsync.WeightSyncError, match="staging='sometimes'"):
         w.weightsync_start(daemon.address, "standin-refused", staging="sometimes")
+
+
+def _pack(t):
+    """The stand-in experts kernel's layout: same shape and dtype, other bytes."""
+    return t.flip(-1).contiguous()
+
+
+class CPUExpertsStandIn:
+    """Like vLLM CPU's CPUUnquantizedExperts: prepacks w13/w2 into new parameters after loading."""
+
+    def __init__(self):
+        self.packs = 0
+
+    def process_weights_after_loading(self, layer):
+        self.packs += 1
+        for leaf in ("w13_weight", "w2_weight"):
+            setattr(layer, leaf, torch.nn.Parameter(_pack(getattr(layer, leaf).data), requires_grad=False))
+
+
+class MoEMethodStandIn:
+    """Like UnquantizedFusedMoEMethod: the experts kernel packs on the first post-load only (later
+    runs copy the loader layout into the parameters as they are)."""
+
+    def __init__(self):
+        self.moe_kernel = None
+
+    def process_weights_after_loading(self, layer):
+        if self.moe_kernel is None:
+            self.moe_kernel = SimpleNamespace(fused_experts=CPUExpertsStandIn())
+            self.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+
+def _moe_worker(cfg):
+    net = standin_model(ref.expected("deepseek_v2", _zeros_sd("deepseek_v2", cfg), cfg, 1, 0), False)
+    experts = getattr(net.model.layers, "1").mlp.experts
+    experts.quant_method = MoEMethodStandIn()
+    experts.quant_method.process_weights_after_loading(experts)  # what vLLM did at load time
+    return StandInWorker(net, cfg, 0, 1, torch.bfloat16), experts
+
+
+def test_repacked_moe_experts_are_staged_and_packed_again(daemon, checkpoints, monkeypatch):
+    import transformers
+    cfg = models.config("deepseek_v2")
+    w, experts = _moe_worker(cfg)
+    # the expert parameters' shape and dtype still as loaded: only the bytes differ
+    with pytest.raises(weightsync.WeightSyncError, match=r"parameter model\.layers\.1\.mlp\.experts\.w13_weight: "
+                                                         r"vLLM's post-load step repacks it \(CPUExpertsStandIn\) and "
+                                                         r"this vLLM records no loader layout"):
+        w.weightsync_start(daemon.address, "standin-moe")
+    w, experts = _moe_worker(cfg)
+    loader_layout = wsv._loader_layout
+    monkeypatch.setattr(wsv, "_loader_layout", lambda module, leaf: (
+        (tuple(getattr(module, leaf).shape), getattr(module, leaf).dtype) if leaf in ("w13_weight", "w2_weight")
+        else loader_layout(module, leaf)))
+    with pytest.raises(weightsync.WeightSyncError, match=r"parameter model\.layers\.1\.mlp\.experts\.w2_weight: "
+                                                         r"excluded, but vLLM's experts kernel repacks it"):
+        w.weightsync_start(daemon.address, "standin-moe", exclude=["*.w2_weight"])
+    w.weightsync_start(daemon.address, "standin-moe")
+    try:
+        st = w.weightsync_status()
+        assert st["staged_params"] == 2, st  # w13_weight and w2_weight; the rest in place
+        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["deepseek_v2"], dtype=torch.float32)
+        exp = ref.expected("deepseek_v2", models.load_checkpoint(checkpoints["deepseek_v2"]), cfg, 1, 0,
+                           torch.bfloat16)
+        with weightsync.Trainer(daemon.address, "standin-moe", world_size=1) as tr:
+            tr.push(model, version=1)
+            w.weightsync_wait(1, timeout=30)
+            fused = experts.quant_method.moe_kernel.fused_experts
+            assert fused.packs == 2  # packed again at the apply, as at load
+            for leaf in ("w13_weight", "w2_weight"):
+                want = _pack(exp[f"model.layers.1.mlp.experts.{leaf}"])
+                assert torch.equal(getattr(experts, leaf).view(torch.int16), want.view(torch.int16)), leaf
+            # a version that aborts mid-stream never reaches the packed experts
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+            fail_nth_export(tr, 3)
+            with pytest.raises(weightsync.WeightSyncError):
+                tr.push(model, version=2)
+            assert fused.packs == 2
+            want = _pack(exp["model.layers.1.mlp.experts.w13_weight"])
+            assert torch.equal(experts.w13_weight.view(torch.int16), want.view(torch.int16))
+    finally:
+        w.weightsync_stop()

@@ -95,6 +95,9 @@ VARIANTS: dict[str, Variant] = {
         DEEPSEEK, q_lora_rank=12, n_routed_experts=10, n_shared_experts=2)),
     "deepseek_v2-lite": Variant("DeepseekV2ForCausalLM", "DeepseekV2Config", dict(
         DEEPSEEK, q_lora_rank=None, n_routed_experts=9, n_shared_experts=1)),
+    # 9 experts: uneven expert-parallel placement at T=2, 4 and 8; experts stacked 3-D in memory.
+    "mixtral": Variant("MixtralForCausalLM", "MixtralConfig", dict(
+        DECODER, intermediate_size=16, num_local_experts=9, num_experts_per_tok=2, vocab_size=131)),
 }
 
 
@@ -174,7 +177,8 @@ def check(dirs) -> None:
         sizes = vllm_ref.allowed_tp_sizes(cfg)
         if 8 not in sizes:
             raise SystemExit(f"{d.name}: TP sizes {sizes} do not include 8")
-        opts = [{}] + ([{"enable_expert_parallel": 1}] if "n_routed_experts" in cfg else [])
+        moe = "n_routed_experts" in cfg or "num_local_experts" in cfg
+        opts = [{}] + ([{"enable_expert_parallel": 1}] if moe else [])
         for o in opts:
             for T_ in vllm_ref.allowed_tp_sizes(cfg, o):
                 for r in range(T_):

@@ -34,6 +34,8 @@ CONFIGS = {
                               "first_k_dense_replace": 1, "moe_layer_freq": 1,
                               "q_lora_rank": 12, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
                               "qk_rope_head_dim": 4, "v_head_dim": 6, "tie_word_embeddings": False},
+    "MixtralForCausalLM": dict(BASE, model_type="mixtral", intermediate_size=16, num_local_experts=3,
+                               num_experts_per_tok=2, tie_word_embeddings=False),
 }
 
 
@@ -75,6 +77,9 @@ def hf_shapes(cfg: dict) -> dict[str, tuple]:
         if arch == "DeepseekV2ForCausalLM":
             _deepseek_layer(cfg, L, s)
             continue
+        if arch == "MixtralForCausalLM":
+            _mixtral_layer(cfg, L, s, nh, nkv, hd)
+            continue
         I = cfg["intermediate_size"]
         if arch == "Phi3ForCausalLM":
             s[f"{a}.qkv_proj.weight"] = ((nh + 2 * nkv) * hd, H)
@@ -115,6 +120,19 @@ def hf_shapes(cfg: dict) -> dict[str, tuple]:
     if not cfg.get("tie_word_embeddings", False) and arch not in ("GemmaForCausalLM", "Gemma2ForCausalLM"):
         s["lm_head.weight"] = (V, H)
     return s
+
+
+def _mixtral_layer(cfg, L, s, nh, nkv, hd):
+    H, I, E = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"]
+    a = f"model.layers.{L}.self_attn"
+    s[f"{a}.q_proj.weight"] = (nh * hd, H)
+    s[f"{a}.k_proj.weight"] = s[f"{a}.v_proj.weight"] = (nkv * hd, H)
+    s[f"{a}.o_proj.weight"] = (H, nh * hd)
+    m = f"model.layers.{L}.block_sparse_moe"
+    s[f"{m}.gate.weight"] = (E, H)
+    for e in range(E):
+        s[f"{m}.experts.{e}.w1.weight"] = s[f"{m}.experts.{e}.w3.weight"] = (I, H)
+        s[f"{m}.experts.{e}.w2.weight"] = (H, I)
 
 
 def _deepseek_layer(cfg, L, s):

@@ -25,7 +25,7 @@ import st_io
 VOCAB_PAD = 64
 ROTARY_SKIPS = ("rotary_pos_emb.inv_freq", "rotary_emb.inv_freq",
                 "rotary_emb.cos_cached", "rotary_emb.sin_cached")
-KNOWN_OPTIONS = {"enable_expert_parallel"}
+KNOWN_OPTIONS = {"enable_expert_parallel", "vllm_routed_experts"}
 
 
 class VllmRefused(ValueError):
@@ -491,7 +491,8 @@ def deepseek_v2(cfg, ck, T, r, opts):
             gates = {e: ck[f"{m}.experts.{e}.gate_proj.weight"] for e in experts}
             ups = {e: ck[f"{m}.experts.{e}.up_proj.weight"] for e in experts}
             downs = {e: ck[f"{m}.experts.{e}.down_proj.weight"] for e in experts}
-            out[f"{m}.experts.w13_weight"], out[f"{m}.experts.w2_weight"] = \
+            fused = f"{m}.experts.routed_experts" if opts.get("vllm_routed_experts") else f"{m}.experts"
+            out[f"{fused}.w13_weight"], out[f"{fused}.w2_weight"] = \
                 moe_experts(gates, ups, downs, t_moe, k_moe, experts)
     _full(ck, ["model.norm.weight"], out)
 
@@ -503,6 +504,43 @@ def deepseek_v2(cfg, ck, T, r, opts):
             return True  # MTP / speculative layers
         # routed experts of other EP ranks are skipped by the loader
         return ep and ".mlp.experts." in n and parts[5].isdigit()
+    ck.check_all_used(ignorable)
+    return out
+
+
+def mixtral(cfg, ck, T, r, opts):
+    """Mixtral: Llama attention without biases; every layer MoE (router + FusedMoE, EP off or on).
+    Experts on disk: block_sparse_moe.experts.{e}.w1 (gate) / w3 (up) / w2 (down)."""
+    H, nh, nkv, hd, NL, V = _decoder_common(cfg)
+    E = _cfg_int(cfg, "num_local_experts")
+    ep = bool(opts.get("enable_expert_parallel")) and T > 1
+    t_moe, k_moe = (1, 0) if ep else (T, r)
+    experts = expert_placement(E, T, r) if ep else list(range(E))
+    # vLLM >= 0.3x keeps the expert weights in the FusedMoE's child module routed_experts
+    fused = "experts.routed_experts" if opts.get("vllm_routed_experts") else "experts"
+    tied = _tied(cfg, False)
+    out: dict = {}
+    _embeddings(ck, T, r, V, tied, out)
+    for L in range(NL):
+        p = f"model.layers.{L}"
+        a = f"{p}.self_attn"
+        _qkv_from_separate(ck, a, nh, nkv, hd, T, r, False, out)
+        _row_linear(ck, f"{a}.o_proj", T, r, False, out)
+        m = f"{p}.block_sparse_moe"
+        _full(ck, [f"{m}.gate.weight"], out)
+        gates = {e: ck[f"{m}.experts.{e}.w1.weight"] for e in experts}
+        ups = {e: ck[f"{m}.experts.{e}.w3.weight"] for e in experts}
+        downs = {e: ck[f"{m}.experts.{e}.w2.weight"] for e in experts}
+        out[f"{m}.{fused}.w13_weight"], out[f"{m}.{fused}.w2_weight"] = \
+            moe_experts(gates, ups, downs, t_moe, k_moe, experts)
+        _full(ck, [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"], out)
+    _full(ck, ["model.norm.weight"], out)
+
+    def ignorable(n):
+        if _rotary_skip(n) or (tied and n.startswith("lm_head.")):
+            return True
+        parts = n.split(".")  # routed experts of other EP ranks are skipped by the loader
+        return ep and ".block_sparse_moe.experts." in n and parts[5].isdigit()
     ck.check_all_used(ignorable)
     return out
 
@@ -522,6 +560,7 @@ ARCHITECTURES = {
     "Starcoder2ForCausalLM": starcoder2,
     "Qwen2ForCausalLM": qwen2,
     "DeepseekV2ForCausalLM": deepseek_v2,
+    "MixtralForCausalLM": mixtral,
 }
 
 
@@ -557,7 +596,9 @@ def check_tp(cfg: dict, T: int, options: dict | None = None) -> None:
         nh = _cfg_int(cfg, "num_attention_heads")
         divide(nh, T, "num_attention_heads")
         kv_partition(_cfg_int(cfg, "num_key_value_heads", nh), T)
-        divide(_cfg_int(cfg, "intermediate_size"), T, "intermediate_size")
+        ep = arch == "MixtralForCausalLM" and bool(options.get("enable_expert_parallel")) and T > 1
+        if not ep:
+            divide(_cfg_int(cfg, "intermediate_size"), T, "intermediate_size")
     vocab_range(_cfg_int(cfg, "vocab_size"), T, 0)
 
 

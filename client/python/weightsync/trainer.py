@@ -19,6 +19,7 @@ threads. Collectives use the torch.distributed `group` given (default: WORLD).
 """
 from __future__ import annotations
 
+import hashlib
 import queue
 import re
 import time
@@ -175,6 +176,10 @@ class Trainer:
         self.shm_mode = shm_mode
         self.timeout = timeout
         self._host_seg: "ShmSegment | None" = None
+        # Plan reuse: (fingerprint, wire dtypes) of the manifest this trainer last began a sync with (rank 0),
+        # and (fingerprint, {tensor: manifest index}) as last broadcast (every rank).
+        self._kept: "tuple | None" = None
+        self._index: "tuple | None" = None
 
     # ---- public ----
 
@@ -204,24 +209,30 @@ class Trainer:
             resp = None
             try:
                 req = self._manifest(gathered, drop, version)
-                resp = self.daemon.stub.BeginSync(req, timeout=self.timeout)
-                wires = _wire_dtypes(req, resp)
-                begin = (resp.sync_id, resp.engines, resp.copy_ops, resp.bytes_planned, wires, None)
+                resp, wires = self._begin(req)
+                fp = req.manifest_fingerprint
+                index = None
+                if self._index is None or self._index[0] != fp:  # the ranks' index is stale: send it
+                    index = {t.name: i for i, t in enumerate(req.tensors)}
+                begin = (resp.sync_id, resp.engines, resp.copy_ops, resp.bytes_planned, wires, fp, index, None)
             except grpc.RpcError as e:
-                begin = (0, 0, 0, 0, {}, str(rpc_error(e, f"BeginSync of {self.model} version {version}")))
+                begin = (0, 0, 0, 0, {}, "", None,
+                         str(rpc_error(e, f"BeginSync of {self.model} version {version}")))
             except Exception as e:
                 if resp is not None:
                     self._abort(resp.sync_id, f"rank 0: {e}")
-                begin = (0, 0, 0, 0, {}, f"BeginSync of {self.model} version {version}: {e}")
-        sync_id, engines, copy_ops, bytes_planned, wires, err = self.comm.broadcast(begin)
+                begin = (0, 0, 0, 0, {}, "", None, f"BeginSync of {self.model} version {version}: {e}")
+        sync_id, engines, copy_ops, bytes_planned, wires, fp, index, err = self.comm.broadcast(begin)
         if err:
             raise WeightSyncError(err)
+        if index is not None:
+            self._index = (fp, index)
         held = [(p, wires.get(p.name, d)) for p, d in held]
 
         with torch.no_grad():
             stats = RankStats(rank=self.rank, seconds_prepare=t_prep)
             try:
-                self._stream(sync_id, held, stats)
+                self._stream(sync_id, held, stats, self._index[1])
                 err = None
             except Exception as e:
                 err = f"rank {self.rank}: {e}"
@@ -256,6 +267,30 @@ class Trainer:
             raise WeightSyncError(err)
         return SyncResult(version, sync_id, engines, copy_ops, bytes_planned, committed,
                           [RankStats(**o[0]) for o in outcomes], time.perf_counter() - t0)
+
+    def _begin(self, req: pb.BeginSyncRequest):
+        """(BeginSyncResponse, wire dtypes). After the first sync of a manifest only its fingerprint is sent
+        (the daemon reuses the manifest, and its validated plan while the engines are unchanged); the full
+        manifest again when the daemon keeps none under it (NOT_FOUND: restarted, or another manifest since)."""
+        fp = req.manifest_fingerprint
+        resp = None
+        if self._kept is not None and self._kept[0] == fp:
+            lean = pb.BeginSyncRequest(model=req.model, version=req.version, world_size=req.world_size,
+                                       negotiate_dtypes=req.negotiate_dtypes, manifest_fingerprint=fp,
+                                       reuse_manifest=True)
+            try:
+                resp = self.daemon.stub.BeginSync(lean, timeout=self.timeout)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+        if resp is None:
+            resp = self.daemon.stub.BeginSync(req, timeout=self.timeout)
+        if resp.manifest_reused and resp.plan_reused:
+            wires = self._kept[1]  # unchanged: the daemon sends no dtypes
+        else:
+            wires = _wire_dtypes(req, resp)
+        self._kept = (fp, wires)
+        return resp, wires
 
     def _abort(self, sync_id: int, reason: str) -> None:
         try:
@@ -318,11 +353,14 @@ class Trainer:
                     m[2].append(pb.ShardSpec(rank=r, dim=box[0], start=box[1], length=box[2]))
         if errors:
             raise WeightSyncError("ranks disagree about tensors:\n" + "\n".join(errors[:50]))
-        req = pb.BeginSyncRequest(model=self.model, version=version, world_size=self.world_size,
-                                  negotiate_dtypes=True)
+        req = pb.BeginSyncRequest(model=self.model, world_size=self.world_size, negotiate_dtypes=True)
         for name in order:
             shape, dtype, shards, _ = meta[name]
             req.tensors.append(pb.SourceTensor(name=name, shape=list(shape), dtype=dtype, shards=shards))
+        # The fingerprint covers everything but the version.
+        req.manifest_fingerprint = hashlib.blake2b(req.SerializeToString(deterministic=True),
+                                                   digest_size=16).hexdigest()
+        req.version = version
         return req
 
     # ---- streaming ----
@@ -378,7 +416,7 @@ class Trainer:
         """Returns freed CUDA staging buffers to the driver, for a colocated engine to use."""
         torch.cuda.empty_cache()
 
-    def _stream(self, sync_id: int, held, stats: RankStats) -> None:
+    def _stream(self, sync_id: int, held, stats: RankStats, manifest_index: dict) -> None:
         t0 = time.perf_counter()
         index = ShmIndex()
         groups = self._groups(held)
@@ -400,7 +438,7 @@ class Trainer:
             for where, total in need.items():
                 cap = max(min(total, align_up(self.max_inflight_bytes)), biggest[where])
                 rings[where] = self._host_ring(cap) if where == "host" else self._cuda_ring(where, cap)
-            self._stream_messages(sync_id, plans, index, rings, stats)
+            self._stream_messages(sync_id, plans, index, rings, stats, manifest_index)
         finally:
             rings.clear()  # the last references to this push's CUDA staging buffers
             stats.seconds_stream = time.perf_counter() - t0
@@ -409,7 +447,7 @@ class Trainer:
         if any(w != "host" for w in need):
             self._release_cuda()
 
-    def _stream_messages(self, sync_id: int, plans, index, rings, stats: RankStats) -> None:
+    def _stream_messages(self, sync_id: int, plans, index, rings, stats: RankStats, manifest_index: dict) -> None:
         for dev in {p.local.device for _, items, _ in plans for p, _ in items if p.local.device.type == "cuda"}:
             torch.cuda.synchronize(dev)  # pending writes (optimizer step) land before the daemon reads
 
@@ -461,8 +499,7 @@ class Trainer:
                                                   f"ring ({ring.capacity} bytes, {ring.used} held)")
                         wait_one()
                     cursor[where] = off
-                msg = pb.LayerData(sync_id=sync_id, rank=self.rank, layer=layer)
-                keep, synced = [], set()
+                keep, synced, refs = [], set(), []
                 for p, wire in items:
                     ref, staged, dev = self._export(p, wire, index, rings, cursor)
                     if staged:
@@ -472,7 +509,8 @@ class Trainer:
                     else:
                         stats.zero_copy_bytes += ref_length(ref)
                     keep.append(p.local)
-                    msg.shards.append(pb.ShardData(tensor=p.name, memory=ref))
+                    refs.append((p.name, ref))
+                msg = _layer_message(sync_id, self.rank, layer, refs, manifest_index)
                 for dev in synced:
                     self._sync_staged(dev)
                 requests.put(msg)
@@ -524,6 +562,35 @@ class Trainer:
         ipc = export_tensor(dst, what)
         return pb.MemoryRef(cuda_ipc=pb.CudaIpcRef(handle=ipc.handle, device_uuid=ipc.device_uuid,
                                                    offset=ipc.offset, length=ipc.length)), True, where
+
+
+def _object_key(ref: pb.MemoryRef):
+    if ref.HasField("host_shm"):
+        return ("shm", ref.host_shm.name)
+    return ("cuda", ref.cuda_ipc.handle, ref.cuda_ipc.device_uuid)
+
+
+def _layer_message(sync_id: int, rank: int, layer: str, refs, manifest_index: dict) -> pb.LayerData:
+    """One layer's LayerData: the shards in the memory object most of them share by manifest index and offset
+    (no names), the others by name with their own reference."""
+    msg = pb.LayerData(sync_id=sync_id, rank=rank, layer=layer)
+    counts: dict = {}
+    for _, ref in refs:
+        k = _object_key(ref)
+        counts[k] = counts.get(k, 0) + 1
+    main = max(counts, key=counts.get) if counts else None
+    for name, ref in refs:
+        i = manifest_index.get(name)
+        if i is None or _object_key(ref) != main:
+            msg.shards.append(pb.ShardData(tensor=name, memory=ref))
+            continue
+        if not msg.HasField("memory"):
+            msg.memory.CopyFrom(ref)
+            field = msg.memory.host_shm if ref.HasField("host_shm") else msg.memory.cuda_ipc
+            field.offset, field.length = 0, 0
+        msg.tensor_index.append(i)
+        msg.offset.append(ref.host_shm.offset if ref.HasField("host_shm") else ref.cuda_ipc.offset)
+    return msg
 
 
 def _span(p, wire) -> int:

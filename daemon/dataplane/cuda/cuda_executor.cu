@@ -360,12 +360,12 @@ class CudaExecutor final : public Executor {
     return Status::Ok();
   }
 
-  Result<uint64_t> RunValidated(const std::vector<CopyOp>& ops, const std::vector<std::string>& labels) override {
+  Result<uint64_t> RunValidated(const std::vector<CopyOp>& ops, const OpNamer& name) override {
     if (Status h = health(); !h.ok()) return h;
     std::vector<DeviceWork> work(devs_.size());
     uint64_t bytes = 0;
     for (size_t i = 0; i < ops.size(); ++i) {
-      std::string label = OpLabel(labels, i);
+      std::string label = name(i);
       CopyOp op = ops[i];
       if (op.rows <= 0 || op.cols <= 0) continue;
       const uint64_t op_bytes = static_cast<uint64_t>(op.rows * op.cols) * ElemSize(op.dst_dtype);

@@ -146,7 +146,7 @@ TEST(BuildPlan, TransposedCopyOffsets) {
     EXPECT_EQ(c.dst_offset, c.shard == 0 ? 0 : 4);  // shard 1 holds b's cols 2..3 = pb rows 2..3
   }
   EXPECT_EQ(seen, 2);
-  ASSERT_EQ(plan->by_shard.size(), m.tensors.size());
+  ASSERT_EQ(plan->shard_base.size(), m.tensors.size() + 1);
 }
 
 TEST(BuildPlan, HsdpReplicasRoundRobin) {

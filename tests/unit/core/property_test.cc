@@ -586,10 +586,14 @@ void RunCase(const RefModel& m, std::mt19937_64& rng, int iter, Coverage* cov) {
       elems += t.d.size();
     }
   EXPECT_EQ(plan->bytes_written, elems * 4);
-  // by_shard indexes every copy exactly once.
+  // CopiesOf indexes every copy exactly once, each under its own shard.
   size_t indexed = 0;
-  for (const auto& t : plan->by_shard)
-    for (const auto& s : t) indexed += s.size();
+  for (uint32_t t = 0; t + 1 < plan->shard_base.size(); ++t)
+    for (uint32_t s = 0; s < plan->shard_base[t + 1] - plan->shard_base[t]; ++s) {
+      auto [b, e] = plan->CopiesOf(t, s);
+      for (uint32_t i = b; i < e; ++i) ASSERT_TRUE(plan->copies[i].tensor == t && plan->copies[i].shard == s);
+      indexed += e - b;
+    }
   EXPECT_EQ(indexed, plan->copies.size());
   // With HSDP replicas, each engine reads each byte once: bytes read == bytes copied.
   uint64_t copied = 0;

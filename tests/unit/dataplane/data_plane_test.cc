@@ -20,7 +20,7 @@ bool Has(const std::string& s, const std::string& needle) { return s.find(needle
 class FakeGpuExecutor final : public Executor {
  public:
   explicit FakeGpuExecutor(std::atomic<int>* runs, std::atomic<bool>* sticky) : runs_(runs), sticky_(sticky) {}
-  Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops, const std::vector<std::string>&) override {
+  Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops, const OpNamer&) override {
     ++*runs_;
     if (*sticky_) return Internal("copy kernel: cudaEventSynchronize failed: cudaErrorIllegalAddress");
     uint64_t n = 0;

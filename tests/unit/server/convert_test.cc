@@ -148,8 +148,26 @@ TEST(Convert, LayerData) {
   s->mutable_memory()->mutable_host_shm()->set_length(4);
   r = FromProto(l);
   ASSERT_TRUE(r.ok());
-  EXPECT_EQ((*r)[0].first, "w");
-  EXPECT_EQ((*r)[0].second.length, 4u);
+  EXPECT_EQ(r->named[0].first, "w");
+  EXPECT_EQ(r->named[0].second.length, 4u);
+}
+
+TEST(Convert, LayerDataByIndex) {
+  pb::LayerData l;
+  l.set_layer("layers.3");
+  l.add_tensor_index(7);
+  l.add_tensor_index(2);
+  l.add_offset(0);
+  EXPECT_ERR(FromProto(l).status(), "layer \"layers.3\" has 2 tensor_index entries but 1 offsets");
+  l.add_offset(128);
+  EXPECT_ERR(FromProto(l).status(), "layer \"layers.3\" has tensor_index entries but no memory object");
+  l.mutable_memory()->mutable_host_shm()->set_name("/t");
+  auto r = FromProto(l);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_TRUE(r->named.empty());
+  EXPECT_EQ(r->index, (std::vector<uint32_t>{7, 2}));
+  EXPECT_EQ(r->offset, (std::vector<uint64_t>{0, 128}));
+  EXPECT_EQ(r->object.name, "/t");
 }
 
 // A manifest of `n` one-element tensors on rank 0.

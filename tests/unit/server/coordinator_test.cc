@@ -306,6 +306,122 @@ TEST_F(CoordinatorTest, FullSyncWritesVllmLayout) {
   EXPECT_EQ(coord_->GetStatus().models[0].committed_version, 8u);
 }
 
+// The layer's shards by manifest index (the lean LayerData form): every
+// shard of a rank is in its one trainer buffer.
+LayerShards ByIndex(const std::vector<std::pair<std::string, MemoryRef>>& named,
+                    const std::vector<std::string>& order) {
+  LayerShards l;
+  for (const auto& [name, ref] : named) {
+    l.index.push_back(static_cast<uint32_t>(std::find(order.begin(), order.end(), name) - order.begin()));
+    l.offset.push_back(ref.offset);
+    l.object = ref;
+  }
+  l.object.offset = l.object.length = 0;
+  return l;
+}
+
+TEST_F(CoordinatorTest, PlanReuseAndWhatForcesARePlan) {
+  auto engines = RegisterAll();
+  std::vector<std::string> order;
+  for (const auto& s : sources_) order.push_back(s.name);
+  // One sync: engine buffers scrambled first, then every byte checked.
+  auto sync = [&](SourceManifest mf, std::vector<EngineHandle>& engs, bool by_index) -> BeginSyncResult {
+    auto b = coord_->BeginSync(Self(), std::move(mf));
+    EXPECT_TRUE(b.ok()) << b.status().ToString();
+    if (!b.ok()) return {};
+    for (auto& e : engs) std::fill_n(shm_.Data(e.buffer), shm_.Bytes(e.buffer).size(), kGarbage);
+    for (uint32_t r = 0; r < W_; ++r)
+      for (const auto& l : Layers()) {
+        auto res = by_index ? coord_->PushLayer(Self(), b->sync_id, r, l, ByIndex(Layer(r, l), order))
+                            : coord_->PushLayer(Self(), b->sync_id, r, l, Layer(r, l));
+        EXPECT_TRUE(res.ok()) << res.status().ToString();
+      }
+    auto st = CommitAcked(b->sync_id, engs);
+    EXPECT_TRUE(st.ok()) << st.status().ToString();
+    for (auto& e : engs) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
+    return *b;
+  };
+  auto lean = [&](uint64_t version, const std::string& fp) {
+    SourceManifest m;
+    m.model = "toy";
+    m.version = version;
+    m.world_size = W_;
+    m.fingerprint = fp;
+    m.reuse_manifest = true;
+    return m;
+  };
+  auto with_fp = [&](uint64_t version, const std::string& fp) {
+    SourceManifest m = Manifest(version);
+    m.fingerprint = fp;
+    return m;
+  };
+
+  BeginSyncResult b = sync(with_fp(1, "fp1"), engines, false);
+  EXPECT_FALSE(b.plan_reused);
+  // The same manifest in full: the plan is reused; the bytes are identical (checked in sync()).
+  b = sync(with_fp(2, "fp1"), engines, true);
+  EXPECT_TRUE(b.plan_reused);
+  EXPECT_FALSE(b.manifest_reused);
+  // By fingerprint only.
+  b = sync(lean(3, "fp1"), engines, true);
+  EXPECT_TRUE(b.plan_reused);
+  EXPECT_TRUE(b.manifest_reused);
+  // A fingerprint the daemon keeps nothing under: NotFound, and the model is not left busy.
+  auto nf = coord_->BeginSync(Self(), lean(4, "fp-other"));
+  EXPECT_EQ(nf.status().code(), Code::kNotFound) << nf.status().ToString();
+  EXPECT_ERR(nf.status(), "no manifest is kept under fingerprint fp-other");
+  SourceManifest bad = lean(4, "fp1");
+  bad.world_size = W_ + 1;
+  EXPECT_EQ(coord_->BeginSync(Self(), bad).status().code(), Code::kNotFound);
+  // A changed manifest (a shard moved to another rank) re-plans.
+  SourceManifest changed = with_fp(4, "fp2");
+  std::swap(changed.tensors[1].shards[0].rank, changed.tensors[1].shards[1].rank);
+  auto refused = coord_->BeginSync(Self(), changed);  // validated afresh: rank 0's layer would not match
+  ASSERT_TRUE(refused.ok()) << refused.status().ToString();
+  EXPECT_FALSE(refused->plan_reused);
+  ASSERT_TRUE(coord_->Abort(Self(), refused->sync_id, "test").ok());
+  // The same content under another fingerprint is another manifest: planned afresh.
+  b = sync(with_fp(5, "fp3"), engines, false);
+  EXPECT_FALSE(b.plan_reused);
+  b = sync(lean(6, "fp3"), engines, true);
+  EXPECT_TRUE(b.plan_reused);
+  // A re-registered engine (new memory) re-plans, even with the manifest reused.
+  ASSERT_TRUE(coord_->UnregisterEngine(Self(), engines[1].id).ok());
+  engines[1] = Register(0, 1);
+  b = sync(lean(7, "fp3"), engines, true);
+  EXPECT_TRUE(b.manifest_reused);
+  EXPECT_FALSE(b.plan_reused);
+  b = sync(lean(8, "fp3"), engines, true);
+  EXPECT_TRUE(b.plan_reused);
+  // A new engine (a second replica) re-plans and is written too.
+  engines.push_back(Register(1, 0));
+  engines.push_back(Register(1, 1));
+  b = sync(lean(9, "fp3"), engines, false);
+  EXPECT_FALSE(b.plan_reused);
+  EXPECT_EQ(b.engines, 4u);
+  b = sync(lean(10, "fp3"), engines, true);
+  EXPECT_TRUE(b.plan_reused);
+}
+
+TEST_F(CoordinatorTest, LayerByIndexErrorsNameTheTensor) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Self(), Manifest(1));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  LayerShards l;
+  l.object = ShardRef(0, "embed.weight");
+  l.index = {999};
+  l.offset = {0};
+  auto r = coord_->PushLayer(Self(), b->sync_id, 0, "embed", l);
+  EXPECT_ERR(r.status(), "tensor index 999 is not below the manifest's");
+  auto b2 = coord_->BeginSync(Self(), Manifest(2));
+  ASSERT_TRUE(b2.ok()) << b2.status().ToString();
+  l.index = {0};
+  l.offset = {1u << 30};  // past the buffer
+  r = coord_->PushLayer(Self(), b2->sync_id, 0, "embed", l);
+  EXPECT_ERR(r.status(), "tensor embed.weight (rank 0)");
+  for (auto& e : engines) EXPECT_TRUE(Untouched(e));
+}
+
 TEST_F(CoordinatorTest, NegotiatedDtypesArePlannedAndReturned) {
   auto engines = RegisterAll();  // bf16 params; the manifest's sources are f32
   {

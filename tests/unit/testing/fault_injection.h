@@ -83,8 +83,7 @@ class FaultInjectingExecutor final : public Executor {
   }
 
  protected:
-  Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops,
-                                const std::vector<std::string>& labels) override {
+  Result<uint64_t> RunValidated(const std::vector<kernels::CopyOp>& ops, const OpNamer& name) override {
     {
       std::unique_lock lk(mu_);
       const int n = ++runs_;
@@ -95,9 +94,9 @@ class FaultInjectingExecutor final : public Executor {
       if (!fail_.ok() && (fail_run_ == 0 || fail_run_ == n)) return fail_;
       if (fail_pred_)
         for (size_t i = 0; i < ops.size(); ++i)
-          if (fail_pred_(OpLabel(labels, i))) return fail_pred_status_;
+          if (fail_pred_(OpName(name, i))) return fail_pred_status_;
     }
-    return real_->Run(ops, labels);
+    return real_->RunNamed(ops, name);
   }
 
  private:

@@ -20,7 +20,7 @@ class RecordingTransport final : public Transport {
   const char* name() const override { return name_; }
   TransportCaps caps() const override { return caps_; }
   Result<uint64_t> Copy(const BoundOps& ops) override {
-    labels.insert(labels.end(), ops.labels.begin(), ops.labels.end());
+    for (size_t i = 0; i < ops.ops.size(); ++i) labels.push_back(ops.Name(i));
     return static_cast<uint64_t>(ops.ops.size());
   }
   std::vector<std::string> labels;
@@ -67,7 +67,8 @@ TEST(TransportTest, RegistryPicksTheFirstTransportServingEachRoute) {
   // Ops are split by route, one Copy per transport.
   BoundOps ops;
   ops.ops.resize(3);
-  ops.labels = {"a", "b", "c"};
+  const std::vector<std::string> names = {"a", "b", "c"};
+  ops.name = [&](size_t i) { return names[i]; };
   ops.routes = {{kHost, kHost, true}, {kCuda, kCuda, false}, {kHost, kHost, true}};
   auto n = reg.Copy(ops);
   ASSERT_TRUE(n.ok()) << n.status().ToString();
@@ -104,7 +105,7 @@ TEST(TransportTest, LocalTransportCopiesThroughTheExecutor) {
   op.dst_dtype = kernels::kBF16;
   BoundOps ops;
   ops.ops = {op};
-  ops.labels = {"w"};
+  ops.name = [](size_t) { return std::string("w"); };
   ops.routes = {Route{}};
   auto r = reg.Copy(ops);
   ASSERT_TRUE(r.ok()) << r.status().ToString();

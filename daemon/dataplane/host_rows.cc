@@ -1,0 +1,229 @@
+// Row loops for each instruction set. Every variant but the native-BF16 one
+// is the same scalar source compiled for its target (the compiler vectorizes
+// it), so they cannot round differently; streaming converts a block into an
+// L1-resident buffer and writes it out with non-temporal stores.
+
+// The branch-free f16 casts contain a float add; GCC only turns their selects
+// into vector code when FP ops may be assumed not to trap. Results are
+// unchanged (same rounding); nothing here reads FP exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+#include "daemon/dataplane/host_rows.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "daemon/kernels/copy_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define WS_ROWS_X86 1
+#endif
+
+namespace ws::rows {
+namespace {
+
+// Element converters on storage types (f32 as its bits).
+inline uint16_t F32ToBF16(uint32_t v) { return kernels::F32ToBF16(kernels::BitsFloat(v)); }
+inline uint16_t F32ToF16(uint32_t v) { return kernels::F32ToF16(kernels::BitsFloat(v)); }
+inline uint32_t BF16ToF32(uint16_t v) { return kernels::FloatBits(kernels::BF16ToF32(v)); }
+inline uint32_t F16ToF32(uint16_t v) { return kernels::FloatBits(kernels::F16ToF32(v)); }
+inline uint16_t BF16ToF16(uint16_t v) { return kernels::F32ToF16(kernels::BF16ToF32(v)); }
+inline uint16_t F16ToBF16(uint16_t v) { return kernels::F32ToBF16(kernels::F16ToF32(v)); }
+
+// Destination bytes converted per buffered block when streaming; rows
+// shorter than two blocks go through the cache.
+constexpr int64_t kBlockBytes = 1024;
+
+// StreamLines_TAG(d, s, bytes): d aligned to VEC, bytes a multiple of VEC.
+// Copy_TAG: same-dtype rows (n elements of ES bytes).
+#define WS_ROWS_COPY(TAG, ATTR, VEC, STREAM_ONE)                                                        \
+  ATTR void StreamLines_##TAG(char* d, const char* s, int64_t bytes) {                                   \
+    for (int64_t k = 0; k < bytes; k += VEC) STREAM_ONE(d + k, s + k);                                    \
+  }                                                                                                      \
+  ATTR void CopyBytes_##TAG(const void* sv, void* dv, int64_t bytes, bool stream) {                      \
+    const char* s = static_cast<const char*>(sv);                                                        \
+    char* d = static_cast<char*>(dv);                                                                    \
+    if (!stream || bytes < 2 * kBlockBytes) {                                                            \
+      std::memcpy(d, s, static_cast<size_t>(bytes));                                                     \
+      return;                                                                                            \
+    }                                                                                                    \
+    const int64_t head = static_cast<int64_t>((VEC - (reinterpret_cast<uintptr_t>(d) & (VEC - 1))) & (VEC - 1)); \
+    const int64_t body = (bytes - head) / VEC * VEC;                                                     \
+    std::memcpy(d, s, static_cast<size_t>(head));                                                        \
+    StreamLines_##TAG(d + head, s + head, body);                                                         \
+    std::memcpy(d + head + body, s + head + body, static_cast<size_t>(bytes - head - body));             \
+  }                                                                                                      \
+  ATTR void Copy2_##TAG(const void* s, void* d, int64_t n, bool stream) { CopyBytes_##TAG(s, d, 2 * n, stream); } \
+  ATTR void Copy4_##TAG(const void* s, void* d, int64_t n, bool stream) { CopyBytes_##TAG(s, d, 4 * n, stream); }
+
+// NAME_TAG(s, d, n, stream): d[j] = CONV(s[j]).
+#define WS_ROWS_CAST(TAG, ATTR, VEC, NAME, S, D, CONV)                                                  \
+  ATTR void NAME##_##TAG(const void* sv, void* dv, int64_t n, bool stream) {                             \
+    const S* __restrict s = static_cast<const S*>(sv);                                                   \
+    D* __restrict d = static_cast<D*>(dv);                                                               \
+    int64_t j = 0;                                                                                       \
+    if (stream && n * static_cast<int64_t>(sizeof(D)) >= 2 * kBlockBytes) {                              \
+      for (; (reinterpret_cast<uintptr_t>(d + j) & (VEC - 1)) != 0; ++j) d[j] = CONV(s[j]);              \
+      constexpr int64_t kB = kBlockBytes / static_cast<int64_t>(sizeof(D));                              \
+      alignas(64) D buf[kB];                                                                             \
+      for (; j + kB <= n; j += kB) {                                                                     \
+        for (int64_t k = 0; k < kB; ++k) buf[k] = CONV(s[j + k]);                                        \
+        StreamLines_##TAG(reinterpret_cast<char*>(d + j), reinterpret_cast<const char*>(buf), kBlockBytes); \
+      }                                                                                                  \
+    }                                                                                                    \
+    for (; j < n; ++j) d[j] = CONV(s[j]);                                                                \
+  }
+
+#define WS_ROWS_ISA(TAG, ATTR, VEC, STREAM_ONE)                                  \
+  WS_ROWS_COPY(TAG, ATTR, VEC, STREAM_ONE)                                       \
+  WS_ROWS_CAST(TAG, ATTR, VEC, F32ToBF16, uint32_t, uint16_t, F32ToBF16)         \
+  WS_ROWS_CAST(TAG, ATTR, VEC, F32ToF16, uint32_t, uint16_t, F32ToF16)           \
+  WS_ROWS_CAST(TAG, ATTR, VEC, BF16ToF32, uint16_t, uint32_t, BF16ToF32)         \
+  WS_ROWS_CAST(TAG, ATTR, VEC, F16ToF32, uint16_t, uint32_t, F16ToF32)           \
+  WS_ROWS_CAST(TAG, ATTR, VEC, BF16ToF16, uint16_t, uint16_t, BF16ToF16)         \
+  WS_ROWS_CAST(TAG, ATTR, VEC, F16ToBF16, uint16_t, uint16_t, F16ToBF16)         \
+  const RowFn kTable_##TAG[3][3] = {                                             \
+      {Copy4_##TAG, F32ToBF16_##TAG, F32ToF16_##TAG},                            \
+      {BF16ToF32_##TAG, Copy2_##TAG, BF16ToF16_##TAG},                           \
+      {F16ToF32_##TAG, F16ToBF16_##TAG, Copy2_##TAG},                            \
+  };
+
+#if WS_ROWS_X86
+#define WS_ATTR_SCALAR
+#define WS_ATTR_AVX2 __attribute__((target("avx2,fma,bmi,bmi2")))
+#define WS_ATTR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2")))
+#define WS_STREAM_SSE2(d, s) _mm_stream_si128(reinterpret_cast<__m128i*>(d), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)))
+#define WS_STREAM_AVX2(d, s) \
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(d), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)))
+#define WS_STREAM_AVX512(d, s) _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_loadu_si512(s))
+WS_ROWS_ISA(scalar, WS_ATTR_SCALAR, 16, WS_STREAM_SSE2)
+WS_ROWS_ISA(avx2, WS_ATTR_AVX2, 32, WS_STREAM_AVX2)
+WS_ROWS_ISA(avx512, WS_ATTR_AVX512, 64, WS_STREAM_AVX512)
+
+// The CPU's fp32 -> bf16 conversion (VCVTNEPS2BF16) rounds to nearest even
+// like F32ToBF16 but treats denormal inputs as zero and keeps NaN payloads;
+// lanes holding either take copy_math's result instead.
+#define WS_ATTR_AVX512BF16 \
+  __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2")))
+WS_ATTR_AVX512BF16 inline void Bf16Native16(const uint32_t* s, uint16_t* d) {
+  const __m512i u = _mm512_loadu_si512(s);
+  const __m256i r = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_castsi512_ps(u)));
+  const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7f800000));
+  const __mmask16 den = _mm512_mask_cmplt_epu32_mask(_mm512_test_epi32_mask(a, a), a, _mm512_set1_epi32(0x00800000));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), r);
+  for (unsigned m = static_cast<unsigned>(nan | den); m != 0; m &= m - 1) {
+    const int k = __builtin_ctz(m);
+    d[k] = F32ToBF16(s[k]);
+  }
+}
+WS_ATTR_AVX512BF16 void F32ToBF16_avx512bf16(const void* sv, void* dv, int64_t n, bool stream) {
+  const uint32_t* s = static_cast<const uint32_t*>(sv);
+  uint16_t* d = static_cast<uint16_t*>(dv);
+  int64_t j = 0;
+  if (stream && n * 2 >= 2 * kBlockBytes) {
+    for (; (reinterpret_cast<uintptr_t>(d + j) & 63) != 0; ++j) d[j] = F32ToBF16(s[j]);
+    constexpr int64_t kB = kBlockBytes / 2;
+    alignas(64) uint16_t buf[kB];
+    for (; j + kB <= n; j += kB) {
+      for (int64_t k = 0; k < kB; k += 16) Bf16Native16(s + j + k, buf + k);
+      StreamLines_avx512(reinterpret_cast<char*>(d + j), reinterpret_cast<const char*>(buf), kBlockBytes);
+    }
+  }
+  for (; j + 16 <= n; j += 16) Bf16Native16(s + j, d + j);
+  for (; j < n; ++j) d[j] = F32ToBF16(s[j]);
+}
+const RowFn kTable_avx512bf16[3][3] = {
+    {Copy4_avx512, F32ToBF16_avx512bf16, F32ToF16_avx512},
+    {BF16ToF32_avx512, Copy2_avx512, BF16ToF16_avx512},
+    {F16ToF32_avx512, F16ToBF16_avx512, Copy2_avx512},
+};
+#else
+#define WS_STREAM_NONE(d, s) std::memcpy(d, s, 16)
+WS_ROWS_ISA(scalar, , 16, WS_STREAM_NONE)
+#endif
+
+Isa DetectBest() {
+  Isa best = Isa::kScalar;
+  for (int i = kIsaCount - 1; i > 0; --i)
+    if (Supported(static_cast<Isa>(i))) {
+      best = static_cast<Isa>(i);
+      break;
+    }
+  if (const char* want = std::getenv("WS_HOST_ISA"); want != nullptr && *want != '\0') {
+    for (int i = 0; i < kIsaCount; ++i)
+      if (std::string(want) == IsaName(static_cast<Isa>(i))) {
+        if (i <= static_cast<int>(best)) return static_cast<Isa>(i);
+        std::fprintf(stderr, "weightsync: WS_HOST_ISA=%s is not supported by this CPU; using %s\n", want,
+                     IsaName(best));
+        return best;
+      }
+    std::fprintf(stderr, "weightsync: WS_HOST_ISA=%s is not one of scalar, avx2, avx512, avx512bf16; using %s\n",
+                 want, IsaName(best));
+  }
+  return best;
+}
+
+}  // namespace
+
+const char* IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Bf16: return "avx512bf16";
+  }
+  return "?";
+}
+
+bool Supported(Isa isa) {
+#if WS_ROWS_X86
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  switch (isa) {
+    case Isa::kScalar: return true;
+    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                            __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+    case Isa::kAvx512: return avx512 && Supported(Isa::kAvx2);
+    case Isa::kAvx512Bf16: return avx512 && Supported(Isa::kAvx2) && __builtin_cpu_supports("avx512bf16");
+  }
+  return false;
+#else
+  return isa == Isa::kScalar;
+#endif
+}
+
+Isa Best() {
+  static const Isa best = DetectBest();
+  return best;
+}
+
+RowFn Row(Isa isa, uint8_t src_dtype, uint8_t dst_dtype) {
+  if (!Supported(isa) || src_dtype > kernels::kF16 || dst_dtype > kernels::kF16) {
+    std::fprintf(stderr, "weightsync: rows::Row(%s, %d, %d): unsupported\n", IsaName(isa), src_dtype, dst_dtype);
+    std::abort();
+  }
+#if WS_ROWS_X86
+  switch (isa) {
+    case Isa::kScalar: return kTable_scalar[src_dtype][dst_dtype];
+    case Isa::kAvx2: return kTable_avx2[src_dtype][dst_dtype];
+    case Isa::kAvx512: return kTable_avx512[src_dtype][dst_dtype];
+    case Isa::kAvx512Bf16: return kTable_avx512bf16[src_dtype][dst_dtype];
+  }
+#endif
+  return kTable_scalar[src_dtype][dst_dtype];
+}
+
+void StreamFence() {
+#if WS_ROWS_X86
+  _mm_sfence();
+#endif
+}
+
+}  // namespace ws::rows

@@ -1,0 +1,160 @@
+// Every instruction-set variant of the host row loops (host_rows.h) that this
+// CPU runs, against copy_math.h's element casts: all 16-bit patterns, f32
+// specials (NaNs with payloads, infinities, denormals, ties at every rounding
+// position), random bits, every length and alignment around the streaming
+// block, streamed and not. Variants the CPU lacks are listed as skipped.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "daemon/dataplane/executor.h"
+#include "daemon/dataplane/host_rows.h"
+#include "daemon/kernels/copy_math.h"
+
+namespace ws::rows {
+namespace {
+
+size_t ES(uint8_t dt) { return dt == kernels::kF32 ? 4 : 2; }
+
+// Source values of dtype `dt` that exercise every rounding path.
+std::vector<uint32_t> Values(uint8_t dt, std::mt19937_64& rng) {
+  std::vector<uint32_t> v;
+  if (dt != kernels::kF32) {
+    for (uint32_t h = 0; h < 65536; ++h) v.push_back(h);
+    return v;
+  }
+  for (uint32_t u : {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0xffc00000u, 0x7f800001u,
+                     0xff812345u, 0x7fbfffffu, 0x7fffffffu, 0x00000001u, 0x807fffffu, 0x00400000u, 0x00008000u,
+                     0x00018000u, 0x007f8000u, 0x7f7fffffu, 0xff7f8000u, 0x477fefffu, 0x477ff000u, 0x38800000u,
+                     0x387fffffu, 0x33000000u, 0x33000001u, 0xb3800000u, 0x3f808000u, 0x3f818000u, 0x3f800fffu,
+                     0x3f801000u, 0x3f803000u})
+    v.push_back(u);
+  // Ties and near-ties at the bf16 (16 dropped bits) and f16 (13 dropped
+  // bits, and every subnormal shift) rounding positions, both parities.
+  for (int i = 0; i < 20000; ++i) {
+    uint32_t u = static_cast<uint32_t>(rng());
+    const int drop = std::uniform_int_distribution<int>(1, 24)(rng);
+    const uint32_t half = 1u << (drop - 1);
+    u = (u & ~((half << 1) - 1)) | half;
+    switch (i % 3) {
+      case 0: break;
+      case 1: u += 1; break;
+      default: u -= 1; break;
+    }
+    v.push_back(u);
+    v.push_back(static_cast<uint32_t>(rng()));
+  }
+  return v;
+}
+
+void Reference(uint8_t sdt, uint8_t ddt, const std::vector<uint32_t>& in, std::vector<unsigned char>* out) {
+  std::vector<unsigned char> src(in.size() * ES(sdt));
+  for (size_t i = 0; i < in.size(); ++i) std::memcpy(&src[i * ES(sdt)], &in[i], ES(sdt));
+  out->assign(in.size() * ES(ddt), 0);
+  for (size_t i = 0; i < in.size(); ++i) kernels::CopyElement(src.data(), sdt, i, out->data(), ddt, i);
+}
+
+class HostRowsTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(HostRowsTest, BitIdenticalToCopyMath) {
+  const Isa isa = static_cast<Isa>(GetParam());
+  if (!Supported(isa)) GTEST_SKIP() << IsaName(isa) << " is not supported by this CPU";
+  std::mt19937_64 rng(1234);
+  for (uint8_t s = 0; s < 3; ++s) {
+    const std::vector<uint32_t> in = Values(s, rng);
+    std::vector<unsigned char> src(in.size() * ES(s) + 64);
+    for (uint8_t d = 0; d < 3; ++d) {
+      std::vector<unsigned char> want;
+      Reference(s, d, in, &want);
+      const RowFn row = Row(isa, s, d);
+      for (size_t shift : {size_t{0}, size_t{4}, size_t{12}, size_t{36}}) {  // sources off a vector boundary
+        for (size_t i = 0; i < in.size(); ++i) std::memcpy(&src[shift + i * ES(s)], &in[i], ES(s));
+        for (bool stream : {false, true}) {
+          for (size_t dshift : {size_t{0}, size_t{4}, size_t{12}}) {  // and destinations (element-aligned)
+            std::vector<unsigned char> got(want.size() + 64, 0xa5);
+            row(src.data() + shift, got.data() + dshift, static_cast<int64_t>(in.size()), stream);
+            StreamFence();
+            const std::string ctx = std::string(IsaName(isa)) + " " + std::to_string(s) + "->" + std::to_string(d) +
+                                    " shift " + std::to_string(shift) + "/" + std::to_string(dshift) +
+                                    (stream ? " streamed" : "");
+            ASSERT_EQ(0, std::memcmp(got.data() + dshift, want.data(), want.size())) << ctx;
+            for (size_t b = 0; b < dshift; ++b) ASSERT_EQ(got[b], 0xa5) << ctx << ": wrote before the row";
+            for (size_t b = dshift + want.size(); b < got.size(); ++b)
+              ASSERT_EQ(got[b], 0xa5) << ctx << ": wrote past the row";
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_P(HostRowsTest, EveryLengthAroundTheStreamingBlock) {
+  const Isa isa = static_cast<Isa>(GetParam());
+  if (!Supported(isa)) GTEST_SKIP() << IsaName(isa) << " is not supported by this CPU";
+  std::mt19937_64 rng(99);
+  for (uint8_t s = 0; s < 3; ++s)
+    for (uint8_t d = 0; d < 3; ++d) {
+      const RowFn row = Row(isa, s, d);
+      for (int64_t n : {0, 1, 15, 16, 17, 63, 255, 511, 512, 513, 1023, 1024, 1025, 1100, 2047, 2048, 2049, 5000}) {
+        std::vector<uint32_t> in(static_cast<size_t>(n));
+        for (auto& u : in) u = static_cast<uint32_t>(rng());
+        std::vector<unsigned char> want, src(in.size() * ES(s) + 4);
+        Reference(s, d, in, &want);
+        for (size_t i = 0; i < in.size(); ++i) std::memcpy(&src[i * ES(s)], &in[i], ES(s));
+        std::vector<unsigned char> got(want.size() + 8, 0x5a);  // vector data is 16-byte aligned
+        row(src.data(), got.data() + 4, n, true);
+        StreamFence();
+        ASSERT_EQ(0, std::memcmp(got.data() + 4, want.data(), want.size())) << IsaName(isa) << " n=" << n;
+        ASSERT_EQ(got[3], 0x5a);
+        ASSERT_EQ(got[want.size() + 4], 0x5a);
+      }
+    }
+}
+
+// The executor forced onto each variant, with streaming for every op.
+TEST_P(HostRowsTest, ExecutorOnThisVariantMatchesReference) {
+  const Isa isa = static_cast<Isa>(GetParam());
+  if (!Supported(isa)) GTEST_SKIP() << IsaName(isa) << " is not supported by this CPU";
+  ExecutorOptions opts;
+  opts.threads = 2;
+  opts.chunk_bytes = 3000;
+  opts.host_isa = GetParam();
+  opts.stream_min_bytes = 0;
+  auto ex = MakeHostExecutor(opts);
+  std::mt19937_64 rng(5);
+  for (uint8_t s = 0; s < 3; ++s)
+    for (uint8_t d = 0; d < 3; ++d)
+      for (int t = 0; t < 2; ++t) {
+        kernels::CopyOp op;
+        op.src_dtype = s;
+        op.dst_dtype = d;
+        op.transpose = static_cast<uint8_t>(t);
+        op.rows = 37;
+        op.cols = 1500;
+        op.src_ld = (t ? op.rows : op.cols) + 3;
+        op.dst_ld = op.cols + 5;
+        op.src_offset = 1;
+        op.dst_offset = 3;
+        std::vector<unsigned char> src((op.src_offset + (t ? op.cols : op.rows) * op.src_ld) * ES(s));
+        for (auto& b : src) b = static_cast<unsigned char>(rng());
+        std::vector<unsigned char> dst((op.dst_offset + op.rows * op.dst_ld) * ES(d), 0x77), ref = dst;
+        op.src = src.data();
+        op.dst = ref.data();
+        RunOpReference(op);
+        op.dst = dst.data();
+        auto r = ex->Run({op});
+        ASSERT_TRUE(r.ok()) << r.status().ToString();
+        ASSERT_EQ(dst, ref) << IsaName(isa) << " " << int(s) << "->" << int(d) << " transpose=" << t;
+      }
+}
+
+INSTANTIATE_TEST_SUITE_P(Isas, HostRowsTest, ::testing::Range(0, kIsaCount),
+                         [](const ::testing::TestParamInfo<int>& i) { return IsaName(static_cast<Isa>(i.param)); });
+
+TEST(HostRowsTest, BestIsSupported) { EXPECT_TRUE(Supported(Best())) << IsaName(Best()); }
+
+}  // namespace
+}  // namespace ws::rows
