@@ -5,8 +5,8 @@ higher layer's header.
     core < platform < mem < dataplane < transport < sync < server
 
 (kernels: header-only math, includes nothing of ours; cluster: peer daemons,
-on core only.) Every `#include "..."` of a project header in daemon/, client/
-and bench/ is checked against the folders its own folder may include. Prints
+on core only; proto: the protocol library shared with the client, on core.) Every `#include "..."` of a project header in daemon/, client/,
+proto/ and bench/ is checked against the folders its own folder may include. Prints
 one line per violation (file:line: what it includes, what it may include) and
 exits 1 when there is any. Run as the unit test "layers.includes".
 
@@ -18,7 +18,8 @@ import sys
 
 # folder -> the project folders its files may include (a folder's own
 # subfolders, e.g. daemon/dataplane/cuda, belong to it). Generated protos
-# ("weightsync/...", "grpc/...") count as the folder "proto".
+# ("weightsync/...", "grpc/...") count as the folder "proto", with the
+# protocol library (proto/cpp).
 DAEMON_BELOW = {
     "daemon/core": [],
     "daemon/kernels": [],
@@ -31,6 +32,7 @@ DAEMON_BELOW = {
                     "daemon/transport"],
     "daemon/server": ["daemon/core", "daemon/kernels", "daemon/platform", "daemon/mem", "daemon/dataplane",
                       "daemon/transport", "daemon/cluster", "daemon/sync", "proto", "client/cpp"],
+    "proto": ["daemon/core"],
     "client/cpp": ["daemon/core", "proto"],
     "client/ctl": ["daemon/core", "daemon/platform", "client/cpp", "proto"],
 }
@@ -57,7 +59,7 @@ def main() -> int:
     checked = 0
     for path in sorted(root.glob("**/*")):
         rel = path.relative_to(root).as_posix()
-        if path.suffix not in (".h", ".cc", ".cu", ".cuh") or not rel.startswith(("daemon/", "client/", "bench/")):
+        if path.suffix not in (".h", ".cc", ".cu", ".cuh") or not rel.startswith(("daemon/", "client/", "bench/", "proto/")):
             continue
         if any(rel == a or rel.startswith(a + "/") for a in ANYTHING):
             continue

@@ -137,24 +137,13 @@ Result<Plan> MakePlan(const st::Checkpoint& ckpt, const PushOptions& o) {
   }
 
   // The metadata manifest (with --inject applied).
+  SourceManifest manifest;
+  manifest.model = o.model;
+  manifest.world_size = W;
+  for (const Tensor& t : tensors) manifest.tensors.push_back(SourceTensor{t.name, t.shape, t.dtype, t.shards});
   pb::BeginSyncRequest& begin = p.begin;
-  begin.set_model(o.model);
-  begin.set_world_size(W);
+  protocol::ToProto(manifest, &begin);
   std::vector<bool> in_manifest(tensors.size(), true);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const Tensor& t = tensors[i];
-    pb::SourceTensor* st = begin.add_tensors();
-    st->set_name(t.name);
-    for (int64_t d : t.shape) st->add_shape(d);
-    st->set_dtype(ToProto(t.dtype));
-    for (const ShardSpec& s : t.shards) {
-      pb::ShardSpec* ps = st->add_shards();
-      ps->set_rank(s.rank);
-      ps->set_dim(s.dim);
-      ps->set_start(s.start);
-      ps->set_length(s.length);
-    }
-  }
   auto first = [&](auto pred) -> int {
     for (int i = 0; i < begin.tensors_size(); ++i)
       if (pred(begin.tensors(i))) return i;
