@@ -136,6 +136,7 @@ Coordinator::Coordinator(std::shared_ptr<const LayoutRegistry> layouts, MemoryDo
       domain_(domain),
       transports_(std::move(transports)),
       opts_(opts),
+      clock_(opts.clock != nullptr ? *opts.clock : SteadyClock()),
       started_(Clock::now()),
       // Sync ids grow across daemon restarts, so a trainer that still holds an
       // id from before a restart gets NotFound rather than someone else's sync.
@@ -163,7 +164,7 @@ void Coordinator::HousekeepingLoop() {
   })) {
     for (auto* o : opts_.observers) o->Housekeeping();
     if (opts_.progress_timeout.count() > 0) {
-      const auto now = Clock::now();
+      const auto now = clock_.Now();
       std::vector<std::shared_ptr<SyncSession>> idle;
       for (const auto& [id, s] : syncs_)
         if ((s->state() == SyncState::kPlanning || s->state() == SyncState::kStreaming) && s->writers == 0 &&
@@ -424,6 +425,7 @@ Result<std::shared_ptr<SyncSession>> Coordinator::ReserveSyncLocked(const Peer& 
   for (auto& e : remote) engines.push_back(std::move(e));
   auto sync =
       std::make_shared<SyncSession>(next_sync_id_++, caller.principal, version, std::move(manifest), std::move(engines));
+  sync->last_activity = clock_.Now();
   if (local) m->busy_sync = sync->id();
   syncs_[sync->id()] = sync;
   return sync;
@@ -615,7 +617,7 @@ Result<std::vector<ClaimedShard>> Coordinator::ClaimLayerLocked(SyncSession& syn
     return FailedPrecondition(where + ": arrived after Commit; no more layers are accepted");
   if (sync.state() != SyncState::kStreaming)
     return fail(FailedPrecondition(where + ": arrived after Commit; no more layers are accepted"));
-  sync.last_activity = Clock::now();
+  sync.last_activity = clock_.Now();
   const uint32_t world_size = sync.manifest().world_size;
   if (rank >= world_size)
     return fail(InvalidArgument(where + ": rank is not below world_size " + std::to_string(world_size)));
@@ -628,7 +630,7 @@ Result<std::vector<ClaimedShard>> Coordinator::ClaimLayerLocked(SyncSession& syn
 Status Coordinator::EndWrite(SyncSession& sync, Status st) {
   MutexLock lk(&mu_);
   sync.writers--;
-  sync.last_activity = Clock::now();
+  sync.last_activity = clock_.Now();
   if (!st.ok()) AbortLocked(sync, st.message());
   ReleaseIfIdleLocked(sync);
   cv_.notify_all();
@@ -972,6 +974,7 @@ Status Coordinator::PeerStart(RemoteStart rs) {
                                 " engine ranks are registered here, the leader planned " + std::to_string(used));
     sync = std::make_shared<SyncSession>(rs.sync_id, m->owner, rs.manifest.version, IndexManifest(rs.manifest, ""),
                                          std::move(engines));
+    sync->last_activity = clock_.Now();
     sync->SetLeader(self, rs.leader);
     m->busy_sync = sync->id();
     syncs_[sync->id()] = sync;
@@ -1015,7 +1018,7 @@ Result<uint64_t> Coordinator::PeerReceive(const std::string& leader, uint64_t sy
       return st;
     }
     sync->writers++;
-    sync->last_activity = Clock::now();
+    sync->last_activity = clock_.Now();
     const cluster::NodePack* np = sync->MyPack();
     for (uint32_t c : chunks) {
       total = (total + 63) / 64 * 64;
