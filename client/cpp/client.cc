@@ -33,48 +33,6 @@ Result<std::shared_ptr<grpc::ChannelCredentials>> Credentials(const std::string&
 
 }  // namespace
 
-Status FromGrpc(const grpc::Status& s) {
-  Code c = Code::kInternal;
-  switch (s.error_code()) {
-    case grpc::StatusCode::OK: return Status::Ok();
-    case grpc::StatusCode::CANCELLED: c = Code::kCancelled; break;
-    case grpc::StatusCode::INVALID_ARGUMENT: c = Code::kInvalidArgument; break;
-    case grpc::StatusCode::DEADLINE_EXCEEDED: c = Code::kDeadlineExceeded; break;
-    case grpc::StatusCode::NOT_FOUND: c = Code::kNotFound; break;
-    case grpc::StatusCode::ALREADY_EXISTS: c = Code::kAlreadyExists; break;
-    case grpc::StatusCode::FAILED_PRECONDITION: c = Code::kFailedPrecondition; break;
-    case grpc::StatusCode::ABORTED: c = Code::kAborted; break;
-    case grpc::StatusCode::OUT_OF_RANGE: c = Code::kOutOfRange; break;
-    case grpc::StatusCode::UNIMPLEMENTED: c = Code::kUnimplemented; break;
-    case grpc::StatusCode::PERMISSION_DENIED: c = Code::kPermissionDenied; break;
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: c = Code::kResourceExhausted; break;
-    case grpc::StatusCode::UNAUTHENTICATED: c = Code::kUnauthenticated; break;
-    case grpc::StatusCode::UNAVAILABLE: c = Code::kUnavailable; break;
-    default: c = Code::kInternal; break;
-  }
-  std::string msg = s.error_message();
-  if (msg.empty()) msg = "gRPC status " + std::to_string(static_cast<int>(s.error_code()));
-  return Status(c, msg);
-}
-
-pb::DType ToProto(DType d) {
-  switch (d) {
-    case DType::kF32: return pb::DTYPE_F32;
-    case DType::kBF16: return pb::DTYPE_BF16;
-    case DType::kF16: return pb::DTYPE_F16;
-  }
-  return pb::DTYPE_UNSPECIFIED;
-}
-
-std::optional<DType> FromProto(pb::DType d) {
-  switch (d) {
-    case pb::DTYPE_F32: return DType::kF32;
-    case pb::DTYPE_BF16: return DType::kBF16;
-    case pb::DTYPE_F16: return DType::kF16;
-    default: return std::nullopt;
-  }
-}
-
 std::string NormalizeTarget(const std::string& target) {
   if (!target.empty() && target[0] == '/') return "unix:" + target;
   return target;

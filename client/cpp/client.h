@@ -12,7 +12,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <string>
 
 #include <grpcpp/grpcpp.h>
@@ -20,16 +19,16 @@
 #include "daemon/core/dtype.h"
 #include "daemon/core/status.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "proto/cpp/protocol.h"
 #include "weightsync/v1/weightsync.grpc.pb.h"
 
 namespace ws {
 
 namespace pb = ::weightsync::v1;
 
-Status FromGrpc(const grpc::Status& s);
-
-pb::DType ToProto(DType d);
-std::optional<DType> FromProto(pb::DType d);
+// Status codes and dtypes: the protocol library the daemon shares.
+using protocol::FromGrpc;
+using protocol::ToProto;
 
 // "/path" -> "unix:/path"; everything else unchanged ("unix:/p", "host:port").
 std::string NormalizeTarget(const std::string& target);

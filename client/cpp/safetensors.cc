@@ -59,31 +59,19 @@ Result<std::string> ReadText(const std::string& path) {
 // ---- MappedFile -------------------------------------------------------------
 
 Result<std::unique_ptr<MappedFile>> MappedFile::Open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return NotFound(Errno("cannot open", path));
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) return NotFound(Errno("cannot open", path));
   struct stat stbuf {};
-  if (::fstat(fd, &stbuf) != 0) {
-    Status s = Internal(Errno("cannot stat", path));
-    ::close(fd);
-    return s;
-  }
+  if (::fstat(fd.get(), &stbuf) != 0) return Internal(Errno("cannot stat", path));
   uint64_t size = static_cast<uint64_t>(stbuf.st_size);
-  const uint8_t* data = nullptr;
+  UniqueMapping map;
   if (size > 0) {
-    void* p = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED) {
-      Status s = Internal(Errno("cannot mmap", path));
-      ::close(fd);
-      return s;
-    }
-    data = static_cast<const uint8_t*>(p);
+    void* p = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd.get(), 0);
+    if (p == MAP_FAILED) return Internal(Errno("cannot mmap", path));
+    map = UniqueMapping(p, size);
   }
-  ::close(fd);  // the mapping keeps the file referenced
-  return std::unique_ptr<MappedFile>(new MappedFile(path, data, size));
-}
-
-MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+  // fd closes here: the mapping keeps the file referenced
+  return std::unique_ptr<MappedFile>(new MappedFile(path, std::move(map), size));
 }
 
 // ---- Parsing ----------------------------------------------------------------
@@ -289,35 +277,34 @@ Result<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(const std::
   w->data_start_ = 8 + text.size();
   w->size_ = w->data_start_ + off;
 
-  w->fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (w->fd_ < 0) return Internal(Errno("cannot create", path));
-  if (::ftruncate(w->fd_, static_cast<off_t>(w->size_)) != 0) return Internal(Errno("cannot size", path));
-  void* p = ::mmap(nullptr, w->size_, PROT_READ | PROT_WRITE, MAP_SHARED, w->fd_, 0);
+  w->fd_ = UniqueFd(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!w->fd_.valid()) return Internal(Errno("cannot create", path));
+  if (::ftruncate(w->fd_.get(), static_cast<off_t>(w->size_)) != 0) return Internal(Errno("cannot size", path));
+  void* p = ::mmap(nullptr, w->size_, PROT_READ | PROT_WRITE, MAP_SHARED, w->fd_.get(), 0);
   if (p == MAP_FAILED) return Internal(Errno("cannot mmap", path));
-  w->map_ = static_cast<uint8_t*>(p);
+  w->map_ = UniqueMapping(p, w->size_);
+  uint8_t* m = w->base();
   uint64_t n = text.size();
-  for (int i = 0; i < 8; ++i) w->map_[i] = static_cast<uint8_t>(n >> (8 * i));
-  std::memcpy(w->map_ + 8, text.data(), text.size());
+  for (int i = 0; i < 8; ++i) m[i] = static_cast<uint8_t>(n >> (8 * i));
+  std::memcpy(m + 8, text.data(), text.size());
   return w;
 }
 
-void* SafetensorsWriter::tensor_data(size_t i) const { return map_ + data_start_ + ranges_[i].first; }
+void* SafetensorsWriter::tensor_data(size_t i) const { return base() + data_start_ + ranges_[i].first; }
 uint64_t SafetensorsWriter::tensor_bytes(size_t i) const { return ranges_[i].second - ranges_[i].first; }
 
 Status SafetensorsWriter::Finish() {
   if (finished_) return Status::Ok();
   Status s;
-  if (::munmap(map_, size_) != 0) s = Internal(Errno("cannot unmap", path_));
-  map_ = nullptr;
-  if (::close(fd_) != 0 && s.ok()) s = Internal(Errno("cannot close", path_));
-  fd_ = -1;
+  if (map_.Unmap() != 0) s = Internal(Errno("cannot unmap", path_));
+  if (fd_.Close() != 0 && s.ok()) s = Internal(Errno("cannot close", path_));
   finished_ = s.ok();
   return s;
 }
 
 SafetensorsWriter::~SafetensorsWriter() {
-  if (map_ != nullptr) ::munmap(map_, size_);
-  if (fd_ >= 0) ::close(fd_);
+  map_.Unmap();
+  fd_.Close();
   if (!finished_ && !path_.empty()) ::unlink(path_.c_str());
 }
 

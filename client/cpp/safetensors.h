@@ -18,6 +18,7 @@
 
 #include "daemon/core/dtype.h"
 #include "daemon/core/manifest.h"
+#include "daemon/core/posix_handles.h"
 #include "daemon/core/status.h"
 
 namespace ws::st {
@@ -26,19 +27,18 @@ namespace ws::st {
 class MappedFile {
  public:
   static Result<std::unique_ptr<MappedFile>> Open(const std::string& path);
-  ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
 
-  const uint8_t* data() const { return data_; }
+  const uint8_t* data() const { return static_cast<const uint8_t*>(map_.get()); }
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }
 
  private:
-  MappedFile(std::string path, const uint8_t* data, uint64_t size)
-      : path_(std::move(path)), data_(data), size_(size) {}
+  MappedFile(std::string path, UniqueMapping map, uint64_t size)
+      : path_(std::move(path)), map_(std::move(map)), size_(size) {}
   std::string path_;
-  const uint8_t* data_ = nullptr;
+  UniqueMapping map_;  // empty for an empty file
   uint64_t size_ = 0;
 };
 
@@ -111,8 +111,9 @@ class SafetensorsWriter {
  private:
   SafetensorsWriter() = default;
   std::string path_;
-  int fd_ = -1;
-  uint8_t* map_ = nullptr;
+  uint8_t* base() const { return static_cast<uint8_t*>(map_.get()); }
+  UniqueFd fd_;
+  UniqueMapping map_;
   uint64_t size_ = 0;
   uint64_t data_start_ = 0;
   std::vector<std::pair<uint64_t, uint64_t>> ranges_;  // per input tensor: [begin, end) in the data section

@@ -14,8 +14,8 @@ namespace ws {
 Result<ShmObject> ShmObject::Create(const std::string& name, uint64_t bytes) {
   if (name.size() < 2 || name[0] != '/' || name.find('/', 1) != std::string::npos)
     return InvalidArgument("shm name \"" + name + "\" must be \"/\" followed by a name without slashes");
-  int fd = ::shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) {
+  UniqueFd fd(::shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+  if (!fd.valid()) {
     int e = errno;
     std::string m = "shm_open " + name + ": " + std::strerror(e);
     return e == EEXIST ? AlreadyExists(m) : Internal(m);
@@ -23,24 +23,21 @@ Result<ShmObject> ShmObject::Create(const std::string& name, uint64_t bytes) {
   const uint64_t mapped = bytes == 0 ? 1 : bytes;
   auto fail = [&](const char* what) {
     std::string m = std::string(what) + " " + name + " (" + std::to_string(mapped) + " bytes): " + std::strerror(errno);
-    ::close(fd);
     ::shm_unlink(name.c_str());
     return Internal(m);
   };
-  if (::ftruncate(fd, static_cast<off_t>(mapped)) != 0) return fail("ftruncate");
-  int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(mapped));
+  if (::ftruncate(fd.get(), static_cast<off_t>(mapped)) != 0) return fail("ftruncate");
+  int rc = ::posix_fallocate(fd.get(), 0, static_cast<off_t>(mapped));
   if (rc != 0 && rc != EOPNOTSUPP && rc != EINVAL) {
     errno = rc;
     return fail("cannot allocate shared memory");
   }
-  void* p = ::mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  void* p = ::mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
   if (p == MAP_FAILED) return fail("mmap");
-  ::close(fd);
   ShmObject o;
   o.name_ = name;
-  o.data_ = static_cast<uint8_t*>(p);
+  o.map_ = UniqueMapping(p, mapped);
   o.size_ = bytes;
-  o.mapped_ = mapped;
   return o;
 }
 
@@ -55,9 +52,8 @@ ShmObject& ShmObject::operator=(ShmObject&& o) noexcept {
   if (this != &o) {
     Reset();
     name_ = std::move(o.name_);
-    data_ = std::exchange(o.data_, nullptr);
+    map_ = std::move(o.map_);
     size_ = std::exchange(o.size_, 0);
-    mapped_ = std::exchange(o.mapped_, 0);
     o.name_.clear();
   }
   return *this;
@@ -66,12 +62,11 @@ ShmObject& ShmObject::operator=(ShmObject&& o) noexcept {
 ShmObject::~ShmObject() { Reset(); }
 
 void ShmObject::Reset() {
-  if (data_ != nullptr) {
-    ::munmap(data_, mapped_);
+  if (map_.valid()) {
+    map_.Unmap();
     ::shm_unlink(name_.c_str());
   }
-  data_ = nullptr;
-  size_ = mapped_ = 0;
+  size_ = 0;
   name_.clear();
 }
 

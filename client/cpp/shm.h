@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "daemon/core/posix_handles.h"
 #include "daemon/core/status.h"
 
 namespace ws {
@@ -29,17 +30,16 @@ class ShmObject {
   ShmObject& operator=(const ShmObject&) = delete;
   ~ShmObject();
 
-  bool valid() const { return data_ != nullptr; }
-  uint8_t* data() const { return data_; }
+  bool valid() const { return map_.valid(); }
+  uint8_t* data() const { return static_cast<uint8_t*>(map_.get()); }
   uint64_t size() const { return size_; }  // the requested size
   const std::string& name() const { return name_; }
 
  private:
   void Reset();
   std::string name_;
-  uint8_t* data_ = nullptr;
+  UniqueMapping map_;  // at least 1 byte
   uint64_t size_ = 0;
-  uint64_t mapped_ = 0;
 };
 
 }  // namespace ws

@@ -6,7 +6,8 @@
 // CUDA must not be initialised before fork(): callers fork their rank
 // processes first and create device buffers in the children. Without CUDA
 // (WS_WITH_CUDA off) ParseDevice refuses "cuda" and DeviceBuffer::Allocate
-// is Unimplemented. No CUDA headers here.
+// is Unimplemented. No CUDA headers here: the build files pick
+// client/ctl/cuda/device_buffer.cc or client/ctl/no_cuda_device_buffer.cc.
 //
 // Thread-safety: a DeviceBuffer / RankBuffer is used by one thread at a time.
 #pragma once
@@ -27,6 +28,10 @@ struct DeviceSpec {
   int ordinal = 0;  // CUDA device ordinal (as this process sees them)
   std::string ToString() const { return cuda ? "cuda:" + std::to_string(ordinal) : "host"; }
 };
+
+// Whether this weightsyncctl was built with CUDA (defined by the
+// DeviceBuffer implementation the build chose).
+extern const bool kBuiltWithCuda;
 
 // "host", "cuda" (= cuda:0) or "cuda:N".
 Result<DeviceSpec> ParseDevice(const std::string& s);

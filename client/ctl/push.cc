@@ -33,6 +33,7 @@
 #include "client/ctl/commands.h"
 #include "client/ctl/parallel.h"
 #include "client/ctl/cuda_buffers.h"
+#include "daemon/core/posix_handles.h"
 
 namespace ws::ctl {
 namespace {
@@ -136,24 +137,13 @@ Result<Plan> MakePlan(const st::Checkpoint& ckpt, const PushOptions& o) {
   }
 
   // The metadata manifest (with --inject applied).
+  SourceManifest manifest;
+  manifest.model = o.model;
+  manifest.world_size = W;
+  for (const Tensor& t : tensors) manifest.tensors.push_back(SourceTensor{t.name, t.shape, t.dtype, t.shards});
   pb::BeginSyncRequest& begin = p.begin;
-  begin.set_model(o.model);
-  begin.set_world_size(W);
+  protocol::ToProto(manifest, &begin);
   std::vector<bool> in_manifest(tensors.size(), true);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const Tensor& t = tensors[i];
-    pb::SourceTensor* st = begin.add_tensors();
-    st->set_name(t.name);
-    for (int64_t d : t.shape) st->add_shape(d);
-    st->set_dtype(ToProto(t.dtype));
-    for (const ShardSpec& s : t.shards) {
-      pb::ShardSpec* ps = st->add_shards();
-      ps->set_rank(s.rank);
-      ps->set_dim(s.dim);
-      ps->set_start(s.start);
-      ps->set_length(s.length);
-    }
-  }
   auto first = [&](auto pred) -> int {
     for (int i = 0; i < begin.tensors_size(); ++i)
       if (pred(begin.tensors(i))) return i;
@@ -318,6 +308,47 @@ int Fail(const std::string& m) {
   return 1;
 }
 
+// What one rank's push loop needs from the driver that runs the ranks (a
+// thread per rank, PushHost, or a process per rank, RankMain).
+struct RankHooks {
+  std::function<bool()> stopped;                          // another rank failed: stop sending
+  std::function<void(PushStream*)> opened = [](PushStream*) {};  // the stream, valid until closed()
+  std::function<void()> closed = [] {};                   // the stream is about to go away
+  std::function<void()> crash;  // --crash-after-layers on rank 0: end like a killed trainer
+};
+
+// Rank r's part of one sync: its layers in order over its own Push stream,
+// each acknowledged before the next is sent, then Finish. Ok when done, or
+// when stopped because another rank failed (the stream is cancelled); else
+// the first error, naming the layer it happened in.
+Status PushRank(WeightSyncClient& client, const Plan& p, const PushOptions& o, uint64_t sync_id, uint32_t r,
+                const RefFn& ref, bool first_sync, const RankHooks& h) {
+  auto stream = client.OpenPush();
+  if (!stream.ok()) return stream.status();
+  h.opened(stream->get());
+  struct Closer {
+    const RankHooks& h;
+    ~Closer() { h.closed(); }
+  } closer{h};
+  if (r == 0 && o.crash_after_layers == 0) h.crash();
+  int64_t acks = 0;
+  bool oob_done = false;
+  for (const Layer& layer : p.layers) {
+    if (h.stopped()) break;
+    pb::LayerData msg = LayerMessage(p, o, sync_id, r, layer, ref, &oob_done, first_sync);
+    if (msg.tensor_index_size() == 0) continue;
+    if (Status s = (*stream)->Send(msg); !s.ok()) return s.WithContext("layer " + layer.key);
+    auto ack = (*stream)->Read();
+    if (!ack.ok()) return ack.status().WithContext("layer " + layer.key);
+    if (r == 0 && ++acks == o.crash_after_layers) h.crash();  // a real disconnect: nothing is closed
+  }
+  if (h.stopped()) {
+    (*stream)->Cancel();
+    return Status::Ok();
+  }
+  return (*stream)->Finish();
+}
+
 // ---------------------------------------------------------------- host: a thread per rank
 
 int PushHost(const GlobalOptions& g, const PushOptions& o, const Plan& p) {
@@ -373,40 +404,21 @@ int PushHost(const GlobalOptions& g, const PushOptions& o, const Plan& p) {
       if (failure.Set(r, s) && !aborted.exchange(true))
         (void)clients[r]->Abort(sync_id, "trainer rank " + std::to_string(r) + ": " + s.ToString());
     };
+    std::vector<RankHooks> hooks(W);
+    for (uint32_t r = 0; r < W; ++r) {
+      hooks[r].stopped = [&] { return failure.failed(); };
+      hooks[r].opened = [&, r](PushStream* s) { failure.Register(r, s); };
+      hooks[r].closed = [&, r] { failure.Unregister(r); };
+      hooks[r].crash = [&] {
+        for (ShmObject& s : shm) ::shm_unlink(s.name().c_str());
+        ::_exit(17);
+      };
+    }
     const auto t1 = Clock::now();
     std::vector<std::thread> threads;
     for (uint32_t r = 0; r < W; ++r) {
       threads.emplace_back([&, r] {
-        auto stream = clients[r]->OpenPush();
-        if (!stream.ok()) return abort_sync(r, stream.status());
-        failure.Register(r, stream->get());
-        int64_t acks = 0;
-        bool oob_done = false;
-        if (r == 0 && o.crash_after_layers == 0) {
-          for (ShmObject& s : shm) ::shm_unlink(s.name().c_str());
-          ::_exit(17);
-        }
-        for (const Layer& layer : p.layers) {
-          if (failure.failed()) break;
-          pb::LayerData msg = LayerMessage(p, o, sync_id, r, layer, ref, &oob_done, rep == 0);
-          if (msg.tensor_index_size() == 0) continue;
-          if (Status s = (*stream)->Send(msg); !s.ok()) {
-            failure.Unregister(r);
-            return abort_sync(r, s.WithContext("layer " + layer.key));
-          }
-          auto ack = (*stream)->Read();
-          if (!ack.ok()) {
-            failure.Unregister(r);
-            return abort_sync(r, ack.status().WithContext("layer " + layer.key));
-          }
-          if (r == 0 && ++acks == o.crash_after_layers) {
-            for (ShmObject& s : shm) ::shm_unlink(s.name().c_str());
-            ::_exit(17);  // a real disconnect: nothing is closed
-          }
-        }
-        failure.Unregister(r);
-        if (failure.failed()) return;
-        if (Status s = (*stream)->Finish(); !s.ok()) abort_sync(r, s);
+        if (Status s = PushRank(*clients[r], p, o, sync_id, r, ref, rep == 0, hooks[r]); !s.ok()) abort_sync(r, s);
       });
     }
     for (auto& t : threads) t.join();
@@ -549,31 +561,14 @@ int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const 
     const uint64_t sync_id = rpt.sync_id = sh->sync_id;
     const std::string where = "sync " + std::to_string(sync_id) + " version " + std::to_string(rpt.version);
     const auto t1 = Clock::now();
-    auto fail = [&](const Status& s) {
+    RankHooks hooks;
+    hooks.stopped = [&] { return sh->push_failed != 0; };
+    hooks.crash = [] { ::_exit(17); };
+    if (Status s = PushRank(*client, p, o, sync_id, r, ref, rep == 0, hooks); !s.ok()) {
       sh->push_failed = 1;
       if (RecordError(sh, r, where + " aborted: rank " + std::to_string(r) + ": " + s.ToString()))
         (void)client->Abort(sync_id, "trainer rank " + std::to_string(r) + ": " + s.ToString());
-    };
-    [&] {
-      auto stream = client->OpenPush();
-      if (!stream.ok()) return fail(stream.status());
-      int64_t acks = 0;
-      bool oob_done = false;
-      if (r == 0 && o.crash_after_layers == 0) ::_exit(17);
-      for (const Layer& layer : p.layers) {
-        if (sh->push_failed) {
-          (*stream)->Cancel();
-          return;
-        }
-        pb::LayerData msg = LayerMessage(p, o, sync_id, r, layer, ref, &oob_done, rep == 0);
-        if (msg.tensor_index_size() == 0) continue;
-        if (Status s = (*stream)->Send(msg); !s.ok()) return fail(s.WithContext("layer " + layer.key));
-        auto ack = (*stream)->Read();
-        if (!ack.ok()) return fail(ack.status().WithContext("layer " + layer.key));
-        if (r == 0 && ++acks == o.crash_after_layers) ::_exit(17);  // a real disconnect: nothing is closed
-      }
-      if (Status s = (*stream)->Finish(); !s.ok()) fail(s);
-    }();
+    }
     Barrier(sh);  // B: every rank has pushed (or failed)
     if (sh->push_failed) return 1;
     if (r == 0) {
@@ -607,6 +602,7 @@ int PushProcesses(const GlobalOptions& g, const PushOptions& o, const Plan& p, c
   }
   void* mem = ::mmap(nullptr, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (mem == MAP_FAILED) return Fail(std::string("mmap of the ranks' shared state: ") + std::strerror(errno));
+  const UniqueMapping shared_map(mem, sizeof(Shared));  // unmapped on every return
   Shared* sh = new (mem) Shared();
   pthread_barrierattr_t attr;
   pthread_barrierattr_init(&attr);
@@ -663,7 +659,6 @@ int PushProcesses(const GlobalOptions& g, const PushOptions& o, const Plan& p, c
   // No pthread_barrier_destroy: it waits for waiters, and killed ranks may
   // have died waiting. Unmapping is enough.
   sh->~Shared();
-  ::munmap(mem, sizeof(Shared));
   return code;
 }
 

@@ -10,6 +10,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "daemon/core/posix_handles.h"
+
 namespace ws {
 
 namespace {
@@ -31,47 +33,31 @@ Status ValidateToken(std::string_view token, const std::string& what) {
 
 Result<std::string> ReadTokenFile(const std::string& path, bool refuse_other_access) {
   const std::string what = "token file " + path;
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
-  if (fd < 0) return FailedPrecondition("cannot open " + what + ": " + std::strerror(errno));
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY));
+  if (!fd.valid()) return FailedPrecondition("cannot open " + what + ": " + std::strerror(errno));
   struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    int e = errno;
-    ::close(fd);
-    return FailedPrecondition("cannot stat " + what + ": " + std::strerror(e));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return FailedPrecondition(what + " is not a regular file");
-  }
+  if (::fstat(fd.get(), &st) != 0) return FailedPrecondition("cannot stat " + what + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) return FailedPrecondition(what + " is not a regular file");
   if (refuse_other_access && (st.st_mode & (S_IROTH | S_IWOTH)) != 0) {
-    ::close(fd);
     char mode[8];
     std::snprintf(mode, sizeof(mode), "%04o", static_cast<unsigned>(st.st_mode & 07777));
     return FailedPrecondition(what + " has mode " + mode +
                               ": other users may read or write it; chmod o-rw (e.g. 0600 or 0640)");
   }
-  if (st.st_size > static_cast<off_t>(kMaxTokenFileBytes)) {
-    ::close(fd);
+  if (st.st_size > static_cast<off_t>(kMaxTokenFileBytes))
     return InvalidArgument(what + " is larger than " + std::to_string(kMaxTokenFileBytes) + " bytes");
-  }
   std::string text;
   char buf[4096];
   for (;;) {
-    ssize_t n = ::read(fd, buf, sizeof(buf));
+    ssize_t n = ::read(fd.get(), buf, sizeof(buf));
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      int e = errno;
-      ::close(fd);
-      return FailedPrecondition("cannot read " + what + ": " + std::strerror(e));
-    }
+    if (n < 0) return FailedPrecondition("cannot read " + what + ": " + std::strerror(errno));
     if (n == 0) break;
     text.append(buf, static_cast<size_t>(n));
-    if (text.size() > kMaxTokenFileBytes) {
-      ::close(fd);
+    if (text.size() > kMaxTokenFileBytes)
       return InvalidArgument(what + " is larger than " + std::to_string(kMaxTokenFileBytes) + " bytes");
-    }
   }
-  ::close(fd);
+  fd.Close();
   size_t b = 0, e = text.size();
   while (b < e && IsSpace(text[b])) ++b;
   while (e > b && IsSpace(text[e - 1])) --e;

@@ -15,6 +15,7 @@
 #include <map>
 #include <utility>
 
+#include "daemon/core/posix_handles.h"
 #include "daemon/core/thread_annotations.h"
 
 namespace ws {
@@ -58,28 +59,6 @@ std::string Octal(mode_t mode) {
   return buf;
 }
 
-class Fd {
- public:
-  explicit Fd(int fd = -1) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
-  Fd& operator=(Fd&& o) noexcept {
-    if (this != &o) {
-      if (fd_ >= 0) ::close(fd_);
-      fd_ = std::exchange(o.fd_, -1);
-    }
-    return *this;
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
-
 struct ShmObject;
 
 // Every mapped ShmObject by base address, for DiagnoseMemoryFault() and
@@ -93,7 +72,7 @@ std::map<uintptr_t, ShmObject*> g_mapped WS_GUARDED_BY(g_mapped_mu);
 struct ShmObject {
   std::string name;  // the directory entry it was opened by (one component)
   std::string dir;   // for messages: "/dev/shm"
-  Fd fd;
+  UniqueFd fd;
   dev_t dev = 0;
   ino_t ino = 0;
   uint64_t size = 0;
@@ -229,14 +208,14 @@ Result<std::string> ShmObjectName(const std::string& name, const std::string& di
 
 struct HostShmDomain::Impl {
   HostShmOptions opts;
-  Fd dir;             // O_PATH fd of opts.dir; -1 when it could not be opened
-  Status dir_error;   // why not
+  UniqueFd dir;  // O_PATH fd of opts.dir; -1 when it could not be opened
+  Status dir_error;  // why not
   mutable Mutex mu;
   std::map<Key, std::shared_ptr<ShmObject>> cache WS_GUARDED_BY(mu);
 
   // Opens `name` in the directory without following symbolic links or
   // blocking (FIFOs); falls back to read-only when writing is refused.
-  Result<std::pair<Fd, bool>> OpenEntry(const std::string& name, const std::string& desc) const {
+  Result<std::pair<UniqueFd, bool>> OpenEntry(const std::string& name, const std::string& desc) const {
     constexpr int kFlags = O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC;
     bool rw = true;
     int fd = ::openat(dir.get(), name.c_str(), O_RDWR | kFlags);
@@ -244,7 +223,7 @@ struct HostShmDomain::Impl {
       rw = false;
       fd = ::openat(dir.get(), name.c_str(), O_RDONLY | kFlags);
     }
-    if (fd >= 0) return std::make_pair(Fd(fd), rw);
+    if (fd >= 0) return std::make_pair(UniqueFd(fd), rw);
     const int e = errno;
     if (e == ENOENT) return NotFound(desc + " does not exist in " + opts.dir);
     if (e == ELOOP) {
@@ -260,7 +239,7 @@ struct HostShmDomain::Impl {
   }
 
   // Maps the opened object (whole). `fd` moves into the object.
-  Result<std::shared_ptr<ShmObject>> MapObject(const std::string& name, const std::string& desc, Fd fd,
+  Result<std::shared_ptr<ShmObject>> MapObject(const std::string& name, const std::string& desc, UniqueFd fd,
                                                const struct stat& st, bool writable) const {
     auto obj = std::make_shared<ShmObject>();
     obj->name = name;
@@ -303,7 +282,7 @@ HostShmDomain::HostShmDomain(HostShmOptions opts) : impl_(std::make_unique<Impl>
     impl_->dir_error = FailedPrecondition("cannot open the shared memory directory " + impl_->opts.dir + ": " +
                                           Errno(errno));
   }
-  impl_->dir = Fd(fd);
+  impl_->dir = UniqueFd(fd);
 }
 HostShmDomain::~HostShmDomain() = default;
 

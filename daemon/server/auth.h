@@ -1,5 +1,5 @@
 // Establishes who is calling, once per RPC: the single place that turns a
-// gRPC call into a Peer (daemon/server/peer.h).
+// gRPC call into a Peer (daemon/sync/peer.h).
 //
 //  - unix socket: the daemon accepts connections itself (unix_listener.h),
 //    reads SO_PEERCRED (uid, gid, pid vouched for by the kernel) and records
@@ -30,7 +30,7 @@
 
 #include "daemon/core/status.h"
 #include "daemon/core/thread_annotations.h"
-#include "daemon/server/peer.h"
+#include "daemon/sync/peer.h"
 
 namespace ws::server {
 

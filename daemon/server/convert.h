@@ -1,5 +1,7 @@
-// Conversions between weightsync.v1 protos and the domain structs, and the
-// one table mapping ws::Status codes to gRPC status codes. Pure functions.
+// Conversions between weightsync.v1 protos and the daemon's structs
+// (registrations, memory references, layers, events, stats, status). Pure
+// functions. Dtypes, status codes and manifests come from the protocol
+// library the C++ client shares (proto/cpp/protocol.h), re-exported here.
 //
 // Requests become domain objects only here: the count and size limits of a
 // request (Limits: names, JSON sizes, tensors, shards, params, dims) are
@@ -19,25 +21,20 @@
 #include "daemon/core/status.h"
 #include "daemon/mem/memory.h"
 #include "daemon/server/coordinator.h"
+#include "proto/cpp/protocol.h"
 #include "weightsync/v1/weightsync.pb.h"
 
 namespace ws::server {
 
 namespace pb = ::weightsync::v1;
 
-// Bytes of a status message on the wire. gRPC sends it percent-encoded in the
-// grpc-message trailer (a byte outside printable ASCII costs 3), and every
-// peer's default metadata limit is 8 KiB for all of it together.
-inline constexpr size_t kMaxStatusMessageBytes = 4096;
+// Status codes, dtypes and manifests: the protocol library's.
+using protocol::FromProto;
+using protocol::kMaxStatusMessageBytes;
+using protocol::ToGrpc;
+using protocol::ToGrpcCode;
+using protocol::ToProto;
 
-grpc::StatusCode ToGrpcCode(Code code);
-// The message is cut (UTF-8-safe) to at most kMaxStatusMessageBytes encoded,
-// ending in "... (N more bytes)" when cut.
-grpc::Status ToGrpc(const Status& status);
-
-// `what` names the field in errors (e.g. "param model.embed_tokens.weight").
-Result<DType> FromProto(pb::DType d, const std::string& what);
-pb::DType ToProto(DType d);
 Result<MemoryRef> FromProto(const pb::MemoryRef& m, const std::string& what, const Limits& limits = {});
 
 struct EngineRegistration {
@@ -46,8 +43,6 @@ struct EngineRegistration {
   std::string label;
 };
 Result<EngineRegistration> FromProto(const pb::RegisterEngineRequest& req, const Limits& limits = {});
-
-Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req, const Limits& limits = {});
 
 // One layer's shards: named ones as (tensor name, memory) pairs, indexed
 // ones as (manifest index, offset) in one memory object.

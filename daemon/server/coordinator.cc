@@ -142,6 +142,7 @@ Coordinator::Coordinator(std::shared_ptr<const LayoutRegistry> layouts, MemoryDo
       domain_(domain),
       transports_(std::move(transports)),
       opts_(opts),
+      clock_(opts.clock != nullptr ? *opts.clock : SteadyClock()),
       started_(Clock::now()),
       // Sync ids grow across daemon restarts, so a trainer that still holds an
       // id from before a restart gets NotFound rather than someone else's sync.
@@ -169,7 +170,7 @@ void Coordinator::HousekeepingLoop() {
   })) {
     for (auto* o : opts_.observers) o->Housekeeping();
     if (opts_.progress_timeout.count() > 0) {
-      const auto now = Clock::now();
+      const auto now = clock_.Now();
       std::vector<std::shared_ptr<SyncSession>> idle;
       for (const auto& [id, s] : syncs_)
         if ((s->state() == SyncState::kPlanning || s->state() == SyncState::kStreaming) && s->writers == 0 &&
@@ -400,6 +401,7 @@ Result<std::shared_ptr<SyncSession>> Coordinator::ReserveSyncLocked(const Peer& 
   WS_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<Engine>> engines, registry_.CompleteEngines(*m));
   auto sync =
       std::make_shared<SyncSession>(next_sync_id_++, caller.principal, version, std::move(manifest), std::move(engines));
+  sync->last_activity = clock_.Now();
   m->busy_sync = sync->id();
   syncs_[sync->id()] = sync;
   return sync;
@@ -505,7 +507,7 @@ Result<std::vector<ClaimedShard>> Coordinator::ClaimLayerLocked(SyncSession& syn
     return FailedPrecondition(where + ": arrived after Commit; no more layers are accepted");
   if (sync.state() != SyncState::kStreaming)
     return fail(FailedPrecondition(where + ": arrived after Commit; no more layers are accepted"));
-  sync.last_activity = Clock::now();
+  sync.last_activity = clock_.Now();
   const uint32_t world_size = sync.manifest().world_size;
   if (rank >= world_size)
     return fail(InvalidArgument(where + ": rank is not below world_size " + std::to_string(world_size)));
@@ -518,7 +520,7 @@ Result<std::vector<ClaimedShard>> Coordinator::ClaimLayerLocked(SyncSession& syn
 Status Coordinator::EndWrite(SyncSession& sync, Status st) {
   MutexLock lk(&mu_);
   sync.writers--;
-  sync.last_activity = Clock::now();
+  sync.last_activity = clock_.Now();
   if (!st.ok()) AbortLocked(sync, st.message());
   ReleaseIfIdleLocked(sync);
   cv_.notify_all();

@@ -40,6 +40,7 @@
 #include <utility>
 #include <vector>
 
+#include "daemon/core/clock.h"
 #include "daemon/core/layout.h"
 #include "daemon/core/limits.h"
 #include "daemon/core/manifest.h"
@@ -50,9 +51,9 @@
 #include "daemon/transport/transport.h"
 #include "daemon/mem/memory.h"
 #include "daemon/server/observer.h"
-#include "daemon/server/peer.h"
 #include "daemon/sync/engine_registry.h"
 #include "daemon/sync/events.h"
+#include "daemon/sync/peer.h"
 #include "daemon/sync/sync_session.h"
 
 namespace ws::server {
@@ -65,6 +66,9 @@ struct CoordinatorOptions {
   // BeginSync and its layers would otherwise hold the model. Time spent
   // copying a layer does not count. 0 = never.
   std::chrono::milliseconds progress_timeout{30000};
+  // The clock progress_timeout is measured in; null: the steady clock
+  // (tests inject a fake one). Must outlive the Coordinator.
+  const Clock* clock = nullptr;
   // How often the housekeeping thread checks idle syncs and unmaps shm
   // objects whose owners unlinked them (MemoryDomain::TrimStale).
   std::chrono::milliseconds housekeeping_interval{1000};
@@ -259,6 +263,7 @@ class Coordinator {
   MemoryDomain* const domain_;
   const std::shared_ptr<const TransportRegistry> transports_;
   const CoordinatorOptions opts_;
+  const Clock& clock_;  // opts_.clock or the steady clock
   const std::chrono::steady_clock::time_point started_;
 
   void HousekeepingLoop() WS_EXCLUDES(mu_);

@@ -28,45 +28,44 @@ Result<std::unique_ptr<UnixListener>> UnixListener::Bind(const std::string& path
                            " bytes");
   if (mode > 0777) return InvalidArgument(where + ": socket mode " + std::to_string(mode) + " is not 0..0777");
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  if (fd < 0) return Internal(where + ": socket(): " + std::strerror(errno));
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd.valid()) return Internal(where + ": socket(): " + std::strerror(errno));
   // Closes fd (and removes the socket file once bound); errno names the cause.
   bool bound = false;
   auto fail = [&](const char* what) {
     Status err = Unavailable(where + ": " + what + ": " + std::strerror(errno));
-    ::close(fd);
+    fd.Close();
     if (bound) ::unlink(path.c_str());
     return err;
   };
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return fail("bind");
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return fail("bind");
   bound = true;
   struct stat st {};
   if (::lstat(path.c_str(), &st) != 0) return fail("lstat");
   // Nobody can connect before listen(): the mode is in place before the socket is usable.
   if (::chmod(path.c_str(), static_cast<mode_t>(mode)) != 0) return fail("chmod");
-  if (::listen(fd, SOMAXCONN) != 0) return fail("listen");
-  int stop = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (stop < 0) return fail("eventfd");
-  return std::unique_ptr<UnixListener>(new UnixListener(path, fd, stop, st.st_dev, st.st_ino));
+  if (::listen(fd.get(), SOMAXCONN) != 0) return fail("listen");
+  UniqueFd stop(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!stop.valid()) return fail("eventfd");
+  return std::unique_ptr<UnixListener>(new UnixListener(path, std::move(fd), std::move(stop), st.st_dev, st.st_ino));
 }
 
-UnixListener::UnixListener(std::string path, int listen_fd, int stop_fd, dev_t dev, ino_t ino)
+UnixListener::UnixListener(std::string path, UniqueFd listen_fd, UniqueFd stop_fd, dev_t dev, ino_t ino)
     : path_(std::move(path)),
       address_("unix:" + path_),
-      listen_fd_(listen_fd),
-      stop_fd_(stop_fd),
+      listen_fd_(std::move(listen_fd)),
+      stop_fd_(std::move(stop_fd)),
       dev_(dev),
       ino_(ino) {}
 
 UnixListener::~UnixListener() {
   Stop();
-  ::close(stop_fd_);
   struct stat st {};
   if (::lstat(path_.c_str(), &st) == 0 && st.st_dev == dev_ && st.st_ino == ino_) ::unlink(path_.c_str());
 }
 
 Status UnixListener::Start(grpc::Server* server, Authenticator* auth) {
-  if (thread_.joinable() || listen_fd_ < 0) return FailedPrecondition("listener on " + address_ + " already started");
+  if (thread_.joinable() || !listen_fd_.valid()) return FailedPrecondition("listener on " + address_ + " already started");
   thread_ = std::thread([this, server, auth] { AcceptLoop(server, auth); });
   return Status::Ok();
 }
@@ -74,19 +73,16 @@ Status UnixListener::Start(grpc::Server* server, Authenticator* auth) {
 void UnixListener::Stop() {
   if (thread_.joinable()) {
     uint64_t one = 1;
-    while (::write(stop_fd_, &one, sizeof(one)) < 0 && errno == EINTR) {
+    while (::write(stop_fd_.get(), &one, sizeof(one)) < 0 && errno == EINTR) {
     }
     thread_.join();
   }
-  if (listen_fd_ >= 0) {
-    ::close(listen_fd_);
-    listen_fd_ = -1;
-  }
+  listen_fd_.Close();
 }
 
 void UnixListener::AcceptLoop(grpc::Server* server, Authenticator* auth) {
   for (;;) {
-    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
+    pollfd fds[2] = {{listen_fd_.get(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
     if (::poll(fds, 2, -1) < 0) {
       if (errno == EINTR) continue;
       spdlog::error("{}: poll: {}; no longer accepting connections", address_, std::strerror(errno));
@@ -94,14 +90,14 @@ void UnixListener::AcceptLoop(grpc::Server* server, Authenticator* auth) {
     }
     if (fds[1].revents != 0) return;
     if (fds[0].revents == 0) continue;
-    int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) {
       int e = errno;
       if (e == EAGAIN || e == EWOULDBLOCK || e == EINTR || e == ECONNABORTED || e == EPROTO) continue;
       spdlog::warn("{}: accept: {}", address_, std::strerror(e));
       // Out of fds or memory: the listening socket stays readable, so pause
       // (or stop) instead of spinning.
-      pollfd stop{stop_fd_, POLLIN, 0};
+      pollfd stop{stop_fd_.get(), POLLIN, 0};
       if (::poll(&stop, 1, 100) > 0) return;
       continue;
     }

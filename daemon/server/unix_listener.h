@@ -27,6 +27,7 @@
 
 #include <grpcpp/server.h>
 
+#include "daemon/core/posix_handles.h"
 #include "daemon/core/status.h"
 #include "daemon/server/auth.h"
 
@@ -52,13 +53,13 @@ class UnixListener {
   const std::string& address() const { return address_; }  // "unix:" + path
 
  private:
-  UnixListener(std::string path, int listen_fd, int stop_fd, dev_t dev, ino_t ino);
+  UnixListener(std::string path, UniqueFd listen_fd, UniqueFd stop_fd, dev_t dev, ino_t ino);
   void AcceptLoop(grpc::Server* server, Authenticator* auth);
 
   const std::string path_;
   const std::string address_;
-  int listen_fd_;
-  int stop_fd_;  // eventfd: readable once Stop() was called
+  UniqueFd listen_fd_;
+  UniqueFd stop_fd_;  // eventfd: readable once Stop() was called
   const dev_t dev_;  // the socket file as bound: removed only while still this file
   const ino_t ino_;
   std::thread thread_;

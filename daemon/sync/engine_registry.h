@@ -24,8 +24,8 @@
 #include "daemon/core/manifest.h"
 #include "daemon/core/status.h"
 #include "daemon/mem/memory.h"
-#include "daemon/server/peer.h"
 #include "daemon/sync/events.h"
+#include "daemon/sync/peer.h"
 
 namespace ws::server {
 

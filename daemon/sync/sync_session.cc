@@ -201,7 +201,9 @@ Result<std::vector<ClaimedShard>> SyncSession::ClaimShards(uint32_t rank, const 
     received_[base[t] + *pick] = 1;  // undone below when the layer is refused
     claimed.push_back(ClaimedShard{t, *pick, object, offset, want});
   };
-  for (const auto& [name, ref] : layer.named) {
+  for (const auto& named : layer.named) {
+    const std::string& name = named.first;  // not a structured binding: clang 14 cannot capture those
+    const MemoryRef& ref = named.second;
     auto ti = manifest_->index.find(name);
     if (ti == manifest_->index.end()) {
       errors.push_back("tensor " + name + " is not in the manifest");

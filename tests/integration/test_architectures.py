@@ -1,8 +1,9 @@
 """Every architecture the reference covers, beyond the Llama/Qwen2 core: when the
 layout rules support it, gen-checkpoint must produce exactly the HF tensor names
 and shapes (an independent spec in tests/reference/synth.py) and a sync must land
-bit-exactly as the reference says. Architectures the rules do not cover skip,
-saying so."""
+bit-exactly as the reference says. An architecture the reference covers but no
+rule file in config/layouts does fails: a missing or renamed rule file must not
+pass as a skip."""
 from __future__ import annotations
 
 import json
@@ -32,7 +33,8 @@ def gen_any(binaries, tmp_path_factory):
         out, cp = cache[key]
         if cp.returncode != 0:
             if "no layout rules for architecture" in cp.stderr:
-                pytest.skip(f"the layout rules do not cover {arch}: {cp.stderr.strip()}")
+                pytest.fail(f"no layout rule file in config/layouts covers {arch}, which the reference "
+                            f"covers: {cp.stderr.strip()}")
             pytest.fail("gen-checkpoint failed:\n" + describe(cp))
         return out
     return gen

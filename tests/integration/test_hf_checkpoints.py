@@ -146,7 +146,7 @@ def test_hf_matrix(request, hf_source, ctl, engines, layout_covers, variant, T, 
     if T not in vllm_ref.allowed_tp_sizes(cfg, opts):
         pytest.skip(f"vLLM refuses tp_size {T} for {variant}")
     if not layout_covers(arch):
-        pytest.skip(f"the layout rules do not cover {arch}")
+        pytest.fail(f"no layout rule file in config/layouts covers {arch}, which the fixtures cover")
     ckpts = [d, hf_source.alt(variant)]
     eng = engines("m", d, tp=T, replicas=1, dtype="bf16", syncs=len(PUSHES),
                   extra=["--option", "enable_expert_parallel=1"] if ep else [])

@@ -240,6 +240,10 @@ struct Slot {
   // synchronize the device on the hot path.
   std::vector<std::pair<void*, void*>> retired;
 
+  Slot() = default;
+  Slot(const Slot&) = delete;  // owns device/pinned buffers and an event, freed by Free()
+  Slot& operator=(const Slot&) = delete;
+
   Status Reserve(size_t bytes, const std::string& what) {
     if (bytes <= cap) return Status::Ok();
     size_t want = std::max(bytes, cap * 2);

@@ -44,6 +44,89 @@ namespace {
 namespace pb = ::weightsync::v1;
 using namespace std::chrono_literals;
 
+// Buffers keyed by name, mapped for any caller; Map() checks offset+length
+// like the real domains. These tests are about who may act on engines and
+// syncs over TCP and unix sockets: TCP peers may never map shm (the real
+// domain refuses them, tests/unit/mem), so memory access stays out of them.
+class AnyCallerDomain final : public MemoryDomain {
+ public:
+  struct Buffer {
+    std::vector<uint8_t> bytes;
+    bool writable = true;
+  };
+
+  std::shared_ptr<Buffer> Add(const std::string& name, size_t size, bool writable = true) {
+    std::lock_guard lk(mu_);
+    auto b = std::make_shared<Buffer>();
+    b->bytes.assign(size, 0);
+    b->writable = writable;
+    buffers_[name] = b;
+    return b;
+  }
+  std::shared_ptr<Buffer> Get(const std::string& name) {
+    std::lock_guard lk(mu_);
+    return buffers_.at(name);
+  }
+  int map_calls() const {
+    std::lock_guard lk(mu_);
+    return map_calls_;
+  }
+  int trims() const {
+    std::lock_guard lk(mu_);
+    return trims_;
+  }
+  int cuda_trims() const {
+    std::lock_guard lk(mu_);
+    return cuda_trims_;
+  }
+
+  DomainCaps caps() const override { return DomainCaps{true, false}; }
+
+  using MemoryDomain::Map;
+  Result<std::shared_ptr<Mapping>> Map(const MemoryRef& ref, const std::string& what, const Accessor&) override {
+    std::lock_guard lk(mu_);
+    ++map_calls_;
+    if (ref.kind != MemoryKind::kHostShm) return FailedPrecondition(what + ": fake domain has host memory only");
+    auto it = buffers_.find(ref.name);
+    if (it == buffers_.end()) return NotFound(what + ": no shared memory object " + ref.name);
+    if (ref.offset + ref.length > it->second->bytes.size())
+      return OutOfRange(what + ": " + ref.ToString() + " is outside " + ref.name);
+    return std::shared_ptr<Mapping>(std::make_shared<FakeMapping>(it->second, ref.offset, ref.length));
+  }
+  void Trim() override {
+    std::lock_guard lk(mu_);
+    ++trims_;
+  }
+  void TrimCuda() override {
+    std::lock_guard lk(mu_);
+    ++cuda_trims_;
+  }
+
+ private:
+  class FakeMapping final : public Mapping {
+   public:
+    FakeMapping(std::shared_ptr<Buffer> b, uint64_t off, uint64_t len) : b_(std::move(b)), off_(off), len_(len) {}
+    void* data() const override { return b_->bytes.data() + off_; }
+    uint64_t size() const override { return len_; }
+    MemoryKind kind() const override { return MemoryKind::kHostShm; }
+    int device() const override { return -1; }
+    bool writable() const override { return b_->writable; }
+    MemoryExtent extent() const override {
+      return MemoryExtent{MemoryKind::kHostShm, reinterpret_cast<uint64_t>(b_.get()), 0, off_, off_ + len_};
+    }
+
+   private:
+    std::shared_ptr<Buffer> b_;
+    uint64_t off_, len_;
+  };
+
+  mutable std::mutex mu_;
+  std::map<std::string, std::shared_ptr<Buffer>> buffers_;
+  int map_calls_ = 0;
+  int trims_ = 0;
+  int cuda_trims_ = 0;
+};
+
 constexpr uint32_t kNobody = 65534;
 
 std::chrono::system_clock::time_point In(std::chrono::milliseconds d) { return std::chrono::system_clock::now() + d; }
@@ -79,7 +162,7 @@ std::shared_ptr<grpc::Channel> NewChannel(const std::string& target,
   return grpc::CreateCustomChannel(target, creds ? creds : grpc::InsecureChannelCredentials(), args);
 }
 
-// A tp_size-1 toy engine whose parameters live in FakeDomain buffer `buffer`
+// A tp_size-1 toy engine whose parameters live in AnyCallerDomain buffer `buffer`
 // (`bytes` long); model `model`.
 pb::RegisterEngineRequest ToyEngine(const std::string& model, const std::string& buffer, uint64_t* bytes) {
   pb::RegisterEngineRequest req;
@@ -247,7 +330,7 @@ int ChildWhoAmI(const std::string& target) {
   return 0;
 }
 
-// Registers an engine of model "nobody-model" (FakeDomain buffer
+// Registers an engine of model "nobody-model" (AnyCallerDomain buffer
 // /engine-nobody), reports the owners it sees, tries to unregister the
 // parent's engine, then waits until its own registration ends.
 int ChildOwner(const std::string& target, const std::string& root_engine) {
@@ -530,7 +613,7 @@ class OwnershipTest : public ::testing::Test {
   void SetUp() override {
     auto reg = LayoutRegistry::LoadTexts({{"toy.json", kToyRules}});
     ASSERT_TRUE(reg.ok()) << reg.status().ToString();
-    coord_ = std::make_unique<Coordinator>(*reg, &domain_, &exec_);
+    coord_ = std::make_unique<Coordinator>(*reg, &domain_, exec_.get());
   }
   void TearDown() override {
     if (server_) server_->Stop(1s);
@@ -539,7 +622,7 @@ class OwnershipTest : public ::testing::Test {
     server_ = std::make_unique<Server>(coord_.get(), std::move(so));
     return server_->Start();
   }
-  // Adds the FakeDomain buffer a ToyEngine() of that buffer name needs.
+  // Adds the AnyCallerDomain buffer a ToyEngine() of that buffer name needs.
   pb::RegisterEngineRequest Engine(const std::string& model, const std::string& buffer) {
     uint64_t bytes = 0;
     auto req = ToyEngine(model, buffer, &bytes);
@@ -553,8 +636,8 @@ class OwnershipTest : public ::testing::Test {
   }
 
   TempDir dir_;
-  FakeDomain domain_;
-  TestExecutor exec_;
+  AnyCallerDomain domain_;
+  std::unique_ptr<Executor> exec_ = ws::testing::WrappedHostExecutor();
   std::unique_ptr<Coordinator> coord_;
   std::unique_ptr<Server> server_;
 };
@@ -723,7 +806,7 @@ TEST_F(OwnershipTest, AdminCnMayActOnOthersEngines) {
   for (bool admin : {false, true}) {
     SCOPED_TRACE(admin ? "admin cn" : "plain cn");
     server_.reset();
-    coord_ = std::make_unique<Coordinator>(*LayoutRegistry::LoadTexts({{"toy.json", kToyRules}}), &domain_, &exec_);
+    coord_ = std::make_unique<Coordinator>(*LayoutRegistry::LoadTexts({{"toy.json", kToyRules}}), &domain_, exec_.get());
     ServerOptions so;
     so.listen = {"127.0.0.1:0", "unix:" + dir_.path() + "/ws.sock"};
     so.tls.cert_file = certs->Path("server.pem");

@@ -8,6 +8,14 @@
 #include "tests/unit/server/fakes.h"
 
 namespace ws::server::testing {
+
+using ws::testing::FakeClock;
+using ws::testing::FaultInjectingExecutor;
+using ws::testing::FaultInjectingMemoryDomain;
+using ws::testing::ShmDir;
+using ws::testing::WrappedHostDomain;
+using ws::testing::WrappedHostExecutor;
+
 namespace {
 
 using Kind = EngineEvent::Kind;
@@ -42,11 +50,12 @@ class CoordinatorTest : public ::testing::Test {
     W_ = W;
     auto reg = LayoutRegistry::LoadTexts({{"toy.json", kToyRules}});
     ASSERT_TRUE(reg.ok()) << reg.status().ToString();
-    domain_ = std::make_unique<FakeDomain>();
-    exec_ = std::make_unique<TestExecutor>();
+    domain_ = WrappedHostDomain(shm_);
+    exec_ = WrappedHostExecutor();
     CoordinatorOptions o;
     o.ack_timeout = ack_timeout;
     o.progress_timeout = progress_timeout;
+    o.clock = &clock_;
     o.housekeeping_interval = std::chrono::milliseconds(20);
     o.max_engines_per_peer = max_engines_per_peer_;
     coord_ = std::make_unique<Coordinator>(*reg, domain_.get(), exec_.get(), o);
@@ -73,7 +82,7 @@ class CoordinatorTest : public ::testing::Test {
         const uint8_t* p = reinterpret_cast<const uint8_t*>(s.data.data() + a * s.row_elems());
         bytes.insert(bytes.end(), p, p + (b - a) * s.row_elems() * 4);
       }
-      domain_->Add(TrainerBuffer(r), bytes.size())->bytes = bytes;
+      shm_.Add(TrainerBuffer(r), bytes);
     }
   }
 
@@ -138,8 +147,7 @@ class CoordinatorTest : public ::testing::Test {
       mem->push_back(ref);
       off += ref.length;
     }
-    auto b = domain_->Add(h->buffer, off);
-    std::fill(b->bytes.begin(), b->bytes.end(), kGarbage);
+    std::fill_n(shm_.Add(h->buffer, off), off, kGarbage);
     return spec;
   }
 
@@ -236,7 +244,7 @@ class CoordinatorTest : public ::testing::Test {
   }
 
   bool Untouched(const EngineHandle& h) {
-    for (uint8_t b : domain_->Get(h.buffer)->bytes)
+    for (uint8_t b : shm_.Bytes(h.buffer))
       if (b != kGarbage) return false;
     return true;
   }
@@ -246,8 +254,10 @@ class CoordinatorTest : public ::testing::Test {
   std::vector<Source> sources_;
   std::vector<std::map<std::string, std::pair<uint64_t, uint64_t>>> shard_offsets_;
   std::vector<std::shared_ptr<RecordingSink>> sinks_;
-  std::unique_ptr<FakeDomain> domain_;
-  std::unique_ptr<TestExecutor> exec_;
+  ShmDir shm_;      // real shm files the domain maps
+  FakeClock clock_;  // the progress timeout's
+  std::unique_ptr<FaultInjectingMemoryDomain> domain_;  // the real host shm domain, wrapped
+  std::unique_ptr<FaultInjectingExecutor> exec_;        // the real host executor, wrapped
   std::unique_ptr<Coordinator> coord_;  // destroyed first
 };
 
@@ -268,10 +278,10 @@ TEST_F(CoordinatorTest, FullSyncWritesVllmLayout) {
   EXPECT_EQ(st->bytes_written, b->bytes_planned);
   uint64_t engine_bytes = 0;
   for (auto& e : engines) {
-    EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e)) << e.buffer;
+    EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
     EXPECT_EQ(e.sink->kinds(), "SC");
     for (const auto& ev : e.sink->events()) EXPECT_EQ(ev.version, 7u);
-    engine_bytes += domain_->Get(e.buffer)->bytes.size();
+    engine_bytes += shm_.Bytes(e.buffer).size();
   }
   EXPECT_EQ(st->bytes_written, engine_bytes);  // every engine byte exactly once, padding included
 
@@ -319,7 +329,7 @@ TEST_F(CoordinatorTest, PlanReuseAndWhatForcesARePlan) {
     auto b = coord_->BeginSync(Self(), std::move(mf));
     EXPECT_TRUE(b.ok()) << b.status().ToString();
     if (!b.ok()) return {};
-    for (auto& e : engs) std::fill(domain_->Get(e.buffer)->bytes.begin(), domain_->Get(e.buffer)->bytes.end(), kGarbage);
+    for (auto& e : engs) std::fill_n(shm_.Data(e.buffer), shm_.Bytes(e.buffer).size(), kGarbage);
     for (uint32_t r = 0; r < W_; ++r)
       for (const auto& l : Layers()) {
         auto res = by_index ? coord_->PushLayer(Self(), b->sync_id, r, l, ByIndex(Layer(r, l), order))
@@ -328,7 +338,7 @@ TEST_F(CoordinatorTest, PlanReuseAndWhatForcesARePlan) {
       }
     auto st = CommitAcked(b->sync_id, engs);
     EXPECT_TRUE(st.ok()) << st.status().ToString();
-    for (auto& e : engs) EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e)) << e.buffer;
+    for (auto& e : engs) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
     return *b;
   };
   auto lean = [&](uint64_t version, const std::string& fp) {
@@ -435,7 +445,7 @@ TEST_F(CoordinatorTest, NegotiatedDtypesArePlannedAndReturned) {
 
   // bf16 copies of the trainer buffers (the values are small integers: exact in bf16).
   for (uint32_t r = 0; r < W_; ++r) {
-    const auto& f32 = domain_->Get(TrainerBuffer(r))->bytes;
+    const std::vector<uint8_t> f32 = shm_.Bytes(TrainerBuffer(r));
     std::vector<uint8_t> half(f32.size() / 2);
     for (size_t i = 0; i < f32.size() / 4; ++i) {
       float f;
@@ -443,7 +453,7 @@ TEST_F(CoordinatorTest, NegotiatedDtypesArePlannedAndReturned) {
       uint16_t h = kernels::F32ToBF16(f);
       std::memcpy(half.data() + 2 * i, &h, 2);
     }
-    domain_->Add(TrainerBuffer(r) + "-bf16", half.size())->bytes = half;
+    shm_.Add(TrainerBuffer(r) + "-bf16", half);
   }
   m.version = 3;
   b = coord_->BeginSync(Self(), m);
@@ -462,7 +472,7 @@ TEST_F(CoordinatorTest, NegotiatedDtypesArePlannedAndReturned) {
   auto st = CommitAcked(b->sync_id, engines);
   ASSERT_TRUE(st.ok()) << st.status().ToString();
   EXPECT_EQ(st->bytes_read, st->bytes_written - 2 * (((V + 3) / 4 * 4) - V) * H);  // bf16 read; padding is not
-  for (auto& e : engines) EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e)) << e.buffer;
+  for (auto& e : engines) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
 }
 
 TEST_F(CoordinatorTest, TrainerCudaHandlesAreClosedAfterEveryCommitAndAbort) {
@@ -491,7 +501,7 @@ TEST_F(CoordinatorTest, TwoReplicasAndTp1) {
   EXPECT_EQ(b->engines, 2u);
   PushAll(b->sync_id);
   ASSERT_TRUE(CommitAcked(b->sync_id, engines).ok());
-  for (auto& e : engines) EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e)) << e.buffer;
+  for (auto& e : engines) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
   EXPECT_EQ(coord_->GetStatus().models[0].replicas, 2u);
 }
 
@@ -705,7 +715,7 @@ TEST_F(CoordinatorTest, InPlaceWritesWaitForThePauseAckStagedOnesDoNot) {
       if (rank != 0 || l != "embed") ASSERT_TRUE(coord_->PushLayer(Self(), b->sync_id, rank, l, Layer(rank, l)).ok());
   auto st = CommitAcked(b->sync_id, engines);
   ASSERT_TRUE(st.ok()) << st.status().ToString();
-  for (auto& e : engines) EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e));
+  for (auto& e : engines) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e));
   auto status = coord_->GetStatus();
   ASSERT_EQ(status.engines.size(), 2u);
   for (const auto& e : status.engines) {
@@ -745,10 +755,13 @@ TEST_F(CoordinatorTest, MissingPauseAckAbortsNamingTheEngine) {
 }
 
 TEST_F(CoordinatorTest, IdleSyncIsAbortedAndFreesTheModel) {
-  Init(2, 2, std::chrono::seconds(10), std::chrono::milliseconds(200));
+  Init(2, 2, std::chrono::seconds(10), std::chrono::minutes(5));
   auto engines = RegisterAll();
   auto b = coord_->BeginSync(Self(), Manifest(8));  // the trainer then dies before its first layer
   ASSERT_TRUE(b.ok());
+  clock_.Advance(std::chrono::minutes(4));  // not idle long enough: housekeeping passes leave it
+  EXPECT_FALSE(engines[0].sink->WaitFor(Kind::kAborted, b->sync_id, std::chrono::milliseconds(100)));
+  clock_.Advance(std::chrono::minutes(2));
   for (auto& e : engines) ASSERT_TRUE(e.sink->WaitFor(Kind::kAborted, b->sync_id, std::chrono::seconds(5)));
   EXPECT_ERR(coord_->Commit(Self(), b->sync_id).status(), "no trainer activity");
   auto again = coord_->BeginSync(Self(), Manifest(9));  // the model is free again
@@ -855,7 +868,7 @@ TEST_F(CoordinatorTest, RegistrationErrors) {
     EngineHandle h;
     std::vector<MemoryRef> mem;
     EngineRankSpec spec = Spec(0, 1, &mem, &h);
-    domain_->Add(h.buffer, domain_->Get(h.buffer)->bytes.size(), /*writable=*/false);
+    shm_.Add(h.buffer, shm_.Bytes(h.buffer).size(), /*writable=*/false);
     s = coord_->RegisterEngine(Self(), spec, mem, h.sink.get()).status();
     EXPECT_ERR(s, "param embed.weight: memory");
     EXPECT_ERR(s, "is read-only for in-process caller");
@@ -878,7 +891,7 @@ TEST_F(CoordinatorTest, ExplicitMappingCoversUnknownArchitecture) {
       "w", {4, 4}, DType::kF32,
       R"({"name": "w", "parts": [{"src": "w_src", "transpose": true}], "sources": [{"name": "w_src", "shape": ["d", "d"]}]})"});
   h.buffer = "/custom";
-  auto buf = domain_->Add(h.buffer, 64);
+  shm_.Add(h.buffer, 64);
   MemoryRef ref;
   ref.name = h.buffer;
   ref.length = 64;
@@ -888,8 +901,7 @@ TEST_F(CoordinatorTest, ExplicitMappingCoversUnknownArchitecture) {
 
   std::vector<float> src(16);
   for (int i = 0; i < 16; ++i) src[i] = static_cast<float>(i);
-  auto tb = domain_->Add("/custom-trainer", 64);
-  std::memcpy(tb->bytes.data(), src.data(), 64);
+  std::memcpy(shm_.Add("/custom-trainer", 64), src.data(), 64);
   SourceManifest m;
   m.model = "custom";
   m.version = 1;
@@ -903,7 +915,8 @@ TEST_F(CoordinatorTest, ExplicitMappingCoversUnknownArchitecture) {
   ASSERT_TRUE(coord_->PushLayer(Self(), b->sync_id, 0, "all", {{"w_src", sref}}).ok());
   std::vector<EngineHandle> engines{h};
   ASSERT_TRUE(CommitAcked(b->sync_id, engines).ok());
-  const float* out = reinterpret_cast<const float*>(buf->bytes.data());
+  const std::vector<uint8_t> bytes = shm_.Bytes(h.buffer);
+  const float* out = reinterpret_cast<const float*>(bytes.data());
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4; ++j) EXPECT_EQ(out[i * 4 + j], src[j * 4 + i]);
 }
@@ -941,7 +954,7 @@ TEST_F(CoordinatorTest, AbortWaitsForRunningCopyBeforeTellingEngines) {
   ASSERT_TRUE(coord_->Abort(Self(), b->sync_id, "operator said so").ok());
   // The copy is still running: engines must not hear Aborted yet, and the
   // model stays busy.
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(engines[0].sink->WaitFor(Kind::kAborted, b->sync_id, std::chrono::milliseconds(50)));
   for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "S");
   EXPECT_ERR(coord_->BeginSync(Self(), Manifest()).status(), "still finishing its copies");
   exec_->Release();
@@ -959,6 +972,61 @@ TEST_F(CoordinatorTest, ExecutorFailureAborts) {
   auto r = coord_->PushLayer(Self(), b->sync_id, 0, "embed", Layer(0, "embed"));
   EXPECT_ERR(r.status(), "device lost");
   for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "SA");
+}
+
+TEST_F(CoordinatorTest, ExecutorFailureOnALaterLayerAbortsAfterEarlierLayersLanded) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Self(), Manifest());
+  ASSERT_TRUE(b.ok());
+  const auto layers = Layers();
+  ASSERT_GE(layers.size(), 2u);
+  exec_->FailRun(exec_->runs() + 2, Internal("device lost on the second layer"));
+  EXPECT_TRUE(coord_->PushLayer(Self(), b->sync_id, 0, layers[0], Layer(0, layers[0])).ok());
+  auto r = coord_->PushLayer(Self(), b->sync_id, 0, layers[1], Layer(0, layers[1]));
+  EXPECT_ERR(r.status(), "device lost on the second layer");
+  for (auto& e : engines) EXPECT_EQ(e.sink->kinds(), "SA");
+  EXPECT_EQ(coord_->Commit(Self(), b->sync_id).status().code(), Code::kAborted);
+}
+
+TEST_F(CoordinatorTest, ExecutorFailureOnMatchingOpsNamesTheSync) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Self(), Manifest());
+  ASSERT_TRUE(b.ok());
+  exec_->FailOpsMatching([](const std::string& label) { return Has(label, "embed.weight"); },
+                         Internal("injected fault copying the embedding"));
+  auto r = coord_->PushLayer(Self(), b->sync_id, 0, "embed", Layer(0, "embed"));
+  EXPECT_ERR(r.status(), "injected fault copying the embedding");
+  for (auto& e : engines) {
+    EXPECT_TRUE(Untouched(e));
+    EXPECT_EQ(e.sink->kinds(), "SA");
+  }
+}
+
+TEST_F(CoordinatorTest, MapFailureOfATrainerObjectAbortsNamingTheTensor) {
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Self(), Manifest());
+  ASSERT_TRUE(b.ok());
+  domain_->FailMap(TrainerBuffer(1), Unavailable("injected: object vanished"));
+  auto r = coord_->PushLayer(Self(), b->sync_id, 1, "embed", Layer(1, "embed"));
+  EXPECT_ERR(r.status(), "injected: object vanished");
+  EXPECT_ERR(r.status(), "embed.weight");
+  for (auto& e : engines) {
+    EXPECT_TRUE(Untouched(e));
+    EXPECT_EQ(e.sink->kinds(), "SA");
+  }
+  EXPECT_EQ(exec_->runs(), 0);
+}
+
+// A domain that maps fewer bytes than the reference asked for is a daemon
+// bug (domains check offset + length against the object): the daemon aborts
+// with a message rather than copy against a wrong mapping.
+TEST_F(CoordinatorTest, ShortMappingFromTheDomainIsABrokenInvariant) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  auto engines = RegisterAll();
+  auto b = coord_->BeginSync(Self(), Manifest());
+  ASSERT_TRUE(b.ok());
+  domain_->ShortenMap(TrainerBuffer(0), 8);  // a broken domain: 8 bytes fewer than the reference asked for
+  EXPECT_DEATH((void)coord_->PushLayer(Self(), b->sync_id, 0, "embed", Layer(0, "embed")), "invariant violated");
 }
 
 TEST_F(CoordinatorTest, AbortAllStopsEverything) {
@@ -999,7 +1067,7 @@ TEST_F(CoordinatorTest, ConcurrentRanksPushInParallel) {
     ASSERT_EQ(failures.load(), 0);
     ASSERT_TRUE(CommitAcked(b->sync_id, engines).ok());
   }
-  for (auto& e : engines) EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e)) << e.buffer;
+  for (auto& e : engines) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
 }
 
 TEST(CoordinatorRealLayouts, LlamaExampleConfigSyncs) {
@@ -1007,9 +1075,10 @@ TEST(CoordinatorRealLayouts, LlamaExampleConfigSyncs) {
   ASSERT_TRUE(reg.ok()) << reg.status().ToString();
   auto cfg = (*reg)->ExampleConfig("LlamaForCausalLM");
   ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
-  FakeDomain domain;
-  auto exec = MakeHostExecutor(ExecutorOptions{2, 1 << 12});
-  Coordinator coord(*reg, &domain, exec.get());
+  ShmDir shm;
+  auto domain = WrappedHostDomain(shm);
+  auto exec = WrappedHostExecutor();
+  Coordinator coord(*reg, domain.get(), exec.get());
   const uint32_t T = 2, W = 3;
   std::vector<std::shared_ptr<RecordingSink>> sinks;
   std::vector<std::string> ids;
@@ -1040,7 +1109,7 @@ TEST(CoordinatorRealLayouts, LlamaExampleConfigSyncs) {
       off += r.length;
       mem.push_back(r);
     }
-    domain.Add(buf, off);
+    shm.Add(buf, off);
     engine_bytes += off;
     sinks.push_back(std::make_shared<RecordingSink>());
     auto id = coord.RegisterEngine(Self(), spec, mem, sinks.back().get());
@@ -1061,7 +1130,7 @@ TEST(CoordinatorRealLayouts, LlamaExampleConfigSyncs) {
       t.shards.push_back(ShardSpec{r, 0, a, b - a});
       if (b == a) continue;
       std::string name = "/llama-" + s.name + "-" + std::to_string(r);
-      domain.Add(name, (b - a) * row * 4);
+      shm.Add(name, (b - a) * row * 4);
       MemoryRef ref;
       ref.name = name;
       ref.length = (b - a) * row * 4;
@@ -1099,12 +1168,20 @@ Peer UnixPeer(uint32_t uid) {
   return p;
 }
 
+// Peers other than the test's own uid: the shm objects they register or
+// push are theirs (the real domain checks the owner).
 class CoordinatorOwnershipTest : public CoordinatorTest {
  protected:
+  void SetUp() override {
+    if (::geteuid() != 0) GTEST_SKIP() << "needs root: shm objects are given to other uids";
+    CoordinatorTest::SetUp();
+    for (uint32_t r = 0; r < W_; ++r) shm_.Chown(TrainerBuffer(r), alice_.uid);
+  }
   EngineHandle RegisterAs(const Peer& who, uint32_t replica, uint32_t tp, Status* st = nullptr) {
     EngineHandle h;
     std::vector<MemoryRef> mem;
     EngineRankSpec spec = Spec(replica, tp, &mem, &h);
+    shm_.Chown(h.buffer, who.uid);
     auto id = coord_->RegisterEngine(who, spec, mem, h.sink.get());
     if (st) *st = id.status();
     if (id.ok()) h.id = *id;
@@ -1149,7 +1226,7 @@ TEST_F(CoordinatorOwnershipTest, OnlyTheOwnerActsOnEnginesModelsAndSyncs) {
   }
   auto c = fut.get();
   ASSERT_TRUE(c.ok()) << c.status().ToString();
-  for (const auto& e : engines) EXPECT_EQ(domain_->Get(e.buffer)->bytes, Expected(e));
+  for (const auto& e : engines) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e));
 
   // An admin (root or configured) may act on anything.
   auto b2 = coord_->BeginSync(alice_, Manifest(2));
@@ -1270,7 +1347,7 @@ TEST_F(CoordinatorOwnershipTest, MemoryReferencesAlignedToTheirElementSize) {
   auto b = coord_->BeginSync(Self(), Manifest(1));
   ASSERT_TRUE(b.ok());
   auto layer = Layer(0, "embed");
-  domain_->Add("/odd", layer[0].second.length + 2);
+  shm_.Add("/odd", layer[0].second.length + 2);
   layer[0].second.name = "/odd";
   layer[0].second.offset = 2;
   auto res = coord_->PushLayer(Self(), b->sync_id, 0, "embed", layer);

@@ -34,7 +34,7 @@ class LimitsTest : public ::testing::Test {
     ASSERT_TRUE(reg.ok()) << reg.status().ToString();
     CoordinatorOptions o;
     o.housekeeping_interval = 20ms;
-    coord_ = std::make_unique<Coordinator>(*reg, &domain_, &exec_, o);
+    coord_ = std::make_unique<Coordinator>(*reg, domain_.get(), exec_.get(), o);
   }
   void TearDown() override {
     if (server_) server_->Stop(1s);
@@ -70,7 +70,7 @@ class LimitsTest : public ::testing::Test {
       mem.push_back(ref);
       off += ref.length;
     }
-    domain_.Add(buf, off);
+    shm_.Add(buf, off);
     return coord_->RegisterEngine(Self(), spec, mem, &sink_, "limits-test");
   }
 
@@ -127,8 +127,9 @@ class LimitsTest : public ::testing::Test {
     return req;
   }
 
-  FakeDomain domain_;
-  TestExecutor exec_;
+  ws::testing::ShmDir shm_;
+  std::unique_ptr<MemoryDomain> domain_ = ws::testing::WrappedHostDomain(shm_);
+  std::unique_ptr<Executor> exec_ = ws::testing::WrappedHostExecutor();
   RecordingSink sink_;
   std::unique_ptr<Coordinator> coord_;
   std::string dir_, sock_;
@@ -153,7 +154,7 @@ TEST_F(LimitsTest, DeepConfigIsRefusedWithoutCrashing) {
   o.limits.max_json_depth = 1;
   auto reg = LayoutRegistry::LoadTexts({{"toy.json", kToyRules}});
   ASSERT_TRUE(reg.ok());
-  coord_ = std::make_unique<Coordinator>(*reg, &domain_, &exec_, o);
+  coord_ = std::make_unique<Coordinator>(*reg, domain_.get(), exec_.get(), o);
   EXPECT_ERR(Register(R"({"architectures": ["ToyForCausalLM"]})").status(), "limit max_json_depth = 1");
 }
 

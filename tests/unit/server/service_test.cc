@@ -1,5 +1,5 @@
 // The gRPC layer end to end over a unix socket: real channel and stubs, the
-// fake memory domain behind the coordinator.
+// real host shm domain and host executor behind the coordinator.
 #include "daemon/server/service.h"
 
 #include <gtest/gtest.h>
@@ -120,7 +120,7 @@ class ServiceTest : public ::testing::Test {
     ASSERT_TRUE(reg.ok()) << reg.status().ToString();
     CoordinatorOptions co;
     co.ack_timeout = 5s;
-    coord_ = std::make_unique<Coordinator>(*reg, &domain_, &exec_, co);
+    coord_ = std::make_unique<Coordinator>(*reg, domain_.get(), exec_.get(), co);
     ServerOptions so;
     so.listen = {"unix:" + sock_};
     server_ = std::make_unique<Server>(coord_.get(), so);
@@ -162,7 +162,7 @@ class ServiceTest : public ::testing::Test {
         auto* p = reinterpret_cast<const uint8_t*>(data_[n].data() + a * row);
         bytes.insert(bytes.end(), p, p + (b - a) * row * 4);
       }
-      domain_.Add("/trainer" + std::to_string(r), bytes.size())->bytes = bytes;
+      shm_.Add("/trainer" + std::to_string(r), bytes);
     }
   }
 
@@ -192,8 +192,7 @@ class ServiceTest : public ::testing::Test {
       m->set_length(NumElements(shape) * 2);
       off += NumElements(shape) * 2;
     }
-    auto b = domain_.Add(buf, off);
-    std::fill(b->bytes.begin(), b->bytes.end(), 0xAB);
+    std::fill_n(shm_.Add(buf, off), off, 0xAB);
     return req;
   }
 
@@ -273,8 +272,9 @@ class ServiceTest : public ::testing::Test {
   }
 
   std::string dir_, sock_;
-  FakeDomain domain_;
-  TestExecutor exec_;
+  ws::testing::ShmDir shm_;
+  std::unique_ptr<MemoryDomain> domain_ = ws::testing::WrappedHostDomain(shm_);
+  std::unique_ptr<Executor> exec_ = ws::testing::WrappedHostExecutor();
   std::unique_ptr<Coordinator> coord_;
   std::unique_ptr<Server> server_;
   std::shared_ptr<grpc::Channel> channel_;
@@ -318,7 +318,7 @@ TEST_F(ServiceTest, SyncOverGrpc) {
   EXPECT_EQ(cresp.stats().version(), 3u);
   EXPECT_EQ(cresp.stats().bytes_written(), begun.bytes_planned());
   for (uint32_t rep = 0; rep < 2; ++rep) {
-    EXPECT_EQ(domain_.Get("/engine" + std::to_string(rep))->bytes, Expected());
+    EXPECT_EQ(shm_.Bytes("/engine" + std::to_string(rep)), Expected());
     EXPECT_EQ(engines_[rep]->kinds(), "RSC");
   }
 

@@ -85,13 +85,14 @@ TEST(SystemdNotifier, WatchdogPingsOnlyWhileHousekeepingBeats) {
   NotifySocket sock("100000");  // ping every 50 ms
   auto reg = LayoutRegistry::LoadDir(WS_LAYOUTS_DIR);
   ASSERT_TRUE(reg.ok()) << reg.status().ToString();
-  FakeDomain domain;
+  ws::testing::ShmDir shm;
+  auto domain = ws::testing::WrappedHostDomain(shm);
   auto exec = MakeHostExecutor(ExecutorOptions{1, 1 << 12});
   SystemdNotifier notifier(300ms);
   ASSERT_TRUE(notifier.active());
   CoordinatorOptions o;
   o.housekeeping_interval = std::chrono::hours(1);  // the test beats by hand
-  Coordinator coord(*reg, &domain, exec.get(), o);
+  Coordinator coord(*reg, domain.get(), exec.get(), o);
 
   notifier.Ready(&coord, {"127.0.0.1:1"});  // no unix address: the heartbeat alone decides
   auto msgs = sock.Receive(200ms);

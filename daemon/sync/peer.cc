@@ -1,4 +1,4 @@
-#include "daemon/server/peer.h"
+#include "daemon/sync/peer.h"
 
 #include <unistd.h>
 

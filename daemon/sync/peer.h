@@ -1,7 +1,8 @@
 // Who is calling: the identity the gRPC layer establishes for every RPC
 // (unix-socket credentials from SO_PEERCRED, a TLS client certificate or a
 // shared token over TCP) and the coordinator uses for ownership checks and
-// memory access. Plain C++: no gRPC here.
+// memory access. Plain C++: no gRPC here; it lives in daemon/sync so that the
+// sync layer can check ownership without seeing daemon/server.
 //
 // Thread-safety: value type.
 #pragma once

@@ -375,8 +375,8 @@ TEST(ClientNoServer, UnreachableIsUnavailable) {
 }
 
 TEST(ClientConvert, DTypes) {
-  for (DType d : {DType::kF32, DType::kBF16, DType::kF16}) EXPECT_EQ(FromProto(ToProto(d)), d);
-  EXPECT_FALSE(FromProto(pb::DTYPE_UNSPECIFIED).has_value());
+  for (DType d : {DType::kF32, DType::kBF16, DType::kF16}) EXPECT_EQ(*protocol::FromProto(ToProto(d), "x"), d);
+  EXPECT_FALSE(protocol::FromProto(pb::DTYPE_UNSPECIFIED, "x").ok());
   EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "x")).code(), Code::kResourceExhausted);
   EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "x")).code(), Code::kPermissionDenied);
   EXPECT_EQ(FromGrpc(grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "x")).code(), Code::kUnauthenticated);
