@@ -5,6 +5,7 @@ that 64 registering processes share), while health and status keep answering; th
 them all (correctness of the bytes is what the end-to-end suites check)."""
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -54,8 +55,11 @@ def test_64_ranks_with_10k_params_each_register_while_health_answers(ctl, daemon
           f"CPU median {cpu[len(cpu) // 2]:.3f} s, max {cpu[-1]:.3f} s; wall median {secs[len(secs) // 2]:.2f} s, "
           f"max {secs[-1]:.2f} s; worst health {worst['health']:.2f} s, worst status {worst['status']:.2f} s")
     assert not failures, failures[:5]
-    # Well under a second of the daemon's CPU each, even with 63 others in flight.
-    assert cpu[-1] < 1.0, cpu[-8:]
+    # Well under a second of the daemon's CPU each, even with 63 others in flight: CPU time, not wall time, so a
+    # loaded machine does not move it much; a quadratic registry would need minutes. ASan/UBSan builds run the
+    # same code 3-5x slower (measured 0.84 s median there), so they get a proportionate bound.
+    cpu_bound = 5.0 if os.environ.get("WS_SANITIZED") else 1.0
+    assert cpu[-1] < cpu_bound, cpu[-8:]
     # Health and status stayed responsive (each call includes a process start).
     assert worst["health"] < 5.0 and worst["status"] < 10.0, worst
     st = ctl.status_json()
