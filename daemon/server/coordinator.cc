@@ -1,6 +1,7 @@
 #include "daemon/server/coordinator.h"
 
 #include <algorithm>
+#include <ctime>
 #include <future>
 #include <random>
 #include <sstream>
@@ -19,6 +20,13 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// CPU seconds the calling thread has used (an RPC runs on one thread).
+double ThreadCpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
 
 std::string RandomHex(int digits) {
   std::random_device rd;
@@ -228,6 +236,7 @@ Result<std::string> Coordinator::RegisterEngine(const Peer& caller, EngineRankSp
                                                 std::vector<MemoryRef> memory, EventSink* sink, std::string label) {
   TrimGuard trim{this};  // a refusal after mapping lets the domain drop those objects
   const auto t0 = Clock::now();
+  const double cpu0 = ThreadCpuSeconds();
   WS_ASSIGN_OR_RETURN(nlohmann::json cfg, CheckEngineSpec(spec, memory.size(), opts_.limits));
   {
     // Cheap refusals first, before resolving and mapping; re-checked below.
@@ -259,8 +268,9 @@ Result<std::string> Coordinator::RegisterEngine(const Peer& caller, EngineRankSp
     trim_pending_ = true;
     return id.status();
   }
-  spdlog::info("engine registered: {} params={} bytes={} layout={} by {} in {:.3f}s", e->Describe(),
-               e->spec.params.size(), e->bytes, e->layout.rule_file, caller.Describe(), Seconds(Clock::now() - t0));
+  spdlog::info("engine registered: {} params={} bytes={} layout={} by {} in {:.3f}s ({:.3f}s CPU)", e->Describe(),
+               e->spec.params.size(), e->bytes, e->layout.rule_file, caller.Describe(), Seconds(Clock::now() - t0),
+               ThreadCpuSeconds() - cpu0);
   return id;
 }
 

@@ -1,6 +1,7 @@
 #include "daemon/sync/engine_registry.h"
 
 #include <algorithm>
+#include <optional>
 #include <set>
 #include <tuple>
 
@@ -184,19 +185,51 @@ Status EngineRegistry::CheckModelCompatible(const Model& m, const EngineRankSpec
   return Status::Ok();
 }
 
+namespace {
+
+// Orders extents by memory object, then start.
+auto ExtentKey(const MemoryExtent& x) { return std::tuple(static_cast<int>(x.kind), x.object_a, x.object_b, x.begin); }
+auto ObjectKey(const MemoryExtent& x) { return std::tuple(static_cast<int>(x.kind), x.object_a, x.object_b); }
+
+std::vector<uint32_t> SortExtents(const std::vector<MemoryExtent>& extents) {
+  std::vector<uint32_t> order(extents.size());
+  for (uint32_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+    return std::tuple(ExtentKey(extents[a]), extents[a].end) < std::tuple(ExtentKey(extents[b]), extents[b].end);
+  });
+  return order;
+}
+
+// A pair (i in a, j in b) of overlapping extents, walking both sorted orders
+// once: O(|a| + |b|). An extent that ends before the other list's current
+// one begins cannot overlap any later one there.
+std::optional<std::pair<uint32_t, uint32_t>> FirstOverlap(const Engine& a, const Engine& b) {
+  size_t i = 0, j = 0;
+  while (i < a.extent_order.size() && j < b.extent_order.size()) {
+    const MemoryExtent& x = a.extents[a.extent_order[i]];
+    const MemoryExtent& y = b.extents[b.extent_order[j]];
+    if (x.begin >= x.end) {
+      ++i;
+    } else if (y.begin >= y.end) {
+      ++j;
+    } else if (ObjectKey(x) != ObjectKey(y)) {
+      (ObjectKey(x) < ObjectKey(y) ? i : j)++;
+    } else if (x.Overlaps(y)) {
+      return std::pair(a.extent_order[i], b.extent_order[j]);
+    } else {
+      (x.end <= y.begin ? i : j)++;
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
 Status EngineRegistry::CheckIsolation(const Engine& e, const std::string& who) const {
-  // Within the registration: sort by (object, start) and compare each extent
+  // Within the registration: in (object, start) order, compare each extent
   // with the furthest-reaching earlier one of the same object.
-  std::vector<size_t> order(e.extents.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  auto key = [&](size_t i) {
-    const MemoryExtent& x = e.extents[i];
-    return std::tuple(static_cast<int>(x.kind), x.object_a, x.object_b, x.begin, x.end);
-  };
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return key(a) < key(b); });
-  auto same_object = [](const MemoryExtent& a, const MemoryExtent& b) {
-    return a.kind == b.kind && a.object_a == b.object_a && a.object_b == b.object_b;
-  };
+  const std::vector<uint32_t>& order = e.extent_order;
+  auto same_object = [](const MemoryExtent& a, const MemoryExtent& b) { return ObjectKey(a) == ObjectKey(b); };
   for (size_t k = 1, reach = order.empty() ? 0 : order[0]; k < order.size(); ++k) {
     const size_t i = order[k];
     const MemoryExtent& x = e.extents[i];
@@ -213,20 +246,22 @@ Status EngineRegistry::CheckIsolation(const Engine& e, const std::string& who) c
     }
     if (!same_object(x, r) || x.end > r.end) reach = i;
   }
+  // Against every other registration: one merge walk each.
   for (const auto& [id, other] : engines_)
-    for (size_t j = 0; j < other->extents.size(); ++j)
-      for (size_t i = 0; i < e.extents.size(); ++i)
-        if (e.extents[i].Overlaps(other->extents[j]))
-          return InvalidArgument(who + ": param " + e.spec.params[i].name + " " + e.extents[i].ToString() +
-                                 " overlaps the memory of " + other->Describe() + " param " +
-                                 other->spec.params[j].name + " " + other->extents[j].ToString() +
-                                 "; engines may not share parameter memory");
+    if (auto hit = FirstOverlap(e, *other)) {
+      const auto [i, j] = *hit;
+      return InvalidArgument(who + ": param " + e.spec.params[i].name + " " + e.extents[i].ToString() +
+                             " overlaps the memory of " + other->Describe() + " param " +
+                             other->spec.params[j].name + " " + other->extents[j].ToString() +
+                             "; engines may not share parameter memory");
+    }
   return Status::Ok();
 }
 
 Result<std::string> EngineRegistry::Add(const Peer& caller, std::shared_ptr<Engine> e, EngineRankSpec spec,
                                         nlohmann::json config) {
   const std::string who = DescribeRank(spec);
+  if (e->extent_order.size() != e->extents.size()) e->extent_order = SortExtents(e->extents);
   WS_RETURN_IF_ERROR(CheckIsolation(*e, who));
   auto it = models_.find(spec.model);
   if (it != models_.end()) {

@@ -40,6 +40,7 @@ struct Engine {
   RankLayout layout;
   std::vector<std::shared_ptr<Mapping>> maps;  // one per spec.params entry
   std::vector<MemoryExtent> extents;           // maps[i]->extent()
+  std::vector<uint32_t> extent_order;          // indices of extents sorted by (object, begin); set by Add
   uint64_t bytes = 0;
   EventSink* sink = nullptr;  // null once unregistered
   uint64_t applied_version = 0;

@@ -10,6 +10,7 @@ KILL_AT: this rank dies (os._exit) at its KILL_AT-th exported piece, mid-sync.
 """
 import json
 import os
+import tempfile
 import sys
 import time
 from datetime import timedelta
@@ -121,8 +122,12 @@ def full_tensor_push(model, client, rank, ckpt_dir):
 def main():
     rank, world, kill_at = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     spec = json.loads(sys.argv[4])
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec["port"]))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    # The ranks meet through a file, not a TCP port: a port picked free can be taken (by gloo's own
+    # connections, say) before rank 0 listens on it. spec["port"] is unique per round; the parent
+    # (backend_run.py) is shared by the round's ranks.
+    store = os.path.join(tempfile.gettempdir(), f"ws-gloo-{os.getppid()}-{spec['port']}")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
     import weightsync.vllm_plugin

@@ -4,6 +4,7 @@ python push.py RANK WORLD PORT DAEMON MODEL CHECKPOINT VERSION [KILL_AT]
 KILL_AT: this rank dies (os._exit) at its KILL_AT-th exported piece, mid-sync.
 """
 import os
+import tempfile
 import sys
 from datetime import timedelta
 
@@ -20,8 +21,11 @@ def main():
     rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     daemon, model_name, ckpt, version = sys.argv[4], sys.argv[5], sys.argv[6], int(sys.argv[7])
     kill_at = int(sys.argv[8]) if len(sys.argv) > 8 else 0
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    # The ranks meet through a file, not a TCP port (a port picked free can be taken before rank 0
+    # listens on it); `port` is unique per push, the parent is shared by its ranks.
+    store = os.path.join(tempfile.gettempdir(), f"ws-gloo-{os.getppid()}-{port}")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     mesh = init_device_mesh("cpu", (world,))
     for layer in model.model.layers:

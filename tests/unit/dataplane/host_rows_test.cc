@@ -107,7 +107,8 @@ TEST_P(HostRowsTest, EveryLengthAroundTheStreamingBlock) {
         std::vector<unsigned char> got(want.size() + 8, 0x5a);  // vector data is 16-byte aligned
         row(src.data(), got.data() + 4, n, true);
         StreamFence();
-        ASSERT_EQ(0, std::memcmp(got.data() + 4, want.data(), want.size())) << IsaName(isa) << " n=" << n;
+        if (n > 0)  // want.data() may be null when empty; memcmp must not see it
+          ASSERT_EQ(0, std::memcmp(got.data() + 4, want.data(), want.size())) << IsaName(isa) << " n=" << n;
         ASSERT_EQ(got[3], 0x5a);
         ASSERT_EQ(got[want.size() + 4], 0x5a);
       }

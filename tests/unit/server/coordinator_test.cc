@@ -1263,6 +1263,36 @@ TEST_F(CoordinatorOwnershipTest, EngineQuotaPerPeer) {
   EXPECT_ERR(st, "max_engines_per_peer = 1");
 }
 
+TEST_F(CoordinatorOwnershipTest, OneParamOverlappingAnotherEngineIsFoundAndNamed) {
+  EngineHandle a;
+  std::vector<MemoryRef> mem_a;
+  EngineRankSpec spec_a = Spec(0, 0, &mem_a, &a);
+  ASSERT_TRUE(coord_->RegisterEngine(Self(), spec_a, mem_a, a.sink.get()).ok());
+  sinks_.push_back(a.sink);
+  // Another model's rank in its own memory, but for one param (the last in
+  // both engines' order) that reuses engine a's range.
+  EngineHandle b;
+  std::vector<MemoryRef> mem_b;
+  EngineRankSpec spec_b = Spec(1, 0, &mem_b, &b);
+  spec_b.model = "toy2";
+  const size_t n = spec_b.params.size() - 1;
+  ASSERT_EQ(spec_a.params[n].name, spec_b.params[n].name);
+  mem_b[n] = mem_a[n];
+  auto rb = coord_->RegisterEngine(Self(), spec_b, mem_b, b.sink.get());
+  EXPECT_EQ(rb.status().code(), Code::kInvalidArgument);
+  EXPECT_ERR(rb.status(), "param " + spec_b.params[n].name + " ");
+  EXPECT_ERR(rb.status(), "overlaps the memory of engine");
+  EXPECT_ERR(rb.status(), "param " + spec_a.params[n].name);
+  // Its own memory for that param too: accepted.
+  EngineHandle c;
+  std::vector<MemoryRef> mem_c;
+  EngineRankSpec spec_c = Spec(1, 0, &mem_c, &c);
+  spec_c.model = "toy2";
+  auto rc = coord_->RegisterEngine(Self(), spec_c, mem_c, c.sink.get());
+  EXPECT_TRUE(rc.ok()) << rc.status().ToString();
+  sinks_.push_back(c.sink);
+}
+
 TEST_F(CoordinatorOwnershipTest, AliasAcrossModelsAndWithinARankRefused) {
   // Model toy, replica 0, and a second model whose rank 0 reuses toy's memory.
   EngineHandle a;
