@@ -303,6 +303,8 @@ int main(int argc, char** argv) {
   peer_client.tls_key_file = peer_tls_key;
   peer_client.token_file = peer_token_file.empty() ? token_file : peer_token_file;
   const auto probe_interval = std::chrono::milliseconds(static_cast<int64_t>(peer_probe_interval * 1000));
+  // A peer that restarted is reachable again on the next probe, not after gRPC's backoff (up to 120 s).
+  peer_client.max_reconnect_backoff_s = std::min(peer_probe_interval, 1.0);
   ws::cluster::PeerSetOptions pso;
   pso.interval = probe_interval;
   pso.timeout = std::min(probe_interval, std::chrono::milliseconds(2000));

@@ -1,5 +1,7 @@
 #include "client/cpp/client.h"
 
+#include <algorithm>
+
 #include <chrono>
 #include <fstream>
 #include <sstream>
@@ -136,6 +138,12 @@ WeightSyncClient::WeightSyncClient(const std::string& target, ClientOptions opts
   // The daemon keeps its error messages under 4 KiB; gRPC's default 8 KiB
   // metadata limit would turn a longer one into "metadata size exceeds limit".
   args.SetInt(GRPC_ARG_MAX_METADATA_SIZE, 64 * 1024);
+  if (opts_.max_reconnect_backoff_s > 0) {
+    const int max_ms = std::max(1, static_cast<int>(opts_.max_reconnect_backoff_s * 1000));
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, std::min(max_ms, 100));
+    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, std::min(max_ms, 100));
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, max_ms);
+  }
   // A channel even when setup failed (calls then return setup_), so stubs are never null.
   channel_ = grpc::CreateCustomChannel(target_, creds.ok() ? *creds : grpc::InsecureChannelCredentials(), args);
   stub_ = pb::WeightSync::NewStub(channel_);

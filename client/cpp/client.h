@@ -39,6 +39,10 @@ const char* HealthStateName(HealthState s);  // "SERVING", ...
 struct ClientOptions {
   double rpc_timeout_s = 0;     // deadline of unary calls (not Health); 0 = none
   bool wait_for_ready = false;  // unary calls wait for the channel instead of failing fast
+  // Longest wait between reconnect attempts after the target was unreachable
+  // (0 = gRPC's default, which grows to 120 s). Daemons talking to peers keep
+  // it short, so a peer that restarts is usable again within about this long.
+  double max_reconnect_backoff_s = 0;
   // TLS, for host:port targets (unix sockets are never TLS; these are then
   // unused): any of the three set => the channel is TLS.
   std::string tls_ca_file;    // PEM CAs that signed the daemon's certificate ("" = the system's roots)
