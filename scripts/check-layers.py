@@ -2,7 +2,7 @@
 """Checks the include rule of docs/architecture.md: no layer includes a
 higher layer's header.
 
-    core < platform < mem < dataplane < transport < sync < server
+    core < platform < mem < dataplane < transport < sync < server < app
 
 (kernels: header-only math, includes nothing of ours; cluster: peer daemons
 and the packing plan of syncs across nodes, on core only, below sync; proto: the protocol library shared with the client, on core.) Every `#include "..."` of a project header in daemon/, client/,
@@ -32,6 +32,8 @@ DAEMON_BELOW = {
                     "daemon/transport", "daemon/cluster"],
     "daemon/server": ["daemon/core", "daemon/kernels", "daemon/platform", "daemon/mem", "daemon/dataplane",
                       "daemon/transport", "daemon/cluster", "daemon/sync", "proto", "client/cpp"],
+    "daemon/app": ["daemon/core", "daemon/kernels", "daemon/platform", "daemon/mem", "daemon/dataplane",
+                   "daemon/transport", "daemon/cluster", "daemon/sync", "daemon/server", "proto", "client/cpp"],
     "proto": ["daemon/core"],
     "client/cpp": ["daemon/core", "proto"],
     "client/ctl": ["daemon/core", "daemon/platform", "client/cpp", "proto"],
