@@ -224,15 +224,13 @@ TEST(FuzzRegression, LoopBudget) {
   ASSERT_TRUE(l.ok()) << l.status().ToString();
   EXPECT_GT(l->sources.size(), 58u * 256u * 3u);
 
-  // 2000 x 2000 would be 4M expert sources: refused within the budget's time.
+  // 2000 x 2000 would be 4M expert sources: refused once the budget is spent
+  // (a resolution that ignored it would run into the test's ctest timeout).
   cfg["num_hidden_layers"] = 2000;
   cfg["n_routed_experts"] = 2000;
-  auto t0 = std::chrono::steady_clock::now();
   l = (*reg)->Resolve("DeepseekV2ForCausalLM", cfg.dump(), ro);
-  auto secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ASSERT_FALSE(l.ok());
   EXPECT_TRUE(Has(l.status(), "(limit max_layout_entries = 1000000)")) << l.status().ToString();
-  EXPECT_LT(secs, 60.0);
 
   // One large loop is refused before it starts.
   ro.limits.max_layout_entries = 1000;
