@@ -12,7 +12,8 @@ root under FSDP2 fully_shard on `--world` gloo ranks (subprocesses of this scrip
 --daemon real: weightsyncd and `weightsyncctl mock-engine --tp 1` (bf16, host shm) from $WS_BUILD_DIR
     (default build/), end to end.
 
-Reports for rank 0 the seconds of every push and, for the steady state (median of pushes 2..), microseconds
+Reports for rank 0 the seconds of every push (and its process's CPU seconds, less sensitive to other load on
+the machine) and, for the steady state (median of pushes 2..), microseconds
 per parameter split into phases (RankStats.seconds_*), against floors measured in the same run on the same
 rank: one memcpy of the rank's shard bytes, and a per-tensor torch copy (with the fp32 -> bf16 cast) of each of
 its shards into a preallocated buffer. The module's weights change between pushes (in place, as an optimizer
@@ -122,15 +123,16 @@ def floors(tr_held, torch) -> dict:
     dst = torch.empty(n, dtype=torch.uint8)
     src.fill_(1)
     dsts = [torch.empty(t.shape, dtype=torch.bfloat16 if t.dtype == torch.float32 else t.dtype) for t in locs]
-    out = {"memcpy": [], "per_tensor_copy": []}
+    out = {"memcpy": [], "per_tensor_copy": [], "per_tensor_copy_cpu": []}
     for _ in range(3):
         t0 = time.perf_counter()
         dst.copy_(src)
         out["memcpy"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for d, s in zip(dsts, locs):
             d.copy_(s)
         out["per_tensor_copy"].append(time.perf_counter() - t0)
+        out["per_tensor_copy_cpu"].append(time.process_time() - c0)
     return {k: min(v) for k, v in out.items()} | {"bytes": n, "tensors": len(locs)}
 
 
@@ -166,11 +168,11 @@ def rank_main(rank: int, world: int, a: dict) -> None:
                 for p in model.parameters():
                     p.to_local().add_(0.5)
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = tr.push(model, version=v)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             st = res.ranks[rank]
-            pushes.append({"seconds": wall, "phases": {k[8:]: getattr(st, k) for k in vars(st)
+            pushes.append({"seconds": wall, "cpu": cpu, "phases": {k[8:]: getattr(st, k) for k in vars(st)
                                                        if k.startswith("seconds_")},
                            "tensors": st.tensors, "bytes": st.bytes, "messages": st.messages,
                            "state": res.stats.get("state")})
@@ -256,6 +258,11 @@ def report(r: dict, o, load) -> None:
     secs = ", ".join(f"{p['seconds']:.3f}" for p in pushes)
     print(f"| push seconds (first, then steady) | {secs} |")
     print(f"| steady-state push (median) | {med:.3f} s = {med / n * 1e6:.1f} us per param |")
+    if "cpu" in steady[0]:
+        cpu = statistics.median(p["cpu"] for p in steady)
+        print(f"| steady-state push, CPU time of rank 0's process (median) | {cpu:.3f} s = "
+              f"{cpu / n * 1e6:.1f} us per param; minus the per-shard copies' CPU: "
+              f"{(cpu - fl['per_tensor_copy_cpu']) / n * 1e6:.1f} us per param |")
     for k in steady[0]["phases"]:
         v = statistics.median(p["phases"][k] for p in steady)
         print(f"| phase {k} (median) | {v * 1e6 / n:.1f} us per param |")

@@ -406,3 +406,31 @@ def test_ipc_exporter_asks_the_driver_once_per_allocation(monkeypatch):
     assert (b.length, c.length, d.device_uuid) == (512, 16, "GPU-1")
     with pytest.raises(weightsync.WeightSyncError, match="run past their CUDA allocation"):
         ex.export_range(0, 0x20700, 0x200, "e")
+
+
+def test_module_walk_is_kept_until_the_module_changes():
+    """collect() with a ModuleWalk: the same pairs while nothing changed; a replaced parameter, a new module,
+    a new buffer each make it read the module again, in named_parameters() order, tied parameters once."""
+    from weightsync import pieces as P
+    m = models.make_model("llama")
+    walk = P.ModuleWalk()
+
+    def expected():
+        return [n for n, _ in m.named_parameters()] + [n for n, _ in m.named_buffers()
+                                                       if not n.endswith("inv_freq")]
+    first = P.collect(m, walk)[0]
+    assert [n for n, _ in first] == expected()
+    assert P.collect(m, walk)[0] is first
+    changes = [
+        lambda: setattr(m.model.norm, "weight", torch.nn.Parameter(torch.ones(64))),
+        lambda: m.model.layers[0].add_module("extra", torch.nn.Linear(2, 2)),
+        lambda: m.model.layers[1].register_buffer("counter", torch.zeros(3)),
+        lambda: setattr(m, "lm_head", m.model.embed_tokens),   # tied: its weight once
+    ]
+    for change in changes:
+        change()
+        got = P.collect(m, walk)[0]
+        assert got is not first and [n for n, _ in got] == expected()
+        assert all(v is dict(m.named_parameters()).get(n, v) for n, v in got)
+        first = got
+        assert P.collect(m, walk)[0] is first

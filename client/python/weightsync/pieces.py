@@ -10,6 +10,7 @@ Thread-safety: plain functions and values.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
@@ -356,15 +357,73 @@ def _fsdp1_pieces(module: torch.nn.Module, FSDP1) -> "list | None":
     return out
 
 
-def _module_tensors(module: torch.nn.Module) -> list:
-    mods = _named_modules(module)
-    reshard_fsdp2(module, mods)
-    try:
+def _tensor_snapshot(m: torch.nn.Module):
+    """What a module's walk read of its own tensors: their names and identities (None: it has none)."""
+    ps, bs = m._parameters, m._buffers
+    if not ps and not bs:
+        return None
+    return (tuple(ps), tuple(map(id, ps.values())), tuple(bs), tuple(map(id, bs.values())),
+            len(m._non_persistent_buffers_set))
+
+
+def _snapshot(m: torch.nn.Module) -> tuple:
+    """(children, _tensor_snapshot) of a module."""
+    return tuple(m._modules.values()), _tensor_snapshot(m)
+
+
+class ModuleWalk:
+    """A module's walk kept between pushes: its modules in named_modules() order with a snapshot of each, its
+    FSDP2 modules and the (name, tensor) pairs read. The next walk of the same root compares the snapshots
+    (identities, no tensor is read) and, when all match, returns the same pairs (no new objects: a
+    steady-state push leaves the garbage collector little to do)."""
+
+    def __init__(self):
+        self.root = None
+        self.mods: list = []   # [(name, module)]
+        self.snaps: list = []  # per module: _snapshot()
+        self.fsdp2: list = []
+        self.fsdp1 = False
+        self.items: "list | None" = None  # the pairs read (None: not kept, FSDP1 pieces are made anew)
+
+    def tensors(self, root: torch.nn.Module) -> list:
+        same = False
+        if root is self.root:
+            for m in self.fsdp2:  # see reshard_fsdp2 (an unsharded module registers other parameters)
+                m.reshard()
+            same = True
+            for (_, m), snap in zip(self.mods, self.snaps):
+                kids = snap[0]
+                if len(kids) != len(m._modules) or not all(map(operator.is_, kids, m._modules.values())) \
+                        or snap[1] != _tensor_snapshot(m):
+                    same = False
+                    break
+            if same and self.items is not None:
+                return self.items
+        if not same:
+            self.root = None
+            self.mods = _named_modules(root)
+            FSDPModule = _fsdp2_module_type()
+            self.fsdp2 = [m for _, m in self.mods if FSDPModule is not None and isinstance(m, FSDPModule)]
+            try:
+                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+                self.fsdp1 = any(isinstance(m, FSDP1) for _, m in self.mods)
+            except ImportError:
+                self.fsdp1 = False
+            for m in self.fsdp2:
+                m.reshard()
+            self.root = root
+        self.snaps = [_snapshot(m) for _, m in self.mods]
+        self.items = None
+        items = _read_tensors(root, self)
+        if not self.fsdp1:
+            self.items = items
+        return items
+
+
+def _read_tensors(module: torch.nn.Module, walk: ModuleWalk) -> list:
+    mods = walk.mods
+    if walk.fsdp1:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1, StateDictType
-    except ImportError:
-        FSDP1 = None
-    out = None
-    if FSDP1 is not None and any(isinstance(m, FSDP1) for _, m in mods):
         pieces = _fsdp1_pieces(module, FSDP1)
         if pieces is None:
             with FSDP1.state_dict_type(module, StateDictType.SHARDED_STATE_DICT):
@@ -373,7 +432,10 @@ def _module_tensors(module: torch.nn.Module) -> list:
     else:  # as named_parameters(): tied parameters once
         out, seen = [], set()
         for prefix, m in mods:
-            for n, p in m._parameters.items():
+            ps = m._parameters
+            if not ps:
+                continue
+            for n, p in ps.items():
                 if p is not None and id(p) not in seen:
                     seen.add(id(p))
                     out.append((f"{prefix}.{n}" if prefix else n, p))
@@ -386,10 +448,15 @@ def _module_tensors(module: torch.nn.Module) -> list:
     return out
 
 
-def collect(src) -> tuple:
-    """(list of (in-memory name, value), transformers model or None) for a module, mapping or iterable."""
+def _module_tensors(module: torch.nn.Module, walk: "ModuleWalk | None" = None) -> list:
+    return (walk if walk is not None else ModuleWalk()).tensors(module)
+
+
+def collect(src, walk: "ModuleWalk | None" = None) -> tuple:
+    """(list of (in-memory name, value), transformers model or None) for a module, mapping or iterable.
+    walk: the ModuleWalk of the previous collect of the same module, to check instead of walking again."""
     if isinstance(src, torch.nn.Module):
-        return _module_tensors(src), _hf_model_inside(src)
+        return _module_tensors(src, walk), _hf_model_inside(src)
     if hasattr(src, "items"):
         return list(src.items()), None
     if isinstance(src, Iterable):

@@ -212,6 +212,7 @@ class Trainer:
         # built from them, (fingerprint, wire dtypes) of the last BeginSync, the layouts it sent.
         self._token = secrets.token_hex(4)   # tells this trainer's generations from another's
         self._gens = itertools.count(1)
+        self._walk = P.ModuleWalk()
         self._prep: "_Prepared | None" = None
         self._sent_gen = None
         self._layout, self._epoch = None, None
@@ -388,12 +389,13 @@ class Trainer:
 
     def _prepare(self, src, hf_model) -> "_Prepared":
         """This rank's walk: the previous push's when every tensor is as it was (see _item_key), else new."""
-        items, found = P.collect(src)
+        items, found = P.collect(src, self._walk)
         hf_model = hf_model if hf_model is not None else found
+        prev = self._prep
+        if prev is not None and prev.hf is hf_model and len(prev.key) == len(items) and \
+                all(_item_key(n, v) == k for (n, v), k in zip(items, prev.key)):
+            return prev  # (checked without keeping new objects: see ModuleWalk)
         key = [_item_key(name, value) for name, value in items]
-        key.append(id(hf_model))
-        if self._prep is not None and self._prep.key == key:
-            return self._prep
         mapper = NameMapper(hf_model, self.name_hook, self.exclude, self.skip_lora_adapters, self.hf_conversions)
         held, entries, dropped, seen, names = [], [], [], {}, {}
         for name, value in items:
@@ -415,7 +417,7 @@ class Trainer:
                     held.append((q, dtype, len(entries)))  # the wire dtype once BeginSync has chosen
                 entries.append((q.name, tuple(q.shape), to_wire(dtype, q.name), q.box()))
         # The items stay referenced (key holds their ids): no id is reused while the walk is kept.
-        self._prep = _Prepared(key, items, held, entries, dropped, (self._token, next(self._gens)))
+        self._prep = _Prepared(key, items, hf_model, held, entries, dropped, (self._token, next(self._gens)))
         return self._prep
 
     def _manifest(self, ranks: list, gens=None) -> "_Manifest":
@@ -713,6 +715,7 @@ class _Prepared:
     """One walk of a rank: kept while its key (_item_key of every tensor) matches the next walk's."""
     key: list
     items: list           # the walked (name, value) pairs, referenced so that the ids in key stay theirs
+    hf: object            # the transformers model the names were mapped with (or None)
     held: list            # [(piece, source dtype, position in entries)] of the shards this rank holds
     entries: list         # [(name, shape, dtype code, box or None)] this rank's manifest entries
     dropped: list         # names tied to an earlier tensor (sent under that one)
@@ -764,14 +767,15 @@ class _Plan:
 
 
 def _item_key(name: str, value):
-    """What the trainer derives from one walked tensor depends on (and only on): its identity, storage,
-    dtype, shape and strides, and for a DTensor its spec (placements, mesh, global shape) and local tensor."""
+    """What the trainer derives from one walked tensor depends on (and only on): its identity, storage (the
+    address: host and device pointers do not collide), dtype, shape and strides, and for a DTensor its spec
+    (placements, mesh, global shape) and local tensor."""
     if isinstance(value, torch.Tensor):
         local = getattr(value, "_local_tensor", None)
         if local is not None:  # DTensor
             return (name, id(value), id(value._spec), value.dtype, id(local), local.data_ptr(), local.dtype,
-                    local.shape, local.stride(), local.device)
-        return (name, id(value), value.data_ptr(), value.dtype, value.shape, value.stride(), value.device)
+                    local.shape, local.stride())
+        return (name, id(value), value.data_ptr(), value.dtype, value.shape, value.stride())
     if isinstance(value, P.Piece):  # FSDP1 views (made anew each walk) and user pieces
         t = value.local
         return (name, value.name, value.shape, value.dim, value.start, value.length, value.dtype,
