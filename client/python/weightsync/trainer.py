@@ -400,10 +400,10 @@ class Trainer:
         held, entries, dropped, seen, names = [], [], [], {}, {}
         for name, value in items:
             piece = P.piece_of(name, value)
-            key_ = P.alias_key(piece)
-            alias_of = seen.get(key_) if key_ is not None else None
-            if key_ is not None and alias_of is None:
-                seen[key_] = name
+            akey = P.alias_key(piece)
+            alias_of = seen.get(akey) if akey is not None else None
+            if akey is not None and alias_of is None:
+                seen[akey] = name
             for q in mapper.map(piece):
                 if q.name in names and not (isinstance(value, P.Piece) and names[q.name] == name):
                     raise WeightSyncError(f"tensors {names[q.name]} and {name} both map to {q.name}")
@@ -844,10 +844,6 @@ def _wire_dtypes(req: pb.BeginSyncRequest, resp: pb.BeginSyncResponse) -> dict:
                 f"{pb.DType.Name(t.dtype)} and destinations {[pb.DType.Name(x) for x in d.destinations]}")
         out[t.name] = wire
     return out
-
-
-def ref_length(ref: pb.MemoryRef) -> int:
-    return ref.host_shm.length if ref.HasField("host_shm") else ref.cuda_ipc.length
 
 
 def _stats_dict(s: pb.SyncStats) -> dict:
