@@ -55,18 +55,18 @@ def scenario_boxes(rank, world, args):
     for arch, path in args["checkpoints"].items():
         model = shard_model(load(path), args["mode"], world)
         tr = weightsync.Trainer("unix:/nonexistent", model=arch, rank=rank, world_size=world)
-        held, entries, dropped = tr._prepare(model, None)
-        gathered = tr.comm.all_gather((entries, dropped, None))
-        drop = set().union(*[set(g[1]) for g in gathered])
+        prep = tr._prepare(model, None)
+        gathered = tr.comm.all_gather((prep.entries, prep.dropped))
+        man = tr._manifest(gathered)
         local = {}  # name -> this rank's pieces of it, in manifest order (FSDP1: up to two)
-        for p, w in held:
-            if p.name not in drop:
+        for p, w, pos in prep.held:
+            if man.index[rank][pos] >= 0:
                 local.setdefault(p.name, []).append(p.local.to(w).contiguous())
         datas = tr.comm.all_gather(local)
         placements = sorted({str(tuple(v.placements)) if hasattr(v, "placements") else type(v).__name__
                              for _, v in P.collect(model)[0]})  # FSDP1: Piece (read from the flat parameters)
         if rank == 0:
-            req = tr._manifest(gathered, drop, 1)
+            req = man.req
             out[arch] = {"manifest": [[t.name, list(t.shape), t.dtype,
                                        [[s.rank, s.dim, s.start, s.length] for s in t.shards]] for t in req.tensors],
                          "data": {f"{r}:{n}:{k}": v.view(torch.int16 if v.element_size() == 2 else torch.int32)
@@ -193,7 +193,81 @@ def scenario_push_fsdp1(rank, world, args):
             "flat": sum(t.numel() for t in shards)}
 
 
-SCENARIOS = {"push_trained": scenario_push_trained, "push_fsdp1": scenario_push_fsdp1, "boxes": scenario_boxes, "push": scenario_push, "push_error": scenario_push_error,
+class _RecordingStub:
+    """The daemon stub, recording what each BeginSync sent and got."""
+
+    def __init__(self, stub):
+        self._stub, self.begins = stub, []
+
+    def BeginSync(self, req, **kw):
+        resp = self._stub.BeginSync(req, **kw)
+        self.begins.append({"tensors": len(req.tensors), "reuse": req.reuse_manifest,
+                            "fingerprint": req.manifest_fingerprint, "manifest_reused": resp.manifest_reused,
+                            "plan_reused": resp.plan_reused})
+        return resp
+
+    def __getattr__(self, name):
+        return getattr(self._stub, name)
+
+
+def scenario_push_changes(rank, world, args):
+    """A module of DTensor parameters (Shard(0) over the ranks) pushed after each change the trainer's caches
+    must notice: an in-place step (reused), a parameter replaced, one resharded (Shard(1)), one cast to bf16,
+    rank 1's and then rank 0's Trainer made anew. Rank 0 saves each version's full tensors to
+    args["out"]/v<version>.safetensors."""
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import distribute_tensor
+    model = load(args["checkpoint"])
+    mesh = init_device_mesh("cpu", (world,))
+    with torch.no_grad():
+        for _, mod in list(model.named_modules()):
+            for n, p in list(mod.named_parameters(recurse=False)):
+                setattr(mod, n, torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])))
+
+    def module(name):
+        return model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+
+    def replace(name, fn):
+        mod, attr = module(name)
+        setattr(mod, attr, torch.nn.Parameter(fn(getattr(mod, attr).detach())))
+
+    def make_trainer():
+        tr = weightsync.Trainer(args["daemon"], model=args["model"], rank=rank, world_size=world)
+        tr.daemon.stub = _RecordingStub(tr.daemon.stub)
+        return tr
+
+    steps = {
+        1: lambda: None,
+        2: lambda: [p.to_local().add_(0.5) for p in model.parameters()],
+        3: lambda: replace("model.layers.0.mlp.up_proj.weight", lambda d: d * 3 + 1),
+        4: lambda: replace("model.layers.1.self_attn.o_proj.weight",
+                           lambda d: distribute_tensor(d.full_tensor() - 1, mesh, [Shard(1)])),
+        5: lambda: replace("model.norm.weight", lambda d: d.to(torch.bfloat16)),
+        6: lambda: [p.to_local().mul_(-1) for p in model.parameters()],
+        7: lambda: None,   # rank 1's trainer made anew
+        8: lambda: None,   # rank 0's trainer made anew
+    }
+    trainers = [make_trainer()]
+    out = []
+    for v, step in steps.items():
+        with torch.no_grad():
+            step()
+        if (v == 7 and rank == 1) or (v == 8 and rank == 0):
+            trainers.append(make_trainer())
+        tr = trainers[-1]
+        res = tr.push(model, version=v)
+        full = {n: p.full_tensor().contiguous() for n, p in model.named_parameters()}
+        if rank == 0:
+            save_file(full, os.path.join(args["out"], f"v{v}.safetensors"))
+        out.append({"version": v, "state": res.stats["state"], "reused": [r.reused for r in res.ranks],
+                    "begin": tr.daemon.stub.begins[-1] if rank == 0 else None,
+                    "messages": res.ranks[rank].messages, "bytes": res.ranks[rank].bytes})
+    for tr in trainers:
+        tr.close()
+    return out
+
+
+SCENARIOS = {"push_changes": scenario_push_changes, "push_trained": scenario_push_trained, "push_fsdp1": scenario_push_fsdp1, "boxes": scenario_boxes, "push": scenario_push, "push_error": scenario_push_error,
              "push_fault": scenario_push_fault}
 
 

@@ -96,8 +96,9 @@ def test_engine_reregisters_after_daemon_restart():
         d.stop()
         _until(lambda: not any(e.connected for e in es.engines), 10, "the engines notice the daemon is gone")
         d = DaemonProcess(tmp)  # same socket
-        _until(lambda: len(_engines_of(d.address, "llama-restart")) == 2, 30,
-               "both engines re-register with the restarted daemon")
+        # (the daemon lists an engine before the engine has read its registration's answer: wait for both)
+        _until(lambda: len(_engines_of(d.address, "llama-restart")) == 2 and all(e.connected for e in es.engines),
+               30, "both engines re-register with the restarted daemon")
         for e in es.engines:
             assert e.reconnects == 1 and e.connected, e.state()
             assert e.last_error and "RegisterEngine" in e.last_error

@@ -92,12 +92,12 @@ def stream_with_fake_daemon(tr, tensors, reader=read_shm):
     import types
     from weightsync import pieces as P
     from weightsync.trainer import RankStats
-    held = [(P.full_piece(n, t), t.dtype) for n, t in tensors.items()]
+    held = [(P.full_piece(n, t), t.dtype, None) for n, t in tensors.items()]
     fake = FakePush(reader, {n: t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                              for n, t in tensors.items()})
     tr.daemon = types.SimpleNamespace(stub=types.SimpleNamespace(Push=fake))
     stats = RankStats()
-    tr._stream(7, held, stats, {})  # no manifest index: shards go by name, as FakePush reads them
+    tr._stream(7, tr._plan_for(held), stats)  # no manifest index: shards go by name, as FakePush reads them
     return fake, stats
 
 
@@ -154,7 +154,7 @@ def test_cuda_staging_ring_is_freed_after_each_push(monkeypatch):
     monkeypatch.setattr(T.Trainer, "_staging_place", lambda self, t: torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(synchronize=lambda: None))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
-    monkeypatch.setattr(T, "export_tensor", export)
+    monkeypatch.setattr(T, "IpcExporter", lambda: types.SimpleNamespace(export=export))
     tensors = {f"model.layers.{i}.w": torch.randn(100) for i in range(3)}
     tr = weightsync.Trainer("unix:/nonexistent", "m", world_size=1, max_inflight_bytes=1024)
     for push in range(2):
@@ -343,3 +343,94 @@ def test_daemon_without_negotiation_gets_source_dtypes(daemon, checkpoints):
         assert res.ranks[0].bytes == sum(t.numel() * 4 for t in sd.values())  # every tensor sent in f32
     finally:
         es.close()
+
+
+def test_a_tensor_cast_in_place_is_walked_again(daemon, checkpoints):
+    """Plain tensors whose .data is swapped for a bf16 copy (same tensor objects): the next push walks them
+    again, sends a new manifest, and the engines get the new bytes; a push with nothing changed reuses it all."""
+    sd = models.load_checkpoint(checkpoints["llama"])
+    es = engines_for(daemon, "local-cast", "llama", models.config("llama"), sd)
+    try:
+        params = {k: torch.nn.Parameter(v.clone()) for k, v in sd.items()}
+        with weightsync.Trainer(daemon.address, "local-cast", world_size=1) as tr:
+            r1 = tr.push(params, version=1)
+            with torch.no_grad():
+                for p in params.values():
+                    p.add_(1)
+            r2 = tr.push(params, version=2)
+            with torch.no_grad():
+                params["model.norm.weight"].data = (sd["model.norm.weight"] * 3).to(torch.bfloat16)
+            r3 = tr.push(params, version=3)
+        assert [r.ranks[0].reused for r in (r1, r2, r3)] == [False, True, False]
+        es.check({k: v + 1 for k, v in sd.items()}, 2)
+        es.check({k: (v + 1 if k != "model.norm.weight" else (v * 3).to(torch.bfloat16)) for k, v in sd.items()}, 3)
+    finally:
+        es.close()
+
+
+def test_ipc_exporter_asks_the_driver_once_per_allocation(monkeypatch):
+    """Tensors in one CUDA allocation share its handle: one set of driver calls per allocation (faked driver)."""
+    import contextlib
+    import ctypes
+    from weightsync import cuda_ipc
+    allocs = {0x10000: 0x1000, 0x20000: 0x800}   # base -> size
+    calls = []
+
+    class Driver:
+        def cuPointerGetAttribute(self, out, attr, ptr):
+            calls.append(("attr", ptr))
+            out._obj.value = 1
+            return 0
+
+        def cuMemGetAddressRange_v2(self, base, size, ptr):
+            calls.append(("range", ptr))
+            b = next(b for b, n in allocs.items() if b <= ptr < b + n)
+            base._obj.value, size._obj.value = b, allocs[b]
+            return 0
+
+        def cuIpcGetMemHandle(self, handle, base):
+            calls.append(("handle", base))
+            ctypes.memmove(handle, base.to_bytes(8, "little") * 8, 64)
+            return 0
+
+    monkeypatch.setattr(cuda_ipc, "_driver", lambda: Driver())
+    monkeypatch.setattr(cuda_ipc, "device_uuid", lambda i: f"GPU-{i}")
+    monkeypatch.setattr(torch.cuda, "device", lambda i: contextlib.nullcontext())
+    ex = cuda_ipc.IpcExporter()
+    a = ex.export_range(0, 0x10000, 256, "a")
+    b = ex.export_range(0, 0x10100, 512, "b")
+    c = ex.export_range(0, 0x20010, 16, "c")
+    d = ex.export_range(1, 0x10100, 16, "d")   # another device: another allocation
+    assert [x[0] for x in calls] == ["attr", "range", "handle"] * 3
+    assert a.handle == b.handle != c.handle and (a.offset, b.offset, c.offset) == (0, 0x100, 0x10)
+    assert (b.length, c.length, d.device_uuid) == (512, 16, "GPU-1")
+    with pytest.raises(weightsync.WeightSyncError, match="run past their CUDA allocation"):
+        ex.export_range(0, 0x20700, 0x200, "e")
+
+
+def test_module_walk_is_kept_until_the_module_changes():
+    """collect() with a ModuleWalk: the same pairs while nothing changed; a replaced parameter, a new module,
+    a new buffer each make it read the module again, in named_parameters() order, tied parameters once."""
+    from weightsync import pieces as P
+    m = models.make_model("llama")
+    walk = P.ModuleWalk()
+
+    def expected():
+        return [n for n, _ in m.named_parameters()] + [n for n, _ in m.named_buffers()
+                                                       if not n.endswith("inv_freq")]
+    first = P.collect(m, walk)[0]
+    assert [n for n, _ in first] == expected()
+    assert P.collect(m, walk)[0] is first
+    changes = [
+        lambda: setattr(m.model.norm, "weight", torch.nn.Parameter(torch.ones(64))),
+        lambda: m.model.layers[0].add_module("extra", torch.nn.Linear(2, 2)),
+        lambda: m.model.layers[1].register_buffer("counter", torch.zeros(3)),
+        lambda: setattr(m, "lm_head", m.model.embed_tokens),   # tied: its weight once
+    ]
+    for change in changes:
+        change()
+        got = P.collect(m, walk)[0]
+        assert got is not first and [n for n, _ in got] == expected()
+        assert all(v is dict(m.named_parameters()).get(n, v) for n, v in got)
+        first = got
+        assert P.collect(m, walk)[0] is first

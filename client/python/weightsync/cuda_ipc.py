@@ -14,6 +14,7 @@ Thread-safety: functions are thread-safe; the caller keeps the tensor alive
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 from dataclasses import dataclass
@@ -74,32 +75,63 @@ def device_uuid(index: int) -> str:
     return uuid if uuid.startswith("GPU-") else "GPU-" + uuid
 
 
+class IpcExporter:
+    """Exports CUDA tensors, each allocation (cuMemGetAddressRange) once: later tensors in an allocation already
+    exported reuse its handle without driver calls. Use one per push: an allocation freed and made again at
+    the same address has another handle, and freeing is only excluded while the tensors are kept alive."""
+
+    def __init__(self):
+        self._bases: list = []   # sorted (device, base) of exported allocations
+        self._allocs: list = []  # (device, base, size, handle), in _bases order
+
+    def export(self, t: torch.Tensor, what: str) -> IpcRef:
+        """IPC reference to the bytes of a contiguous CUDA tensor."""
+        if t.device.type != "cuda":
+            raise WeightSyncError(f"{what}: not a CUDA tensor ({t.device})")
+        if not t.is_contiguous():
+            raise WeightSyncError(f"{what}: CUDA IPC export needs a contiguous tensor")
+        return self.export_range(t.device.index, t.data_ptr(), t.numel() * t.element_size(), what)
+
+    def export_range(self, device: int, ptr: int, nbytes: int, what: str) -> IpcRef:
+        i = bisect.bisect_right(self._bases, (device, ptr)) - 1
+        if i >= 0:
+            dev, base, size, handle = self._allocs[i]
+            if dev == device and ptr + nbytes <= base + size:
+                return IpcRef(handle, device_uuid(device), ptr - base, nbytes)
+        lib = _driver()
+        if not _legacy_ipc_capable(device, ptr, what):
+            raise WeightSyncError(f"{what}: cannot export CUDA memory: {EXPANDABLE_HINT}")
+        with torch.cuda.device(device):
+            base, size = ctypes.c_uint64(0), ctypes.c_size_t(0)
+            _check(lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange",
+                   what)
+            handle = ctypes.create_string_buffer(_IPC_HANDLE_SIZE)
+            _check(lib.cuIpcGetMemHandle(handle, base.value), "cuIpcGetMemHandle", what)
+        if ptr + nbytes > base.value + size.value:
+            raise WeightSyncError(f"{what}: {nbytes} bytes at {ptr:#x} run past their CUDA allocation "
+                                  f"[{base.value:#x}, +{size.value})")
+        j = bisect.bisect_left(self._bases, (device, base.value))
+        self._bases.insert(j, (device, base.value))
+        self._allocs.insert(j, (device, base.value, size.value, handle.raw))
+        return IpcRef(handle.raw, device_uuid(device), ptr - base.value, nbytes)
+
+
 def export_tensor(t: torch.Tensor, what: str) -> IpcRef:
-    """IPC reference to the bytes of a contiguous CUDA tensor."""
-    if t.device.type != "cuda":
-        raise WeightSyncError(f"{what}: not a CUDA tensor ({t.device})")
-    if not t.is_contiguous():
-        raise WeightSyncError(f"{what}: CUDA IPC export needs a contiguous tensor")
-    lib = _driver()
-    ptr = t.data_ptr()
-    nbytes = t.numel() * t.element_size()
-    if not legacy_ipc_capable(t, what):
-        raise WeightSyncError(f"{what}: cannot export CUDA memory: {EXPANDABLE_HINT}")
-    with torch.cuda.device(t.device):
-        base, size = ctypes.c_uint64(0), ctypes.c_size_t(0)
-        _check(lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange", what)
-        handle = ctypes.create_string_buffer(_IPC_HANDLE_SIZE)
-        _check(lib.cuIpcGetMemHandle(handle, base.value), "cuIpcGetMemHandle", what)
-    return IpcRef(handle.raw, device_uuid(t.device.index), ptr - base.value, nbytes)
+    """IPC reference to the bytes of a contiguous CUDA tensor (one export; see IpcExporter for many)."""
+    return IpcExporter().export(t, what)
 
 
 def legacy_ipc_capable(t: torch.Tensor, what: str = "tensor") -> bool:
     """Whether legacy CUDA IPC can export the memory of CUDA tensor t (False for CUDA VMM memory:
     PyTorch's expandable segments, vLLM's sleep-mode allocator)."""
+    return _legacy_ipc_capable(t.device.index, t.data_ptr(), what)
+
+
+def _legacy_ipc_capable(device: int, ptr: int, what: str) -> bool:
     capable = ctypes.c_int(0)
-    with torch.cuda.device(t.device):
-        _check(_driver().cuPointerGetAttribute(ctypes.byref(capable), _ATTR_IS_LEGACY_CUDA_IPC_CAPABLE,
-                                               t.data_ptr()), "cuPointerGetAttribute", what)
+    with torch.cuda.device(device):
+        _check(_driver().cuPointerGetAttribute(ctypes.byref(capable), _ATTR_IS_LEGACY_CUDA_IPC_CAPABLE, ptr),
+               "cuPointerGetAttribute", what)
     return bool(capable.value)
 
 

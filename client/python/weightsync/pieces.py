@@ -10,6 +10,7 @@ Thread-safety: plain functions and values.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
@@ -99,6 +100,32 @@ def piece_of(name: str, value) -> Piece:
     raise WeightSyncError(f"tensor {name}: unsupported value of type {type(value).__name__}")
 
 
+# Boxes by (global shape, placements, mesh): computing one with torch's helper takes ~100-250 us (torch 2.15),
+# and the tensors of a model share few shapes. Values keep the mesh alive, so its id is not reused.
+_BOXES: dict = {}
+
+
+def _dtensor_box(shape: tuple, mesh, placements: tuple):
+    """(local shape, global offset) of this rank's box, or None when it is not in the mesh."""
+    key = (shape, placements, id(mesh))
+    hit = _BOXES.get(key)
+    if hit is not None and hit[0] is mesh:
+        return hit[1]
+    if mesh.get_coordinate() is None:
+        box = None
+    else:
+        try:
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        except ImportError:
+            from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+        local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+        box = (tuple(local_shape), tuple(offset))
+    if len(_BOXES) >= 4096:
+        _BOXES.clear()
+    _BOXES[key] = (mesh, box)
+    return box
+
+
 def _dtensor_piece(name: str, value) -> Piece:
     placements = tuple(value.placements)
     for p in placements:
@@ -111,15 +138,10 @@ def _dtensor_piece(name: str, value) -> Piece:
     shape = tuple(value.shape)
     local = value._local_tensor if hasattr(value, "_local_tensor") else value.to_local()
     local = local.detach()
-    mesh = value.device_mesh
-    if mesh.get_coordinate() is None:
+    box = _dtensor_box(shape, value.device_mesh, placements)
+    if box is None:
         return Piece(name, shape, 0, 0, 0, None)
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    except ImportError:
-        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
-    local_shape, offset = compute_local_shape_and_global_offset(value.shape, mesh, placements)
-    return _box_from(name, shape, tuple(local_shape), tuple(offset), local, f"its placements {placements}")
+    return _box_from(name, shape, box[0], box[1], local, f"its placements {placements}")
 
 
 # ---- operations used to undo in-memory fusions (transformers conversions) ----
@@ -216,8 +238,24 @@ def _fsdp2_module_type():
             return None
 
 
-def reshard_fsdp2(module: torch.nn.Module) -> int:
+def _named_modules(root: torch.nn.Module) -> list:
+    """[(name, module)] in named_modules() order (each module once), walked without nested generators (a
+    MoE model has tens of thousands of modules; named_modules costs a generator frame per level per module)."""
+    out, seen, stack = [], set(), [("", root)]
+    while stack:
+        prefix, m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append((prefix, m))
+        kids = [(f"{prefix}.{n}" if prefix else n, c) for n, c in m._modules.items() if c is not None]
+        stack.extend(reversed(kids))
+    return out
+
+
+def reshard_fsdp2(module: torch.nn.Module, modules: "list | None" = None) -> int:
     """Reshards every FSDP2 module under `module` (FSDPModule.reshard(), public API); returns how many.
+    modules: module's _named_modules(), when the caller has it.
 
     An unsharded FSDP2 module (the root after a no_grad forward, any module
     with reshard_after_forward=False, or after unshard()) registers full copies
@@ -229,7 +267,7 @@ def reshard_fsdp2(module: torch.nn.Module) -> int:
     if FSDPModule is None:
         return 0
     n = 0
-    for m in module.modules():
+    for _, m in modules if modules is not None else _named_modules(module):
         if isinstance(m, FSDPModule):
             m.reshard()
             n += 1
@@ -319,32 +357,106 @@ def _fsdp1_pieces(module: torch.nn.Module, FSDP1) -> "list | None":
     return out
 
 
-def _module_tensors(module: torch.nn.Module) -> list:
-    reshard_fsdp2(module)
-    try:
+def _tensor_snapshot(m: torch.nn.Module):
+    """What a module's walk read of its own tensors: their names and identities (None: it has none)."""
+    ps, bs = m._parameters, m._buffers
+    if not ps and not bs:
+        return None
+    return (tuple(ps), tuple(map(id, ps.values())), tuple(bs), tuple(map(id, bs.values())),
+            len(m._non_persistent_buffers_set))
+
+
+def _snapshot(m: torch.nn.Module) -> tuple:
+    """(children, _tensor_snapshot) of a module."""
+    return tuple(m._modules.values()), _tensor_snapshot(m)
+
+
+class ModuleWalk:
+    """A module's walk kept between pushes: its modules in named_modules() order with a snapshot of each, its
+    FSDP2 modules and the (name, tensor) pairs read. The next walk of the same root compares the snapshots
+    (identities, no tensor is read) and, when all match, returns the same pairs (no new objects: a
+    steady-state push leaves the garbage collector little to do)."""
+
+    def __init__(self):
+        self.root = None
+        self.mods: list = []   # [(name, module)]
+        self.snaps: list = []  # per module: _snapshot()
+        self.fsdp2: list = []
+        self.fsdp1 = False
+        self.items: "list | None" = None  # the pairs read (None: not kept, FSDP1 pieces are made anew)
+
+    def tensors(self, root: torch.nn.Module) -> list:
+        same = False
+        if root is self.root:
+            for m in self.fsdp2:  # see reshard_fsdp2 (an unsharded module registers other parameters)
+                m.reshard()
+            same = True
+            for (_, m), snap in zip(self.mods, self.snaps):
+                kids = snap[0]
+                if len(kids) != len(m._modules) or not all(map(operator.is_, kids, m._modules.values())) \
+                        or snap[1] != _tensor_snapshot(m):
+                    same = False
+                    break
+            if same and self.items is not None:
+                return self.items
+        if not same:
+            self.root = None
+            self.mods = _named_modules(root)
+            FSDPModule = _fsdp2_module_type()
+            self.fsdp2 = [m for _, m in self.mods if FSDPModule is not None and isinstance(m, FSDPModule)]
+            try:
+                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+                self.fsdp1 = any(isinstance(m, FSDP1) for _, m in self.mods)
+            except ImportError:
+                self.fsdp1 = False
+            for m in self.fsdp2:
+                m.reshard()
+            self.root = root
+        self.snaps = [_snapshot(m) for _, m in self.mods]
+        self.items = None
+        items = _read_tensors(root, self)
+        if not self.fsdp1:
+            self.items = items
+        return items
+
+
+def _read_tensors(module: torch.nn.Module, walk: ModuleWalk) -> list:
+    mods = walk.mods
+    if walk.fsdp1:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1, StateDictType
-    except ImportError:
-        FSDP1 = None
-    out = None
-    if FSDP1 is not None and any(isinstance(m, FSDP1) for m in module.modules()):
         pieces = _fsdp1_pieces(module, FSDP1)
         if pieces is None:
             with FSDP1.state_dict_type(module, StateDictType.SHARDED_STATE_DICT):
                 return list(module.state_dict().items())
         out = [(p.name, p) for p in pieces]
-    else:
-        out = list(module.named_parameters())  # tied parameters once
-    for mod_name, mod in module.named_modules():
-        for bname, buf in mod.named_buffers(recurse=False):
+    else:  # as named_parameters(): tied parameters once
+        out, seen = [], set()
+        for prefix, m in mods:
+            ps = m._parameters
+            if not ps:
+                continue
+            for n, p in ps.items():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((f"{prefix}.{n}" if prefix else n, p))
+    for mod_name, mod in mods:
+        if not mod._buffers:
+            continue
+        for bname, buf in mod._buffers.items():
             if buf is not None and bname not in mod._non_persistent_buffers_set:
                 out.append((f"{mod_name}.{bname}" if mod_name else bname, buf))
     return out
 
 
-def collect(src) -> tuple:
-    """(list of (in-memory name, value), transformers model or None) for a module, mapping or iterable."""
+def _module_tensors(module: torch.nn.Module, walk: "ModuleWalk | None" = None) -> list:
+    return (walk if walk is not None else ModuleWalk()).tensors(module)
+
+
+def collect(src, walk: "ModuleWalk | None" = None) -> tuple:
+    """(list of (in-memory name, value), transformers model or None) for a module, mapping or iterable.
+    walk: the ModuleWalk of the previous collect of the same module, to check instead of walking again."""
     if isinstance(src, torch.nn.Module):
-        return _module_tensors(src), _hf_model_inside(src)
+        return _module_tensors(src, walk), _hf_model_inside(src)
     if hasattr(src, "items"):
         return list(src.items()), None
     if isinstance(src, Iterable):

@@ -3,16 +3,24 @@
     trainer = weightsync.Trainer("unix:/run/weightsync.sock", model="policy")
     result = trainer.push(fsdp_model, version=step)   # every rank, collectively
 
-Protocol per push: every rank computes what it holds (names, global shapes,
-boxes) and the boxes are all-gathered; rank 0 sends the full manifest
-(BeginSync, negotiating each tensor's wire dtype) and broadcasts the sync id
-and the wire dtypes; every rank streams its own shards, cast to those,
-layer by layer (Push), waiting for each layer's ack before reusing memory and
-keeping the exported-but-unacknowledged bytes under `max_inflight_bytes`; the
-ranks exchange their outcome; rank 0 commits (or aborts with every rank's
-reason) and broadcasts the result. Every rank takes part in every collective,
-so a failure on one rank raises the same error on all of them instead of
-hanging.
+Protocol per push: every rank walks what it holds (names, global shapes,
+boxes) and gathers it to rank 0, which builds the manifest, sends it
+(BeginSync, negotiating each tensor's wire dtype) and broadcasts the sync id;
+every rank streams its own shards, cast to the wire dtypes, layer by layer
+(Push), waiting for each layer's ack before reusing memory and keeping the
+exported-but-unacknowledged bytes under `max_inflight_bytes`; the ranks
+exchange their outcome; rank 0 commits (or aborts with every rank's reason)
+and broadcasts the result. Every rank takes part in every collective, so a
+failure on one rank raises the same error on all of them instead of hanging.
+
+Steady state: what does not change between pushes is kept. Each rank keys its
+walk on every tensor's identity, storage, dtype, shape, strides and
+placements; while the key matches, its pieces, manifest entries and stream
+plan (staging offsets, prebuilt layer messages) are reused and it gathers
+only a generation number to rank 0. Rank 0 keeps the manifest (and sends the
+daemon only its fingerprint) while no rank's generation changed, and sends
+each rank its manifest indices and wire dtypes (scatter) only when they
+change. Anything else (a parameter replaced, resharded, cast) re-derives it.
 
 Thread-safety: a Trainer runs one push at a time; do not share it between
 threads. Collectives use the torch.distributed `group` given (default: WORLD).
@@ -20,8 +28,10 @@ threads. Collectives use the torch.distributed `group` given (default: WORLD).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import queue
 import re
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -31,9 +41,9 @@ import torch
 
 from . import pieces as P
 from ._proto import weightsync_pb2 as pb
-from .cuda_ipc import export_tensor
+from .cuda_ipc import IpcExporter
 from .daemon import Daemon, as_daemon  # noqa: F401
-from .dtypes import FROM_WIRE, to_wire
+from .dtypes import FROM_WIRE, TO_WIRE, to_wire
 from .errors import WeightSyncError, rpc_error
 from .names import NameMapper
 from .policy import DEFAULT_KEEP_FP32, DtypePolicy
@@ -62,8 +72,12 @@ class RankStats:
     peak_inflight_bytes: int = 0
     bytes_written: int = 0       # engine bytes the daemon wrote for this rank's layers
     daemon_seconds: float = 0.0  # sum of the daemon's per-layer copy times
-    seconds_prepare: float = 0.0
-    seconds_stream: float = 0.0
+    reused: bool = False         # the walk matched the previous push's: pieces, entries and plan reused
+    seconds_prepare: float = 0.0 # walk, pieces, names, dtypes (or the key check when reused)
+    seconds_begin: float = 0.0   # gather to rank 0, manifest, BeginSync, broadcast (and scatter)
+    seconds_plan: float = 0.0    # messages, staging offsets (0 when reused)
+    seconds_stage: float = 0.0   # copies into the staging buffers and message building, within stream
+    seconds_stream: float = 0.0  # staging, Push and waiting for the acks
 
 
 @dataclass
@@ -111,6 +125,22 @@ class _Comm:
             return obj
         box = [obj]
         self.dist.broadcast_object_list(box, src=self.src, group=self.group)
+        return box[0]
+
+    def gather(self, obj) -> "list | None":
+        """Every rank's obj on rank 0 (in rank order); None on the others."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.rank == 0 else None
+        self.dist.gather_object(obj, out, dst=self.src, group=self.group)
+        return out
+
+    def scatter(self, objs: "list | None"):
+        """objs[r] (given on rank 0) to rank r."""
+        if self.world_size == 1:
+            return objs[0]
+        box = [None]
+        self.dist.scatter_object_list(box, objs if self.rank == 0 else None, src=self.src, group=self.group)
         return box[0]
 
 
@@ -176,10 +206,21 @@ class Trainer:
         self.shm_mode = shm_mode
         self.timeout = timeout
         self._host_seg: "ShmSegment | None" = None
-        # Plan reuse: (fingerprint, wire dtypes) of the manifest this trainer last began a sync with (rank 0),
-        # and (fingerprint, {tensor: manifest index}) as last broadcast (every rank).
+        # Kept between pushes (see the module docstring). Every rank: its last walk (_Prepared), the generation
+        # rank 0 has of it, its layout (per manifest entry of its walk: manifest index or -1, wire dtype code or
+        # 0 for the source dtype) and its epoch, the stream plan. Rank 0: each rank's entries, the manifest
+        # built from them, (fingerprint, wire dtypes) of the last BeginSync, the layouts it sent.
+        self._token = secrets.token_hex(4)   # tells this trainer's generations from another's
+        self._gens = itertools.count(1)
+        self._walk = P.ModuleWalk()
+        self._prep: "_Prepared | None" = None
+        self._sent_gen = None
+        self._layout, self._epoch = None, None
+        self._plan: "_Plan | None" = None
+        self._ranks: list = [None] * self.world_size
+        self._man: "_Manifest | None" = None
         self._kept: "tuple | None" = None
-        self._index: "tuple | None" = None
+        self._layouts, self._next_epoch = None, 0
 
     # ---- public ----
 
@@ -190,49 +231,42 @@ class Trainer:
         (e.g. to let the engines start applying; an exception aborts the sync).
         """
         t0 = time.perf_counter()
+        stats = RankStats(rank=self.rank)
         with torch.no_grad():
             try:
-                held, entries, dropped = self._prepare(src, hf_model)
-                err = None
+                old = self._prep
+                prep, err = self._prepare(src, hf_model), None
+                stats.reused = prep is old
             except Exception as e:  # reported collectively below
-                held, entries, dropped, err = [], [], [], f"rank {self.rank}: {e}"
-        t_prep = time.perf_counter() - t0
-        gathered = self.comm.all_gather((entries, dropped, err))
-        errors = [g[2] for g in gathered if g[2]]
-        if errors:
-            raise WeightSyncError(f"push of version {version} failed while preparing:\n" + "\n".join(errors))
-        drop = set().union(*[set(g[1]) for g in gathered])
-        held = [(p, w) for p, w in held if p.name not in drop]
-
-        begin = None
-        if self.rank == 0:
-            resp = None
-            try:
-                req = self._manifest(gathered, drop, version)
-                resp, wires = self._begin(req)
-                fp = req.manifest_fingerprint
-                index = None
-                if self._index is None or self._index[0] != fp:  # the ranks' index is stale: send it
-                    index = {t.name: i for i, t in enumerate(req.tensors)}
-                begin = (resp.sync_id, resp.engines, resp.copy_ops, resp.bytes_planned, wires, fp, index, None)
-            except grpc.RpcError as e:
-                begin = (0, 0, 0, 0, {}, "", None,
-                         str(rpc_error(e, f"BeginSync of {self.model} version {version}")))
-            except Exception as e:
-                if resp is not None:
-                    self._abort(resp.sync_id, f"rank 0: {e}")
-                begin = (0, 0, 0, 0, {}, "", None, f"BeginSync of {self.model} version {version}: {e}")
-        sync_id, engines, copy_ops, bytes_planned, wires, fp, index, err = self.comm.broadcast(begin)
-        if err:
-            raise WeightSyncError(err)
-        if index is not None:
-            self._index = (fp, index)
-        held = [(p, wires.get(p.name, d)) for p, d in held]
+                prep, err = None, f"rank {self.rank}: {e}"
+        t1 = time.perf_counter()
+        stats.seconds_prepare = t1 - t0
+        for attempt in range(2):
+            # Entries only when rank 0 does not have this generation (this walk is new, or rank 0 asked again).
+            # (A per-rank daemon address or node would be gathered here too.)
+            send = (err, None, None, self._epoch) if prep is None else \
+                (None, prep.gen, None if prep.gen == self._sent_gen else (prep.entries, prep.dropped), self._epoch)
+            got = self.comm.gather(send)
+            if prep is not None:
+                self._sent_gen = prep.gen
+            begin = self._begin_rank0(got, version) if self.rank == 0 else None
+            sync_id, engines, copy_ops, bytes_planned, epoch, err0, resend = self.comm.broadcast(begin)
+            if not resend:
+                break
+            self._sent_gen = None  # rank 0 lacks a rank's entries (a trainer recreated there): send them all
+        if err0:
+            raise WeightSyncError(err0)
+        if epoch is not None:  # some rank's layout is not this epoch's: rank 0 sends every rank its own
+            self._layout = self.comm.scatter(self._layouts if self.rank == 0 else None)
+            self._epoch = epoch
+        t2 = time.perf_counter()
+        stats.seconds_begin = t2 - t1
 
         with torch.no_grad():
-            stats = RankStats(rank=self.rank, seconds_prepare=t_prep)
             try:
-                self._stream(sync_id, held, stats, self._index[1])
+                plan = self._stream_plan(prep)
+                stats.seconds_plan = time.perf_counter() - t2
+                self._stream(sync_id, plan, stats)
                 err = None
             except Exception as e:
                 err = f"rank {self.rank}: {e}"
@@ -268,6 +302,47 @@ class Trainer:
         return SyncResult(version, sync_id, engines, copy_ops, bytes_planned, committed,
                           [RankStats(**o[0]) for o in outcomes], time.perf_counter() - t0)
 
+    def _begin_rank0(self, got: list, version: int) -> tuple:
+        """Rank 0: (sync id, engines, copy ops, bytes planned, layout epoch, error, resend?) for the broadcast."""
+        fail = lambda msg: (0, 0, 0, 0, None, msg, False)  # noqa: E731
+        errors, missing = [], []
+        for r, (e, gen, payload, _) in enumerate(got):
+            if e:
+                errors.append(e)
+            elif payload is not None:
+                self._ranks[r] = (gen, payload[0], payload[1])
+            elif self._ranks[r] is None or self._ranks[r][0] != gen:
+                missing.append(r)
+        if errors:
+            return fail(f"push of version {version} failed while preparing:\n" + "\n".join(errors))
+        if missing:
+            return (0, 0, 0, 0, None, None, True)
+        resp = None
+        try:
+            gens = tuple(x[0] for x in self._ranks)
+            if self._man is None or self._man.gens != gens:
+                self._man = None
+                self._man = self._manifest([(x[1], x[2]) for x in self._ranks], gens)
+            req = self._man.req
+            req.version = version
+            resp, wires = self._begin(req)
+            if self._man.wires is not wires:  # a new manifest or new dtypes: every rank's layout again
+                codes = [TO_WIRE[wires[t.name]] if t.name in wires else 0 for t in req.tensors]
+                layouts = [[(i, codes[i] if i >= 0 else 0) for i in idx] for idx in self._man.index]
+                self._man.wires = wires
+                if layouts != self._layouts:
+                    self._layouts = layouts
+                    self._next_epoch += 1
+            scatter = any(g[3] != self._next_epoch for g in got)
+            return (resp.sync_id, resp.engines, resp.copy_ops, resp.bytes_planned,
+                    self._next_epoch if scatter else None, None, False)
+        except grpc.RpcError as e:
+            return fail(str(rpc_error(e, f"BeginSync of {self.model} version {version}")))
+        except Exception as e:
+            if resp is not None:
+                self._abort(resp.sync_id, f"rank 0: {e}")
+            return fail(f"BeginSync of {self.model} version {version}: {e}")
+
     def _begin(self, req: pb.BeginSyncRequest):
         """(BeginSyncResponse, wire dtypes). After the first sync of a manifest only its fingerprint is sent
         (the daemon reuses the manifest, and its validated plan while the engines are unchanged); the full
@@ -299,6 +374,7 @@ class Trainer:
             pass  # already aborted by the daemon (a failed stream) or gone
 
     def close(self) -> None:
+        self._plan = None
         if self._host_seg is not None:
             self._host_seg.close()
             self._host_seg = None
@@ -311,17 +387,23 @@ class Trainer:
 
     # ---- preparation: pieces, names, dtypes, manifest ----
 
-    def _prepare(self, src, hf_model):
-        items, found = P.collect(src)
+    def _prepare(self, src, hf_model) -> "_Prepared":
+        """This rank's walk: the previous push's when every tensor is as it was (see _item_key), else new."""
+        items, found = P.collect(src, self._walk)
         hf_model = hf_model if hf_model is not None else found
+        prev = self._prep
+        if prev is not None and prev.hf is hf_model and len(prev.key) == len(items) and \
+                all(_item_key(n, v) == k for (n, v), k in zip(items, prev.key)):
+            return prev  # (checked without keeping new objects: see ModuleWalk)
+        key = [_item_key(name, value) for name, value in items]
         mapper = NameMapper(hf_model, self.name_hook, self.exclude, self.skip_lora_adapters, self.hf_conversions)
         held, entries, dropped, seen, names = [], [], [], {}, {}
         for name, value in items:
             piece = P.piece_of(name, value)
-            key = P.alias_key(piece)
-            alias_of = seen.get(key) if key is not None else None
-            if key is not None and alias_of is None:
-                seen[key] = name
+            akey = P.alias_key(piece)
+            alias_of = seen.get(akey) if akey is not None else None
+            if akey is not None and alias_of is None:
+                seen[akey] = name
             for q in mapper.map(piece):
                 if q.name in names and not (isinstance(value, P.Piece) and names[q.name] == name):
                     raise WeightSyncError(f"tensors {names[q.name]} and {name} both map to {q.name}")
@@ -331,20 +413,25 @@ class Trainer:
                     continue
                 src_dtype = q.local.dtype if q.local is not None else getattr(value, "dtype", torch.float32)
                 dtype = self.policy.source_dtype(q.name, src_dtype)
-                entries.append((q.name, tuple(q.shape), to_wire(dtype, q.name), q.box()))
                 if q.held:
-                    held.append((q, dtype))  # the wire dtype once BeginSync has chosen
-        return held, entries, dropped
+                    held.append((q, dtype, len(entries)))  # the wire dtype once BeginSync has chosen
+                entries.append((q.name, tuple(q.shape), to_wire(dtype, q.name), q.box()))
+        # The items stay referenced (key holds their ids): no id is reused while the walk is kept.
+        self._prep = _Prepared(key, items, hf_model, held, entries, dropped, (self._token, next(self._gens)))
+        return self._prep
 
-    def _manifest(self, gathered, drop, version) -> pb.BeginSyncRequest:
+    def _manifest(self, ranks: list, gens=None) -> "_Manifest":
+        """The manifest from every rank's (entries, dropped), in rank order; each rank's manifest index per entry
+        (-1: dropped, a tied tensor sent under another name)."""
+        drop = set().union(*[set(d) for _, d in ranks])
         order, meta, errors = [], {}, []
-        for r, (entries, _, _) in enumerate(gathered):
+        for r, (entries, _) in enumerate(ranks):
             for name, shape, dtype, box in entries:
                 if name in drop:
                     continue
                 m = meta.get(name)
                 if m is None:
-                    m = meta[name] = (shape, dtype, [], r)
+                    m = meta[name] = [shape, dtype, [], r, len(order)]
                     order.append(name)
                 elif (m[0], m[1]) != (shape, dtype):
                     errors.append(f"tensor {name}: rank {m[3]} has shape {list(m[0])} {pb.DType.Name(m[1])}, "
@@ -355,30 +442,31 @@ class Trainer:
             raise WeightSyncError("ranks disagree about tensors:\n" + "\n".join(errors[:50]))
         req = pb.BeginSyncRequest(model=self.model, world_size=self.world_size, negotiate_dtypes=True)
         for name in order:
-            shape, dtype, shards, _ = meta[name]
+            shape, dtype, shards, _, _ = meta[name]
             req.tensors.append(pb.SourceTensor(name=name, shape=list(shape), dtype=dtype, shards=shards))
         # The fingerprint covers everything but the version.
         req.manifest_fingerprint = hashlib.blake2b(req.SerializeToString(deterministic=True),
                                                    digest_size=16).hexdigest()
-        req.version = version
-        return req
+        index = [[-1 if name in drop else meta[name][4] for name, _, _, _ in entries] for entries, _ in ranks]
+        return _Manifest(gens, req, index)
 
     # ---- streaming ----
 
     def _groups(self, held) -> list:
-        """[(layer name, [(piece, wire dtype)])]: one message per layer, split to fit max_inflight_bytes."""
+        """[(layer name, [(piece, wire dtype, manifest index)])]: one message per layer, split to fit
+        max_inflight_bytes."""
         by_layer: dict = {}
-        for p, wire in held:
-            by_layer.setdefault(self.layer_of(p.name), []).append((p, wire))
+        for item in held:
+            by_layer.setdefault(self.layer_of(item[0].name), []).append(item)
         out = []
         for layer, items in by_layer.items():
             parts, cur, size = [], [], 0
-            for p, wire in items:
-                n = _span(p, wire)
+            for item in items:
+                n = _span(item[0], item[1])
                 if cur and size + n > self.max_inflight_bytes:
                     parts.append(cur)
                     cur, size = [], 0
-                cur.append((p, wire))
+                cur.append(item)
                 size += n
             parts.append(cur)
             out += [(layer if len(parts) == 1 else f"{layer}#{i}", part) for i, part in enumerate(parts)]
@@ -416,39 +504,100 @@ class Trainer:
         """Returns freed CUDA staging buffers to the driver, for a colocated engine to use."""
         torch.cuda.empty_cache()
 
-    def _stream(self, sync_id: int, held, stats: RankStats, manifest_index: dict) -> None:
-        t0 = time.perf_counter()
+    def _stream_plan(self, prep: "_Prepared") -> "_Plan":
+        """This rank's messages for its walk and layout: the previous push's while both are unchanged."""
+        key = (prep.gen, self._epoch)
+        p = self._plan
+        if p is not None and p.key == key and (p.seg is None or p.seg is self._host_seg):
+            return p
+        held = []
+        for q, dtype, pos in prep.held:
+            i, code = self._layout[pos]
+            if i >= 0:
+                held.append((q, FROM_WIRE[code] if code else dtype, i))
+        self._plan = None
+        self._plan = self._plan_for(held, key)
+        return self._plan
+
+    def _plan_for(self, held, key=None) -> "_Plan":
+        """The plan of [(piece, wire dtype, manifest index or None: sent by name)]. Each message reserves one
+        contiguous span per staging place it uses. When each place's staged bytes fit its ring at once (the
+        usual case) the plan is static: every shard has a fixed offset, host copies and messages are made once;
+        else spans come from a ring reused as layers are acknowledged (bounded by max_inflight_bytes, never
+        below the largest message's span)."""
         index = ShmIndex()
-        groups = self._groups(held)
-        # Each message reserves one contiguous span per staging ring it uses. Ring sizes: bounded by
-        # max_inflight_bytes, never below the largest message's span (a message of a single shard can be larger).
-        plans, need, biggest = [], {}, {}
-        for layer, items in groups:
-            spans: dict = {}
-            for p, wire in items:
+        msgs, need, biggest = [], {}, {}
+        for layer, items in self._groups(held):
+            m = _Msg(layer)
+            for p, wire, i in items:
+                t = p.local
+                if t.device.type not in ("cpu", "cuda"):
+                    raise WeightSyncError(f"tensor {p.name} (rank {self.rank}): tensors on {t.device} cannot be "
+                                          "sent (CPU or CUDA)")
+                nbytes = t.numel() * wire.itemsize
+                it = _Item(p, wire, i, nbytes)
                 if self._needs_staging(p, wire, index):
-                    where = self._staging_place(p.local)
-                    spans[where] = spans.get(where, 0) + _span(p, wire)
-            for where, n in spans.items():
+                    it.place = self._staging_place(t)
+                    it.off = m.spans.get(it.place, 0)
+                    m.spans[it.place] = it.off + _span(p, wire)
+                    m.staged += nbytes
+                else:
+                    if t.device.type == "cpu":
+                        loc = index.locate_tensor(t)
+                        it.ref = pb.MemoryRef(host_shm=pb.HostShmRef(name=loc.name, offset=loc.offset, length=nbytes))
+                    m.zero_copy += nbytes
+                m.items.append(it)
+                m.nbytes += _span(p, wire)
+            for where, n in m.spans.items():
                 need[where] = need.get(where, 0) + n
                 biggest[where] = max(biggest.get(where, 0), n)
-            plans.append((layer, items, spans))
-        rings = {}
+            msgs.append(m)
+        caps = {w: max(min(total, align_up(self.max_inflight_bytes)), biggest[w]) for w, total in need.items()}
+        plan = _Plan(key, msgs, need, caps, all(caps[w] >= need[w] for w in need))
+        plan.cuda = sorted({it.piece.local.device for m in msgs for it in m.items
+                            if it.piece.local.device.type == "cuda"}, key=str)
+        if plan.static:
+            at: dict = {}
+            for m in msgs:
+                for where, n in m.spans.items():
+                    m.base[where] = at.get(where, 0)
+                    at[where] = m.base[where] + n
+            if "host" in need:
+                plan.seg = self._host_ring(need["host"])[0]
+            for m in msgs:
+                for it in m.items:
+                    if it.place == "host":
+                        off = m.base["host"] + it.off
+                        m.copies.append((plan.seg.view(off, it.nbytes, it.wire, tuple(it.piece.local.shape)),
+                                         it.piece.local))
+                        it.ref = pb.MemoryRef(host_shm=pb.HostShmRef(name=plan.seg.path, offset=off, length=it.nbytes))
+                if all(it.ref is not None for it in m.items):  # host only: the message is made once
+                    m.template = _layer_message(0, self.rank, m.layer,
+                                                [(it.piece.name, it.index, it.ref) for it in m.items])
+        return plan
+
+    def _stream(self, sync_id: int, plan: "_Plan", stats: RankStats) -> None:
+        t0 = time.perf_counter()
+        bufs, rings = {}, {}
         try:
-            for where, total in need.items():
-                cap = max(min(total, align_up(self.max_inflight_bytes)), biggest[where])
-                rings[where] = self._host_ring(cap) if where == "host" else self._cuda_ring(where, cap)
-            self._stream_messages(sync_id, plans, index, rings, stats, manifest_index)
+            for where, total in plan.need.items():
+                if plan.static:
+                    bufs[where] = plan.seg if where == "host" else self._cuda_ring(where, total)[0]
+                else:
+                    bufs[where], rings[where] = (self._host_ring(plan.caps[where]) if where == "host"
+                                                 else self._cuda_ring(where, plan.caps[where]))
+            self._stream_messages(sync_id, plan, bufs, rings, stats)
         finally:
-            rings.clear()  # the last references to this push's CUDA staging buffers
+            bufs.clear()  # the last references to this push's CUDA staging buffers
+            rings.clear()
             stats.seconds_stream = time.perf_counter() - t0
         # Every layer was acknowledged: the daemon reads none of it any more. (After a failure the daemon may
         # still be copying from a cancelled stream; the buffer then stays in torch's cache until a later push.)
-        if any(w != "host" for w in need):
+        if any(w != "host" for w in plan.need):
             self._release_cuda()
 
-    def _stream_messages(self, sync_id: int, plans, index, rings, stats: RankStats, manifest_index: dict) -> None:
-        for dev in {p.local.device for _, items, _ in plans for p, _ in items if p.local.device.type == "cuda"}:
+    def _stream_messages(self, sync_id: int, plan: "_Plan", bufs: dict, rings: dict, stats: RankStats) -> None:
+        for dev in plan.cuda:
             torch.cuda.synchronize(dev)  # pending writes (optimizer step) land before the daemon reads
 
         requests: "queue.Queue" = queue.Queue()
@@ -461,12 +610,13 @@ class Trainer:
                 yield item
 
         call = self.daemon.stub.Push(gen(), timeout=self.timeout)
-        inflight: list = []   # (layer, aligned bytes, ticket, keepalive)
+        inflight: list = []   # (layer, aligned bytes, ticket)
         inflight_bytes = 0
+        exporter = IpcExporter()  # CUDA allocations exported once for this push
 
         def wait_one():
             nonlocal inflight_bytes
-            layer, nbytes, ticket, _ = inflight[0]
+            layer, nbytes, ticket = inflight[0]
             try:
                 ack = next(call)
             except StopIteration:
@@ -477,49 +627,41 @@ class Trainer:
                 raise WeightSyncError(f"Push: expected the ack of layer {layer}, got {ack.layer}")
             inflight.pop(0)
             inflight_bytes -= nbytes
-            for _, ring in rings.values():
+            for ring in rings.values():
                 ring.release_through(ticket)
             stats.bytes_written += ack.bytes_written
             stats.daemon_seconds += ack.seconds
 
         try:
-            for ticket, (layer, items, spans) in enumerate(plans):
-                nbytes = sum(_span(p, w) for p, w in items)  # in-flight bytes count as the rings hold them
-                while inflight and inflight_bytes + nbytes > self.max_inflight_bytes:
+            for ticket, m in enumerate(plan.msgs):
+                while inflight and inflight_bytes + m.nbytes > self.max_inflight_bytes:
                     wait_one()
-                cursor = {}
-                for where, n in spans.items():
-                    ring = rings[where][1]
-                    while True:
-                        off = ring.alloc(n, ticket)
-                        if off is not None:
-                            break
-                        if not inflight:  # rings are sized for the largest message: a broken invariant
-                            raise WeightSyncError(f"layer {layer}: {n} staged bytes do not fit the {where} staging "
-                                                  f"ring ({ring.capacity} bytes, {ring.used} held)")
-                        wait_one()
-                    cursor[where] = off
-                keep, synced, refs = [], set(), []
-                for p, wire in items:
-                    ref, staged, dev = self._export(p, wire, index, rings, cursor)
-                    if staged:
-                        stats.staged_bytes += ref_length(ref)
-                        if dev is not None:
-                            synced.add(dev)
-                    else:
-                        stats.zero_copy_bytes += ref_length(ref)
-                    keep.append(p.local)
-                    refs.append((p.name, ref))
-                msg = _layer_message(sync_id, self.rank, layer, refs, manifest_index)
-                for dev in synced:
-                    self._sync_staged(dev)
+                base = m.base
+                if not plan.static:
+                    base = {}
+                    for where, n in m.spans.items():
+                        ring = rings[where]
+                        while True:
+                            off = ring.alloc(n, ticket)
+                            if off is not None:
+                                break
+                            if not inflight:  # rings are sized for the largest message: a broken invariant
+                                raise WeightSyncError(f"layer {m.layer}: {n} staged bytes do not fit the {where} "
+                                                      f"staging ring ({ring.capacity} bytes, {ring.used} held)")
+                            wait_one()
+                        base[where] = off
+                ts = time.perf_counter()
+                msg = self._export(m, base, bufs, exporter, sync_id)
+                stats.seconds_stage += time.perf_counter() - ts
                 requests.put(msg)
-                inflight.append((layer, nbytes, ticket, keep))
-                inflight_bytes += nbytes
+                inflight.append((m.layer, m.nbytes, ticket))
+                inflight_bytes += m.nbytes
                 stats.peak_inflight_bytes = max(stats.peak_inflight_bytes, inflight_bytes)
                 stats.messages += 1
-                stats.tensors += len(items)
-                stats.bytes += sum(p.local.numel() * w.itemsize for p, w in items)
+                stats.tensors += len(m.items)
+                stats.bytes += m.staged + m.zero_copy
+                stats.staged_bytes += m.staged
+                stats.zero_copy_bytes += m.zero_copy
             while inflight:
                 wait_one()
             requests.put(None)
@@ -533,35 +675,117 @@ class Trainer:
             requests.put(None)
             raise
 
-    def _export(self, p, wire, index, rings, cursor):
-        """(MemoryRef, staged?, cuda device to sync or None) for one held piece; a staged piece is copied at
-        cursor[place] in its ring (the message's reserved span), which then advances."""
-        t = p.local
-        what = f"tensor {p.name} (rank {self.rank})"
-        if t.device.type not in ("cpu", "cuda"):
-            raise WeightSyncError(f"{what}: tensors on {t.device} cannot be sent (CPU or CUDA)")
-        if not self._needs_staging(p, wire, index):
-            if t.device.type == "cpu":
-                loc = index.locate_tensor(t)
-                return pb.MemoryRef(host_shm=pb.HostShmRef(name=loc.name, offset=loc.offset,
-                                                          length=t.numel() * t.element_size())), False, None
-            ipc = export_tensor(t, what)
-            return pb.MemoryRef(cuda_ipc=pb.CudaIpcRef(handle=ipc.handle, device_uuid=ipc.device_uuid,
-                                                       offset=ipc.offset, length=ipc.length)), False, None
-        where = self._staging_place(t)
-        buf = rings[where][0]
-        nbytes = t.numel() * wire.itemsize
-        off = cursor[where]
-        cursor[where] = off + _span(p, wire)
-        if where == "host":
-            dst = buf.view(off, nbytes, wire, tuple(t.shape))
-            dst.copy_(t)
-            return pb.MemoryRef(host_shm=pb.HostShmRef(name=buf.path, offset=off, length=nbytes)), True, None
-        dst = buf[off:off + nbytes].view(wire).view(tuple(t.shape))
-        dst.copy_(t)
-        ipc = export_tensor(dst, what)
-        return pb.MemoryRef(cuda_ipc=pb.CudaIpcRef(handle=ipc.handle, device_uuid=ipc.device_uuid,
-                                                   offset=ipc.offset, length=ipc.length)), True, where
+    def _export(self, m: "_Msg", base: dict, bufs: dict, exporter: IpcExporter, sync_id: int) -> pb.LayerData:
+        """One message's LayerData, its staged shards copied at base[place] + their offset in the message's span."""
+        if m.template is not None:  # static and host only: fixed offsets, the message made once
+            for dst, src in m.copies:
+                dst.copy_(src)
+            m.template.sync_id = sync_id
+            return m.template
+        refs, synced = [], set()
+        for it in m.items:
+            t = it.piece.local
+            what = f"tensor {it.piece.name} (rank {self.rank})"
+            ref = it.ref
+            if it.place is None:
+                if ref is None:
+                    ref = _cuda_ref(exporter.export(t, what))
+            elif it.place == "host":
+                if ref is None:  # a ring's span (static plans copy in m.copies)
+                    off = base["host"] + it.off
+                    bufs["host"].view(off, it.nbytes, it.wire, tuple(t.shape)).copy_(t)
+                    ref = pb.MemoryRef(host_shm=pb.HostShmRef(name=bufs["host"].path, offset=off, length=it.nbytes))
+            else:
+                off = base[it.place] + it.off
+                dst = bufs[it.place][off:off + it.nbytes].view(it.wire).view(tuple(t.shape))
+                dst.copy_(t)
+                ref = _cuda_ref(exporter.export(dst, what))
+                synced.add(it.place)
+            refs.append((it.piece.name, it.index, ref))
+        for dst, src in m.copies:
+            dst.copy_(src)
+        msg = _layer_message(sync_id, self.rank, m.layer, refs)
+        for dev in synced:
+            self._sync_staged(dev)
+        return msg
+
+
+@dataclass(eq=False)
+class _Prepared:
+    """One walk of a rank: kept while its key (_item_key of every tensor) matches the next walk's."""
+    key: list
+    items: list           # the walked (name, value) pairs, referenced so that the ids in key stay theirs
+    hf: object            # the transformers model the names were mapped with (or None)
+    held: list            # [(piece, source dtype, position in entries)] of the shards this rank holds
+    entries: list         # [(name, shape, dtype code, box or None)] this rank's manifest entries
+    dropped: list         # names tied to an earlier tensor (sent under that one)
+    gen: tuple            # (trainer token, counter): what rank 0 knows this walk by
+
+
+@dataclass(eq=False)
+class _Manifest:
+    """Rank 0: the manifest built from the ranks' walks of generations `gens`."""
+    gens: "tuple | None"
+    req: pb.BeginSyncRequest
+    index: list           # per rank, per entry: manifest index or -1
+    wires: "dict | None" = None  # the wire dtypes the layouts were made from
+
+
+@dataclass(eq=False)
+class _Item:
+    piece: P.Piece
+    wire: torch.dtype
+    index: "int | None"   # in the manifest (None: sent by name)
+    nbytes: int
+    place: "str | torch.device | None" = None  # staging place, None when read in place
+    off: int = 0          # offset in the message's span of that place
+    ref: "pb.MemoryRef | None" = None  # fixed reference: host shm in place, or (static plans) host staging
+
+
+@dataclass(eq=False)
+class _Msg:
+    layer: str
+    items: list = field(default_factory=list)
+    spans: dict = field(default_factory=dict)   # place -> staged bytes (aligned)
+    nbytes: int = 0       # in-flight bytes (aligned)
+    staged: int = 0
+    zero_copy: int = 0
+    base: dict = field(default_factory=dict)    # static plans: place -> offset of this message's span
+    copies: list = field(default_factory=list)  # static plans: (host staging view, source) pairs
+    template: "pb.LayerData | None" = None      # static plans, host only: the message itself
+
+
+@dataclass(eq=False)
+class _Plan:
+    key: "tuple | None"
+    msgs: list
+    need: dict            # place -> staged bytes of the whole push
+    caps: dict            # place -> ring capacity
+    static: bool
+    seg: "ShmSegment | None" = None  # static plans' host staging segment
+    cuda: list = field(default_factory=list)     # CUDA devices read
+
+
+def _item_key(name: str, value):
+    """What the trainer derives from one walked tensor depends on (and only on): its identity, storage (the
+    address: host and device pointers do not collide), dtype, shape and strides, and for a DTensor its spec
+    (placements, mesh, global shape) and local tensor."""
+    if isinstance(value, torch.Tensor):
+        local = getattr(value, "_local_tensor", None)
+        if local is not None:  # DTensor
+            return (name, id(value), id(value._spec), value.dtype, id(local), local.data_ptr(), local.dtype,
+                    local.shape, local.stride())
+        return (name, id(value), value.data_ptr(), value.dtype, value.shape, value.stride())
+    if isinstance(value, P.Piece):  # FSDP1 views (made anew each walk) and user pieces
+        t = value.local
+        return (name, value.name, value.shape, value.dim, value.start, value.length, value.dtype,
+                None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.device))
+    return (name, id(value))
+
+
+def _cuda_ref(ipc) -> pb.MemoryRef:
+    return pb.MemoryRef(cuda_ipc=pb.CudaIpcRef(handle=ipc.handle, device_uuid=ipc.device_uuid,
+                                               offset=ipc.offset, length=ipc.length))
 
 
 def _object_key(ref: pb.MemoryRef):
@@ -570,24 +794,23 @@ def _object_key(ref: pb.MemoryRef):
     return ("cuda", ref.cuda_ipc.handle, ref.cuda_ipc.device_uuid)
 
 
-def _layer_message(sync_id: int, rank: int, layer: str, refs, manifest_index: dict) -> pb.LayerData:
-    """One layer's LayerData: the shards in the memory object most of them share by manifest index and offset
-    (no names), the others by name with their own reference."""
+def _layer_message(sync_id: int, rank: int, layer: str, refs) -> pb.LayerData:
+    """One layer's LayerData from [(tensor, manifest index or None, MemoryRef)]: the shards in the memory object
+    most of them share by manifest index and offset (no names), the others by name with their own reference."""
     msg = pb.LayerData(sync_id=sync_id, rank=rank, layer=layer)
     counts: dict = {}
-    for _, ref in refs:
+    for _, _, ref in refs:
         k = _object_key(ref)
         counts[k] = counts.get(k, 0) + 1
     main = max(counts, key=counts.get) if counts else None
-    for name, ref in refs:
-        i = manifest_index.get(name)
+    for name, i, ref in refs:
         if i is None or _object_key(ref) != main:
             msg.shards.append(pb.ShardData(tensor=name, memory=ref))
             continue
         if not msg.HasField("memory"):
             msg.memory.CopyFrom(ref)
-            field = msg.memory.host_shm if ref.HasField("host_shm") else msg.memory.cuda_ipc
-            field.offset, field.length = 0, 0
+            field_ = msg.memory.host_shm if ref.HasField("host_shm") else msg.memory.cuda_ipc
+            field_.offset, field_.length = 0, 0
         msg.tensor_index.append(i)
         msg.offset.append(ref.host_shm.offset if ref.HasField("host_shm") else ref.cuda_ipc.offset)
     return msg
@@ -621,10 +844,6 @@ def _wire_dtypes(req: pb.BeginSyncRequest, resp: pb.BeginSyncResponse) -> dict:
                 f"{pb.DType.Name(t.dtype)} and destinations {[pb.DType.Name(x) for x in d.destinations]}")
         out[t.name] = wire
     return out
-
-
-def ref_length(ref: pb.MemoryRef) -> int:
-    return ref.host_shm.length if ref.HasField("host_shm") else ref.cuda_ipc.length
 
 
 def _stats_dict(s: pb.SyncStats) -> dict:
