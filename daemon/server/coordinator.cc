@@ -860,25 +860,27 @@ Result<SyncStats> Coordinator::Commit(const Peer& caller, uint64_t sync_id) {
     return FailedPrecondition(missing);
   }
   // Other nodes commit their engines meanwhile; each returns once all its
-  // engines acknowledged.
+  // engines acknowledged and its trainer ranks' shards all arrived. A node
+  // that fails aborts the sync at once (this node stops waiting for acks).
   std::vector<std::pair<std::string, std::future<Status>>> remote;
   for (const std::string& node : sync->RemoteNodes())
-    remote.emplace_back(node, std::async(std::launch::async, [this, node, id = sync->id()] {
-                          return opts_.cluster->Commit(node, id);
+    remote.emplace_back(node, std::async(std::launch::async, [this, node, sync] {
+                          Status st = opts_.cluster->Commit(node, sync->id());
+                          if (!st.ok()) {
+                            MutexLock l(&mu_);
+                            AbortLocked(*sync, st.WithContext(sync->Name()).message());
+                          }
+                          return st;
                         }));
   Status local = ZeroFillLocked(lk, *sync);  // vocab padding rows
   if (local.ok()) local = AwaitAcksLocked(lk, *sync);
   if (!remote.empty()) {
-    std::vector<std::pair<std::string, Status>> got;
+    std::vector<Status> got;
     lk.Unlock();
-    for (auto& [node, f] : remote) got.emplace_back(node, f.get());
+    for (auto& [node, f] : remote) got.push_back(f.get());
     lk.Lock();
-    for (const auto& [node, st] : got) {
-      if (st.ok()) continue;
-      Status named = st.WithContext(sync->Name());
-      AbortLocked(*sync, named.message());
-      if (local.ok()) local = named;
-    }
+    for (const Status& st : got)
+      if (!st.ok()) return st.WithContext(sync->Name());  // the failing node's own reason
   }
   if (!local.ok()) return local;
   if (sync->terminal()) return AbortedError(*sync);

@@ -183,12 +183,14 @@ Status UcxTransport::Exchange(const std::vector<Op>& ops, std::chrono::milliseco
         rp.cb.send = &SendDone;
         r = ucp_tag_send_nbx(it->second.ep, op.ptr, op.bytes, op.tag, &rp);
       } else {
-        ucp_tag_recv_info_t info{};
-        rp.op_attr_mask |= UCP_OP_ATTR_FIELD_RECV_INFO;
-        rp.recv_info.tag_info = &info;
+        // Always through the callback, which reports the length: a receive
+        // that matched an eager message already here would otherwise complete
+        // at once, and UCX 1.13 leaves recv_info unset then (0 bytes).
+        rp.op_attr_mask |= UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
         rp.cb.recv = &RecvDone;
+        ++outstanding;  // RecvDone may run inside ucp_tag_recv_nbx already
         r = ucp_tag_recv_nbx(impl_->worker, op.ptr, op.bytes, op.tag, ~uint64_t{0}, &rp);
-        if (r == nullptr) slot.length = info.length;
+        --outstanding;
       }
       if (r == nullptr) {
         slot.done = true;
