@@ -180,6 +180,9 @@ class Trainer:
         # and (fingerprint, {tensor: manifest index}) as last broadcast (every rank).
         self._kept: "tuple | None" = None
         self._index: "tuple | None" = None
+        # Trainer ranks on several nodes: each rank's `daemon` is its own node's; the node of every
+        # rank's daemon (GetStatus node_name), gathered at the first push. [] = all on one daemon.
+        self._rank_nodes: "list | None" = None
 
     # ---- public ----
 
@@ -197,6 +200,8 @@ class Trainer:
             except Exception as e:  # reported collectively below
                 held, entries, dropped, err = [], [], [], f"rank {self.rank}: {e}"
         t_prep = time.perf_counter() - t0
+        if self._rank_nodes is None:
+            self._rank_nodes = self._placement()
         gathered = self.comm.all_gather((entries, dropped, err))
         errors = [g[2] for g in gathered if g[2]]
         if errors:
@@ -209,6 +214,7 @@ class Trainer:
             resp = None
             try:
                 req = self._manifest(gathered, drop, version)
+                req.rank_nodes.extend(self._rank_nodes)  # per sync, not part of the fingerprint
                 resp, wires = self._begin(req)
                 fp = req.manifest_fingerprint
                 index = None
@@ -268,6 +274,25 @@ class Trainer:
         return SyncResult(version, sync_id, engines, copy_ops, bytes_planned, committed,
                           [RankStats(**o[0]) for o in outcomes], time.perf_counter() - t0)
 
+    def _placement(self) -> list:
+        """Collective: the node name of every rank's daemon, for BeginSync.rank_nodes; [] when every rank
+        talks to the same node's daemon (rank 0's, the leader: today's protocol)."""
+        try:
+            node, err = self.daemon.stub.GetStatus(pb.StatusRequest(), timeout=self.timeout).node_name, None
+        except grpc.RpcError as e:
+            node, err = "", f"rank {self.rank}: {rpc_error(e, 'GetStatus of its daemon')}"
+        got = self.comm.all_gather((node, err))
+        errors = [g[1] for g in got if g[1]]
+        if errors:
+            raise WeightSyncError("finding each rank's node failed:\n" + "\n".join(errors))
+        names = [g[0] for g in got]
+        if len(set(names)) <= 1:
+            return []
+        if "" in names:
+            raise WeightSyncError(f"trainer ranks talk to daemons of several nodes ({sorted(set(names))}) but the "
+                                  f"daemon of rank {names.index('')} has no node name (weightsyncd --node-name)")
+        return names
+
     def _begin(self, req: pb.BeginSyncRequest):
         """(BeginSyncResponse, wire dtypes). After the first sync of a manifest only its fingerprint is sent
         (the daemon reuses the manifest, and its validated plan while the engines are unchanged); the full
@@ -277,7 +302,7 @@ class Trainer:
         if self._kept is not None and self._kept[0] == fp:
             lean = pb.BeginSyncRequest(model=req.model, version=req.version, world_size=req.world_size,
                                        negotiate_dtypes=req.negotiate_dtypes, manifest_fingerprint=fp,
-                                       reuse_manifest=True)
+                                       reuse_manifest=True, rank_nodes=req.rank_nodes)
             try:
                 resp = self.daemon.stub.BeginSync(lean, timeout=self.timeout)
             except grpc.RpcError as e:
