@@ -65,6 +65,9 @@ struct PushOptions {
   int64_t crash_after_layers = -1;
   std::string device = "host";  // host | cuda | cuda:N: where each rank's shard buffer lives
   bool processes = false;       // a process per rank (always with cuda)
+  // "RANK=ADDR": rank RANK talks to the daemon at ADDR instead of --daemon
+  // (trainer ranks on several nodes; rank 0's daemon leads the sync).
+  std::vector<std::string> rank_daemons;
 };
 
 int RunHealth(const GlobalOptions& g, const HealthOptions& o);

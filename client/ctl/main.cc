@@ -84,6 +84,9 @@ int main(int argc, char** argv) {
   push->add_option("--repeat", po.repeat, "consecutive syncs (versions V..V+N-1)")->check(CLI::Range(1, 1000000));
   push->add_option("--shard-dim", po.shard_dim, "split 2-D tensors along this dim")->check(CLI::Range(0, 1));
   push->add_flag("--json", po.json, "print per-sync stats as JSON lines");
+  push->add_option("--rank-daemon", po.rank_daemons,
+                   "RANK=ADDR: trainer rank RANK pushes to the daemon at ADDR (its node's) instead of --daemon; "
+                   "repeatable. Rank 0's daemon leads the sync; each daemon's node name comes from its status");
   push->add_option("--inject", po.inject, "corrupt the manifest/data for validation tests")
       ->check(CLI::IsMember({"unknown-tensor", "wrong-shape", "wrong-dtype", "overlap", "gap", "drop-tensor",
                              "oob-memref"}));

@@ -18,9 +18,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <thread>
 
@@ -59,7 +61,8 @@ struct Plan {
   std::vector<Layer> layers;
   std::vector<uint64_t> rank_bytes;  // size of each rank's buffer
   uint64_t trainer_bytes = 0;
-  pb::BeginSyncRequest begin;        // the manifest (version set per sync)
+  pb::BeginSyncRequest begin;        // the manifest (version set per sync), with rank_nodes
+  std::vector<std::string> rank_daemon;  // per rank: the address of the daemon it talks to
   std::vector<int64_t> manifest_index;  // per tensor: its position in begin.tensors (-1: not sent)
 };
 
@@ -85,6 +88,7 @@ Result<pb::BeginSyncResponse> Begin(WeightSyncClient& client, const pb::BeginSyn
     lean.set_negotiate_dtypes(full.negotiate_dtypes());
     lean.set_manifest_fingerprint(full.manifest_fingerprint());
     lean.set_reuse_manifest(true);
+    *lean.mutable_rank_nodes() = full.rank_nodes();
     auto r = client.BeginSync(lean);
     if (r.ok() || r.status().code() != Code::kNotFound) return r;
   }
@@ -380,7 +384,7 @@ int PushHost(const GlobalOptions& g, const PushOptions& o, const Plan& p) {
   // One connection per rank, made before the clock starts.
   std::vector<std::unique_ptr<WeightSyncClient>> clients;
   for (uint32_t r = 0; r < W; ++r) {
-    clients.push_back(std::make_unique<WeightSyncClient>(g.daemon, g.client));
+    clients.push_back(std::make_unique<WeightSyncClient>(p.rank_daemon[r], g.client));
     if (Status s = clients.back()->Connect(); !s.ok()) return Fail("rank " + std::to_string(r) + ": " + s.ToString());
   }
 
@@ -401,8 +405,12 @@ int PushHost(const GlobalOptions& g, const PushOptions& o, const Plan& p) {
     Failure failure;
     std::atomic<bool> aborted{false};
     auto abort_sync = [&](uint32_t r, const Status& s) {
-      if (failure.Set(r, s) && !aborted.exchange(true))
+      if (failure.Set(r, s) && !aborted.exchange(true)) {
         (void)clients[r]->Abort(sync_id, "trainer rank " + std::to_string(r) + ": " + s.ToString());
+        // The leader too (rank 0's daemon), should the rank's own daemon be the one lost.
+        if (p.rank_daemon[r] != p.rank_daemon[0])
+          (void)clients[0]->Abort(sync_id, "trainer rank " + std::to_string(r) + ": " + s.ToString());
+      }
     };
     std::vector<RankHooks> hooks(W);
     for (uint32_t r = 0; r < W; ++r) {
@@ -418,7 +426,8 @@ int PushHost(const GlobalOptions& g, const PushOptions& o, const Plan& p) {
     std::vector<std::thread> threads;
     for (uint32_t r = 0; r < W; ++r) {
       threads.emplace_back([&, r] {
-        if (Status s = PushRank(*clients[r], p, o, sync_id, r, ref, rep == 0, hooks[r]); !s.ok()) abort_sync(r, s);
+        if (Status s = PushRank(*clients[r], p, o, sync_id, r, ref, rep == 0, hooks[r]); !s.ok())
+          abort_sync(r, p.begin.rank_nodes_size() > 0 ? s.WithContext("node " + p.begin.rank_nodes(r)) : s);
       });
     }
     for (auto& t : threads) t.join();
@@ -521,7 +530,7 @@ int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const 
   }
   std::unique_ptr<WeightSyncClient> client;
   if (st.ok()) {
-    client = std::make_unique<WeightSyncClient>(g.daemon, g.client);
+    client = std::make_unique<WeightSyncClient>(p.rank_daemon[r], g.client);
     st = client->Connect();
   }
   if (!st.ok()) {
@@ -565,6 +574,7 @@ int RankMain(const GlobalOptions& g, const PushOptions& o, const Plan& p, const 
     hooks.stopped = [&] { return sh->push_failed != 0; };
     hooks.crash = [] { ::_exit(17); };
     if (Status s = PushRank(*client, p, o, sync_id, r, ref, rep == 0, hooks); !s.ok()) {
+      if (p.begin.rank_nodes_size() > 0) s = s.WithContext("node " + p.begin.rank_nodes(r));
       sh->push_failed = 1;
       if (RecordError(sh, r, where + " aborted: rank " + std::to_string(r) + ": " + s.ToString()))
         (void)client->Abort(sync_id, "trainer rank " + std::to_string(r) + ": " + s.ToString());
@@ -664,6 +674,39 @@ int PushProcesses(const GlobalOptions& g, const PushOptions& o, const Plan& p, c
 
 }  // namespace
 
+// --rank-daemon: each rank's daemon address, and (when not all are
+// --daemon) BeginSync's rank_nodes, each daemon's node name from its status.
+Status PlaceRanks(const GlobalOptions& g, const PushOptions& o, Plan* p) {
+  const uint32_t W = o.world_size;
+  p->rank_daemon.assign(W, g.daemon);
+  for (const std::string& spec : o.rank_daemons) {
+    const size_t eq = spec.find('=');
+    uint32_t r = 0;
+    const char* end = eq == std::string::npos ? nullptr : spec.data() + eq;
+    if (eq == std::string::npos || eq + 1 == spec.size() ||
+        std::from_chars(spec.data(), end, r).ptr != end || eq == 0)
+      return InvalidArgument("--rank-daemon " + spec + ": expected RANK=ADDR");
+    if (r >= W) return InvalidArgument("--rank-daemon " + spec + ": rank " + std::to_string(r) + " is not below --world-size " + std::to_string(W));
+    p->rank_daemon[r] = spec.substr(eq + 1);
+  }
+  bool spread = false;
+  for (const auto& a : p->rank_daemon) spread = spread || a != p->rank_daemon[0];
+  if (!spread) return Status::Ok();
+  std::map<std::string, std::string> node_of;  // address -> node name
+  for (const auto& a : p->rank_daemon) {
+    if (node_of.count(a)) continue;
+    WeightSyncClient c(a, g.client);
+    auto st = c.GetStatus();
+    if (!st.ok()) return st.status().WithContext("the daemon at " + a);
+    if (st->node_name().empty())
+      return FailedPrecondition("the daemon at " + a + " has no node name (--node-name): ranks on several nodes need one");
+    node_of[a] = st->node_name();
+  }
+  p->begin.clear_rank_nodes();
+  for (const auto& a : p->rank_daemon) p->begin.add_rank_nodes(node_of[a]);
+  return Status::Ok();
+}
+
 int RunPush(const GlobalOptions& g, const PushOptions& o) {
   auto dev = ParseDevice(o.device);
   if (!dev.ok()) return Fail(dev.status().message());
@@ -671,6 +714,7 @@ int RunPush(const GlobalOptions& g, const PushOptions& o) {
   if (!ckpt.ok()) return Fail(ckpt.status().ToString());
   auto plan = MakePlan(*ckpt, o);
   if (!plan.ok()) return Fail(plan.status().message());
+  if (Status st = PlaceRanks(g, o, &*plan); !st.ok()) return Fail(st.message());
   return dev->cuda || o.processes ? PushProcesses(g, o, *plan, *dev) : PushHost(g, o, *plan);
 }
 

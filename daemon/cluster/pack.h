@@ -1,5 +1,6 @@
 // Sender-side reshard across nodes: from a sync's plan (every engine of every
-// node) to what the source node sends each other node. For each destination
+// node) to what each source node (the node whose daemon the shard's trainer
+// rank pushes to) sends each other node. For each destination
 // node and each trainer shard, the distinct rectangles of that shard its
 // engines read, each already cast to the destination dtype (a segment), packed
 // back to back into chunks of at most `max_chunk_bytes`. A rectangle that two
@@ -41,6 +42,7 @@ struct PackSegment {
 // Segments of one shard, sent as one message.
 struct PackChunk {
   uint32_t tensor = 0, shard = 0;
+  std::string source;  // the node that packs and sends it (its shard's trainer rank pushes there)
   uint64_t bytes = 0;  // message size: segments plus alignment padding
   std::vector<PackSegment> segments;
 };
@@ -51,16 +53,23 @@ struct NodePack {
   uint64_t bytes = 0;          // sum of chunk bytes: what crosses the network to the node
   uint64_t payload_bytes = 0;  // sum of segment bytes (bytes minus padding)
   uint64_t scatter_bytes = 0;  // engine bytes the node writes from them (>= payload_bytes)
+  std::map<std::string, uint64_t> bytes_from;  // source node -> its chunks' bytes (sum = bytes)
 };
 
 struct PackPlan {
   std::map<std::string, NodePack> nodes;  // destination node -> its pack; only nodes with copies
 };
 
-// `engine_node[e]` is the node of plan engine e; copies into engines of
-// `self` are local and not packed. `dst_dtype(e, p)` is the dtype of engine
+// `engine_node[e]` is the node of plan engine e, `shard_node[i]` that of
+// flat shard i (SyncPlan::shard_base): a copy into an engine on its shard's
+// node is local and not packed. `param_dtypes[e][p]` is the dtype of engine
 // e's param p. `max_chunk_bytes` >= 1: a segment larger than it is split by
-// rows (a single row larger than it travels alone).
+// rows (a single row larger than it travels alone). A destination's chunks
+// are numbered across all its sources, so their tags never collide.
+PackPlan BuildPackPlan(const SyncPlan& plan, const std::vector<std::string>& engine_node,
+                       const std::vector<std::vector<DType>>& param_dtypes,
+                       const std::vector<std::string>& shard_node, uint64_t max_chunk_bytes);
+// Every shard on node `self` (all trainer ranks push to one daemon).
 PackPlan BuildPackPlan(const SyncPlan& plan, const std::vector<std::string>& engine_node,
                        const std::vector<std::vector<DType>>& param_dtypes, const std::string& self,
                        uint64_t max_chunk_bytes);

@@ -66,6 +66,9 @@ struct SourceManifest {
   // under `fingerprint` is used.
   std::string fingerprint;
   bool reuse_manifest = false;
+  // BeginSyncRequest.rank_nodes: the node each trainer rank pushes to (empty:
+  // all to the daemon that got BeginSync). Per sync, not part of a kept manifest.
+  std::vector<std::string> rank_nodes;
 };
 
 // ---- Engine side ----------------------------------------------------------

@@ -129,6 +129,8 @@ void ToProto(const RemoteStart& s, pb::PeerStartSyncRequest* out) {
   out->set_chunk_bytes(s.chunk_bytes);
   out->set_copy_ops(s.copy_ops);
   out->set_bytes_planned(s.bytes_planned);
+  for (const auto& n : s.rank_nodes) out->add_rank_nodes(n);
+  out->set_owner(s.owner);
 }
 
 Result<RemoteStart> FromProto(const pb::PeerStartSyncRequest& req, const Limits& limits) {
@@ -144,6 +146,15 @@ Result<RemoteStart> FromProto(const pb::PeerStartSyncRequest& req, const Limits&
   s.chunk_bytes = req.chunk_bytes();
   s.copy_ops = req.copy_ops();
   s.bytes_planned = req.bytes_planned();
+  if (req.rank_nodes_size() > 0 && static_cast<uint64_t>(req.rank_nodes_size()) != s.manifest.world_size)
+    return InvalidArgument("rank_nodes has " + std::to_string(req.rank_nodes_size()) + " entries for world_size " +
+                           std::to_string(s.manifest.world_size));
+  for (const auto& n : req.rank_nodes()) {
+    WS_RETURN_IF_ERROR(CheckName(n, "rank_nodes entry", limits));
+    s.rank_nodes.push_back(n);
+  }
+  WS_RETURN_IF_ERROR(CheckName(req.owner(), "owner", limits));
+  s.owner = req.owner();
   return s;
 }
 

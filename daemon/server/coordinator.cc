@@ -317,6 +317,10 @@ void Coordinator::FinishLocked(SyncSession& sync, bool committed, const std::str
   if (!committed && opts_.cluster != nullptr && sync.leader().empty()) {
     std::vector<std::string> nodes = sync.RemoteNodes();
     if (!nodes.empty()) opts_.cluster->AbortAsync(std::move(nodes), sync.id(), sync.error());
+  } else if (!committed && opts_.cluster != nullptr && !sync.abort_from_peer) {
+    // Failed here (a push of a rank of this node, a receive, the idle
+    // timeout): the leader aborts it on every node.
+    opts_.cluster->AbortAsync({sync.leader()}, sync.id(), sync.error());
   }
   if (committed) {
     ++syncs_committed_;
@@ -454,6 +458,32 @@ Result<std::shared_ptr<Engine>> Coordinator::RemoteEngineOf(const RemoteEngine& 
   return e;
 }
 
+Status Coordinator::CheckRankNodes(uint32_t world_size, std::vector<std::string>* rank_nodes) const {
+  if (rank_nodes->empty()) return Status::Ok();
+  if (rank_nodes->size() != world_size)
+    return InvalidArgument("rank_nodes names " + std::to_string(rank_nodes->size()) + " nodes for world_size " +
+                           std::to_string(world_size) + "; one per rank, or none");
+  const std::string self = opts_.cluster != nullptr ? opts_.cluster->self() : "";
+  std::set<std::string> up;
+  if (opts_.cluster != nullptr)
+    for (auto& n : opts_.cluster->UpPeers()) up.insert(std::move(n));
+  bool all_here = true;
+  for (size_t r = 0; r < rank_nodes->size(); ++r) {
+    std::string& n = (*rank_nodes)[r];
+    if (n.empty()) n = self;  // "" = this daemon
+    if (n == self) continue;
+    all_here = false;
+    if (opts_.cluster == nullptr)
+      return FailedPrecondition("trainer rank " + std::to_string(r) + " pushes to node " + n +
+                                ", but this daemon has no peers (--peer)");
+    if (!up.count(n))
+      return Unavailable("trainer rank " + std::to_string(r) + " pushes to node " + n + ", which is not an up peer of node " +
+                         self + " (see status)");
+  }
+  if (all_here) rank_nodes->clear();  // today's single-daemon trainer
+  return Status::Ok();
+}
+
 Result<std::vector<std::shared_ptr<Engine>>> Coordinator::RemoteEngines(const std::string& model) {
   std::vector<std::shared_ptr<Engine>> out;
   for (const std::string& node : opts_.cluster->UpPeers()) {
@@ -481,6 +511,8 @@ Status Coordinator::StartRemote(SyncSession& sync, const ReadyPlan& ready) {
   RemoteStart rs;
   rs.leader = self;
   rs.sync_id = sync.id();
+  rs.owner = sync.owner();
+  rs.rank_nodes = sync.rank_nodes();
   rs.manifest = sync.manifest();
   rs.manifest.version = sync.version();  // a reused manifest carries the version it was first sent with
   rs.manifest.fingerprint.clear();
@@ -498,7 +530,7 @@ Status Coordinator::StartRemote(SyncSession& sync, const ReadyPlan& ready) {
     dtypes.push_back(std::move(d));
     rs.engines.push_back(RemoteEngine{nodes[i], e.id, e.spec});
   }
-  sync.SetPack(cluster::BuildPackPlan(plan, nodes, dtypes, self, rs.chunk_bytes));
+  sync.SetPack(cluster::BuildPackPlan(plan, nodes, dtypes, sync.ShardNodes(plan), rs.chunk_bytes));
   std::vector<std::string> started;
   for (const std::string& node : sync.RemoteNodes()) {
     if (Status st = opts_.cluster->Start(node, rs); !st.ok()) {
@@ -561,6 +593,9 @@ Result<BeginSyncResult> Coordinator::BeginSync(const Peer& caller, SourceManifes
   if (manifest.reuse_manifest && !manifest.tensors.empty())
     return InvalidArgument("reuse_manifest is set, but the request carries " + std::to_string(manifest.tensors.size()) +
                            " tensors; send either the manifest or its fingerprint with reuse_manifest");
+  std::vector<std::string> rank_nodes = std::move(manifest.rank_nodes);
+  manifest.rank_nodes.clear();  // per sync: not part of the manifest kept for reuse
+  WS_RETURN_IF_ERROR(CheckRankNodes(manifest.world_size, &rank_nodes));
   const uint64_t version = manifest.version;
   const bool reuse = manifest.reuse_manifest, negotiate = manifest.negotiate_dtypes;
   const uint32_t world_size = manifest.world_size;
@@ -596,6 +631,10 @@ Result<BeginSyncResult> Coordinator::BeginSync(const Peer& caller, SourceManifes
       use = kept.manifest;  // the same manifest again: its plan may be reused
     }
     WS_ASSIGN_OR_RETURN(sync, ReserveSyncLocked(caller, use, version, std::move(remote)));
+    if (opts_.cluster != nullptr) {
+      sync->SetLeader(opts_.cluster->self(), "");
+      sync->SetRankNodes(std::move(rank_nodes));
+    }
     // Plans are reused for single-node syncs only (see StartSyncLocked).
     if (kept.plan && kept.manifest == use && sync->RemoteNodes().empty() && kept.plan->Fits(sync->engines()))
       plan = kept.plan;
@@ -631,6 +670,10 @@ Result<std::vector<ClaimedShard>> Coordinator::ClaimLayerLocked(SyncSession& syn
   const uint32_t world_size = sync.manifest().world_size;
   if (rank >= world_size)
     return fail(InvalidArgument(where + ": rank is not below world_size " + std::to_string(world_size)));
+  if (!sync.RankHere(rank))
+    return fail(InvalidArgument(where + ": trainer rank " + std::to_string(rank) + " pushes to node " +
+                                sync.RankNode(rank) + "'s daemon (BeginSync rank_nodes), not to node " +
+                                sync.self_node() + "'s"));
   auto claimed = sync.ClaimShards(rank, shards, where);
   if (!claimed.ok()) return fail(claimed.status());
   sync.writers++;
@@ -725,7 +768,8 @@ Result<uint64_t> Coordinator::SendRemote(SyncSession& sync, const std::vector<Cl
       std::vector<ChunkBuffer> out;
       for (size_t i = 0; i < win.size(); ++i)
         out.push_back(ChunkBuffer{win[i], static_cast<char*>(buf->data()) + offsets[i], np.chunks[win[i]].bytes});
-      WS_ASSIGN_OR_RETURN(uint64_t w, opts_.cluster->Send(node, sync.id(), out));
+      const std::string& leader = sync.leader().empty() ? sync.self_node() : sync.leader();
+      WS_ASSIGN_OR_RETURN(uint64_t w, opts_.cluster->Send(node, leader, sync.id(), out));
       written += w;
     }
   }
@@ -816,25 +860,27 @@ Result<SyncStats> Coordinator::Commit(const Peer& caller, uint64_t sync_id) {
     return FailedPrecondition(missing);
   }
   // Other nodes commit their engines meanwhile; each returns once all its
-  // engines acknowledged.
+  // engines acknowledged and its trainer ranks' shards all arrived. A node
+  // that fails aborts the sync at once (this node stops waiting for acks).
   std::vector<std::pair<std::string, std::future<Status>>> remote;
   for (const std::string& node : sync->RemoteNodes())
-    remote.emplace_back(node, std::async(std::launch::async, [this, node, id = sync->id()] {
-                          return opts_.cluster->Commit(node, id);
+    remote.emplace_back(node, std::async(std::launch::async, [this, node, sync] {
+                          Status st = opts_.cluster->Commit(node, sync->id());
+                          if (!st.ok()) {
+                            MutexLock l(&mu_);
+                            AbortLocked(*sync, st.WithContext(sync->Name()).message());
+                          }
+                          return st;
                         }));
   Status local = ZeroFillLocked(lk, *sync);  // vocab padding rows
   if (local.ok()) local = AwaitAcksLocked(lk, *sync);
   if (!remote.empty()) {
-    std::vector<std::pair<std::string, Status>> got;
+    std::vector<Status> got;
     lk.Unlock();
-    for (auto& [node, f] : remote) got.emplace_back(node, f.get());
+    for (auto& [node, f] : remote) got.push_back(f.get());
     lk.Lock();
-    for (const auto& [node, st] : got) {
-      if (st.ok()) continue;
-      Status named = st.WithContext(sync->Name());
-      AbortLocked(*sync, named.message());
-      if (local.ok()) local = named;
-    }
+    for (const Status& st : got)
+      if (!st.ok()) return st.WithContext(sync->Name());  // the failing node's own reason
   }
   if (!local.ok()) return local;
   if (sync->terminal()) return AbortedError(*sync);
@@ -933,8 +979,8 @@ Result<std::vector<RemoteEngine>> Coordinator::PeerPrepare(const std::string& mo
 
 Result<std::shared_ptr<SyncSession>> Coordinator::FindLedLocked(const std::string& leader, uint64_t sync_id) {
   WS_ASSIGN_OR_RETURN(std::shared_ptr<SyncSession> sync, FindLiveLocked(sync_id));
-  if (sync->leader() != leader)
-    return PermissionDenied(sync->Name() + " is not led by node " + leader + " on this daemon");
+  const std::string& led_by = sync->leader().empty() ? sync->self_node() : sync->leader();
+  if (led_by != leader) return PermissionDenied(sync->Name() + " is not led by node " + leader + " on this daemon");
   return sync;
 }
 
@@ -954,16 +1000,23 @@ Status Coordinator::PeerStart(RemoteStart rs) {
     MutexLock lk(&mu_);
     if (shutting_down_) return Unavailable("the daemon is shutting down");
     Model* m = registry_.FindModel(model);
-    if (m == nullptr || m->engine_count == 0) return FailedPrecondition("no engines of model " + model + " here any more");
-    if (rs.manifest.version <= m->committed_version)
+    if (m != nullptr && m->engine_count == 0) m = nullptr;
+    // A node with no engine of the model takes part when trainer ranks push to it.
+    bool ranks_here = false;
+    for (const auto& n : rs.rank_nodes) ranks_here = ranks_here || n == self;
+    if (m == nullptr && !ranks_here) return FailedPrecondition("no engines of model " + model + " here any more");
+    if (m != nullptr && rs.manifest.version <= m->committed_version)
       return FailedPrecondition("model " + model + ": version " + std::to_string(rs.manifest.version) +
                                 " is not above the committed version " + std::to_string(m->committed_version));
-    if (m->busy_sync)
+    if (m != nullptr && m->busy_sync)
       return FailedPrecondition("model " + model + ": sync " + std::to_string(m->busy_sync) +
                                 " is in flight here; one sync per model at a time");
     if (syncs_.count(rs.sync_id) || finished_.count(rs.sync_id))
       return AlreadyExists("sync " + std::to_string(rs.sync_id) + " is known here already");
-    WS_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<Engine>> locals, registry_.CompleteEngines(*m));
+    std::vector<std::shared_ptr<Engine>> locals;
+    if (m != nullptr) {
+      WS_ASSIGN_OR_RETURN(locals, registry_.CompleteEngines(*m));
+    }
     std::map<std::string, std::shared_ptr<Engine>> by_id;
     for (const auto& e : locals) by_id[e->id] = e;
     std::vector<std::shared_ptr<Engine>> engines;
@@ -982,11 +1035,12 @@ Status Coordinator::PeerStart(RemoteStart rs) {
     if (used != locals.size())
       return FailedPrecondition("model " + model + ": " + std::to_string(locals.size()) +
                                 " engine ranks are registered here, the leader planned " + std::to_string(used));
-    sync = std::make_shared<SyncSession>(rs.sync_id, m->owner, rs.manifest.version, IndexManifest(rs.manifest, ""),
-                                         std::move(engines));
+    sync = std::make_shared<SyncSession>(rs.sync_id, !rs.owner.empty() ? rs.owner : m != nullptr ? m->owner : "",
+                                         rs.manifest.version, IndexManifest(rs.manifest, ""), std::move(engines));
     sync->last_activity = clock_.Now();
     sync->SetLeader(self, rs.leader);
-    m->busy_sync = sync->id();
+    sync->SetRankNodes(rs.rank_nodes);
+    if (m != nullptr) m->busy_sync = sync->id();
     syncs_[sync->id()] = sync;
   }
   Status backed = sync->CheckEnginesBacked();
@@ -1004,16 +1058,18 @@ Status Coordinator::PeerStart(RemoteStart rs) {
       for (const auto& p : e->spec.params) d.push_back(p.dtype);
       param_dtypes.push_back(std::move(d));
     }
-    sync->SetPack(cluster::BuildPackPlan((*plan)->plan, nodes, param_dtypes, rs.leader, rs.chunk_bytes));
+    sync->SetPack(cluster::BuildPackPlan((*plan)->plan, nodes, param_dtypes, sync->ShardNodes((*plan)->plan),
+                                         rs.chunk_bytes));
   }
   MutexLock lk(&mu_);
   return StartSyncLocked(sync, std::move(plan), /*plan_reused=*/false, /*manifest_reused=*/false).status();
 }
 
-Result<uint64_t> Coordinator::PeerReceive(const std::string& leader, uint64_t sync_id,
+Result<uint64_t> Coordinator::PeerReceive(const std::string& leader, const std::string& from, uint64_t sync_id,
                                           const std::vector<uint32_t>& chunks) {
   TrimGuard trim{this};
-  const std::string where = "sync " + std::to_string(sync_id) + " from node " + leader;
+  if (opts_.cluster == nullptr) return FailedPrecondition("this daemon has no peers (--peer): it joins no sync across nodes");
+  const std::string where = "sync " + std::to_string(sync_id) + " from node " + from;
   std::shared_ptr<SyncSession> sync;
   std::vector<uint64_t> offsets;
   uint64_t total = 0;
@@ -1023,6 +1079,14 @@ Result<uint64_t> Coordinator::PeerReceive(const std::string& leader, uint64_t sy
     WS_ASSIGN_OR_RETURN(sync, FindLedLocked(leader, sync_id));
     if (sync->state() != SyncState::kStreaming)
       return FailedPrecondition(where + ": chunks arrived while " + SyncStateName(sync->state()));
+    const cluster::NodePack* mine = sync->MyPack();
+    for (uint32_t c : chunks)
+      if (mine != nullptr && c < mine->chunks.size() && mine->chunks[c].source != from) {
+        Status st = InvalidArgument(where + ": chunk " + std::to_string(c) + " is planned from node " +
+                                    mine->chunks[c].source);
+        AbortLocked(*sync, st.message());
+        return st;
+      }
     if (Status st = sync->ClaimChunks(chunks); !st.ok()) {
       AbortLocked(*sync, st.message());
       return st;
@@ -1044,7 +1108,7 @@ Result<uint64_t> Coordinator::PeerReceive(const std::string& leader, uint64_t sy
   auto buf = HostBuffer::Create(total);
   if (!buf.ok()) return EndWrite(*sync, buf.status());
   for (size_t i = 0; i < in.size(); ++i) in[i].data = static_cast<char*>((*buf)->data()) + offsets[i];
-  if (Status st = opts_.cluster->Receive(leader, sync_id, in); !st.ok()) return EndWrite(*sync, st.WithContext(where));
+  if (Status st = opts_.cluster->Receive(from, sync_id, in); !st.ok()) return EndWrite(*sync, st.WithContext(where));
   auto bound = sync->BindScatter(chunks, **buf, offsets, where);
   if (!bound.ok()) return EndWrite(*sync, bound.status());
   {
@@ -1080,7 +1144,11 @@ Result<uint64_t> Coordinator::PeerCommit(const std::string& leader, uint64_t syn
     return sync->writers == 0 || sync->terminal();
   });
   if (sync->state() == SyncState::kAborted) return AbortedError(*sync);
-  if (std::string missing = sync->MissingChunks(); !missing.empty()) {
+  std::string missing = sync->MissingShards();  // of this node's trainer ranks
+  if (missing.empty()) missing = sync->MissingChunks();
+  if (!missing.empty()) {
+    missing = "node " + opts_.cluster->self() + ": " + missing;
+    sync->abort_from_peer = true;  // the leader hears it as this call's error
     AbortLocked(*sync, missing);
     return FailedPrecondition(missing);
   }
@@ -1090,14 +1158,25 @@ Result<uint64_t> Coordinator::PeerCommit(const std::string& leader, uint64_t syn
   return sync->bytes_written;
 }
 
-Status Coordinator::PeerAbort(const std::string& leader, uint64_t sync_id, const std::string& reason) {
+Status Coordinator::PeerAbort(const std::string& from, uint64_t sync_id, const std::string& reason) {
   TrimGuard trim{this};
   MutexLock lk(&mu_);
   auto it = syncs_.find(sync_id);
   if (it == syncs_.end() || it->second->terminal()) return Status::Ok();
-  if (it->second->leader() != leader)
-    return PermissionDenied(it->second->Name() + " is not led by node " + leader + " on this daemon");
-  AbortLocked(*it->second, "aborted by the leader, node " + leader + ": " + reason);
+  SyncSession& sync = *it->second;
+  if (!sync.leader().empty()) {
+    // A node taking part hears it from its leader only.
+    if (sync.leader() != from)
+      return PermissionDenied(sync.Name() + " is not led by node " + from + " on this daemon");
+    sync.abort_from_peer = true;
+    AbortLocked(sync, "aborted by the leader, node " + from + ": " + reason);
+    return Status::Ok();
+  }
+  // The leader: a node taking part failed it; every other node hears it.
+  const std::vector<std::string> nodes = sync.RemoteNodes();
+  if (std::find(nodes.begin(), nodes.end(), from) == nodes.end())
+    return PermissionDenied(sync.Name() + " has no part on node " + from);
+  AbortLocked(sync, "node " + from + ": " + reason);
   return Status::Ok();
 }
 

@@ -209,19 +209,27 @@ class Coordinator {
                 std::chrono::milliseconds drain = std::chrono::milliseconds(0));
 
   // ---- syncs across nodes, on a node the leader (the daemon that got
-  // BeginSync, node `leader`) involves; called by the peer RPCs.
+  // BeginSync, node `leader`) involves; called by the peer RPCs. Trainer
+  // ranks placed on this node (BeginSync rank_nodes) push their layers here
+  // with PushLayer (sync id = the leader's) once PeerStart accepted it.
   // This node's complete engine ranks of `model` (none: not participating).
   Result<std::vector<RemoteEngine>> PeerPrepare(const std::string& model) const;
   // Plans the leader's sync again from `start` (checked against its copy and
   // byte counts) and streams: this node's engines hear Started.
   Status PeerStart(RemoteStart start);
-  // Receives `chunks` from the leader (ClusterLink::Receive) and scatters them
-  // into this node's engines; returns the engine bytes written.
-  Result<uint64_t> PeerReceive(const std::string& leader, uint64_t sync_id, const std::vector<uint32_t>& chunks);
-  // Every chunk arrived: zero fills, Committed, waits for the engines' acks.
+  // Receives `chunks` of the sync led by `leader` from node `from` (the
+  // leader or another node holding sources; ClusterLink::Receive) and
+  // scatters them into this node's engines; returns the engine bytes
+  // written. Also runs on the leader, for chunks from other nodes' ranks.
+  Result<uint64_t> PeerReceive(const std::string& leader, const std::string& from, uint64_t sync_id,
+                               const std::vector<uint32_t>& chunks);
+  // Every shard of this node's trainer ranks and every chunk arrived: zero
+  // fills, Committed, waits for the engines' acks.
   Result<uint64_t> PeerCommit(const std::string& leader, uint64_t sync_id);
-  // Aborts the sync here (no-op when it is not in flight).
-  Status PeerAbort(const std::string& leader, uint64_t sync_id, const std::string& reason);
+  // Aborts the sync here (no-op when it is not in flight). From the leader
+  // on a node taking part; from a node taking part on the leader, which then
+  // aborts it on every node.
+  Status PeerAbort(const std::string& from, uint64_t sync_id, const std::string& reason);
 
   StatusSnapshot GetStatus() const;
   const Limits& limits() const { return opts_.limits; }
@@ -245,6 +253,9 @@ class Coordinator {
 
   // RegisterEngine: shutdown, then the registry's admission checks.
   Status AdmitLocked(const Peer& caller, const std::string& model) const WS_REQUIRES(mu_);
+  // BeginSync: rank_nodes is empty or names one node per rank, each this
+  // node ("" too) or an up peer; cleared when every rank is on this node.
+  Status CheckRankNodes(uint32_t world_size, std::vector<std::string>* rank_nodes) const;
   // BeginSync across nodes: every up peer's engines of `model` (layouts resolved here).
   Result<std::vector<std::shared_ptr<Engine>>> RemoteEngines(const std::string& model) WS_EXCLUDES(mu_);
   // An engine of another node as planned here.

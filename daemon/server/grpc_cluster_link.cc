@@ -74,8 +74,9 @@ Result<std::vector<RemoteEngine>> GrpcClusterLink::Prepare(const std::string& no
     WS_ASSIGN_OR_RETURN(RemoteEngine re, FromProto(e, opts_.limits));
     out.push_back(std::move(re));
   }
-  if (out.empty()) return out;
-  // Data endpoint: (re)connect when the worker is new to us or changed.
+  // Data endpoint: (re)connect when the worker is new to us or changed (also
+  // for a node without engines: trainer ranks may push there).
+  if (r->ucx_address().empty()) return out;
   MutexLock ulk(&ucx_mu_);
   if (Status st = EnsureEndpoint(node, r->ucx_address()); !st.ok()) return st;
   return out;
@@ -109,15 +110,40 @@ Status GrpcClusterLink::Start(const std::string& node, const RemoteStart& start)
   WS_ASSIGN_OR_RETURN(WeightSyncClient * c, Client(node));
   pb::PeerStartSyncRequest req;
   ToProto(start, &req);
+  // Nodes that send each other chunks (trainer ranks on several nodes) learn
+  // each other's workers from here.
+  if (!start.rank_nodes.empty()) {
+    std::set<std::string> nodes(start.rank_nodes.begin(), start.rank_nodes.end());
+    for (const auto& e : start.engines) nodes.insert(e.node);
+    auto& addrs = *req.mutable_ucx_addresses();
+    addrs[self()] = ucx_->address();
+    MutexLock lk(&mu_);
+    for (const auto& n : nodes)
+      if (auto it = ucx_peer_address_.find(n); n != node && it != ucx_peer_address_.end() && !it->second.empty())
+        addrs[n] = it->second;
+  }
   return c->PeerStartSync(req, Secs(opts_.rpc_timeout)).status().WithContext("node " + node);
 }
 
-Result<uint64_t> GrpcClusterLink::Send(const std::string& node, uint64_t sync_id,
+void GrpcClusterLink::Learn(const std::map<std::string, std::string>& addresses) {
+  MutexLock lk(&mu_);
+  for (const auto& [node, address] : addresses) {
+    if (node == self() || address.empty()) continue;
+    std::string& known = ucx_peer_address_[node];
+    if (known != address) {
+      known = address;
+      reconnect_.insert(node);
+    }
+  }
+}
+
+Result<uint64_t> GrpcClusterLink::Send(const std::string& node, const std::string& leader, uint64_t sync_id,
                                        const std::vector<ChunkBuffer>& chunks) {
   WS_ASSIGN_OR_RETURN(WeightSyncClient * c, Client(node));
   MutexLock send(&send_mu_);
   pb::PeerReceiveRequest req;
-  req.set_leader(self());
+  req.set_leader(leader);
+  req.set_sender(self());
   req.set_sync_id(sync_id);
   std::vector<UcxTransport::Op> ops;
   uint64_t total = 0;
@@ -133,8 +159,8 @@ Result<uint64_t> GrpcClusterLink::Send(const std::string& node, uint64_t sync_id
   {
     MutexLock ulk(&ucx_mu_);
     sent = EnsureEndpoint(node, "");
-    if (sent.ok()) sent = ucx_->Exchange(ops, opts_.transfer_timeout);
   }
+  if (sent.ok()) sent = ucx_->Exchange(ops, opts_.transfer_timeout);
   auto got = rpc.get();
   {
     MutexLock lk(&mu_);
@@ -172,22 +198,18 @@ void GrpcClusterLink::AbortAsync(std::vector<std::string> nodes, uint64_t sync_i
   // Finished threads are joined at destruction; one per aborted sync is few.
 }
 
-Status GrpcClusterLink::Receive(const std::string& leader, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) {
+Status GrpcClusterLink::Receive(const std::string& from, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) {
   std::vector<UcxTransport::Op> ops;
   uint64_t total = 0;
   for (const auto& ch : chunks) {
-    ops.push_back(UcxTransport::Op{false, leader, cluster::ChunkTag(sync_id, ch.chunk), ch.data, ch.bytes,
+    ops.push_back(UcxTransport::Op{false, from, cluster::ChunkTag(sync_id, ch.chunk), ch.data, ch.bytes,
                                    "chunk " + std::to_string(ch.chunk)});
     total += ch.bytes;
   }
-  Status st;
-  {
-    MutexLock ulk(&ucx_mu_);
-    st = ucx_->Exchange(ops, opts_.transfer_timeout);
-  }
+  Status st = ucx_->Exchange(ops, opts_.transfer_timeout);
   if (st.ok()) {
     MutexLock lk(&mu_);
-    bytes_[leader].received += total;
+    bytes_[from].received += total;
   }
   return st;
 }

@@ -4,13 +4,16 @@
 // (names, addresses, health); RPCs carry the peer credentials (ClientOptions:
 // TLS client certificate, bearer token). UCX endpoints are made from the
 // worker address each peer returns to PeerPrepareSync, again whenever it
-// changed (a restarted daemon) or after an exchange failed.
+// changed (a restarted daemon) or after an exchange failed. Nodes that are
+// not the leader learn the other participants' addresses from PeerStartSync
+// (Learn), so trainer ranks' nodes can send each other chunks.
 //
-// Thread-safety: every method may be called from any thread. The UCX worker
-// is single-threaded: ucx_mu_ serialises Connect and Exchange. Send holds
-// send_mu_ for its whole round (RPC and exchange), so a node receives from
-// this leader one window at a time, in the order it is sent (a receiver
-// posts only the chunks of its current PeerReceive).
+// Thread-safety: every method may be called from any thread. ucx_mu_
+// serialises making endpoints; exchanges run concurrently (UcxTransport
+// serialises its worker), so a node may receive from one peer while it sends
+// to another. Send holds send_mu_ for its whole round (RPC and exchange), so
+// a node receives from this one one window at a time, in the order it is
+// sent (a receiver posts only the chunks of its current PeerReceive).
 #pragma once
 
 #include <chrono>
@@ -55,10 +58,14 @@ class GrpcClusterLink final : public ClusterLink {
 
   Result<std::vector<RemoteEngine>> Prepare(const std::string& node, const std::string& model) override;
   Status Start(const std::string& node, const RemoteStart& start) override;
-  Result<uint64_t> Send(const std::string& node, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) override;
+  Result<uint64_t> Send(const std::string& node, const std::string& leader, uint64_t sync_id,
+                        const std::vector<ChunkBuffer>& chunks) override;
   Status Commit(const std::string& node, uint64_t sync_id) override;
   void AbortAsync(std::vector<std::string> nodes, uint64_t sync_id, std::string reason) override;
-  Status Receive(const std::string& leader, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) override;
+  Status Receive(const std::string& from, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) override;
+  // The UCX worker addresses of a sync's nodes, as its leader knows them
+  // (PeerStartSyncRequest.ucx_addresses); this node's own is ignored.
+  void Learn(const std::map<std::string, std::string>& addresses);
 
   // This worker's address (PeerPrepareSync's answer).
   const std::string& ucx_address() const { return ucx_->address(); }

@@ -44,7 +44,7 @@ struct ServerOptions {
   uint32_t socket_mode = 0660;  // permission bits of the unix socket files
   Metrics* metrics = nullptr;   // when set, counts every RPC's status (must outlive the server)
   const cluster::PeerSet* peers = nullptr;  // node name and peer daemons for GetStatus/PeerHello (outlives the server)
-  const GrpcClusterLink* cluster = nullptr;  // syncs across nodes: UCX address, byte counters (outlives the server)
+  GrpcClusterLink* cluster = nullptr;  // syncs across nodes: UCX addresses, byte counters (outlives the server)
 };
 
 // For "unix:/p", "unix:///p", "unix:p" returns the socket path; "" otherwise.

@@ -65,7 +65,7 @@ class WeightSyncService::EventQueue final : public EventSink {
 };
 
 WeightSyncService::WeightSyncService(Coordinator* coordinator, const Authenticator* auth,
-                                     const cluster::PeerSet* peers, const GrpcClusterLink* cluster)
+                                     const cluster::PeerSet* peers, GrpcClusterLink* cluster)
     : coord_(coordinator), auth_(auth), peers_(peers), cluster_(cluster) {}
 WeightSyncService::~WeightSyncService() = default;
 
@@ -286,15 +286,20 @@ grpc::Status WeightSyncService::PeerStartSync(grpc::ServerContext* ctx, const pb
   if (Status st = CheckPeerCall(ctx, req->leader(), "PeerStartSync"); !st.ok()) return Failed("PeerStartSync", st);
   auto start = FromProto(*req, coord_->limits());
   if (!start.ok()) return Failed("PeerStartSync", start.status());
+  std::map<std::string, std::string> addresses;
+  // Used only for nodes that are peers here (the link refuses any other).
+  for (const auto& [node, address] : req->ucx_addresses()) addresses[node] = address;
+  cluster_->Learn(addresses);
   Status st = coord_->PeerStart(std::move(start).value());
   return st.ok() ? grpc::Status::OK : Failed("PeerStartSync", st);
 }
 
 grpc::Status WeightSyncService::PeerReceive(grpc::ServerContext* ctx, const pb::PeerReceiveRequest* req,
                                             pb::PeerReceiveResponse* resp) {
-  if (Status st = CheckPeerCall(ctx, req->leader(), "PeerReceive"); !st.ok()) return Failed("PeerReceive", st);
+  const std::string& from = req->sender().empty() ? req->leader() : req->sender();
+  if (Status st = CheckPeerCall(ctx, from, "PeerReceive"); !st.ok()) return Failed("PeerReceive", st);
   std::vector<uint32_t> chunks(req->chunks().begin(), req->chunks().end());
-  auto r = coord_->PeerReceive(req->leader(), req->sync_id(), chunks);
+  auto r = coord_->PeerReceive(req->leader(), from, req->sync_id(), chunks);
   if (!r.ok()) return Failed("PeerReceive", r.status());
   resp->set_bytes_written(*r);
   return grpc::Status::OK;

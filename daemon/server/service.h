@@ -28,7 +28,7 @@ class WeightSyncService final : public ::weightsync::v1::WeightSync::Service {
   // the service.
   // `cluster` (may be null) serves syncs across nodes.
   WeightSyncService(Coordinator* coordinator, const Authenticator* auth, const cluster::PeerSet* peers = nullptr,
-                    const GrpcClusterLink* cluster = nullptr);
+                    GrpcClusterLink* cluster = nullptr);
   ~WeightSyncService() override;
 
   // Ends every engine event stream once its queued events (e.g. the Aborted
@@ -72,7 +72,7 @@ class WeightSyncService final : public ::weightsync::v1::WeightSync::Service {
   Coordinator* const coord_;
   const Authenticator* const auth_;
   const cluster::PeerSet* const peers_;
-  const GrpcClusterLink* const cluster_;
+  GrpcClusterLink* const cluster_;
   // Peer RPCs: the caller is authenticated and names a configured peer.
   Status CheckPeerCall(grpc::ServerContext* ctx, const std::string& leader, const char* rpc) const;
   std::atomic<bool> stopping_{false};

@@ -29,6 +29,8 @@ struct RemoteEngine {
 struct RemoteStart {
   std::string leader;
   uint64_t sync_id = 0;
+  std::string owner;                   // principal of the BeginSync caller (may push layers on any node)
+  std::vector<std::string> rank_nodes; // node of each trainer rank; empty: all on the leader
   SourceManifest manifest;             // wire dtypes, negotiate_dtypes unset
   std::vector<RemoteEngine> engines;   // every engine of every node, in plan order
   uint64_t chunk_bytes = 0;
@@ -36,8 +38,8 @@ struct RemoteStart {
   uint64_t bytes_planned = 0;
 };
 
-// A packed chunk (cluster::PackChunk) in memory: sent by the leader, or a
-// buffer a node receives it into.
+// A packed chunk (cluster::PackChunk) in memory: sent by its source node, or
+// a buffer a node receives it into.
 struct ChunkBuffer {
   uint32_t chunk = 0;
   void* data = nullptr;
@@ -61,23 +63,28 @@ class ClusterLink {
   virtual uint64_t staging_bytes() const = 0;
 
   // ---- leader side
-  // `node`'s engine ranks of `model` (empty: it has none); connects to its
-  // data endpoint.
+  // `node`'s engine ranks of `model` (empty: it has none); learns its data
+  // endpoint.
   virtual Result<std::vector<RemoteEngine>> Prepare(const std::string& node, const std::string& model) = 0;
   virtual Status Start(const std::string& node, const RemoteStart& start) = 0;
-  // Sends `chunks` to `node` while it receives and scatters them; returns
-  // once it has, with the engine bytes it wrote (or the first error, naming
-  // the node).
-  virtual Result<uint64_t> Send(const std::string& node, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) = 0;
-  // Runs the node's commit: returns once every engine there acknowledged.
+  // Runs the node's commit: returns once every engine there acknowledged
+  // and its trainer ranks' shards all arrived.
   virtual Status Commit(const std::string& node, uint64_t sync_id) = 0;
   // Tells the nodes the sync is aborted; returns at once (best effort, in
-  // the background).
+  // the background). Also sent by a node taking part to the leader, when
+  // the sync failed there.
   virtual void AbortAsync(std::vector<std::string> nodes, uint64_t sync_id, std::string reason) = 0;
 
-  // ---- participant side
-  // Receives exactly `chunks` (each its `bytes`) sent by `leader` for the sync.
-  virtual Status Receive(const std::string& leader, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) = 0;
+  // ---- any node holding sources (the leader, or a node its ranks push to)
+  // Sends `chunks` of the sync led by `leader` to `node` while it receives
+  // and scatters them; returns once it has, with the engine bytes it wrote
+  // (or the first error, naming the node).
+  virtual Result<uint64_t> Send(const std::string& node, const std::string& leader, uint64_t sync_id,
+                                const std::vector<ChunkBuffer>& chunks) = 0;
+
+  // ---- any node with engines
+  // Receives exactly `chunks` (each its `bytes`) sent by node `from` for the sync.
+  virtual Status Receive(const std::string& from, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) = 0;
 };
 
 }  // namespace ws::server

@@ -291,10 +291,29 @@ void SyncSession::SetLeader(std::string self, std::string leader) {
 
 void SyncSession::SetPack(cluster::PackPlan pack) { pack_ = std::move(pack); }
 
+void SyncSession::SetRankNodes(std::vector<std::string> rank_nodes) { rank_nodes_ = std::move(rank_nodes); }
+
+const std::string& SyncSession::RankNode(uint32_t rank) const {
+  if (rank_nodes_.empty()) return leader_.empty() ? self_ : leader_;
+  return rank_nodes_.at(rank);
+}
+
+std::vector<std::string> SyncSession::ShardNodes(const SyncPlan& plan) const {
+  std::vector<std::string> out(plan.shard_base.empty() ? 0 : plan.shard_base.back());
+  const SourceManifest& mf = manifest();
+  for (uint32_t t = 0; t < mf.tensors.size(); ++t)
+    for (uint32_t s = 0; s < mf.tensors[t].shards.size(); ++s)
+      out.at(plan.shard_base[t] + s) = RankNode(mf.tensors[t].shards[s].rank);
+  return out;
+}
+
 std::vector<std::string> SyncSession::RemoteNodes() const {
   std::set<std::string> nodes;
   for (const auto& e : engines_)
     if (!e->local()) nodes.insert(e->node);
+  for (const auto& n : rank_nodes_)
+    if (n != self_) nodes.insert(n);
+  if (!leader_.empty()) nodes.insert(leader_);
   return {nodes.begin(), nodes.end()};
 }
 
@@ -352,7 +371,7 @@ Result<BoundOps> SyncSession::BindPack(const std::string& node, const std::vecto
 }
 
 const cluster::NodePack* SyncSession::MyPack() const {
-  if (leader_.empty()) return nullptr;
+  if (self_.empty()) return nullptr;
   auto it = pack_.nodes.find(self_);
   return it == pack_.nodes.end() ? nullptr : &it->second;
 }
@@ -428,7 +447,7 @@ std::string SyncSession::MissingShards() const {
   for (uint32_t t = 0; t < mf.tensors.size(); ++t)
     for (uint32_t s = 0; s < mf.tensors[t].shards.size(); ++s)
       if (!received_[plan.shard_base[t] + s] && plan.CopiesOf(t, s).first != plan.CopiesOf(t, s).second &&
-          n_missing++ < 20)
+          RankHere(mf.tensors[t].shards[s].rank) && n_missing++ < 20)
         missing.push_back(mf.tensors[t].name + " (rank " + std::to_string(mf.tensors[t].shards[s].rank) + ")");
   if (!n_missing) return "";
   std::string msg = Name() + ": Commit before every shard arrived; " + std::to_string(n_missing) + " missing:";

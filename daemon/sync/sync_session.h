@@ -145,10 +145,19 @@ class SyncSession {
   // While planning: the packing of the copies into other nodes' engines
   // (cluster::BuildPackPlan); read only once the session streams.
   void SetPack(cluster::PackPlan pack);
+  // While planning: the node each trainer rank pushes to (BeginSync
+  // rank_nodes; empty: all to the leader).
+  void SetRankNodes(std::vector<std::string> rank_nodes);
+  const std::vector<std::string>& rank_nodes() const { return rank_nodes_; }
+  // The node trainer rank `rank` pushes to; whether that is this one.
+  const std::string& RankNode(uint32_t rank) const;
+  bool RankHere(uint32_t rank) const { return RankNode(rank) == self_; }
+  // The node of each flat shard of `plan` (its rank's), for BuildPackPlan.
+  std::vector<std::string> ShardNodes(const SyncPlan& plan) const;
   const std::string& leader() const { return leader_; }
   const std::string& self_node() const { return self_; }
   const cluster::PackPlan& pack() const { return pack_; }
-  // Nodes other than this one with engines in the sync, sorted.
+  // Nodes other than this one taking part (with engines or trainer ranks), sorted.
   std::vector<std::string> RemoteNodes() const;
   // Each engine's node name (this node's for local ones), for BuildPackPlan.
   std::vector<std::string> EngineNodes(const std::string& self) const;
@@ -194,7 +203,8 @@ class SyncSession {
   std::string MissingChunks() const;
 
   // ---- commit
-  // The message listing shards that never arrived; empty when none.
+  // The message listing shards of this node's trainer ranks that never
+  // arrived; empty when none.
   std::string MissingShards() const;
   Result<BoundOps> BindZeroFills() const;
 
@@ -215,6 +225,7 @@ class SyncSession {
   int writers = 0;  // pushes / zero fills currently writing engine memory
   bool started_sent = false;
   bool aborted_sent = false;
+  bool abort_from_peer = false;  // across nodes: the abort came from another node (not echoed back)
   std::set<std::string> pending_acks;
   std::set<std::string> acked;  // engines that applied this sync's version
   Clock::time_point last_activity = Clock::now();  // BeginSync / PushLayer, for the idle timeout
@@ -232,6 +243,7 @@ class SyncSession {
   std::set<uint32_t> awaiting_pause_;  // set by StartStreaming, drained by MarkPaused
   std::string self_, leader_;
   cluster::PackPlan pack_;
+  std::vector<std::string> rank_nodes_;
   std::vector<uint8_t> chunks_received_;  // participant: [chunk of MyPack()]
   SyncState state_ = SyncState::kPlanning;
   Clock::time_point begin_ = Clock::now();

@@ -142,6 +142,8 @@ void ToProto(const SourceManifest& m, pb::BeginSyncRequest* out) {
   out->set_negotiate_dtypes(m.negotiate_dtypes);
   out->set_manifest_fingerprint(m.fingerprint);
   out->set_reuse_manifest(m.reuse_manifest);
+  out->clear_rank_nodes();
+  for (const std::string& n : m.rank_nodes) out->add_rank_nodes(n);
   out->clear_tensors();
   for (const SourceTensor& t : m.tensors) {
     pb::SourceTensor* st = out->add_tensors();
@@ -182,6 +184,14 @@ Result<SourceManifest> FromProto(const pb::BeginSyncRequest& req, const Limits& 
   WS_RETURN_IF_ERROR(CheckName(req.manifest_fingerprint(), "manifest_fingerprint", limits));
   m.fingerprint = req.manifest_fingerprint();
   m.reuse_manifest = req.reuse_manifest();
+  if (req.rank_nodes_size() > 0 && static_cast<uint64_t>(req.rank_nodes_size()) != req.world_size())
+    return InvalidArgument("rank_nodes has " + std::to_string(req.rank_nodes_size()) +
+                           " entries; it must be empty or name one node per rank (world_size " +
+                           std::to_string(req.world_size()) + ")");
+  for (int r = 0; r < req.rank_nodes_size(); ++r) {
+    WS_RETURN_IF_ERROR(CheckName(req.rank_nodes(r), "rank_nodes[" + std::to_string(r) + "]", limits));
+    m.rank_nodes.push_back(req.rank_nodes(r));
+  }
   m.tensors.reserve(req.tensors_size());
   for (const auto& t : req.tensors()) {
     const std::string what = "tensor " + t.name();

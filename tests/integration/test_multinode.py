@@ -205,3 +205,104 @@ def test_link_down_mid_sync_aborts_and_the_next_sync_succeeds(three, checkpoint_
         assert e.wait() == 0, e.output()
         assert e.versions() == [2] and e.aborted() == [1]
         check_version(e, "v2", b)
+
+
+# ---------------------------------------------------------------- colocated on two nodes
+# Trainer ranks and engine ranks on both nodes: W=4 with ranks 0-1 pushing to a's daemon (the
+# leader: rank 0's) and ranks 2-3 to b's (weightsyncctl push --rank-daemon), a TP=2 replica on each
+# node. Each node copies its own ranks' shards into its own engine and packs, for the other node,
+# exactly the bytes that node's engine needs from them.
+
+
+@pytest.fixture
+def two(binaries, cluster, workdir):  # noqa: F811
+    ds = cluster(["a", "b"], extra={n: EXTRA for n in "ab"})
+    for n, d in ds.items():
+        _wait_peers(binaries, d, {p: "up" for p in ds if p != n})
+    ctls = {n: TokenCtl(binaries["weightsyncctl"], d) for n, d in ds.items()}
+    engines: list[MockEngine] = []
+
+    def engine(node, ckpt, syncs, name):
+        e = MockEngine(ctls[node], workdir, "m", ckpt, tp=2, replicas=1, syncs=syncs, name=name)
+        engines.append(e)
+        e.wait_registered()
+        return e
+
+    def restart(node):
+        d = cluster([node], peers={node: {p: p for p in "ab" if p != node}}, extra={node: EXTRA})[node]
+        ds[node] = d
+        ctls[node] = TokenCtl(binaries["weightsyncctl"], d)
+        for n, other in ds.items():
+            _wait_peers(binaries, other, {p: "up" for p in ds if p != n})
+
+    yield ds, ctls, engine, restart
+    for e in engines:
+        e.stop()
+
+
+def _push_spread(ctls, ds, ck, version, timeout=120):
+    return ctls["a"]("push", "--checkpoint", ck, "--model", "m", "--world-size", 4, "--version", version,
+                     "--rank-daemon", f"2={ds['b'].addr}", "--rank-daemon", f"3={ds['b'].addr}", timeout=timeout)
+
+
+def test_colocated_trainer_and_engines_on_two_nodes(two, checkpoint_cache):
+    ds, ctls, engine, _ = two
+    a = checkpoint_cache("LlamaForCausalLM", **SMALL, seed=1)
+    b = checkpoint_cache("LlamaForCausalLM", **SMALL, seed=2)
+    ea = engine("a", a, syncs=2, name="ea")
+    eb = engine("b", a, syncs=2, name="eb")
+    sent = []
+    for v, ck in ((1, a), (2, b)):
+        before = (_peer_bytes(ctls["a"]), _peer_bytes(ctls["b"]))
+        cp = _push_spread(ctls, ds, ck, v)
+        assert cp.returncode == 0, describe(cp) + "\nA:\n" + ds["a"].log()[-4000:] + "\nB:\n" + ds["b"].log()[-4000:]
+        after = (_peer_bytes(ctls["a"]), _peer_bytes(ctls["b"]))
+        a_to_b = after[0]["b"][0] - before[0]["b"][0]
+        b_to_a = after[1]["a"][0] - before[1]["a"][0]
+        # Each end counts the same bytes.
+        assert after[1]["a"][1] - before[1]["a"][1] == a_to_b and after[0]["b"][1] - before[0]["b"][1] == b_to_a
+        # Both replicas have the same layout, so the shards of ranks 2-3 that b sends a are exactly
+        # what a's replica needs from them, and a sends b what b's replica needs from ranks 0-1:
+        # together one replica's needs from all four ranks (replicated params once, padding never).
+        assert a_to_b > 0 and b_to_a > 0
+        assert a_to_b + b_to_a == _needed_bytes(ck, 2), (a_to_b, b_to_a, _needed_bytes(ck, 2))
+        sent.append((a_to_b, b_to_a))
+    for e in (ea, eb):
+        assert e.wait() == 0, e.output()
+        assert e.versions() == [1, 2] and e.aborted() == []
+        check_version(e, "v1", a)
+        check_version(e, "v2", b)
+    for n in "ab":
+        assert int(_status(ctls[n])["syncs_committed"]) == 2
+
+
+def test_colocated_remote_daemon_killed_mid_sync_aborts_and_the_next_sync_succeeds(two, checkpoint_cache):
+    ds, ctls, engine, restart = two
+    a = checkpoint_cache("LlamaForCausalLM", **SMALL, seed=1)
+    ea = engine("a", a, syncs=1, name="ea")
+    eb = engine("b", a, syncs=1, name="eb")
+    # b's engine never pauses: b's daemon holds its writes (from its own ranks and from a); then
+    # b's daemon is killed.
+    _freeze(eb, True)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("cp", _push_spread(ctls, ds, a, 1)))
+    t.start()
+    _wait(lambda: _sync_in_flight(ctls["b"]), "the sync to start on b")
+    ds["b"].proc.send_signal(signal.SIGKILL)
+    ds["b"].proc.wait()
+    t.join(90)
+    cp = out["cp"]
+    assert cp.returncode != 0 and "node b" in cp.stderr, describe(cp)
+    _wait(lambda: ea.aborted() == [1], "a's engine to hear aborted")
+    assert int(_status(ctls["a"])["syncs_aborted"]) == 1
+    _freeze(eb, False)
+    eb.stop()
+    ea.stop()
+    restart("b")
+    ea2 = engine("a", a, syncs=1, name="ea2")
+    eb2 = engine("b", a, syncs=1, name="eb2")
+    cp = _push_spread(ctls, ds, a, 2)
+    assert cp.returncode == 0, describe(cp) + "\nA:\n" + ds["a"].log()[-4000:] + "\nB:\n" + ds["b"].log()[-4000:]
+    for e in (ea2, eb2):
+        assert e.wait() == 0, e.output()
+        check_version(e, "v2", a)

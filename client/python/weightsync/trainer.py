@@ -221,6 +221,9 @@ class Trainer:
         self._man: "_Manifest | None" = None
         self._kept: "tuple | None" = None
         self._layouts, self._next_epoch = None, 0
+        # Trainer ranks on several nodes: each rank's `daemon` is its own node's; the node of every
+        # rank's daemon (GetStatus node_name), gathered at the first push. [] = all on one daemon.
+        self._rank_nodes: "list | None" = None
 
     # ---- public ----
 
@@ -239,11 +242,12 @@ class Trainer:
                 stats.reused = prep is old
             except Exception as e:  # reported collectively below
                 prep, err = None, f"rank {self.rank}: {e}"
+        if self._rank_nodes is None:
+            self._rank_nodes = self._placement()
         t1 = time.perf_counter()
         stats.seconds_prepare = t1 - t0
         for attempt in range(2):
             # Entries only when rank 0 does not have this generation (this walk is new, or rank 0 asked again).
-            # (A per-rank daemon address or node would be gathered here too.)
             send = (err, None, None, self._epoch) if prep is None else \
                 (None, prep.gen, None if prep.gen == self._sent_gen else (prep.entries, prep.dropped), self._epoch)
             got = self.comm.gather(send)
@@ -325,6 +329,8 @@ class Trainer:
                 self._man = self._manifest([(x[1], x[2]) for x in self._ranks], gens)
             req = self._man.req
             req.version = version
+            del req.rank_nodes[:]  # per sync, not part of the fingerprint
+            req.rank_nodes.extend(self._rank_nodes)
             resp, wires = self._begin(req)
             if self._man.wires is not wires:  # a new manifest or new dtypes: every rank's layout again
                 codes = [TO_WIRE[wires[t.name]] if t.name in wires else 0 for t in req.tensors]
@@ -343,6 +349,25 @@ class Trainer:
                 self._abort(resp.sync_id, f"rank 0: {e}")
             return fail(f"BeginSync of {self.model} version {version}: {e}")
 
+    def _placement(self) -> list:
+        """Collective: the node name of every rank's daemon, for BeginSync.rank_nodes; [] when every rank
+        talks to the same node's daemon (rank 0's, the leader: today's protocol)."""
+        try:
+            node, err = self.daemon.stub.GetStatus(pb.StatusRequest(), timeout=self.timeout).node_name, None
+        except grpc.RpcError as e:
+            node, err = "", f"rank {self.rank}: {rpc_error(e, 'GetStatus of its daemon')}"
+        got = self.comm.all_gather((node, err))
+        errors = [g[1] for g in got if g[1]]
+        if errors:
+            raise WeightSyncError("finding each rank's node failed:\n" + "\n".join(errors))
+        names = [g[0] for g in got]
+        if len(set(names)) <= 1:
+            return []
+        if "" in names:
+            raise WeightSyncError(f"trainer ranks talk to daemons of several nodes ({sorted(set(names))}) but the "
+                                  f"daemon of rank {names.index('')} has no node name (weightsyncd --node-name)")
+        return names
+
     def _begin(self, req: pb.BeginSyncRequest):
         """(BeginSyncResponse, wire dtypes). After the first sync of a manifest only its fingerprint is sent
         (the daemon reuses the manifest, and its validated plan while the engines are unchanged); the full
@@ -352,7 +377,7 @@ class Trainer:
         if self._kept is not None and self._kept[0] == fp:
             lean = pb.BeginSyncRequest(model=req.model, version=req.version, world_size=req.world_size,
                                        negotiate_dtypes=req.negotiate_dtypes, manifest_fingerprint=fp,
-                                       reuse_manifest=True)
+                                       reuse_manifest=True, rank_nodes=req.rank_nodes)
             try:
                 resp = self.daemon.stub.BeginSync(lean, timeout=self.timeout)
             except grpc.RpcError as e:

@@ -2,6 +2,8 @@
 
 #include <ucp/api/ucp.h>
 
+#include <mutex>
+#include <thread>
 #include <utility>
 
 namespace ws {
@@ -11,7 +13,7 @@ namespace {
 std::string UcsError(ucs_status_t s) { return ucs_status_string(s); }
 
 // Completion of one posted op, written by UCX's callbacks from inside
-// ucp_worker_progress (same thread).
+// ucp_worker_progress (run by whichever exchange progresses, under Impl::mu).
 struct Slot {
   void* req = nullptr;  // the UCX request while pending
   bool done = false;
@@ -44,6 +46,9 @@ struct UcxTransport::Impl {
     uint64_t* errors = nullptr;   // the transport's count of peer errors, bumped with it
   };
 
+  // The worker is serialised: every UCX call, and every read of state its
+  // callbacks write (slots, peer errors), is made with mu held.
+  std::mutex mu;
   ucp_context_h ctx = nullptr;
   ucp_worker_h worker = nullptr;
   std::string address;
@@ -103,7 +108,7 @@ Result<std::unique_ptr<UcxTransport>> UcxTransport::Create(const UcxOptions& opt
   if (s != UCS_OK) return Unavailable("UCX: ucp_init: " + UcsError(s));
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-  wp.thread_mode = UCS_THREAD_MODE_SINGLE;
+  wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;
   if ((s = ucp_worker_create(impl->ctx, &wp, &impl->worker)) != UCS_OK)
     return Unavailable("UCX: ucp_worker_create: " + UcsError(s));
   ucp_address_t* addr = nullptr;
@@ -118,12 +123,14 @@ Result<std::unique_ptr<UcxTransport>> UcxTransport::Create(const UcxOptions& opt
 const std::string& UcxTransport::address() const { return impl_->address; }
 
 bool UcxTransport::connected(const std::string& peer) const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
   auto it = impl_->peers.find(peer);
   return it != impl_->peers.end() && it->second.ep != nullptr && it->second.error == UCS_OK;
 }
 
 Status UcxTransport::Connect(const std::string& peer, const std::string& address) {
   if (address.empty()) return InvalidArgument("UCX peer " + peer + ": empty worker address");
+  std::lock_guard<std::mutex> lk(impl_->mu);
   Impl::Peer& p = impl_->peers[peer];
   p.errors = &impl_->peer_errors;
   impl_->Close(p);
@@ -155,6 +162,7 @@ Status UcxTransport::Exchange(const std::vector<Op>& ops, std::chrono::milliseco
            " bytes, tag " + std::to_string(op.tag) + ") " + (op.send ? "to" : "from") + " peer " + op.peer;
   };
 
+  std::unique_lock<std::mutex> lk(impl_->mu);
   // Post everything (receives first, so early sends find them posted).
   for (int pass = 0; pass < 2 && first.ok(); ++pass) {
     for (size_t i = 0; i < ops.size() && first.ok(); ++i) {
@@ -175,12 +183,14 @@ Status UcxTransport::Exchange(const std::vector<Op>& ops, std::chrono::milliseco
         rp.cb.send = &SendDone;
         r = ucp_tag_send_nbx(it->second.ep, op.ptr, op.bytes, op.tag, &rp);
       } else {
-        ucp_tag_recv_info_t info{};
-        rp.op_attr_mask |= UCP_OP_ATTR_FIELD_RECV_INFO;
-        rp.recv_info.tag_info = &info;
+        // Always through the callback, which reports the length: a receive
+        // that matched an eager message already here would otherwise complete
+        // at once, and UCX 1.13 leaves recv_info unset then (0 bytes).
+        rp.op_attr_mask |= UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
         rp.cb.recv = &RecvDone;
+        ++outstanding;  // RecvDone may run inside ucp_tag_recv_nbx already
         r = ucp_tag_recv_nbx(impl_->worker, op.ptr, op.bytes, op.tag, ~uint64_t{0}, &rp);
-        if (r == nullptr) slot.length = info.length;
+        --outstanding;
       }
       if (r == nullptr) {
         slot.done = true;
@@ -218,7 +228,13 @@ Status UcxTransport::Exchange(const std::vector<Op>& ops, std::chrono::milliseco
   size_t seen_outstanding = outstanding;
   uint64_t seen_errors = impl_->peer_errors;
   while (first.ok() && pending()) {
-    ucp_worker_progress(impl_->worker);
+    // Other exchanges progress the same worker in turn (each one's progress
+    // completes everyone's requests): the lock is let go between turns, so a
+    // node can receive from one peer while it sends to another.
+    const unsigned progressed = ucp_worker_progress(impl_->worker);
+    lk.unlock();
+    if (progressed == 0) std::this_thread::yield();
+    lk.lock();
     if (outstanding != seen_outstanding || impl_->peer_errors != seen_errors) {
       seen_outstanding = outstanding;
       seen_errors = impl_->peer_errors;

@@ -18,8 +18,10 @@
 // as it sees fit); bytes per peer in flight are bounded by what the caller
 // passes to one Exchange().
 //
-// Thread-safety: one thread at a time per UcxTransport (the worker is
-// created single-threaded); instances are independent.
+// Thread-safety: every method may be called from any thread. The worker is
+// serialised by the transport's mutex; concurrent Exchange() calls take
+// turns progressing it (each turn completes any caller's requests), so one
+// thread may receive from a peer while another sends to a third.
 #pragma once
 
 #include <chrono>

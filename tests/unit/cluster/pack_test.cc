@@ -97,5 +97,46 @@ TEST(PackPlan, ChunkTagsSeparateSyncsAndChunks) {
   EXPECT_EQ(ChunkTag(0x1000001, 5), ChunkTag(1, 5));  // 24 bits of the sync id
 }
 
+TEST(PackPlan, ShardsOnSeveralNodesArePackedByTheirNodeAndNumberedPerDestination) {
+  // Trainer ranks on a (tensor 0 shard 0, tensor 1 shard 0) and b (their shard 1); engines 0-1 on
+  // a, 2-3 on b (TP ranks of one replica each).
+  SyncPlan plan;
+  plan.shard_base = {0, 2, 4};
+  // A norm (tensor 0, 8 elements per shard): every engine reads both shards.
+  for (uint32_t e = 0; e < 4; ++e) {
+    plan.copies.push_back(Copy(0, 0, e, 0, 0, 8, 1, 1));
+    plan.copies.push_back(Copy(0, 1, e, 0, 0, 8, 1, 1, 8));
+  }
+  // A TP-split weight (tensor 1, two shards of 4x8): TP rank 0 reads shard 0, TP rank 1 shard 1.
+  for (uint32_t e = 0; e < 4; ++e) plan.copies.push_back(Copy(1, e % 2, e, 1, 0, 4, 8, 8));
+  const std::vector<std::string> engines = {"a", "a", "b", "b"};
+  const std::vector<std::vector<DType>> dtypes(4, {DType::kBF16, DType::kBF16});
+  PackPlan p = BuildPackPlan(plan, engines, dtypes, std::vector<std::string>{"a", "b", "a", "b"}, 1 << 20);
+
+  ASSERT_EQ(p.nodes.size(), 2u);
+  for (const auto& [dst, src] : std::map<std::string, std::string>{{"a", "b"}, {"b", "a"}}) {
+    const NodePack& np = p.nodes.at(dst);
+    // From the other node only: its norm shard once (two scatter targets) and the weight shard
+    // of the TP rank it holds.
+    EXPECT_EQ(np.payload_bytes, (8 + 32) * 2u) << dst;
+    EXPECT_EQ(np.scatter_bytes, (8 * 2 + 32) * 2u) << dst;
+    EXPECT_EQ(np.bytes_from, (std::map<std::string, uint64_t>{{src, np.bytes}})) << dst;
+    ASSERT_EQ(np.chunks.size(), 2u) << dst;
+    for (const PackChunk& ch : np.chunks) {
+      EXPECT_EQ(ch.source, src);
+      EXPECT_EQ(ch.shard, dst == "a" ? 1u : 0u);
+    }
+    EXPECT_EQ(np.chunks[0].segments[0].copies.size(), 2u);
+  }
+
+  // Every shard on a: a sends b everything b needs, and nothing comes to a.
+  PackPlan one = BuildPackPlan(plan, engines, dtypes, std::vector<std::string>(4, "a"), 1 << 20);
+  ASSERT_EQ(one.nodes.size(), 1u);
+  EXPECT_EQ(one.nodes.at("b").payload_bytes, (16 + 64) * 2u);
+  EXPECT_EQ(one.nodes.at("b").bytes_from.at("a"), one.nodes.at("b").bytes);
+  const PackPlan same = BuildPackPlan(plan, engines, dtypes, "a", 1 << 20);
+  EXPECT_EQ(same.nodes.at("b").bytes, one.nodes.at("b").bytes);
+}
+
 }  // namespace
 }  // namespace ws::cluster

@@ -2,7 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <future>
+#include <mutex>
+#include <tuple>
 #include <thread>
 
 #include "tests/unit/server/fakes.h"
@@ -58,6 +61,7 @@ class CoordinatorTest : public ::testing::Test {
     o.clock = &clock_;
     o.housekeeping_interval = std::chrono::milliseconds(20);
     o.max_engines_per_peer = max_engines_per_peer_;
+    o.cluster = cluster_;
     coord_ = std::make_unique<Coordinator>(*reg, domain_.get(), exec_.get(), o);
     sources_.clear();
     auto add = [&](const std::string& n, Shape s) {
@@ -251,6 +255,7 @@ class CoordinatorTest : public ::testing::Test {
 
   uint32_t T_ = 2, W_ = 2;
   uint32_t max_engines_per_peer_ = 4096;
+  ClusterLink* cluster_ = nullptr;  // coord_'s peers (CoordinatorOptions::cluster)
   std::vector<Source> sources_;
   std::vector<std::map<std::string, std::pair<uint64_t, uint64_t>>> shard_offsets_;
   std::vector<std::shared_ptr<RecordingSink>> sinks_;
@@ -1354,6 +1359,244 @@ TEST_F(CoordinatorOwnershipTest, MemoryReferencesAlignedToTheirElementSize) {
   EXPECT_EQ(res.status().code(), Code::kInvalidArgument);
   EXPECT_ERR(res.status(), "is not a multiple of the f32 element size 4");
   for (const auto& e : engines) EXPECT_TRUE(Untouched(e));
+}
+
+// ---------------------------------------------------------------- across nodes
+
+// Two nodes in one process: each a real Coordinator whose ClusterLink calls
+// the other's peer methods directly; chunk bytes go through a mailbox
+// instead of UCX. Packing, scattering, commits and aborts are the real ones.
+class LoopbackLink final : public ClusterLink {
+ public:
+  explicit LoopbackLink(std::string self) : self_(std::move(self)) {}
+  ~LoopbackLink() override { Join(); }
+  void Peer(const std::string& node, Coordinator* c, LoopbackLink* link) { peers_[node] = {c, link}; }
+  void Join() {
+    std::vector<std::thread> t;
+    {
+      std::lock_guard lk(mu_);
+      t.swap(threads_);
+    }
+    for (auto& th : t) th.join();
+  }
+  PeerBytes bytes(const std::string& node) {
+    std::lock_guard lk(mu_);
+    return bytes_[node];
+  }
+
+  const std::string& self() const override { return self_; }
+  std::vector<std::string> UpPeers() const override {
+    std::vector<std::string> v;
+    for (const auto& [n, p] : peers_) v.push_back(n);
+    return v;
+  }
+  bool Down(const std::string&, std::string*) const override { return false; }
+  uint64_t staging_bytes() const override { return 1 << 20; }
+  Result<std::vector<RemoteEngine>> Prepare(const std::string& node, const std::string& model) override {
+    return peers_.at(node).coord->PeerPrepare(model);
+  }
+  Status Start(const std::string& node, const RemoteStart& start) override {
+    return peers_.at(node).coord->PeerStart(start).WithContext("node " + node);
+  }
+  Result<uint64_t> Send(const std::string& node, const std::string& leader, uint64_t sync_id,
+                        const std::vector<ChunkBuffer>& chunks) override {
+    const auto& p = peers_.at(node);
+    std::vector<uint32_t> numbers;
+    {
+      std::lock_guard lk(p.link->mu_);
+      for (const auto& ch : chunks) {
+        const auto* b = static_cast<const uint8_t*>(ch.data);
+        p.link->mailbox_[{self_, sync_id, ch.chunk}].assign(b, b + ch.bytes);
+        numbers.push_back(ch.chunk);
+      }
+    }
+    {
+      std::lock_guard lk(mu_);
+      for (const auto& ch : chunks) bytes_[node].sent += ch.bytes;
+    }
+    auto r = p.coord->PeerReceive(leader, self_, sync_id, numbers);
+    if (!r.ok()) return r.status().WithContext("node " + node + " receiving");
+    return r;
+  }
+  Status Commit(const std::string& node, uint64_t sync_id) override {
+    return peers_.at(node).coord->PeerCommit(self_, sync_id).status().WithContext("node " + node + " committing");
+  }
+  void AbortAsync(std::vector<std::string> nodes, uint64_t sync_id, std::string reason) override {
+    std::lock_guard lk(mu_);
+    threads_.emplace_back([this, nodes, sync_id, reason] {
+      for (const auto& n : nodes) (void)peers_.at(n).coord->PeerAbort(self_, sync_id, reason);
+    });
+  }
+  Status Receive(const std::string& from, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) override {
+    std::lock_guard lk(mu_);
+    for (const auto& ch : chunks) {
+      auto it = mailbox_.find({from, sync_id, ch.chunk});
+      if (it == mailbox_.end()) return Unavailable("chunk " + std::to_string(ch.chunk) + " never sent by " + from);
+      if (it->second.size() != ch.bytes) return InvalidArgument("chunk " + std::to_string(ch.chunk) + ": size");
+      std::memcpy(ch.data, it->second.data(), ch.bytes);
+      bytes_[from].received += ch.bytes;
+      mailbox_.erase(it);
+    }
+    return Status::Ok();
+  }
+
+ private:
+  struct Node {
+    Coordinator* coord = nullptr;
+    LoopbackLink* link = nullptr;
+  };
+  const std::string self_;
+  std::map<std::string, Node> peers_;  // set before any call
+  std::mutex mu_;
+  std::map<std::tuple<std::string, uint64_t, uint32_t>, std::vector<uint8_t>> mailbox_;
+  std::map<std::string, PeerBytes> bytes_;
+  std::vector<std::thread> threads_;
+};
+
+// Nodes a (coord_, the leader) and b (coord_b_): W=2 trainer ranks, rank 0
+// pushing to a and rank 1 to b; a TP=2 replica on each node (replica 0 on a,
+// replica 1 on b).
+class CoordinatorTwoNodesTest : public CoordinatorTest {
+ protected:
+  void SetUp() override {
+    cluster_ = &link_a_;
+    Init(/*T=*/2, /*W=*/2);
+    auto reg = LayoutRegistry::LoadTexts({{"toy.json", kToyRules}});
+    ASSERT_TRUE(reg.ok());
+    CoordinatorOptions o;
+    o.ack_timeout = std::chrono::seconds(10);
+    o.progress_timeout = std::chrono::minutes(5);
+    o.clock = &clock_;
+    o.housekeeping_interval = std::chrono::milliseconds(20);
+    o.cluster = &link_b_;
+    coord_b_ = std::make_unique<Coordinator>(*reg, domain_.get(), exec_.get(), o);
+    link_a_.Peer("b", coord_b_.get(), &link_b_);
+    link_b_.Peer("a", coord_.get(), &link_a_);
+    for (uint32_t tp = 0; tp < T_; ++tp) on_a_.push_back(Register(0, tp));
+    for (uint32_t tp = 0; tp < T_; ++tp) {
+      EngineHandle h;
+      std::vector<MemoryRef> mem;
+      EngineRankSpec spec = Spec(1, tp, &mem, &h);
+      auto id = coord_b_->RegisterEngine(Self(), spec, mem, h.sink.get(), "b:" + std::to_string(tp));
+      ASSERT_TRUE(id.ok()) << id.status().ToString();
+      h.id = *id;
+      sinks_.push_back(h.sink);
+      on_b_.push_back(h);
+    }
+  }
+  void TearDown() override {
+    link_a_.Join();
+    link_b_.Join();
+    coord_b_.reset();
+    coord_.reset();
+  }
+  Coordinator& On(uint32_t rank) { return rank == 0 ? *coord_ : *coord_b_; }
+  SourceManifest SpreadManifest(uint64_t version) const {
+    SourceManifest m = Manifest(version);
+    m.rank_nodes = {"a", "b"};
+    return m;
+  }
+  // Commit on a; each engine acks to its own node's coordinator.
+  Result<SyncStats> CommitBoth(uint64_t sync_id) {
+    auto fut = std::async(std::launch::async, [&] { return coord_->Commit(Self(), sync_id); });
+    for (auto* side : {&on_a_, &on_b_})
+      for (auto& e : *side) {
+        if (!e.sink->WaitFor(Kind::kCommitted, sync_id, std::chrono::seconds(5))) break;
+        Coordinator& c = side == &on_a_ ? *coord_ : *coord_b_;
+        EXPECT_TRUE(c.AckVersion(Self(), e.id, e.sink->events().back().version, true, "").ok());
+      }
+    return fut.get();
+  }
+
+  LoopbackLink link_a_{"a"}, link_b_{"b"};
+  std::unique_ptr<Coordinator> coord_b_;
+  std::vector<EngineHandle> on_a_, on_b_;
+};
+
+TEST_F(CoordinatorTwoNodesTest, RanksOnBothNodesEachFeedEveryEngineAndOnlyTheOtherNodesBytesTravel) {
+  for (uint64_t v = 1; v <= 2; ++v) {
+    auto b = coord_->BeginSync(Self(), SpreadManifest(v));
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    EXPECT_EQ(b->engines, 4u);
+    // Rank 1 pushes to b's daemon with the leader's sync id.
+    for (uint32_t r = 0; r < W_; ++r)
+      for (const auto& l : Layers()) {
+        auto res = On(r).PushLayer(Self(), b->sync_id, r, l, Layer(r, l));
+        ASSERT_TRUE(res.ok()) << "rank " << r << " " << l << ": " << res.status().ToString();
+      }
+    auto c = CommitBoth(b->sync_id);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+  }
+  for (const auto* side : {&on_a_, &on_b_})
+    for (const auto& e : *side) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
+  // Each node sent the other what its engines need of its own rank's shards; the same at both ends.
+  const PeerBytes ab = link_a_.bytes("b"), ba = link_b_.bytes("a");
+  EXPECT_GT(ab.sent, 0u);
+  EXPECT_GT(ba.sent, 0u);
+  EXPECT_EQ(link_b_.bytes("a").received, ab.sent);
+  EXPECT_EQ(link_a_.bytes("b").received, ba.sent);
+  // Both replicas need the same bytes: together the two directions carry one replica's worth
+  // (bf16; each norm shard once for both TP ranks, the embedding's padding rows not at all).
+  const uint64_t per_replica = 2 * (V * H + NL * (2 * H * H + H));
+  EXPECT_EQ(ab.sent + ba.sent, 2 * per_replica);
+  EXPECT_EQ(coord_b_->GetStatus().syncs_committed, 2u);
+}
+
+TEST_F(CoordinatorTwoNodesTest, ARankPushingToTheWrongNodeIsRefusedNamingItsNode) {
+  auto b = coord_->BeginSync(Self(), SpreadManifest(1));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  auto res = coord_->PushLayer(Self(), b->sync_id, 1, "embed", Layer(1, "embed"));
+  ASSERT_FALSE(res.ok());
+  EXPECT_ERR(res.status(), "trainer rank 1 pushes to node b's daemon");
+  // The leader aborted it everywhere.
+  for (auto& e : on_b_) EXPECT_TRUE(e.sink->WaitFor(Kind::kAborted, b->sync_id)) << e.id;
+}
+
+TEST_F(CoordinatorTwoNodesTest, AFailureOnTheOtherNodeAbortsEverywhereNamingItAndTheNextSyncSucceeds) {
+  auto b = coord_->BeginSync(Self(), SpreadManifest(1));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  // A shard reference past the end of rank 1's buffer: b refuses it and aborts the sync.
+  auto bad = Layer(1, "embed");
+  bad[0].second.offset += 1 << 20;
+  ASSERT_FALSE(coord_b_->PushLayer(Self(), b->sync_id, 1, "embed", bad).ok());
+  for (auto& e : on_a_) ASSERT_TRUE(e.sink->WaitFor(Kind::kAborted, b->sync_id)) << e.id;
+  auto c = coord_->Commit(Self(), b->sync_id);
+  ASSERT_FALSE(c.ok());
+  EXPECT_ERR(c.status(), "node b");
+  for (const auto& e : on_a_) EXPECT_TRUE(Untouched(e));
+
+  auto again = coord_->BeginSync(Self(), SpreadManifest(2));
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  for (uint32_t r = 0; r < W_; ++r)
+    for (const auto& l : Layers()) ASSERT_TRUE(On(r).PushLayer(Self(), again->sync_id, r, l, Layer(r, l)).ok());
+  ASSERT_TRUE(CommitBoth(again->sync_id).ok());
+  for (const auto* side : {&on_a_, &on_b_})
+    for (const auto& e : *side) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
+}
+
+TEST_F(CoordinatorTwoNodesTest, CommitBeforeTheOtherNodesRankFinishedFailsNamingNodeAndShards) {
+  auto b = coord_->BeginSync(Self(), SpreadManifest(1));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  for (const auto& l : Layers()) ASSERT_TRUE(coord_->PushLayer(Self(), b->sync_id, 0, l, Layer(0, l)).ok());
+  auto c = coord_->Commit(Self(), b->sync_id);
+  ASSERT_FALSE(c.ok());
+  EXPECT_ERR(c.status(), "node b");
+  EXPECT_ERR(c.status(), "(rank 1)");
+  for (auto& e : on_a_) EXPECT_TRUE(e.sink->WaitFor(Kind::kAborted, b->sync_id)) << e.id;
+}
+
+TEST_F(CoordinatorTwoNodesTest, RankNodesMustNameUpPeersOnePerRank) {
+  SourceManifest m = Manifest(1);
+  m.rank_nodes = {"a", "z"};
+  auto r = coord_->BeginSync(Self(), m);
+  ASSERT_FALSE(r.ok());
+  EXPECT_ERR(r.status(), "trainer rank 1 pushes to node z");
+  m.rank_nodes = {"a"};
+  r = coord_->BeginSync(Self(), m);
+  ASSERT_FALSE(r.ok());
+  EXPECT_ERR(r.status(), "one per rank");
+  for (const auto* side : {&on_a_, &on_b_})
+    for (const auto& e : *side) EXPECT_EQ(e.sink->kinds(), "") << e.id;
 }
 
 }  // namespace
