@@ -68,12 +68,14 @@ EPID=
 "$BIN/bench/memcpy_floor" --bytes "$MODEL_BYTES" --threads "$THREADS" --repeats 5 >"$W/floor.json"
 
 "$ROOT/.venv/bin/python" - "$W/push.json" "$W/floor.json" "$MODEL_BYTES" "$ANON0" "$ANON1" "$ANON2" "$HWM" "$SHM" \
-  "$REG0" "$REG1" "$CONFIG" "$TP" "$WORLD" "$THREADS" <<'PY'
-import json, sys, statistics
+  "$REG0" "$REG1" "$CONFIG" "$TP" "$WORLD" "$THREADS" "$W/daemon.log" <<'PY'
+import json, re, sys, statistics
 push_path, floor_path = sys.argv[1], sys.argv[2]
 model, anon0, anon1, anon2, hwm, shm = map(int, sys.argv[3:9])
 reg0, reg1 = float(sys.argv[9]), float(sys.argv[10])
 config, tp, world, threads = sys.argv[11], int(sys.argv[12]), int(sys.argv[13]), int(sys.argv[14])
+# The daemon's one summary line per sync states the copy ops it ran (after coalescing).
+ops_run = [int(m.group(1)) for m in (re.search(r"\bsync \d+ model=.*\bcopy_ops_run=(\d+)", l) for l in open(sys.argv[15])) if m]
 syncs = [json.loads(l) for l in open(push_path) if l.strip()]
 floor = json.load(open(floor_path))
 first, steady = syncs[0], syncs[1:] or syncs
@@ -92,7 +94,7 @@ for name, s in (("first", first), ("steady (median)", None)):
     row(f"{name}: total s", f"{g('client_seconds'):.3f}")
     row(f"{name}: overhead per tensor (sync - memcpy) / tensors", f"{(g('client_seconds') - floor_s) / tensors * 1e6:.1f} us")
 row("plan reused (per sync)", ", ".join(str(s.get("plan_reused", "n/a")) for s in syncs))
-row("copy ops planned / executed after coalescing", f"{first['copy_ops']} / {first.get('copy_ops_coalesced', 'n/a')}")
+row("copy ops planned / run after coalescing (per sync)", f"{first['copy_ops']} / {', '.join(map(str, ops_run)) or 'n/a'}")
 row(f"memcpy of the same source bytes, {threads} threads", f"{floor_s*1e3:.1f} ms")
 row("daemon private RSS (anon): idle / after registration / after syncs", f"{anon0/1e6:.0f} / {anon1/1e6:.0f} / {anon2/1e6:.0f} MB")
 row("daemon peak RSS incl. mapped shm / shm pages", f"{hwm/1e6:.0f} MB / {shm/1e6:.0f} MB")
