@@ -245,14 +245,24 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
                                         const std::vector<std::shared_ptr<Mapping>>& src,
                                         const std::string& where) const {
   const SyncPlan& plan = plan_->plan;
-  // Claimed shards by (group, position in the layer): a group's shards are
-  // adjacent, in the order the trainer laid them out.
-  std::vector<uint64_t> order(claimed.size());
+  // Claimed shards by (group, memory object, offset): a group's shards are
+  // adjacent, in the order they lie in the trainer's memory.
+  struct Key {
+    uint32_t group;
+    const MemoryRef* object;
+    uint64_t offset;
+    uint32_t index;
+  };
+  std::vector<Key> order(claimed.size());
   for (size_t i = 0; i < claimed.size(); ++i) {
     const uint32_t f = plan.shard_base[claimed[i].tensor] + claimed[i].shard;
-    order[i] = (static_cast<uint64_t>(plan_->shard_group[f]) << 32) | i;
+    order[i] = Key{plan_->shard_group[f], claimed[i].object, claimed[i].offset, static_cast<uint32_t>(i)};
   }
-  std::sort(order.begin(), order.end());
+  std::sort(order.begin(), order.end(), [](const Key& x, const Key& y) {
+    if (x.group != y.group) return x.group < y.group;
+    if (x.object != y.object) return std::less<const MemoryRef*>()(x.object, y.object);
+    return x.offset != y.offset ? x.offset < y.offset : x.index < y.index;
+  });
   // Plan copies [first, last] (of `n` shards) make op i; first == last when
   // it is a single copy.
   struct Group {
@@ -260,17 +270,21 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
   };
   auto groups = std::make_shared<std::vector<Group>>();
   BoundOps out;
-  kernels::CopyOp run;
+  // The pending op: `run` addresses the source through the whole mapping the
+  // layer's shards are slices of (so shards at constant strides in it can
+  // merge); a run of one op binds as `single`, through its own shard's slice.
+  kernels::CopyOp run, single;
   Group g{};
   const Mapping* run_src = nullptr;
+  const Mapping* single_src = nullptr;
   const Mapping* run_dst = nullptr;
   bool pending = false;
   uint32_t last_in_place = UINT32_MAX;  // in_place_engines.insert once per run of one engine's ops
   auto flush = [&]() -> Status {
     pending = false;
     const Group done = g;
-    WS_RETURN_IF_ERROR(BindOp(Canonical(run), run_src, *run_dst, [this, done] { return GroupName(done.first, done.last, done.n); },
-                              where, &out));
+    WS_RETURN_IF_ERROR(BindOp(done.n == 1 ? single : Canonical(run), done.n == 1 ? single_src : run_src, *run_dst,
+                              [this, done] { return GroupName(done.first, done.last, done.n); }, where, &out));
     groups->push_back(done);
     const PlannedCopy& c = plan.copies[done.first];
     if (!engines_[c.engine]->spec.params[c.param].staged && c.engine != last_in_place) {
@@ -281,20 +295,20 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
   };
   for (size_t a = 0; a < order.size();) {
     size_t e = a + 1;  // the group's shards are order[a, e)
-    while (e < order.size() && (order[e] >> 32) == (order[a] >> 32)) ++e;
-    const ClaimedShard& head = claimed[static_cast<uint32_t>(order[a])];
+    while (e < order.size() && order[e].group == order[a].group) ++e;
+    const ClaimedShard& head = claimed[order[a].index];
     auto [hb, he] = plan.CopiesOf(head.tensor, head.shard);
     for (uint32_t k = 0; k < he - hb; ++k) {  // the k-th copy of every shard of the group
       for (size_t m = a; m < e; ++m) {
-        const uint32_t i = static_cast<uint32_t>(order[m]);
+        const uint32_t i = order[m].index;
         const uint32_t ci = plan.CopiesOf(claimed[i].tensor, claimed[i].shard).first + k;
         const PlannedCopy& c = plan.copies[ci];
         const Engine& eng = *engines_[c.engine];
         if (!eng.local()) continue;  // packed and sent to its node (BindPack)
-        const Mapping* const src_map = src[i].get();
+        const Mapping* const slice = src[i].get();
         const Mapping* const dst_map = eng.maps[c.param].get();
         kernels::CopyOp op;
-        op.src = src_map->data();
+        op.src = slice->data();
         op.dst = dst_map->data();
         op.src_offset = c.src_offset;
         op.src_ld = c.src_ld;
@@ -306,17 +320,29 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
         op.dst_dtype = static_cast<uint8_t>(eng.spec.params[c.param].dtype);
         op.transpose = c.transpose ? 1 : 0;
         op = Canonical(op);
-        // Same mappings (so BindOp checks the merged op against the buffers
-        // each part reads and writes) and the next batch at constant strides.
-        if (pending && src_map == run_src && dst_map == run_dst && AppendToBatch(&run, op)) {
+        // Through the whole mapping when the slice starts at a whole element of it.
+        kernels::CopyOp via = op;
+        const Mapping* src_map = slice;
+        const auto [whole, at] = slice->Whole();
+        const uint32_t es = kernels::ElemSize(op.src_dtype);
+        if (at % es == 0 && reinterpret_cast<uintptr_t>(whole->data()) % es == 0) {
+          src_map = whole;
+          via.src = whole->data();
+          via.src_offset += static_cast<int64_t>(at / es);
+        }
+        // Same mappings (BindOp checks the merged op against them) and the
+        // next batch at constant strides.
+        if (pending && src_map == run_src && dst_map == run_dst && AppendToBatch(&run, via)) {
           g.last = ci;
           ++g.n;
           continue;
         }
         if (pending) WS_RETURN_IF_ERROR(flush());
-        run = op;
+        run = via;
+        single = op;
         g = Group{ci, ci, 1};
         run_src = src_map;
+        single_src = slice;
         run_dst = dst_map;
         pending = true;
       }

@@ -170,8 +170,10 @@ class SyncSession {
   // The planned copies of `claimed` from `src` (one mapping per claimed
   // shard) into the engines, coalesced (the k-th copies of one shard group's
   // shards as one batched op where their offsets advance by constant
-  // strides: shard_groups.h, daemon/dataplane/coalesce.h), bound and checked
-  // against both mappings (BindOp). A merged op is named "tensors A .. B
+  // strides in the mapping their slices come from: shard_groups.h,
+  // daemon/dataplane/coalesce.h), bound and checked against both mappings
+  // (BindOp; a merged op against the whole source mapping, a single one
+  // against its shard's slice). A merged op is named "tensors A .. B
   // (N shards, rank R) -> ENGINE param P".
   Result<BoundOps> BindLayer(const std::vector<ClaimedShard>& claimed,
                              const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where) const;
