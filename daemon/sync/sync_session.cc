@@ -293,22 +293,44 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
     }
     return Status::Ok();
   };
+  // Per shard of a group, once: its first copy, its slice and where that
+  // lies in the whole mapping (in source elements; -1: not addressable so).
+  struct Shard {
+    uint32_t index, copies;
+    const Mapping* slice;
+    const void* slice_data;
+    const Mapping* whole;
+    const void* whole_data;
+    int64_t at;
+  };
+  std::vector<Shard> shards;
   for (size_t a = 0; a < order.size();) {
     size_t e = a + 1;  // the group's shards are order[a, e)
     while (e < order.size() && order[e].group == order[a].group) ++e;
     const ClaimedShard& head = claimed[order[a].index];
     auto [hb, he] = plan.CopiesOf(head.tensor, head.shard);
+    shards.clear();
+    const uint32_t es = kernels::ElemSize(static_cast<uint8_t>(plan_->wire[head.tensor]));
+    for (size_t m = a; m < e; ++m) {
+      const uint32_t i = order[m].index;
+      const Mapping* const slice = src[i].get();
+      const auto [whole, at] = slice->Whole();
+      const void* const whole_data = whole->data();
+      const bool ok = at % es == 0 && reinterpret_cast<uintptr_t>(whole_data) % es == 0;
+      shards.push_back(Shard{i, plan.CopiesOf(claimed[i].tensor, claimed[i].shard).first, slice, slice->data(), whole,
+                             whole_data, ok ? static_cast<int64_t>(at / es) : -1});
+    }
     for (uint32_t k = 0; k < he - hb; ++k) {  // the k-th copy of every shard of the group
-      for (size_t m = a; m < e; ++m) {
-        const uint32_t i = order[m].index;
-        const uint32_t ci = plan.CopiesOf(claimed[i].tensor, claimed[i].shard).first + k;
+      for (const Shard& sh : shards) {
+        const uint32_t i = sh.index;
+        const uint32_t ci = sh.copies + k;
         const PlannedCopy& c = plan.copies[ci];
         const Engine& eng = *engines_[c.engine];
         if (!eng.local()) continue;  // packed and sent to its node (BindPack)
-        const Mapping* const slice = src[i].get();
+        const Mapping* const slice = sh.slice;
         const Mapping* const dst_map = eng.maps[c.param].get();
         kernels::CopyOp op;
-        op.src = slice->data();
+        op.src = sh.slice_data;
         op.dst = dst_map->data();
         op.src_offset = c.src_offset;
         op.src_ld = c.src_ld;
@@ -323,12 +345,10 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
         // Through the whole mapping when the slice starts at a whole element of it.
         kernels::CopyOp via = op;
         const Mapping* src_map = slice;
-        const auto [whole, at] = slice->Whole();
-        const uint32_t es = kernels::ElemSize(op.src_dtype);
-        if (at % es == 0 && reinterpret_cast<uintptr_t>(whole->data()) % es == 0) {
-          src_map = whole;
-          via.src = whole->data();
-          via.src_offset += static_cast<int64_t>(at / es);
+        if (sh.at >= 0) {
+          src_map = sh.whole;
+          via.src = sh.whole_data;
+          via.src_offset += sh.at;
         }
         // Same mappings (BindOp checks the merged op against them) and the
         // next batch at constant strides.
