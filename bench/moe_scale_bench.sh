@@ -5,7 +5,9 @@
 #   * runs weightsyncd, a T-rank bf16 mock engine and a W-rank push repeated
 #     N times (the first sync plans and maps; later ones are steady state),
 #   * measures a memcpy of the same source bytes in the same run,
-#   * reads the daemon's private (anonymous) RSS and the engines' registration time.
+#   * reads the daemon's private (anonymous) RSS, the engines' registration
+#     time, the copy ops the daemon ran (its per-sync summary line) and the
+#     CPU time of the daemon and of the push client over the syncs.
 # Prints a markdown table.
 #   bench/moe_scale_bench.sh [BUILD_DIR]
 #   WS_MOE_CONFIG=deepseek (60 layers x 256 experts, default) | kimi (61 x 384)
@@ -58,8 +60,14 @@ if [ -n "${WS_BENCH_PERF:-}" ]; then  # profile the daemon during the syncs
   perf record -F 499 -g -p "$DPID" -o "$W/perf.data" >/dev/null 2>&1 &
   PERF=$!
 fi
-"${CTL[@]}" push --checkpoint "$W/ckpt" --model moe --world-size "$WORLD" --version 1 --repeat "$REPEAT" --json \
-  >"$W/push.json"
+cpu() { awk '{print $14 + $15}' /proc/$DPID/stat; }  # daemon user + system CPU, in clock ticks
+CPU0=$(cpu)
+TIMEFORMAT='%U %S'
+{ time "${CTL[@]}" push --checkpoint "$W/ckpt" --model moe --world-size "$WORLD" --version 1 --repeat "$REPEAT" --json \
+  >"$W/push.json"; } 2>"$W/push.time"
+CPU1=$(cpu)
+DCPU=$(awk -v a="$CPU0" -v b="$CPU1" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", (b - a) / hz}')
+CCPU=$(awk '{printf "%.3f", $1 + $2}' "$W/push.time")
 if [ -n "$PERF" ]; then kill -INT $PERF; wait $PERF || true; fi
 ANON2=$(mem RssAnon); HWM=$(mem VmHWM); SHM=$(mem RssShmem)
 wait $EPID || true
@@ -68,12 +76,14 @@ EPID=
 "$BIN/bench/memcpy_floor" --bytes "$MODEL_BYTES" --threads "$THREADS" --repeats 5 >"$W/floor.json"
 
 "$ROOT/.venv/bin/python" - "$W/push.json" "$W/floor.json" "$MODEL_BYTES" "$ANON0" "$ANON1" "$ANON2" "$HWM" "$SHM" \
-  "$REG0" "$REG1" "$CONFIG" "$TP" "$WORLD" "$THREADS" <<'PY'
-import json, sys, statistics
+  "$REG0" "$REG1" "$CONFIG" "$TP" "$WORLD" "$THREADS" "$W/daemon.log" "$DCPU" "$CCPU" <<'PY'
+import json, re, sys, statistics
 push_path, floor_path = sys.argv[1], sys.argv[2]
 model, anon0, anon1, anon2, hwm, shm = map(int, sys.argv[3:9])
 reg0, reg1 = float(sys.argv[9]), float(sys.argv[10])
 config, tp, world, threads = sys.argv[11], int(sys.argv[12]), int(sys.argv[13]), int(sys.argv[14])
+# The daemon's one summary line per sync states the copy ops it ran (after coalescing).
+ops_run = [int(m.group(1)) for m in (re.search(r"\bsync \d+ model=.*\bcopy_ops_run=(\d+)", l) for l in open(sys.argv[15])) if m]
 syncs = [json.loads(l) for l in open(push_path) if l.strip()]
 floor = json.load(open(floor_path))
 first, steady = syncs[0], syncs[1:] or syncs
@@ -92,8 +102,9 @@ for name, s in (("first", first), ("steady (median)", None)):
     row(f"{name}: total s", f"{g('client_seconds'):.3f}")
     row(f"{name}: overhead per tensor (sync - memcpy) / tensors", f"{(g('client_seconds') - floor_s) / tensors * 1e6:.1f} us")
 row("plan reused (per sync)", ", ".join(str(s.get("plan_reused", "n/a")) for s in syncs))
-row("copy ops planned / executed after coalescing", f"{first['copy_ops']} / {first.get('copy_ops_coalesced', 'n/a')}")
+row("copy ops planned / run after coalescing (per sync)", f"{first['copy_ops']} / {', '.join(map(str, ops_run)) or 'n/a'}")
 row(f"memcpy of the same source bytes, {threads} threads", f"{floor_s*1e3:.1f} ms")
+row(f"CPU seconds over all {len(syncs)} syncs: daemon / push client", f"{float(sys.argv[16]):.2f} / {float(sys.argv[17]):.2f}")
 row("daemon private RSS (anon): idle / after registration / after syncs", f"{anon0/1e6:.0f} / {anon1/1e6:.0f} / {anon2/1e6:.0f} MB")
 row("daemon peak RSS incl. mapped shm / shm pages", f"{hwm/1e6:.0f} MB / {shm/1e6:.0f} MB")
 PY

@@ -107,6 +107,33 @@ std::string Fixed(double v, int prec) {
 }
 
 
+// Names in natural order: runs of digits compare as numbers
+// ("experts.2." before "experts.10."), as a trainer's module walk meets them.
+bool NaturalLess(const std::string& a, const std::string& b) {
+  size_t i = 0, j = 0;
+  auto digit = [](char c) { return c >= '0' && c <= '9'; };
+  while (i < a.size() && j < b.size()) {
+    if (digit(a[i]) && digit(b[j])) {
+      size_t ie = i, je = j;
+      while (ie < a.size() && digit(a[ie])) ++ie;
+      while (je < b.size() && digit(b[je])) ++je;
+      size_t i0 = i, j0 = j;  // skip leading zeros, then longer is larger
+      while (i0 + 1 < ie && a[i0] == '0') ++i0;
+      while (j0 + 1 < je && b[j0] == '0') ++j0;
+      if (ie - i0 != je - j0) return ie - i0 < je - j0;
+      if (int c = a.compare(i0, ie - i0, b, j0, je - j0); c != 0) return c < 0;
+      if (ie - i != je - j) return ie - i < je - j;
+      i = ie;
+      j = je;
+      continue;
+    }
+    if (a[i] != b[j]) return a[i] < b[j];
+    ++i;
+    ++j;
+  }
+  return a.size() - i < b.size() - j;
+}
+
 // Splits the checkpoint, lays out each rank's buffer and builds the manifest
 // (with --inject applied). Errors are returned as the message to print.
 Result<Plan> MakePlan(const st::Checkpoint& ckpt, const PushOptions& o) {
@@ -124,6 +151,12 @@ Result<Plan> MakePlan(const st::Checkpoint& ckpt, const PushOptions& o) {
     tensors.push_back({"model.bogus.weight", {8}, DType::kF32, nullptr, {}, {}, {}});
     Err("weightsyncctl push: --inject unknown-tensor applied to tensor \"model.bogus.weight\"");
   }
+
+  // In a trainer's order (safetensors headers sort names as strings:
+  // experts 0, 1, 10, 100, ...), so that the shards of consecutive experts
+  // lie at constant strides in each rank's buffer, as a trainer lays them out.
+  std::stable_sort(tensors.begin(), tensors.end(),
+                   [](const Tensor& a, const Tensor& b) { return NaturalLess(a.name, b.name); });
 
   // Split and lay out each rank's buffer.
   p.rank_bytes.assign(W, 0);

@@ -22,7 +22,7 @@ Status BindOp(kernels::CopyOp op, const Mapping* src, const Mapping& dst, const 
     return Internal(where + ": planned " + ValidateCopyOp(op, label(), &extents).message());
   }
   if (!op.zero_fill && op.rows > 0 && op.cols > 0) {
-    out->bytes_read += static_cast<uint64_t>(op.rows * op.cols) * kernels::ElemSize(op.src_dtype);
+    out->bytes_read += static_cast<uint64_t>(op.count * op.rows * op.cols) * kernels::ElemSize(op.src_dtype);
   }
   out->ops.push_back(op);
   // Mapped memory is on this node.

@@ -6,11 +6,13 @@ namespace ws {
 
 namespace {
 
-// Last element index of `outer` rows of `inner` elements at stride `ld` from
-// `offset`; false when it overflows (a wrapped index must fail the check).
-bool LastIndex(int64_t offset, int64_t outer, int64_t ld, int64_t inner, uint64_t* out) {
-  int64_t a, b;
-  if (__builtin_mul_overflow(outer - 1, ld, &a) || __builtin_add_overflow(offset, a, &b) ||
+// Last element index of `count` batches at stride `bs` of `outer` rows of
+// `inner` elements at stride `ld` from `offset`; false when it overflows (a
+// wrapped index must fail the check).
+bool LastIndex(int64_t offset, int64_t count, int64_t bs, int64_t outer, int64_t ld, int64_t inner, uint64_t* out) {
+  int64_t a, b, c;
+  if (__builtin_mul_overflow(outer - 1, ld, &a) || __builtin_mul_overflow(count - 1, bs, &c) ||
+      __builtin_add_overflow(offset, a, &b) || __builtin_add_overflow(b, c, &b) ||
       __builtin_add_overflow(b, inner - 1, &b))
     return false;
   *out = static_cast<uint64_t>(b);
@@ -44,6 +46,7 @@ Status ValidateCopyOp(const kernels::CopyOp& op, const std::string& what, const 
   if (op.rows < 0 || op.cols < 0) {
     return bad("negative shape " + std::to_string(op.rows) + "x" + std::to_string(op.cols));
   }
+  if (op.count < 1) return bad("batch count " + std::to_string(op.count) + " < 1");
   if (op.src_dtype > kernels::kF16 || op.dst_dtype > kernels::kF16) {
     return bad("unknown dtype code " + std::to_string(op.src_dtype) + " -> " + std::to_string(op.dst_dtype));
   }
@@ -62,22 +65,46 @@ Status ValidateCopyOp(const kernels::CopyOp& op, const std::string& what, const 
     return bad("destination stride " + std::to_string(op.dst_ld) + " < cols " + std::to_string(op.cols) +
                " (rows would overlap)");
   }
+  if (op.count > 1 && (op.src_batch_stride < 0 || op.dst_batch_stride < 0)) return bad("negative batch stride");
+  if (!DstBatchesDisjoint(op)) {
+    return bad("destination batch stride " + std::to_string(op.dst_batch_stride) + " makes " +
+               std::to_string(op.count) + " batches of " + std::to_string(op.rows) + "x" + std::to_string(op.cols) +
+               " (row stride " + std::to_string(op.dst_ld) + ") overlap");
+  }
   if (extents == nullptr) return Status::Ok();
   uint64_t last;
-  if (!LastIndex(op.dst_offset, op.rows, op.dst_ld, op.cols, &last) || last >= extents->dst_elems) {
+  if (!LastIndex(op.dst_offset, op.count, op.dst_batch_stride, op.rows, op.dst_ld, op.cols, &last) ||
+      last >= extents->dst_elems) {
     return bad("writes past the end of its destination (" + std::to_string(extents->dst_elems) + " elements)");
   }
   if (op.zero_fill) return Status::Ok();
-  if (!(op.transpose ? LastIndex(op.src_offset, op.cols, op.src_ld, op.rows, &last)
-                     : LastIndex(op.src_offset, op.rows, op.src_ld, op.cols, &last)) ||
+  if (!(op.transpose ? LastIndex(op.src_offset, op.count, op.src_batch_stride, op.cols, op.src_ld, op.rows, &last)
+                     : LastIndex(op.src_offset, op.count, op.src_batch_stride, op.rows, op.src_ld, op.cols, &last)) ||
       last >= extents->src_elems) {
     return bad("reads past the end of its source (" + std::to_string(extents->src_elems) + " elements)");
   }
   return Status::Ok();
 }
 
+bool DstBatchesDisjoint(const kernels::CopyOp& op) {
+  if (op.count <= 1 || op.rows == 0 || op.cols == 0) return true;
+  const int64_t s = op.dst_batch_stride;
+  // Whole batches one after another: each spans (rows-1)*dst_ld + cols.
+  int64_t span;
+  if (op.rows == 1) {
+    span = op.cols;
+  } else if (__builtin_mul_overflow(op.rows - 1, op.dst_ld, &span) || __builtin_add_overflow(span, op.cols, &span)) {
+    return false;
+  }
+  if (s >= span) return true;
+  // Batches side by side inside each row: all of a row's batches fit in dst_ld.
+  int64_t width;
+  return op.rows > 1 && s >= op.cols && !__builtin_mul_overflow(op.count - 1, s, &width) &&
+         !__builtin_add_overflow(width, op.cols, &width) && width <= op.dst_ld;
+}
+
 void RunOpReference(const kernels::CopyOp& op) {
-  const int64_t n = op.rows * op.cols;
+  const int64_t n = op.count * op.rows * op.cols;
   for (int64_t k = 0; k < n; ++k) kernels::RunElement(op, k);
 }
 

@@ -90,11 +90,19 @@ struct OpExtents {
   uint64_t dst_elems = 0;
 };
 
-// Checks an op's shape fields (non-negative sizes, known dtypes, non-null
-// pointers aligned to their element size, destination rows that do not
-// overlap) and, given `extents`, that every element it reads or writes lies
+// Checks an op's shape fields (non-negative sizes, count >= 1, known dtypes,
+// non-null pointers aligned to their element size, destination rows and
+// batches that do not overlap: DstBatchesDisjoint) and, given `extents`, that every element it reads or writes lies
 // inside them (computed with overflow checks). InvalidArgument naming `what`.
 Status ValidateCopyOp(const kernels::CopyOp& op, const std::string& what, const OpExtents* extents = nullptr);
+
+// Whether an op's destination batches are provably disjoint: each batch's
+// whole span lies before the next one's (dst_batch_stride >=
+// (rows-1)*dst_ld + cols), or the batches sit side by side within every
+// destination row (rows > 1, cols <= dst_batch_stride and
+// (count-1)*dst_batch_stride + cols <= dst_ld). Rows within a batch are
+// checked separately (dst_ld >= cols). True for count <= 1 and empty ops.
+bool DstBatchesDisjoint(const kernels::CopyOp& op);
 
 // Single-threaded reference path: the plain per-element loop over
 // kernels::RunElement. Used by tests to check the fast paths.

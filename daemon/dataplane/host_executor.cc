@@ -20,6 +20,7 @@
 #include <mutex>
 #include <thread>
 
+#include "daemon/dataplane/coalesce.h"
 #include "daemon/dataplane/executor.h"
 #include "daemon/dataplane/host_rows.h"
 #include "daemon/dataplane/thread_pool.h"
@@ -32,9 +33,10 @@ using kernels::CopyOp;
 
 using kernels::ElemSize;
 
+// Batches [b0, b1) of rows [r0, r1) and cols [c0, c1) of one op.
 struct Item {
   const CopyOp* op;
-  int64_t r0, r1, c0, c1;
+  int64_t b0, b1, r0, r1, c0, c1;
 };
 
 constexpr int64_t kTile = 64;
@@ -46,16 +48,27 @@ struct RunMode {
   uint64_t stream_min_bytes;
 };
 
+void TransposeItem(const Item& it, rows::RowFn row, const char* s, char* d);
+
 void CastItem(const Item& it, rows::RowFn row, bool stream) {
   const CopyOp& op = *it.op;
   const size_t ss = ElemSize(op.src_dtype), ds = ElemSize(op.dst_dtype);
-  const char* s = static_cast<const char*>(op.src) + op.src_offset * ss;
-  char* d = static_cast<char*>(op.dst) + op.dst_offset * ds;
-  if (!op.transpose) {
+  for (int64_t b = it.b0; b < it.b1; ++b) {
+    const char* s = static_cast<const char*>(op.src) + (op.src_offset + b * op.src_batch_stride) * ss;
+    char* d = static_cast<char*>(op.dst) + (op.dst_offset + b * op.dst_batch_stride) * ds;
+    if (op.transpose) {
+      TransposeItem(it, row, s, d);
+      continue;
+    }
     for (int64_t i = it.r0; i < it.r1; ++i)
       row(s + (i * op.src_ld + it.c0) * ss, d + (i * op.dst_ld + it.c0) * ds, it.c1 - it.c0, stream);
-    return;
   }
+}
+
+// One batch of a transposed item; s and d point at the batch's origin.
+void TransposeItem(const Item& it, rows::RowFn row, const char* s, char* d) {
+  const CopyOp& op = *it.op;
+  const size_t ss = ElemSize(op.src_dtype), ds = ElemSize(op.dst_dtype);
   // dst(i, j) = src(j, i), one kTile x kTile block at a time: convert source
   // rows contiguously into a small tile (no cache-set conflicts from large
   // power-of-two strides), then write destination rows contiguously.
@@ -84,45 +97,50 @@ void CopyItem(const Item& it, const RunMode& mode) {
   char* d = static_cast<char*>(op.dst);
   const size_t row_bytes = static_cast<size_t>(it.c1 - it.c0) * es;
   if (op.zero_fill) {  // +0.0 is all-zero bits in f32, bf16 and f16
-    for (int64_t i = it.r0; i < it.r1; ++i) std::memset(d + (op.dst_offset + i * op.dst_ld + it.c0) * es, 0, row_bytes);
+    for (int64_t b = it.b0; b < it.b1; ++b)
+      for (int64_t i = it.r0; i < it.r1; ++i)
+        std::memset(d + (op.dst_offset + b * op.dst_batch_stride + i * op.dst_ld + it.c0) * es, 0, row_bytes);
     return;
   }
   // The destination is not read again by the daemon: large ops stream it.
-  const bool stream = !op.transpose && static_cast<uint64_t>(op.rows * op.cols) * es >= mode.stream_min_bytes;
+  const bool stream =
+      !op.transpose && static_cast<uint64_t>(op.count * op.rows * op.cols) * es >= mode.stream_min_bytes;
   CastItem(it, rows::Row(mode.isa, op.src_dtype, op.dst_dtype), stream);
   if (stream) rows::StreamFence();
 }
 
-// A non-transposed op whose rows are back to back on both sides is one long row.
-CopyOp Normalize(const CopyOp& op) {
-  CopyOp n = op;
-  if (op.zero_fill) n.transpose = 0;
-  if (!n.transpose && op.rows > 1 && op.dst_ld == op.cols && (op.zero_fill || op.src_ld == op.cols)) {
-    n.cols = op.rows * op.cols;
-    n.rows = 1;
-    n.src_ld = n.dst_ld = n.cols;
-  }
-  return n;
-}
+void SplitBatch(const CopyOp* op, int64_t b, int64_t chunk, std::vector<Item>* items);
 
 void Split(const CopyOp* op, size_t chunk_bytes, std::vector<Item>* items) {
   const int64_t chunk = std::max<int64_t>(64, static_cast<int64_t>(chunk_bytes / ElemSize(op->dst_dtype)));
+  const int64_t per_batch = op->rows * op->cols;
+  if (op->count > 1 && per_batch <= chunk) {  // whole batches per item
+    const int64_t per = std::max<int64_t>(1, chunk / per_batch);
+    for (int64_t b = 0; b < op->count; b += per)
+      items->push_back({op, b, std::min<int64_t>(b + per, op->count), 0, op->rows, 0, op->cols});
+    return;
+  }
+  for (int64_t b = 0; b < op->count; ++b) SplitBatch(op, b, chunk, items);
+}
+
+// Items of batch b of an op.
+void SplitBatch(const CopyOp* op, int64_t b, int64_t chunk, std::vector<Item>* items) {
   if (op->transpose) {
     // Square-ish blocks: splitting by whole rows would stride through the source.
     int64_t side = static_cast<int64_t>(std::sqrt(static_cast<double>(chunk)));
     side = std::max<int64_t>(kTile, side / kTile * kTile);
     for (int64_t r = 0; r < op->rows; r += side)
       for (int64_t c = 0; c < op->cols; c += side)
-        items->push_back({op, r, std::min(r + side, op->rows), c, std::min(c + side, op->cols)});
+        items->push_back({op, b, b + 1, r, std::min(r + side, op->rows), c, std::min(c + side, op->cols)});
     return;
   }
   if (op->cols <= chunk) {
     const int64_t per = std::max<int64_t>(1, chunk / op->cols);
-    for (int64_t r = 0; r < op->rows; r += per) items->push_back({op, r, std::min(r + per, op->rows), 0, op->cols});
+    for (int64_t r = 0; r < op->rows; r += per) items->push_back({op, b, b + 1, r, std::min(r + per, op->rows), 0, op->cols});
     return;
   }
   for (int64_t r = 0; r < op->rows; ++r)
-    for (int64_t c = 0; c < op->cols; c += chunk) items->push_back({op, r, r + 1, c, std::min(c + chunk, op->cols)});
+    for (int64_t c = 0; c < op->cols; c += chunk) items->push_back({op, b, b + 1, r, r + 1, c, std::min(c + chunk, op->cols)});
 }
 
 // SIGBUS fault guard. One process-wide handler; each thread's guard is
@@ -206,7 +224,7 @@ bool GuardedCopyItems(const Item* items, size_t n, const RunMode& mode, size_t* 
 bool InDestination(const CopyOp& o, const void* p) {
   const size_t es = ElemSize(o.dst_dtype);
   const char* lo = static_cast<const char*>(o.dst) + o.dst_offset * es;
-  const char* hi = lo + ((o.rows - 1) * o.dst_ld + o.cols) * es;
+  const char* hi = lo + ((o.count - 1) * o.dst_batch_stride + (o.rows - 1) * o.dst_ld + o.cols) * es;
   return p >= lo && p < hi;
 }
 
@@ -235,9 +253,9 @@ class HostExecutor final : public Executor {
     uint64_t bytes = 0;
     for (size_t i = 0; i < ops.size(); ++i) {
       if (ops[i].rows == 0 || ops[i].cols == 0) continue;
-      norm.push_back(Normalize(ops[i]));
+      norm.push_back(Canonical(ops[i]));
       index.push_back(i);
-      bytes += static_cast<uint64_t>(ops[i].rows * ops[i].cols) * ElemSize(ops[i].dst_dtype);
+      bytes += static_cast<uint64_t>(ops[i].count * ops[i].rows * ops[i].cols) * ElemSize(ops[i].dst_dtype);
     }
     std::vector<Item> items;
     for (const CopyOp& op : norm) Split(&op, chunk_bytes_, &items);
@@ -248,7 +266,7 @@ class HostExecutor final : public Executor {
     uint64_t acc = 0;
     for (size_t i = 0; i < items.size(); ++i) {
       const Item& it = items[i];
-      acc += static_cast<uint64_t>((it.r1 - it.r0) * (it.c1 - it.c0)) * ElemSize(it.op->dst_dtype);
+      acc += static_cast<uint64_t>((it.b1 - it.b0) * (it.r1 - it.r0) * (it.c1 - it.c0)) * ElemSize(it.op->dst_dtype);
       if (acc >= task_bytes || i + 1 == items.size()) {
         task.push_back(i + 1);
         acc = 0;

@@ -107,9 +107,13 @@ WS_HD void CopyElement(const void* src, uint8_t sdt, uint64_t si, void* dst, uin
   StoreFromF32(dst, ddt, di, LoadAsF32(src, sdt, si));
 }
 
-// One rectangular copy in element units, in destination coordinates:
-//   dst[dst_offset + i*dst_ld + j] = src[SrcIndex(op, i, j)]  for i < rows, j < cols.
-// zero_fill: src is ignored and dst gets +0.0.
+// One copy in element units: `count` rectangles (batches) of rows x cols, in
+// destination coordinates:
+//   dst[DstIndex(op, b, i, j)] = src[SrcIndex(op, b, i, j)]  for b < count, i < rows, j < cols
+// with DstIndex = dst_offset + b*dst_batch_stride + i*dst_ld + j.
+// count 1 is a plain 2-D copy (the batch strides are unused). zero_fill: src
+// is ignored and dst gets +0.0. POD, 88 bytes (the GPU kernel uploads arrays
+// of them).
 struct CopyOp {
   const void* src = nullptr;
   void* dst = nullptr;
@@ -119,22 +123,46 @@ struct CopyOp {
   uint8_t src_dtype = kF32, dst_dtype = kBF16;
   uint8_t transpose = 0;
   uint8_t zero_fill = 0;
+  int32_t count = 1;  // batches, >= 1
+  int64_t src_batch_stride = 0, dst_batch_stride = 0;
 };
+static_assert(sizeof(CopyOp) == 88, "CopyOp's size is stated in docs/architecture.md");
 
-WS_HD int64_t SrcIndex(const CopyOp& op, int64_t i, int64_t j) {
-  return op.src_offset + (op.transpose ? j * op.src_ld + i : i * op.src_ld + j);
+// Elements one batch copies (all batches: times op.count).
+WS_HD int64_t BatchElements(const CopyOp& op) { return op.rows * op.cols; }
+
+WS_HD int64_t SrcIndex(const CopyOp& op, int64_t b, int64_t i, int64_t j) {
+  return op.src_offset + b * op.src_batch_stride + (op.transpose ? j * op.src_ld + i : i * op.src_ld + j);
 }
-WS_HD int64_t DstIndex(const CopyOp& op, int64_t i, int64_t j) { return op.dst_offset + i * op.dst_ld + j; }
+WS_HD int64_t DstIndex(const CopyOp& op, int64_t b, int64_t i, int64_t j) {
+  return op.dst_offset + b * op.dst_batch_stride + i * op.dst_ld + j;
+}
+// Batch 0 (all of a count-1 op).
+WS_HD int64_t SrcIndex(const CopyOp& op, int64_t i, int64_t j) { return SrcIndex(op, 0, i, j); }
+WS_HD int64_t DstIndex(const CopyOp& op, int64_t i, int64_t j) { return DstIndex(op, 0, i, j); }
 
-// Maps a flat element number k in [0, rows*cols) of an op to (i, j); the GPU
-// kernel assigns k by thread, the host loops over it.
-WS_HD void SplitIndex(const CopyOp& op, int64_t k, int64_t* i, int64_t* j) {
-  *i = k / op.cols;
-  *j = k - *i * op.cols;
+// Batch b of an op as a count-1 op.
+WS_HD CopyOp BatchSlice(const CopyOp& op, int64_t b) {
+  CopyOp s = op;
+  s.src_offset += b * op.src_batch_stride;
+  s.dst_offset += b * op.dst_batch_stride;
+  s.count = 1;
+  return s;
+}
+
+// Maps a flat element number k in [0, count*rows*cols) of an op to (b, i, j);
+// the GPU kernel assigns k by thread, the host loops over it.
+WS_HD void SplitIndex(const CopyOp& op, int64_t k, int64_t* b, int64_t* i, int64_t* j) {
+  const int64_t per = op.rows * op.cols;
+  *b = k / per;
+  const int64_t r = k - *b * per;
+  *i = r / op.cols;
+  *j = r - *i * op.cols;
 }
 
 // Transposed ops run on the GPU in square tiles of kTransposeTile^2
-// destination elements, so that both passes coalesce: the load pass reads
+// destination elements per batch (the functions below index one batch: a
+// BatchSlice), so that both passes coalesce: the load pass reads
 // source rows (contiguous in memory) into a buffer, the store pass writes
 // destination rows from it. In both, `b` is the fast index across threads.
 constexpr int64_t kTransposeTile = 32;
@@ -167,16 +195,16 @@ WS_HD bool TransposeStoreIndex(const CopyOp& op, int64_t i0, int64_t j0, int a, 
   return true;
 }
 
-// Element k of an op: the whole per-element body the GPU kernel runs.
+// Element k of an op: the whole per-element body of the reference path.
 WS_HD void RunElement(const CopyOp& op, int64_t k) {
-  int64_t i, j;
-  SplitIndex(op, k, &i, &j);
-  int64_t di = DstIndex(op, i, j);
+  int64_t b, i, j;
+  SplitIndex(op, k, &b, &i, &j);
+  const int64_t di = DstIndex(op, b, i, j);
   if (op.zero_fill) {
     StoreFromF32(op.dst, op.dst_dtype, di, 0.0f);
     return;
   }
-  CopyElement(op.src, op.src_dtype, SrcIndex(op, i, j), op.dst, op.dst_dtype, di);
+  CopyElement(op.src, op.src_dtype, SrcIndex(op, b, i, j), op.dst, op.dst_dtype, di);
 }
 
 }  // namespace ws::kernels

@@ -66,6 +66,10 @@ class Slice final : public Mapping {
   Status CheckBacked() const override { return whole_->CheckBacked(); }
   Status Reserve() const override { return whole_->Reserve(); }
   const void* object() const override { return whole_->object(); }
+  std::pair<const Mapping*, uint64_t> Whole() const override {
+    auto [w, off] = whole_->Whole();
+    return {w, off + offset_};
+  }
   MemoryExtent extent() const override {
     MemoryExtent e = whole_->extent();
     e.begin += offset_;

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "daemon/core/status.h"
@@ -107,6 +108,10 @@ class Mapping {
   virtual const void* object() const { return this; }
   // The bytes this mapping covers, for overlap checks between parameters.
   virtual MemoryExtent extent() const = 0;
+  // The mapping this one is a slice of (SliceMapping, through any nesting)
+  // and this one's byte offset in it; itself and 0 when not a slice. Lets
+  // the sync layer address several slices of one mapping through one op.
+  virtual std::pair<const Mapping*, uint64_t> Whole() const { return {this, 0}; }
 };
 
 // [offset, offset + length) of `whole` (which must cover it) as a mapping of

@@ -333,9 +333,11 @@ void Coordinator::FinishLocked(SyncSession& sync, bool committed, const std::str
   finished_[sync.id()] = FinishedSync{sync.state(), sync.error(), sync.owner()};
   while (finished_.size() > 64) finished_.erase(finished_.begin());
   // The one summary line per sync.
-  auto line = fmt::format("sync {} model={} version={} engines={} world_size={} bytes={} seconds={:.3f} gbps={:.3f} outcome={}",
-                          sync.id(), st.model, st.version, st.engines, st.world_size, st.bytes_written, st.seconds,
-                          st.gbps, st.state);
+  auto line = fmt::format(
+      "sync {} model={} version={} engines={} world_size={} bytes={} copy_ops_run={} seconds={:.3f} gbps={:.3f} "
+      "outcome={}",
+      sync.id(), st.model, st.version, st.engines, st.world_size, st.bytes_written, sync.ops_run, st.seconds, st.gbps,
+      st.state);
   if (committed)
     spdlog::info("{}", line);
   else
@@ -732,6 +734,7 @@ Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id,
     MutexLock lk(&mu_);
     sync->bytes_written += ran.value();
     sync->bytes_read += bound->bytes_read;
+    sync->ops_run += bound->ops.size();
   }
   WS_RETURN_IF_ERROR(EndWrite(*sync, Status::Ok()));
   spdlog::trace("{}: {} shards, {} bytes in {:.4f}s", where, claimed.size(), ran.value(), secs);
@@ -1127,6 +1130,7 @@ Result<uint64_t> Coordinator::PeerReceive(const std::string& leader, const std::
     MutexLock lk(&mu_);
     sync->bytes_written += ran.value();
     sync->bytes_read += bound->bytes_read;
+    sync->ops_run += bound->ops.size();
   }
   WS_RETURN_IF_ERROR(EndWrite(*sync, Status::Ok()));
   return ran.value();

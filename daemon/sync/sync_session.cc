@@ -1,10 +1,13 @@
 #include "daemon/sync/sync_session.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
 
 #include "daemon/core/text.h"
+#include "daemon/dataplane/coalesce.h"
+#include "daemon/sync/shard_groups.h"
 
 namespace ws::server {
 
@@ -95,6 +98,7 @@ Result<std::shared_ptr<const ReadyPlan>> MakeReadyPlan(const SourceManifest& man
   for (size_t t = 0; t < manifest.tensors.size(); ++t)
     ready->wire.push_back(manifest.negotiate_dtypes ? ready->dtypes[t].wire : manifest.tensors[t].dtype);
   for (const auto& e : engines) ready->engines.push_back(e);
+  ready->shard_group = GroupShards(manifest, ready->plan, ready->wire);
   return std::shared_ptr<const ReadyPlan>(std::move(ready));
 }
 
@@ -241,45 +245,146 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
                                         const std::vector<std::shared_ptr<Mapping>>& src,
                                         const std::string& where) const {
   const SyncPlan& plan = plan_->plan;
-  size_t n = 0;
-  for (const ClaimedShard& c : claimed) {
-    auto [b, e] = plan.CopiesOf(c.tensor, c.shard);
-    n += e - b;
-  }
-  BoundOps out;
-  out.ops.reserve(n);
-  auto index = std::make_shared<std::vector<uint32_t>>();  // plan copy of each op, for names
-  index->reserve(n);
-  uint32_t last_in_place = UINT32_MAX;  // in_place_engines.insert once per run of one engine's ops
+  // Claimed shards by (group, memory object, offset): a group's shards are
+  // adjacent, in the order they lie in the trainer's memory.
+  struct Key {
+    uint32_t group;
+    const MemoryRef* object;
+    uint64_t offset;
+    uint32_t index;
+  };
+  std::vector<Key> order(claimed.size());
   for (size_t i = 0; i < claimed.size(); ++i) {
-    const uint8_t sdt = static_cast<uint8_t>(plan_->wire[claimed[i].tensor]);
-    const Mapping* const src_map = src[i].get();
-    auto [b, e] = plan.CopiesOf(claimed[i].tensor, claimed[i].shard);
-    for (uint32_t ci = b; ci < e; ++ci) {
-      const PlannedCopy& c = plan.copies[ci];
-      const Engine& eng = *engines_[c.engine];
-      if (!eng.local()) continue;  // packed and sent to its node (BindPack)
-      const EngineParamSpec& p = eng.spec.params[c.param];
-      kernels::CopyOp op;
-      op.src_offset = c.src_offset;
-      op.src_ld = c.src_ld;
-      op.dst_offset = c.dst_offset;
-      op.dst_ld = c.dst_ld;
-      op.rows = c.rows;
-      op.cols = c.cols;
-      op.src_dtype = sdt;
-      op.dst_dtype = static_cast<uint8_t>(p.dtype);
-      op.transpose = c.transpose ? 1 : 0;
-      WS_RETURN_IF_ERROR(BindOp(op, src_map, *eng.maps[c.param], [this, ci] { return CopyName(ci); }, where, &out));
-      index->push_back(ci);
-      if (!p.staged && c.engine != last_in_place) {
-        out.in_place_engines.insert(c.engine);
-        last_in_place = c.engine;
+    const uint32_t f = plan.shard_base[claimed[i].tensor] + claimed[i].shard;
+    order[i] = Key{plan_->shard_group[f], claimed[i].object, claimed[i].offset, static_cast<uint32_t>(i)};
+  }
+  std::sort(order.begin(), order.end(), [](const Key& x, const Key& y) {
+    if (x.group != y.group) return x.group < y.group;
+    if (x.object != y.object) return std::less<const MemoryRef*>()(x.object, y.object);
+    return x.offset != y.offset ? x.offset < y.offset : x.index < y.index;
+  });
+  // Plan copies [first, last] (of `n` shards) make op i; first == last when
+  // it is a single copy.
+  struct Group {
+    uint32_t first, last, n;
+  };
+  auto groups = std::make_shared<std::vector<Group>>();
+  BoundOps out;
+  // The pending op: `run` addresses the source through the whole mapping the
+  // layer's shards are slices of (so shards at constant strides in it can
+  // merge); a run of one op binds as `single`, through its own shard's slice.
+  kernels::CopyOp run, single;
+  Group g{};
+  const Mapping* run_src = nullptr;
+  const Mapping* single_src = nullptr;
+  const Mapping* run_dst = nullptr;
+  bool pending = false;
+  uint32_t last_in_place = UINT32_MAX;  // in_place_engines.insert once per run of one engine's ops
+  auto flush = [&]() -> Status {
+    pending = false;
+    const Group done = g;
+    WS_RETURN_IF_ERROR(BindOp(done.n == 1 ? single : Canonical(run), done.n == 1 ? single_src : run_src, *run_dst,
+                              [this, done] { return GroupName(done.first, done.last, done.n); }, where, &out));
+    groups->push_back(done);
+    const PlannedCopy& c = plan.copies[done.first];
+    if (!engines_[c.engine]->spec.params[c.param].staged && c.engine != last_in_place) {
+      out.in_place_engines.insert(c.engine);
+      last_in_place = c.engine;
+    }
+    return Status::Ok();
+  };
+  // Per shard of a group, once: its first copy, its slice and where that
+  // lies in the whole mapping (in source elements; -1: not addressable so).
+  struct Shard {
+    uint32_t index, copies;
+    const Mapping* slice;
+    const void* slice_data;
+    const Mapping* whole;
+    const void* whole_data;
+    int64_t at;
+  };
+  std::vector<Shard> shards;
+  for (size_t a = 0; a < order.size();) {
+    size_t e = a + 1;  // the group's shards are order[a, e)
+    while (e < order.size() && order[e].group == order[a].group) ++e;
+    const ClaimedShard& head = claimed[order[a].index];
+    auto [hb, he] = plan.CopiesOf(head.tensor, head.shard);
+    shards.clear();
+    const uint32_t es = kernels::ElemSize(static_cast<uint8_t>(plan_->wire[head.tensor]));
+    for (size_t m = a; m < e; ++m) {
+      const uint32_t i = order[m].index;
+      const Mapping* const slice = src[i].get();
+      const auto [whole, at] = slice->Whole();
+      const void* const whole_data = whole->data();
+      const bool ok = at % es == 0 && reinterpret_cast<uintptr_t>(whole_data) % es == 0;
+      shards.push_back(Shard{i, plan.CopiesOf(claimed[i].tensor, claimed[i].shard).first, slice, slice->data(), whole,
+                             whole_data, ok ? static_cast<int64_t>(at / es) : -1});
+    }
+    for (uint32_t k = 0; k < he - hb; ++k) {  // the k-th copy of every shard of the group
+      for (const Shard& sh : shards) {
+        const uint32_t i = sh.index;
+        const uint32_t ci = sh.copies + k;
+        const PlannedCopy& c = plan.copies[ci];
+        const Engine& eng = *engines_[c.engine];
+        if (!eng.local()) continue;  // packed and sent to its node (BindPack)
+        const Mapping* const slice = sh.slice;
+        const Mapping* const dst_map = eng.maps[c.param].get();
+        kernels::CopyOp op;
+        op.src = sh.slice_data;
+        op.dst = dst_map->data();
+        op.src_offset = c.src_offset;
+        op.src_ld = c.src_ld;
+        op.dst_offset = c.dst_offset;
+        op.dst_ld = c.dst_ld;
+        op.rows = c.rows;
+        op.cols = c.cols;
+        op.src_dtype = static_cast<uint8_t>(plan_->wire[claimed[i].tensor]);
+        op.dst_dtype = static_cast<uint8_t>(eng.spec.params[c.param].dtype);
+        op.transpose = c.transpose ? 1 : 0;
+        op = Canonical(op);
+        // Through the whole mapping when the slice starts at a whole element of it.
+        kernels::CopyOp via = op;
+        const Mapping* src_map = slice;
+        if (sh.at >= 0) {
+          src_map = sh.whole;
+          via.src = sh.whole_data;
+          via.src_offset += sh.at;
+        }
+        // Same mappings (BindOp checks the merged op against them) and the
+        // next batch at constant strides.
+        if (pending && src_map == run_src && dst_map == run_dst && AppendToBatch(&run, via)) {
+          g.last = ci;
+          ++g.n;
+          continue;
+        }
+        if (pending) WS_RETURN_IF_ERROR(flush());
+        run = via;
+        single = op;
+        g = Group{ci, ci, 1};
+        run_src = src_map;
+        single_src = slice;
+        run_dst = dst_map;
+        pending = true;
       }
     }
+    a = e;
   }
-  out.name = [this, index](size_t i) { return CopyName((*index)[i]); };
+  if (pending) WS_RETURN_IF_ERROR(flush());
+  out.name = [this, groups](size_t i) {
+    const Group& g = (*groups)[i];
+    return GroupName(g.first, g.last, g.n);
+  };
   return out;
+}
+
+std::string SyncSession::GroupName(uint32_t first, uint32_t last, uint32_t n) const {
+  if (n <= 1) return CopyName(first);
+  const PlannedCopy &a = plan_->plan.copies[first], &b = plan_->plan.copies[last];
+  const Engine& e = *engines_[a.engine];
+  const SourceTensor& ta = manifest().tensors[a.tensor];
+  return "tensors " + ta.name + " .. " + manifest().tensors[b.tensor].name + " (" + std::to_string(n) +
+         " shards, rank " + std::to_string(ta.shards[a.shard].rank) + ") -> " + e.id + " param " +
+         e.spec.params[a.param].name;
 }
 
 // ---------------------------------------------------------------- across nodes

@@ -77,6 +77,7 @@ struct ReadyPlan {
   std::vector<DType> wire;           // per tensor: the dtype its shards travel in
   std::vector<TensorDtypes> dtypes;  // with negotiate_dtypes: per tensor, as planned
   std::vector<std::weak_ptr<Engine>> engines;  // planned for exactly these registrations, in order
+  std::vector<uint32_t> shard_group;  // per flat shard id: its coalescing group (shard_groups.h)
   // Whether `engines` are still exactly those registrations (none joined,
   // left, or registered again with new memory).
   bool Fits(const std::vector<std::shared_ptr<Engine>>& engines) const;
@@ -176,12 +177,20 @@ class SyncSession {
   // "tensor NAME (rank R)"
   std::string ShardName(uint32_t tensor, uint32_t shard) const;
   // The planned copies of `claimed` from `src` (one mapping per claimed
-  // shard) into the engines, bound and checked against both mappings
-  // (BindOp).
+  // shard) into the engines, coalesced (the k-th copies of one shard group's
+  // shards as one batched op where their offsets advance by constant
+  // strides in the mapping their slices come from: shard_groups.h,
+  // daemon/dataplane/coalesce.h), bound and checked against both mappings
+  // (BindOp; a merged op against the whole source mapping, a single one
+  // against its shard's slice). A merged op is named "tensors A .. B
+  // (N shards, rank R) -> ENGINE param P".
   Result<BoundOps> BindLayer(const std::vector<ClaimedShard>& claimed,
                              const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where) const;
   // "tensor NAME (rank R) -> ENGINE param P" for plan copy `copy`.
   std::string CopyName(uint32_t copy) const;
+  // CopyName(first) for n = 1, else "tensors A .. B (N shards, rank R) ->
+  // ENGINE param P" for plan copies first .. last (same engine param).
+  std::string GroupName(uint32_t first, uint32_t last, uint32_t n) const;
 
   // ---- across nodes (leader): the packing of `claimed` for `node`. Returns
   // the chunks of those shards, in order; `place` gives each chunk's buffer
@@ -231,6 +240,7 @@ class SyncSession {
   Clock::time_point last_activity = Clock::now();  // BeginSync / PushLayer, for the idle timeout
   uint64_t bytes_written = 0;
   uint64_t bytes_read = 0;
+  uint64_t ops_run = 0;  // copy ops run on this node, after coalescing
 
  private:
   const uint64_t id_;

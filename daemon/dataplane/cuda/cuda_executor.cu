@@ -55,10 +55,11 @@ static_assert(kThreads % kTT == 0, "a block covers whole rows of a transpose til
 __host__ __device__ inline bool TransposedTiles(const CopyOp& op) { return op.transpose && !op.zero_fill; }
 
 int64_t TilesOf(const CopyOp& op) {
-  return TransposedTiles(op) ? kernels::TransposeTileCount(op) : (op.rows * op.cols + kTile - 1) / kTile;
+  return TransposedTiles(op) ? op.count * kernels::TransposeTileCount(op)
+                             : (op.count * op.rows * op.cols + kTile - 1) / kTile;
 }
 
-// Elements [k0, k1) of `op` (flat destination order, k = i * cols + j).
+// Elements [k0, k1) of `op` (flat destination order, k = (b * rows + i) * cols + j).
 // S/D: source/destination dtype; T: transpose; Z: zero fill (S unused).
 template <uint8_t S, uint8_t D, bool T, bool Z>
 __device__ __forceinline__ void CopyTile(const CopyOp& op, int64_t k0, int64_t k1) {
@@ -66,9 +67,12 @@ __device__ __forceinline__ void CopyTile(const CopyOp& op, int64_t k0, int64_t k
   using Out = std::conditional_t<D == kernels::kF32, uint32_t, uint16_t>;
   int64_t k = k0 + threadIdx.x;
   if (k >= k1) return;
-  const int64_t cols = op.cols;
-  int64_t i = k / cols, j = k - i * cols;
-  const int64_t di = kThreads / cols, dj = kThreads - di * cols;  // (i, j) step per kThreads elements
+  const int64_t cols = op.cols, rows = op.rows;
+  int64_t b, i, j;
+  kernels::SplitIndex(op, k, &b, &i, &j);
+  // (b, i, j) step per kThreads elements
+  int64_t db, di, dj;
+  kernels::SplitIndex(op, kThreads, &db, &di, &dj);
   const Raw* __restrict__ src = static_cast<const Raw*>(op.src);
   Out* __restrict__ dst = static_cast<Out*>(op.dst);
   for (; k < k1; k += kUnroll * kThreads) {
@@ -78,14 +82,19 @@ __device__ __forceinline__ void CopyTile(const CopyOp& op, int64_t k0, int64_t k
     for (int u = 0; u < kUnroll; ++u) {
       d[u] = -1;
       if (k + u * kThreads < k1) {
-        d[u] = op.dst_offset + i * op.dst_ld + j;
-        if constexpr (!Z) v[u] = src[op.src_offset + (T ? j * op.src_ld + i : i * op.src_ld + j)];
+        d[u] = kernels::DstIndex(op, b, i, j);
+        if constexpr (!Z) v[u] = src[kernels::SrcIndex(op, b, i, j)];
       }
+      b += db;
       i += di;
       j += dj;
       if (j >= cols) {
         j -= cols;
         ++i;
+      }
+      if (i >= rows) {
+        i -= rows;
+        ++b;
       }
     }
 #pragma unroll
@@ -210,11 +219,12 @@ __global__ void __launch_bounds__(kThreads) BatchedCopyKernel(const CopyOp* __re
     }
     const CopyOp op = ops[lo];
     if (TransposedTiles(op)) {  // uniform across the block, so its barriers are safe
-      RunTransposeTile(op, t - tile_starts[lo], buf);
+      const int64_t per = kernels::TransposeTileCount(op), lt = t - tile_starts[lo];
+      RunTransposeTile(kernels::BatchSlice(op, lt / per), lt % per, buf);
       continue;
     }
     const int64_t k0 = (t - tile_starts[lo]) * kTile;
-    const int64_t n = op.rows * op.cols;
+    const int64_t n = op.count * op.rows * op.cols;
     RunTile(op, k0, k0 + kTile < n ? k0 + kTile : n);
   }
 }
@@ -368,7 +378,7 @@ class CudaExecutor final : public Executor {
       std::string label = name(i);
       CopyOp op = ops[i];
       if (op.rows <= 0 || op.cols <= 0) continue;
-      const uint64_t op_bytes = static_cast<uint64_t>(op.rows * op.cols) * ElemSize(op.dst_dtype);
+      const uint64_t op_bytes = static_cast<uint64_t>(op.count * op.rows * op.cols) * ElemSize(op.dst_dtype);
       const int dd = PointerDevice(op.dst);
       const int sd = op.zero_fill ? -1 : PointerDevice(op.src);
       const int dev = dd >= 0 ? dd : sd;
@@ -385,7 +395,8 @@ class CudaExecutor final : public Executor {
         }
       }
       const bool contiguous_src = op.rows == 1 || op.src_ld >= op.cols;
-      const bool engine = op_bytes >= opts_.memcpy_min_bytes && !op.transpose &&
+      // Batched ops always go to the kernel (cudaMemcpy2D has no third dimension).
+      const bool engine = op_bytes >= opts_.memcpy_min_bytes && !op.transpose && op.count == 1 &&
                           ((op.zero_fill && dd >= 0) || (!op.zero_fill && op.src_dtype == op.dst_dtype && contiguous_src));
       if (engine) {
         work[dev].engine_ops.emplace_back(op, std::move(label));
