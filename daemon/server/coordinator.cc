@@ -682,8 +682,13 @@ Result<std::vector<ClaimedShard>> Coordinator::ClaimLayerLocked(SyncSession& syn
   return claimed;
 }
 
-Status Coordinator::EndWrite(SyncSession& sync, Status st) {
+Status Coordinator::EndWrite(SyncSession& sync, Status st, const BoundOps* ran, uint64_t written) {
   MutexLock lk(&mu_);
+  if (ran != nullptr && st.ok()) {
+    sync.bytes_written += written;
+    sync.bytes_read += ran->bytes_read;
+    sync.ops_run += ran->ops.size();
+  }
   sync.writers--;
   sync.last_activity = clock_.Now();
   if (!st.ok()) AbortLocked(sync, st.message());
@@ -730,13 +735,7 @@ Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id,
   }
   double secs = Seconds(Clock::now() - t0);
   if (!ran.ok()) return EndWrite(*sync, ran.status().WithContext(where));
-  {
-    MutexLock lk(&mu_);
-    sync->bytes_written += ran.value();
-    sync->bytes_read += bound->bytes_read;
-    sync->ops_run += bound->ops.size();
-  }
-  WS_RETURN_IF_ERROR(EndWrite(*sync, Status::Ok()));
+  WS_RETURN_IF_ERROR(EndWrite(*sync, Status::Ok(), &*bound, ran.value()));
   spdlog::trace("{}: {} shards, {} bytes in {:.4f}s", where, claimed.size(), ran.value(), secs);
   return LayerResult{layer, ran.value(), secs};
 }
@@ -1126,13 +1125,7 @@ Result<uint64_t> Coordinator::PeerReceive(const std::string& leader, const std::
   }
   auto ran = transports_->Copy(*bound);
   if (!ran.ok()) return EndWrite(*sync, ran.status().WithContext(where));
-  {
-    MutexLock lk(&mu_);
-    sync->bytes_written += ran.value();
-    sync->bytes_read += bound->bytes_read;
-    sync->ops_run += bound->ops.size();
-  }
-  WS_RETURN_IF_ERROR(EndWrite(*sync, Status::Ok()));
+  WS_RETURN_IF_ERROR(EndWrite(*sync, Status::Ok(), &*bound, ran.value()));
   return ran.value();
 }
 

@@ -288,7 +288,10 @@ class Coordinator {
   Result<std::vector<ClaimedShard>> ClaimLayerLocked(SyncSession& sync, uint32_t rank, const LayerShards& shards,
                                                      const std::string& where) WS_REQUIRES(mu_);
   // PushLayer: ends a write begun by ClaimLayerLocked; a failure aborts the sync.
-  Status EndWrite(SyncSession& sync, Status st) WS_EXCLUDES(mu_);
+  // With `ran` (and st ok), first counts its ops, the bytes they read and the
+  // `written` destination bytes into the sync.
+  Status EndWrite(SyncSession& sync, Status st, const BoundOps* ran = nullptr, uint64_t written = 0)
+      WS_EXCLUDES(mu_);
   // Commit: runs the plan's zero fills with mu_ released.
   Status ZeroFillLocked(MutexLock& lk, SyncSession& sync) WS_REQUIRES(mu_);
   // Before in-place writes into `engines`: waits until each that acknowledges

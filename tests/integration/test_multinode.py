@@ -65,10 +65,10 @@ def _needed_bytes(ckpt, tp: int, dtype: str = "bf16") -> int:
     return total
 
 
-@pytest.fixture
-def three(binaries, cluster, workdir):  # noqa: F811
-    """Daemons on a, b, c (all up to each other); restart(name) starts a fresh daemon on a node."""
-    ds = cluster(["a", "b", "c"], extra={n: EXTRA for n in "abc"})
+def _nodes(names: str, binaries, cluster, workdir):
+    """Daemons on the nodes `names` (all up to each other); yields (daemons, ctls, engine, restart):
+    engine(node, ckpt, syncs, name) starts a TP=2 replica there, restart(node) a fresh daemon."""
+    ds = cluster(list(names), extra={n: EXTRA for n in names})
     for n, d in ds.items():
         _wait_peers(binaries, d, {p: "up" for p in ds if p != n})
     ctls = {n: TokenCtl(binaries["weightsyncctl"], d) for n, d in ds.items()}
@@ -81,7 +81,7 @@ def three(binaries, cluster, workdir):  # noqa: F811
         return e
 
     def restart(node):
-        d = cluster([node], peers={node: {p: p for p in "abc" if p != node}}, extra={node: EXTRA})[node]
+        d = cluster([node], peers={node: {p: p for p in names if p != node}}, extra={node: EXTRA})[node]
         ds[node] = d
         ctls[node] = TokenCtl(binaries["weightsyncctl"], d)
         for n, other in ds.items():
@@ -90,6 +90,12 @@ def three(binaries, cluster, workdir):  # noqa: F811
     yield ds, ctls, engine, restart
     for e in engines:
         e.stop()
+
+
+@pytest.fixture
+def three(binaries, cluster, workdir):  # noqa: F811
+    """Daemons on a, b, c."""
+    yield from _nodes("abc", binaries, cluster, workdir)
 
 
 def _push(ctl, ckpt, version, timeout=120):
@@ -216,28 +222,8 @@ def test_link_down_mid_sync_aborts_and_the_next_sync_succeeds(three, checkpoint_
 
 @pytest.fixture
 def two(binaries, cluster, workdir):  # noqa: F811
-    ds = cluster(["a", "b"], extra={n: EXTRA for n in "ab"})
-    for n, d in ds.items():
-        _wait_peers(binaries, d, {p: "up" for p in ds if p != n})
-    ctls = {n: TokenCtl(binaries["weightsyncctl"], d) for n, d in ds.items()}
-    engines: list[MockEngine] = []
-
-    def engine(node, ckpt, syncs, name):
-        e = MockEngine(ctls[node], workdir, "m", ckpt, tp=2, replicas=1, syncs=syncs, name=name)
-        engines.append(e)
-        e.wait_registered()
-        return e
-
-    def restart(node):
-        d = cluster([node], peers={node: {p: p for p in "ab" if p != node}}, extra={node: EXTRA})[node]
-        ds[node] = d
-        ctls[node] = TokenCtl(binaries["weightsyncctl"], d)
-        for n, other in ds.items():
-            _wait_peers(binaries, other, {p: "up" for p in ds if p != n})
-
-    yield ds, ctls, engine, restart
-    for e in engines:
-        e.stop()
+    """Daemons on a and b."""
+    yield from _nodes("ab", binaries, cluster, workdir)
 
 
 def _push_spread(ctls, ds, ck, version, timeout=120):
