@@ -434,3 +434,12 @@ def test_module_walk_is_kept_until_the_module_changes():
         assert all(v is dict(m.named_parameters()).get(n, v) for n, v in got)
         first = got
         assert P.collect(m, walk)[0] is first
+
+
+def test_rank_nodes_from_the_daemons_node_names():
+    from weightsync.trainer import _rank_nodes
+    assert _rank_nodes(["a", "a", "a"]) == []  # one daemon's node: today's protocol, no placement sent
+    assert _rank_nodes([""]) == []
+    assert _rank_nodes(["a", "a", "b", "b"]) == ["a", "a", "b", "b"]
+    with pytest.raises(weightsync.WeightSyncError, match=r"daemon of rank 1 has no node name"):
+        _rank_nodes(["a", "", "b"])

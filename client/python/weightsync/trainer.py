@@ -154,6 +154,17 @@ def _default_rank_world(group):
     return 0, 1
 
 
+
+def _rank_nodes(names: list) -> list:
+    """BeginSync.rank_nodes from the node name of every rank's daemon: [] when every rank talks to the same
+    node's daemon (rank 0's, the leader: today's protocol)."""
+    if len(set(names)) <= 1:
+        return []
+    if "" in names:
+        raise WeightSyncError(f"trainer ranks talk to daemons of several nodes ({sorted(set(names) - {''})}) but "
+                              f"the daemon of rank {names.index('')} has no node name (weightsyncd --node-name)")
+    return list(names)
+
 class Trainer:
     """Pushes weights from every trainer rank. Call push() on all ranks of `group` together.
 
@@ -221,9 +232,10 @@ class Trainer:
         self._man: "_Manifest | None" = None
         self._kept: "tuple | None" = None
         self._layouts, self._next_epoch = None, 0
-        # Trainer ranks on several nodes: each rank's `daemon` is its own node's; the node of every
-        # rank's daemon (GetStatus node_name), gathered at the first push. [] = all on one daemon.
-        self._rank_nodes: "list | None" = None
+        # Trainer ranks on several nodes: each rank's `daemon` is its own node's. Its node name (GetStatus),
+        # asked once per Trainer and sent to rank 0 with every push (no collective of its own: a Trainer
+        # recreated on one rank must not wait for the others).
+        self._node: "str | None" = None
 
     # ---- public ----
 
@@ -240,16 +252,16 @@ class Trainer:
                 old = self._prep
                 prep, err = self._prepare(src, hf_model), None
                 stats.reused = prep is old
+                node = self._daemon_node()
             except Exception as e:  # reported collectively below
-                prep, err = None, f"rank {self.rank}: {e}"
-        if self._rank_nodes is None:
-            self._rank_nodes = self._placement()
+                prep, err, node = None, f"rank {self.rank}: {e}", None
         t1 = time.perf_counter()
         stats.seconds_prepare = t1 - t0
         for attempt in range(2):
             # Entries only when rank 0 does not have this generation (this walk is new, or rank 0 asked again).
-            send = (err, None, None, self._epoch) if prep is None else \
-                (None, prep.gen, None if prep.gen == self._sent_gen else (prep.entries, prep.dropped), self._epoch)
+            send = (err, None, None, self._epoch, node) if prep is None else \
+                (None, prep.gen, None if prep.gen == self._sent_gen else (prep.entries, prep.dropped), self._epoch,
+                 node)
             got = self.comm.gather(send)
             if prep is not None:
                 self._sent_gen = prep.gen
@@ -310,7 +322,7 @@ class Trainer:
         """Rank 0: (sync id, engines, copy ops, bytes planned, layout epoch, error, resend?) for the broadcast."""
         fail = lambda msg: (0, 0, 0, 0, None, msg, False)  # noqa: E731
         errors, missing = [], []
-        for r, (e, gen, payload, _) in enumerate(got):
+        for r, (e, gen, payload, _, _) in enumerate(got):
             if e:
                 errors.append(e)
             elif payload is not None:
@@ -323,6 +335,7 @@ class Trainer:
             return (0, 0, 0, 0, None, None, True)
         resp = None
         try:
+            rank_nodes = _rank_nodes([g[4] for g in got])
             gens = tuple(x[0] for x in self._ranks)
             if self._man is None or self._man.gens != gens:
                 self._man = None
@@ -330,7 +343,7 @@ class Trainer:
             req = self._man.req
             req.version = version
             del req.rank_nodes[:]  # per sync, not part of the fingerprint
-            req.rank_nodes.extend(self._rank_nodes)
+            req.rank_nodes.extend(rank_nodes)
             resp, wires = self._begin(req)
             if self._man.wires is not wires:  # a new manifest or new dtypes: every rank's layout again
                 codes = [TO_WIRE[wires[t.name]] if t.name in wires else 0 for t in req.tensors]
@@ -349,24 +362,14 @@ class Trainer:
                 self._abort(resp.sync_id, f"rank 0: {e}")
             return fail(f"BeginSync of {self.model} version {version}: {e}")
 
-    def _placement(self) -> list:
-        """Collective: the node name of every rank's daemon, for BeginSync.rank_nodes; [] when every rank
-        talks to the same node's daemon (rank 0's, the leader: today's protocol)."""
-        try:
-            node, err = self.daemon.stub.GetStatus(pb.StatusRequest(), timeout=self.timeout).node_name, None
-        except grpc.RpcError as e:
-            node, err = "", f"rank {self.rank}: {rpc_error(e, 'GetStatus of its daemon')}"
-        got = self.comm.all_gather((node, err))
-        errors = [g[1] for g in got if g[1]]
-        if errors:
-            raise WeightSyncError("finding each rank's node failed:\n" + "\n".join(errors))
-        names = [g[0] for g in got]
-        if len(set(names)) <= 1:
-            return []
-        if "" in names:
-            raise WeightSyncError(f"trainer ranks talk to daemons of several nodes ({sorted(set(names))}) but the "
-                                  f"daemon of rank {names.index('')} has no node name (weightsyncd --node-name)")
-        return names
+    def _daemon_node(self) -> str:
+        """The node name of this rank's daemon (GetStatus), asked once per Trainer."""
+        if self._node is None:
+            try:
+                self._node = self.daemon.stub.GetStatus(pb.StatusRequest(), timeout=self.timeout).node_name
+            except grpc.RpcError as e:
+                raise WeightSyncError(str(rpc_error(e, "GetStatus of its daemon"))) from None
+        return self._node
 
     def _begin(self, req: pb.BeginSyncRequest):
         """(BeginSyncResponse, wire dtypes). After the first sync of a manifest only its fingerprint is sent
