@@ -323,6 +323,16 @@ class RepackMethodStandIn:
         layer.weight = torch.nn.Parameter(torch.empty(0, dtype=layer.weight.dtype), requires_grad=False)
 
 
+def _push_aborted_version(tr, model, version):
+    """Changes every weight, then pushes `version` with the trainer failing mid-stream (the sync aborts)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    fail_nth_export(tr, 3)
+    with pytest.raises(weightsync.WeightSyncError):
+        tr.push(model, version=version)
+
+
 def _repacked_worker(cfg, layer="1"):
     net = standin_model(ref.expected("llama", _zeros_sd("llama", cfg), cfg, 1, 0), tie_lm_head=False)
     o_proj = getattr(net.model.layers, layer).self_attn.o_proj
@@ -352,12 +362,7 @@ def test_repacked_parameter_is_staged_and_applied_at_commit(daemon):
             assert o_proj.quant_method.calls == 2 and o_proj.weight.numel() == 0
             assert torch.equal(o_proj.packed.view(torch.int16), exp.view(torch.int16))
             # a version that aborts mid-stream never reaches the live (packed) weight
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(1.0)
-            fail_nth_export(tr, 3)
-            with pytest.raises(weightsync.WeightSyncError):
-                tr.push(model, version=2)
+            _push_aborted_version(tr, model, 2)
             assert o_proj.quant_method.calls == 2
             assert torch.equal(o_proj.packed.view(torch.int16), exp.view(torch.int16))
     finally:
@@ -398,14 +403,9 @@ def test_parameters_in_unexportable_memory_are_staged_and_copied_at_commit(daemo
                 assert torch.equal(p.view(torch.int16), exp[n].view(torch.int16)), n
             assert {n: p.data_ptr() for n, p in live.items()} == ptrs
             # an aborted version never reaches the staged ones (in-place ones may hold a mix until the next)
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(1.0)
-            fail_nth_export(tr, 3)
-            with pytest.raises(weightsync.WeightSyncError):
-                tr.push(model, version=2)
-            for n in live:
-                assert torch.equal(dict(net.named_parameters())[n].view(torch.int16), exp[n].view(torch.int16)), n
+            _push_aborted_version(tr, model, 2)
+            for n, p in live.items():
+                assert torch.equal(p.view(torch.int16), exp[n].view(torch.int16)), n
     finally:
         w.weightsync_stop()
 
@@ -498,12 +498,7 @@ def test_repacked_moe_experts_are_staged_and_packed_again(daemon, checkpoints, m
                 want = _pack(exp[f"model.layers.1.mlp.experts.{leaf}"])
                 assert torch.equal(getattr(experts, leaf).view(torch.int16), want.view(torch.int16)), leaf
             # a version that aborts mid-stream never reaches the packed experts
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(1.0)
-            fail_nth_export(tr, 3)
-            with pytest.raises(weightsync.WeightSyncError):
-                tr.push(model, version=2)
+            _push_aborted_version(tr, model, 2)
             assert fused.packs == 2
             want = _pack(exp["model.layers.1.mlp.experts.w13_weight"])
             assert torch.equal(experts.w13_weight.view(torch.int16), want.view(torch.int16))
