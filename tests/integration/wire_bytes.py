@@ -2,8 +2,8 @@
 independent reference alone (no daemon code).
 
 The checkpoint is rewritten with every element replaced by its own number (1, 2, ...; in fp32, so
-in pieces of fewer than 2**24 numbers, the other tensors zero in each piece) and the reference (tests/reference/vllm_ref.py) computes each
-engine rank's parameters from it in fp32: every engine element then names the checkpoint element it
+in pieces of fewer than 2**24 numbers, the other tensors zero in each piece) and the reference
+(tests/reference/vllm_ref.py) computes each engine rank's parameters from it in fp32: every engine element then names the checkpoint element it
 holds, and padding (filled on the engine's node, never sent) is 0. A source element lives on the
 trainer rank FSDP2 and `weightsyncctl push` give its dim-0 row (torch.chunk: ceil(rows / W) rows per
 rank), so on that rank's node. A destination node needs each distinct element its engines read once
@@ -30,8 +30,6 @@ import st_io  # noqa: E402
 import vllm_ref  # noqa: E402
 
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
-
-
 EXACT = 1 << 24  # integers above it do not all have an fp32
 
 
