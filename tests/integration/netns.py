@@ -4,7 +4,9 @@ Each node is a namespace with one interface (eth0, 10.77.0.N/24) whose other end
 bridge in a hub namespace, so taking a node's link down (`ip -n NODE link set eth0 down`) cuts it
 off from every other node, as a pulled cable would. Processes run in a node with `ip netns exec`
 (which execs the program: the Popen's pid is the program's). Needs root and iproute2; names carry
-this process's pid so parallel runs do not collide, and close() removes everything.
+this process's pid so parallel runs do not collide, and close() removes everything. Names start with
+$WS_NETNS_PREFIX (default "ws", at most 6 characters: interface names are limited to 15), so that
+`ip netns list` tells whose namespaces are whose when several checkouts test on one machine.
 """
 from __future__ import annotations
 
@@ -46,9 +48,16 @@ class Node:
         _ip("-n", self.ns, "link", "set", "eth0", "up" if up else "down")
 
 
+def _prefix() -> str:
+    p = os.environ.get("WS_NETNS_PREFIX", "ws")
+    if not (p.isascii() and p.isalnum() and 1 <= len(p) <= 6):
+        raise ValueError(f"WS_NETNS_PREFIX={p!r}: 1 to 6 letters or digits")
+    return f"{p}{os.getpid() % 100000}"
+
+
 class Net:
     def __init__(self):
-        self.prefix = f"ws{os.getpid() % 100000}"
+        self.prefix = _prefix()
         self.hub = f"{self.prefix}-hub"
         self.nodes: dict[str, Node] = {}
         _ip("netns", "add", self.hub)

@@ -21,6 +21,7 @@ import pytest
 
 from conftest import Ctl, MockEngine, check_version, describe, reference
 from test_peering import _wait_peers, cluster  # noqa: F401  (fixture)
+from wire_bytes import needed_from
 
 SMALL = dict(hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=160, vocab_size=100)
 EXTRA = ["--peer-ucx-devices", "eth0", "--peer-transfer-timeout", "5", "--sync-progress-timeout", "20"]
@@ -132,6 +133,7 @@ def test_disaggregated_trainer_on_a_engines_on_b_and_c(three, checkpoint_cache):
         check_version(e, "v2", b)
     # Bytes on the wire: what each node's two ranks need, once, in bf16; the same at both ends.
     want = _needed_bytes(a, 2) + _needed_bytes(b, 2)
+    assert want == sum(needed_from(ck, 2, "aaaa", "b")["a"] for ck in (a, b))  # two derivations agree
     sent = _peer_bytes(ctls["a"])
     assert sent["b"][0] == want and sent["c"][0] == want, (sent, want)
     assert _peer_bytes(ctls["b"])["a"][1] == want and _peer_bytes(ctls["c"])["a"][1] == want
@@ -214,8 +216,8 @@ def test_link_down_mid_sync_aborts_and_the_next_sync_succeeds(three, checkpoint_
 
 
 # ---------------------------------------------------------------- colocated on two nodes
-# Trainer ranks and engine ranks on both nodes: W=4 with ranks 0-1 pushing to a's daemon (the
-# leader: rank 0's) and ranks 2-3 to b's (weightsyncctl push --rank-daemon), a TP=2 replica on each
+# Trainer ranks and engine ranks on both nodes: W=4 with some ranks pushing to a's daemon (the
+# leader: rank 0's) and the others to b's (weightsyncctl push --rank-daemon), a TP=2 replica on each
 # node. Each node copies its own ranks' shards into its own engine and packs, for the other node,
 # exactly the bytes that node's engine needs from them.
 
@@ -226,9 +228,12 @@ def two(binaries, cluster, workdir):  # noqa: F811
     yield from _nodes("ab", binaries, cluster, workdir)
 
 
-def _push_spread(ctls, ds, ck, version, timeout=120):
+def _push_spread(ctls, ds, ck, version, rank_nodes="aabb", timeout=120):
+    """weightsyncctl push (W=4) through a's daemon, trainer rank r pushing to node rank_nodes[r]'s daemon."""
+    assert rank_nodes[0] == "a"
+    spread = [a for r, n in enumerate(rank_nodes) if n != "a" for a in ("--rank-daemon", f"{r}={ds[n].addr}")]
     return ctls["a"]("push", "--checkpoint", ck, "--model", "m", "--world-size", 4, "--version", version,
-                     "--rank-daemon", f"2={ds['b'].addr}", "--rank-daemon", f"3={ds['b'].addr}", timeout=timeout)
+                     *spread, timeout=timeout)
 
 
 def test_colocated_trainer_and_engines_on_two_nodes(two, checkpoint_cache):
@@ -237,22 +242,24 @@ def test_colocated_trainer_and_engines_on_two_nodes(two, checkpoint_cache):
     b = checkpoint_cache("LlamaForCausalLM", **SMALL, seed=2)
     ea = engine("a", a, syncs=2, name="ea")
     eb = engine("b", a, syncs=2, name="eb")
-    sent = []
-    for v, ck in ((1, a), (2, b)):
+    # Version 1: ranks 0-1 on a, 2-3 on b; version 2: rank 0 on a, 1-3 on b (the two directions differ).
+    for v, ck, rank_nodes in ((1, a, "aabb"), (2, b, "abbb")):
         before = (_peer_bytes(ctls["a"]), _peer_bytes(ctls["b"]))
-        cp = _push_spread(ctls, ds, ck, v)
+        cp = _push_spread(ctls, ds, ck, v, rank_nodes)
         assert cp.returncode == 0, describe(cp) + "\nA:\n" + ds["a"].log()[-4000:] + "\nB:\n" + ds["b"].log()[-4000:]
         after = (_peer_bytes(ctls["a"]), _peer_bytes(ctls["b"]))
         a_to_b = after[0]["b"][0] - before[0]["b"][0]
         b_to_a = after[1]["a"][0] - before[1]["a"][0]
         # Each end counts the same bytes.
         assert after[1]["a"][1] - before[1]["a"][1] == a_to_b and after[0]["b"][1] - before[0]["b"][1] == b_to_a
-        # Both replicas have the same layout, so the shards of ranks 2-3 that b sends a are exactly
-        # what a's replica needs from them, and a sends b what b's replica needs from ranks 0-1:
-        # together one replica's needs from all four ranks (replicated params once, padding never).
-        assert a_to_b > 0 and b_to_a > 0
-        assert a_to_b + b_to_a == _needed_bytes(ck, 2), (a_to_b, b_to_a, _needed_bytes(ck, 2))
-        sent.append((a_to_b, b_to_a))
+        # Each direction: exactly what the destination's replica needs from the source's ranks
+        # (wire_bytes.py: from the reference and FSDP's row split alone), replicated params once,
+        # padding never; together one replica's needs from all four ranks.
+        want_a_to_b = needed_from(ck, 2, rank_nodes, "b")["a"]
+        want_b_to_a = needed_from(ck, 2, rank_nodes, "a")["b"]
+        assert (a_to_b, b_to_a) == (want_a_to_b, want_b_to_a), (v, rank_nodes)
+        assert want_a_to_b + want_b_to_a == _needed_bytes(ck, 2)
+    assert needed_from(a, 2, "abbb", "b")["a"] < needed_from(a, 2, "abbb", "a")["b"]  # not symmetric
     for e in (ea, eb):
         assert e.wait() == 0, e.output()
         assert e.versions() == [1, 2] and e.aborted() == []

@@ -2,7 +2,8 @@
 
 Runs torch.distributed (gloo, CPU), FSDP2 over real transformers models, and
 writes the scenario's JSON result to OUTDIR/rank{RANK}.json. A failure exits
-non-zero with the traceback on stderr.
+non-zero with the traceback on stderr. Rank 0 listens on $WS_DIST_MASTER_ADDR
+(default 127.0.0.1) at PORT.
 """
 from __future__ import annotations
 
@@ -267,14 +268,51 @@ def scenario_push_changes(rank, world, args):
     return out
 
 
-SCENARIOS = {"push_changes": scenario_push_changes, "push_trained": scenario_push_trained, "push_fsdp1": scenario_push_fsdp1, "boxes": scenario_boxes, "push": scenario_push, "push_error": scenario_push_error,
+def scenario_push_nodes(rank, world, args):
+    """Trainer ranks on several nodes, each pushing to its own node's daemon (args["daemons"][rank], with the
+    token file). First, when args["wrong"] ({rank: address}) is given, a push with those ranks pointed at those
+    daemons, which must fail on every rank; then versions 1 and 2 (every parameter + args["delta"]) with one
+    Trainer. Rank 0 saves each version's full tensors with the checkpoint's config.json as a checkpoint in
+    args["out"]/v<version>."""
+    import shutil
+    from safetensors.torch import save_file
+    model = shard_model(load(args["checkpoint"]), "shard0", world)
+    kw = dict(model=args["model"], rank=rank, world_size=world, token_file=args["token_file"])
+    out = {"wrong": None, "pushes": []}
+    if args.get("wrong"):
+        with weightsync.Trainer(args["wrong"].get(str(rank), args["daemons"][rank]), **kw) as tr:
+            try:
+                tr.push(model, version=1)
+                out["wrong"] = "pushed"
+            except weightsync.WeightSyncError as e:
+                out["wrong"] = f"WeightSyncError: {e}"
+    with weightsync.Trainer(args["daemons"][rank], **kw) as tr:
+        for version in (1, 2):
+            if version == 2:
+                with torch.no_grad():
+                    for _, p in model.named_parameters():
+                        p.to_local().add_(args["delta"])
+            res = tr.push(model, version=version)
+            full = {n: p.full_tensor().contiguous() for n, p in model.named_parameters()}
+            if rank == 0:
+                d = os.path.join(args["out"], f"v{version}")
+                os.makedirs(d, exist_ok=True)
+                shutil.copy(os.path.join(args["checkpoint"], "config.json"), d)
+                save_file(full, os.path.join(d, "model.safetensors"))
+            out["pushes"].append({"state": res.stats["state"], "engines": res.engines,
+                                  "bytes_written": res.stats["bytes_written"],
+                                  "ranks": [vars(s) for s in res.ranks]})
+    return out
+
+
+SCENARIOS = {"push_nodes": scenario_push_nodes, "push_changes": scenario_push_changes, "push_trained": scenario_push_trained, "push_fsdp1": scenario_push_fsdp1, "boxes": scenario_boxes, "push": scenario_push, "push_error": scenario_push_error,
              "push_fault": scenario_push_fault}
 
 
 def main():
     scenario, rank, world, port, outdir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     args = json.loads(sys.argv[6])
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    os.environ.update(MASTER_ADDR=os.environ.get("WS_DIST_MASTER_ADDR", "127.0.0.1"), MASTER_PORT=port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     try:

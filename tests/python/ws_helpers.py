@@ -26,19 +26,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_dist(scenario: str, world: int, args: dict, timeout: float = 600) -> list:
-    """Runs dist_worker.py SCENARIO on `world` gloo ranks; returns every rank's JSON result."""
+def run_dist(scenario: str, world: int, args: dict, timeout: float = 600, *, wrap=None,
+             master_addr: str = "127.0.0.1", env: "dict | None" = None) -> list:
+    """Runs dist_worker.py SCENARIO on `world` gloo ranks; returns every rank's JSON result.
+
+    Ranks on several hosts (network namespaces, tests/integration/netns.py): wrap(rank, argv) returns the
+    argv that runs rank `rank` on its host, master_addr is rank 0's address as the others reach it, and env
+    adds variables (GLOO_SOCKET_IFNAME). The port is free here, and in a fresh namespace any port is."""
     out = tempfile.mkdtemp(prefix="ws-dist-")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PKG), str(HERE), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", WS_DIST_MASTER_ADDR=master_addr, **(env or {}))
     port = _free_port()
     procs, logs = [], []
     for r in range(world):
         log = open(os.path.join(out, f"rank{r}.log"), "w")
         logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, str(HERE / "dist_worker.py"), scenario, str(r), str(world), str(port), out,
-             json.dumps(args)], stdout=log, stderr=subprocess.STDOUT, env=env))
+        argv = [sys.executable, str(HERE / "dist_worker.py"), scenario, str(r), str(world), str(port), out,
+                json.dumps(args)]
+        procs.append(subprocess.Popen(wrap(r, argv) if wrap else argv, stdout=log, stderr=subprocess.STDOUT,
+                                      env=env))
     deadline = time.time() + timeout
     try:
         for p in procs:
