@@ -16,6 +16,7 @@
 #pragma once
 
 #include <fcntl.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -211,11 +212,15 @@ class FakeClock final : public Clock {
 
 // Real files in a private directory on /dev/shm (removed with the ShmDir),
 // for a HostShmDomain with HostShmOptions::dir = path(): the reference name
-// "/x" names path()/x.
+// "/x" names path()/x. The directory is "ws-test-<pid>-XXXXXX": a process
+// that dies without destructors (the child of a "threadsafe" death test
+// re-runs the fixture and aborts) leaves its directory behind, and the next
+// ShmDir (made or destroyed) removes those of processes that no longer exist.
 class ShmDir {
  public:
   ShmDir() {
-    std::string tmpl = "/dev/shm/ws-test-XXXXXX";
+    RemoveStale();
+    std::string tmpl = "/dev/shm/ws-test-" + std::to_string(::getpid()) + "-XXXXXX";
     if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp " + tmpl + ": " + std::strerror(errno));
     path_ = tmpl;
   }
@@ -223,11 +228,26 @@ class ShmDir {
     objects_.clear();
     std::error_code ec;
     std::filesystem::remove_all(path_, ec);
+    RemoveStale();  // a death test's child has exited by now
   }
   ShmDir(const ShmDir&) = delete;
   ShmDir& operator=(const ShmDir&) = delete;
 
   const std::string& path() const { return path_; }
+
+  // Removes /dev/shm/ws-test-<pid>-* directories whose process is gone.
+  static void RemoveStale() {
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator("/dev/shm", ec)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("ws-test-", 0) != 0) continue;
+      const size_t dash = name.find('-', 8);
+      if (dash == std::string::npos) continue;
+      const long pid = std::strtol(name.substr(8, dash - 8).c_str(), nullptr, 10);
+      std::error_code rm;
+      if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) std::filesystem::remove_all(e.path(), rm);
+    }
+  }
 
   // A zero-filled object "/name" of `size` bytes, mapped here read-write
   // (mode 0600, or 0400 when !writable: the domain then maps it read-only).
