@@ -128,6 +128,7 @@ int main(int argc, char** argv) {
   // Syncs across nodes: with peers, a UCX worker for the data and the peer
   // RPCs for the control (daemon/server/grpc_cluster_link.h).
   std::unique_ptr<ws::server::GrpcClusterLink> cluster;
+  std::unique_ptr<ws::server::DeviceStaging> device_staging;
   if (peers.size() > 0) {
     ws::UcxOptions uo;
     uo.transports = f.peer_ucx_transports;
@@ -139,8 +140,17 @@ int main(int argc, char** argv) {
     clo.transfer_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.peer_transfer_timeout * 1000));
     clo.commit_timeout = co.ack_timeout + std::chrono::seconds(30);
     clo.limits = f.limits;
-    cluster = std::make_unique<ws::server::GrpcClusterLink>(&peers, cfg.peer_client, std::move(ucx).value(), clo);
+    // GPU to GPU between nodes (NCCL) when this build has it and the data
+    // plane runs device copies (it packs and scatters the device staging).
+    std::unique_ptr<ws::PeerCommFactory> nccl = plane.cuda.ok() ? ws::MakeNcclPeerCommFactory() : nullptr;
+    if (nccl) {
+      device_staging = ws::server::MakePlatformDeviceStaging(&ws::DefaultPlatform());
+      co.device_staging = device_staging.get();
+    }
+    cluster = std::make_unique<ws::server::GrpcClusterLink>(&peers, cfg.peer_client, std::move(ucx).value(), clo,
+                                                            std::move(nccl));
     co.cluster = cluster.get();
+    spdlog::info("chunks across nodes: {}", cluster->chunk_transports());
   }
   ws::server::Metrics metrics(ws::server::BuildInfo{WS_VERSION, plane.cuda.ok()});
   // The watchdog pings while housekeeping passes keep coming (three missed = stalled).

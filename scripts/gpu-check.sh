@@ -17,6 +17,10 @@
 #      separate processes in cudaMalloc'ed memory, every architecture of
 #      config/layouts, bit for bit against the numpy reference; colocated on
 #      cuda:0, and cuda:0 -> cuda:1 when there are two GPUs (gpu_e2e.py arch);
+#   3b. a sync across nodes GPU to GPU over NCCL: two daemons as nodes a and
+#      b, one GPU each (CUDA_VISIBLE_DEVICES), trainer on a, engine on b, two
+#      syncs bit-exact, every chunk over NCCL, the communicator reused
+#      (nccl_two_nodes.py; skipped, visibly, with fewer than two GPUs);
 #   4. the Python trainer: an FSDP2 module whose shards are CUDA tensors (CUDA
 #      IPC), and one CPU-offloaded to pinned host memory (gpu_e2e.py torch);
 #   4b. CUDA VMM memory (expandable segments on): PyTorch's tensors refused by
@@ -244,8 +248,11 @@ print("weightsync", weightsync.__file__, "protobuf", google.protobuf.__version__
   record "python client imports" "${PIPESTATUS[0]}"
 fi
 
+NCCL_STEP="NCCL across nodes (2 daemons, GPU 0 -> GPU 1)"
 if [ "$NGPU" -lt 1 ]; then
   echo; echo "no GPU visible: the end-to-end runs and the benchmark need one"
+  echo "SKIP: $NCCL_STEP needs two GPUs; 0 visible"
+  record "$NCCL_STEP" skip "needs 2 GPUs, 0 visible"
   [ "$status" -eq 0 ] && finish 3
   finish 1
 fi
@@ -261,6 +268,21 @@ run_e2e() {  # run_e2e NAME CAP ARGS...
 step "end-to-end: every architecture, trainer and engine processes in device memory"
 run_e2e "e2e architectures ($([ "$NGPU" -ge 2 ] && echo "1 and 2 GPUs" || echo "1 GPU; 2-GPU placement skipped"))" 150 \
   arch --out "$OUT/arch"
+
+step "across nodes: two daemons, GPU to GPU over NCCL"
+if [ "$NGPU" -lt 2 ]; then
+  echo "SKIP: $NCCL_STEP needs two GPUs; $NGPU visible"
+  record "$NCCL_STEP" skip "needs 2 GPUs, $NGPU visible"
+else
+  cap=$(limit 150)
+  if [ "$cap" -lt 30 ]; then
+    record "$NCCL_STEP" skip "time budget spent"
+  else
+    timeout -k 15 "$cap" "$PY" "$SRC/tests/gpu/nccl_two_nodes.py" --build "$BUILD" --out "$OUT/nccl" 2>&1 |
+      tee "$OUT/nccl_two_nodes.log"
+    record "$NCCL_STEP" "${PIPESTATUS[0]}"
+  fi
+fi
 
 step "end-to-end: Python FSDP2 trainer, CUDA IPC and pinned-host sources"
 run_e2e "e2e torch FSDP2 (cuda, cpu-offload)" 120 torch --out "$OUT/torch" --device cuda:0

@@ -84,6 +84,17 @@ class Platform {
   // `what` names the reference in errors.
   virtual Result<std::unique_ptr<IpcAllocation>> OpenIpc(const std::string& handle, int device,
                                                          const std::string& what) = 0;
+
+  // ---- the daemon's own device memory
+  // `bytes` of memory on device ordinal `device` (the staging buffers of
+  // chunks sent between nodes' GPUs), freed when the last copy of the
+  // returned pointer drops. `what` names the buffer in errors. Platforms
+  // without devices refuse.
+  virtual Result<std::shared_ptr<void>> AllocDevice(int device, uint64_t bytes, const std::string& what) {
+    (void)device;
+    (void)bytes;
+    return Unimplemented(what + ": the " + std::string(name()) + " platform allocates no device memory");
+  }
 };
 
 // The host platform: no devices.

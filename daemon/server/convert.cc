@@ -111,6 +111,7 @@ void ToProto(const RemoteEngine& e, pb::PeerEngine* out) {
   out->set_node(e.node);
   out->set_engine_id(e.engine_id);
   ToProto(e.spec, out->mutable_spec());
+  if (e.memory == MemoryKind::kCudaIpc) out->set_device_uuid(e.device_uuid);
 }
 
 Result<RemoteEngine> FromProto(const pb::PeerEngine& e, const Limits& limits) {
@@ -118,7 +119,17 @@ Result<RemoteEngine> FromProto(const pb::PeerEngine& e, const Limits& limits) {
   WS_RETURN_IF_ERROR(CheckName(e.engine_id(), "engine_id", limits));
   auto reg = FromProto(e.spec(), limits, /*memory=*/false);
   if (!reg.ok()) return reg.status().WithContext("node " + e.node() + " engine " + e.engine_id());
-  return RemoteEngine{e.node(), e.engine_id(), std::move(reg->spec)};
+  RemoteEngine r;
+  r.node = e.node();
+  r.engine_id = e.engine_id();
+  r.spec = std::move(reg->spec);
+  if (!e.device_uuid().empty()) {
+    WS_RETURN_IF_ERROR(CheckName(e.device_uuid(), "device_uuid", limits).WithContext("node " + e.node() + " engine " +
+                                                                                      e.engine_id()));
+    r.memory = MemoryKind::kCudaIpc;
+    r.device_uuid = e.device_uuid();
+  }
+  return r;
 }
 
 void ToProto(const RemoteStart& s, pb::PeerStartSyncRequest* out) {

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "daemon/cluster/windows.h"
 #include "daemon/sync/host_buffer.h"
 #include "daemon/core/text.h"
 
@@ -451,6 +452,8 @@ Result<std::shared_ptr<Engine>> Coordinator::RemoteEngineOf(const RemoteEngine& 
   auto e = std::make_shared<Engine>();
   e->id = r.engine_id;
   e->node = r.node;
+  e->remote_memory = r.memory;
+  e->remote_device = r.memory == MemoryKind::kCudaIpc ? r.device_uuid : "";
   e->spec = r.spec;
   auto layout = ResolveEngineLayout(*layouts_, r.spec, opts_.limits);
   if (!layout.ok())
@@ -530,7 +533,7 @@ Status Coordinator::StartRemote(SyncSession& sync, const ReadyPlan& ready) {
     std::vector<DType> d;
     for (const auto& p : e.spec.params) d.push_back(p.dtype);
     dtypes.push_back(std::move(d));
-    rs.engines.push_back(RemoteEngine{nodes[i], e.id, e.spec});
+    rs.engines.push_back(Describe(e, nodes[i]));
   }
   sync.SetPack(cluster::BuildPackPlan(plan, nodes, dtypes, sync.ShardNodes(plan), rs.chunk_bytes));
   std::vector<std::string> started;
@@ -740,39 +743,101 @@ Result<LayerResult> Coordinator::PushLayer(const Peer& caller, uint64_t sync_id,
   return LayerResult{layer, ran.value(), secs};
 }
 
+Result<std::vector<Coordinator::ChunkPath>> Coordinator::ChunkPaths(
+    const SyncSession& sync, const std::string& node, const std::vector<ClaimedShard>& claimed,
+    const std::vector<std::shared_ptr<Mapping>>& src, const std::vector<uint32_t>& chunks) const {
+  const cluster::NodePack& np = sync.pack().nodes.at(node);
+  std::map<std::pair<uint32_t, uint32_t>, size_t> source;  // (tensor, shard) -> claimed index
+  for (size_t i = 0; i < claimed.size(); ++i) source[{claimed[i].tensor, claimed[i].shard}] = i;
+  std::vector<ChunkPath> out;
+  std::map<std::tuple<std::string, std::string, std::string>, size_t> index;  // (transport, devices) -> out
+  std::map<int, std::string> uuids;  // source device ordinal -> UUID ("" = none)
+  for (uint32_t c : chunks) {
+    const cluster::PackChunk& ch = np.chunks[c];
+    const Mapping& m = *src[source.at({ch.tensor, ch.shard})];
+    // Its scatter targets: one device of that node, or host staging.
+    std::string dst_device;
+    bool device_dst = true;
+    for (const cluster::PackSegment& seg : ch.segments)
+      for (uint32_t ci : seg.copies) {
+        const Engine& e = *sync.engines()[sync.plan().copies[ci].engine];
+        if (e.remote_memory != MemoryKind::kCudaIpc || e.remote_device.empty() ||
+            (!dst_device.empty() && dst_device != e.remote_device))
+          device_dst = false;
+        dst_device = e.remote_device;
+      }
+    DeviceTransfer t;
+    const Route route{m.kind(), device_dst ? MemoryKind::kCudaIpc : MemoryKind::kHostShm, /*same_node=*/false};
+    WS_ASSIGN_OR_RETURN(std::string transport, opts_.cluster->ChunkTransport(route));
+    if (transport != "ucx" && opts_.device_staging != nullptr && m.kind() == MemoryKind::kCudaIpc && device_dst) {
+      auto [it, fresh] = uuids.try_emplace(m.device());
+      if (fresh) {
+        auto u = opts_.device_staging->DeviceUuid(m.device());
+        if (u.ok()) it->second = *u;
+      }
+      if (!it->second.empty()) {
+        t.transport = transport;
+        t.sender_device = it->second;
+        t.receiver_device = dst_device;
+      }
+    }
+    auto [at, added] = index.try_emplace({t.transport, t.sender_device, t.receiver_device}, out.size());
+    if (added) out.push_back(ChunkPath{t, {}});
+    out[at->second].chunks.push_back(c);
+  }
+  return out;
+}
+
 Result<uint64_t> Coordinator::SendRemote(SyncSession& sync, const std::vector<ClaimedShard>& claimed,
                                          const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where) {
   const uint64_t staging = opts_.cluster->staging_bytes();
+  const std::string& leader = sync.leader().empty() ? sync.self_node() : sync.leader();
   uint64_t written = 0;
-  for (const auto& [node, np] : sync.pack().nodes) {
+  for (const auto& entry : sync.pack().nodes) {
+    const std::string& node = entry.first;  // named, not bound: the lambdas below capture them
+    const cluster::NodePack& np = entry.second;
     const std::vector<uint32_t> chunks = sync.ChunksOf(node, claimed);
-    // Windows of whole chunks within the staging bound (a chunk is never
-    // larger than it, unless one row is).
-    for (size_t k = 0; k < chunks.size();) {
-      {
-        MutexLock lk(&mu_);
-        if (sync.terminal()) return AbortedError(sync);  // sends nothing for a sync the nodes dropped
-      }
-      std::vector<uint32_t> win;
-      std::vector<uint64_t> offsets;
-      uint64_t total = 0;
-      for (; k < chunks.size(); ++k) {
-        const uint64_t at = (total + 63) / 64 * 64;
-        const uint64_t b = np.chunks[chunks[k]].bytes;
-        if (!win.empty() && at + b > staging) break;
-        win.push_back(chunks[k]);
-        offsets.push_back(at);
-        total = at + b;
-      }
-      WS_ASSIGN_OR_RETURN(std::shared_ptr<HostBuffer> buf, HostBuffer::Create(total));
-      WS_ASSIGN_OR_RETURN(BoundOps ops, sync.BindPack(node, claimed, src, win, *buf, offsets, where));
-      WS_RETURN_IF_ERROR(transports_->Copy(ops).status());
-      std::vector<ChunkBuffer> out;
-      for (size_t i = 0; i < win.size(); ++i)
-        out.push_back(ChunkBuffer{win[i], static_cast<char*>(buf->data()) + offsets[i], np.chunks[win[i]].bytes});
-      const std::string& leader = sync.leader().empty() ? sync.self_node() : sync.leader();
-      WS_ASSIGN_OR_RETURN(uint64_t w, opts_.cluster->Send(node, leader, sync.id(), out));
-      written += w;
+    if (chunks.empty()) continue;
+    std::vector<uint64_t> chunk_bytes(np.chunks.size());
+    for (size_t c = 0; c < np.chunks.size(); ++c) chunk_bytes[c] = np.chunks[c].bytes;
+    WS_ASSIGN_OR_RETURN(std::vector<ChunkPath> paths, ChunkPaths(sync, node, claimed, src, chunks));
+    for (const ChunkPath& path : paths) {
+      const bool device = !path.device.transport.empty();
+      // Windows of whole chunks of at most half the staging bound, so window
+      // k+1 is packed while window k is in flight (a chunk is never larger
+      // than the bound, unless one row is; then windows go one at a time).
+      const std::vector<cluster::Window> windows =
+          cluster::SplitWindows(path.chunks, chunk_bytes, std::max<uint64_t>(1, staging / 2));
+      std::shared_ptr<Mapping> slot[2];
+      auto pack = [&](size_t k, int s) -> Status {
+        {
+          MutexLock lk(&mu_);
+          if (sync.terminal()) return AbortedError(sync);  // sends nothing for a sync the nodes dropped
+        }
+        const cluster::Window& w = windows[k];
+        slot[s].reset();
+        if (device) {
+          WS_ASSIGN_OR_RETURN(slot[s], opts_.device_staging->Allocate(path.device.sender_device, w.bytes));
+        } else {
+          WS_ASSIGN_OR_RETURN(std::shared_ptr<HostBuffer> buf, HostBuffer::Create(w.bytes));
+          slot[s] = std::move(buf);
+        }
+        WS_ASSIGN_OR_RETURN(BoundOps ops, sync.BindPack(node, claimed, src, w.chunks, *slot[s], w.offsets, where));
+        return transports_->Copy(ops).status();
+      };
+      auto send = [&](size_t k, int s) -> Status {
+        const cluster::Window& w = windows[k];
+        std::vector<ChunkBuffer> out;
+        for (size_t i = 0; i < w.chunks.size(); ++i)
+          out.push_back(ChunkBuffer{w.chunks[i], static_cast<char*>(slot[s]->data()) + w.offsets[i],
+                                    np.chunks[w.chunks[i]].bytes});
+        auto sent = device ? opts_.cluster->SendDevice(node, leader, sync.id(), out, path.device)
+                           : opts_.cluster->Send(node, leader, sync.id(), out);
+        if (!sent.ok()) return sent.status();
+        written += *sent;
+        return Status::Ok();
+      };
+      WS_RETURN_IF_ERROR(cluster::RunWindows(windows, staging, pack, send));
     }
   }
   return written;
@@ -975,8 +1040,30 @@ Result<std::vector<RemoteEngine>> Coordinator::PeerPrepare(const std::string& mo
   auto it = registry_.models().find(model);
   if (it == registry_.models().end() || it->second.engine_count == 0) return out;
   WS_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<Engine>> engines, registry_.CompleteEngines(it->second));
-  for (const auto& e : engines) out.push_back(RemoteEngine{opts_.cluster->self(), e->id, e->spec});
+  for (const auto& e : engines) out.push_back(Describe(*e, opts_.cluster->self()));
   return out;
+}
+
+RemoteEngine Coordinator::Describe(const Engine& e, const std::string& node) const {
+  RemoteEngine r;
+  r.node = node;
+  r.engine_id = e.id;
+  r.spec = e.spec;
+  if (!e.local()) {
+    r.memory = e.remote_memory;
+    r.device_uuid = e.remote_device;
+    return r;
+  }
+  // GPU to GPU only when every param is memory of one device this daemon can name.
+  if (opts_.device_staging == nullptr || e.maps.empty()) return r;
+  const int dev = e.maps.front()->device();
+  for (const auto& m : e.maps)
+    if (m->kind() != MemoryKind::kCudaIpc || m->device() != dev) return r;
+  auto uuid = opts_.device_staging->DeviceUuid(dev);
+  if (!uuid.ok()) return r;
+  r.memory = MemoryKind::kCudaIpc;
+  r.device_uuid = *uuid;
+  return r;
 }
 
 Result<std::shared_ptr<SyncSession>> Coordinator::FindLedLocked(const std::string& leader, uint64_t sync_id) {
@@ -1068,7 +1155,7 @@ Status Coordinator::PeerStart(RemoteStart rs) {
 }
 
 Result<uint64_t> Coordinator::PeerReceive(const std::string& leader, const std::string& from, uint64_t sync_id,
-                                          const std::vector<uint32_t>& chunks) {
+                                          const std::vector<uint32_t>& chunks, const DeviceTransfer* device) {
   TrimGuard trim{this};
   if (opts_.cluster == nullptr) return FailedPrecondition("this daemon has no peers (--peer): it joins no sync across nodes");
   const std::string where = "sync " + std::to_string(sync_id) + " from node " + from;
@@ -1107,11 +1194,24 @@ Result<uint64_t> Coordinator::PeerReceive(const std::string& leader, const std::
     return EndWrite(*sync, ResourceExhausted(where + ": " + std::to_string(total) +
                                              " bytes at once exceed this node's staging bound of " +
                                              std::to_string(opts_.cluster->staging_bytes()) + " bytes per peer"));
-  auto buf = HostBuffer::Create(total);
-  if (!buf.ok()) return EndWrite(*sync, buf.status());
-  for (size_t i = 0; i < in.size(); ++i) in[i].data = static_cast<char*>((*buf)->data()) + offsets[i];
-  if (Status st = opts_.cluster->Receive(from, sync_id, in); !st.ok()) return EndWrite(*sync, st.WithContext(where));
-  auto bound = sync->BindScatter(chunks, **buf, offsets, where);
+  std::shared_ptr<Mapping> buf;
+  if (device != nullptr) {
+    // GPU to GPU: the sender chose it from the engines' memory this node
+    // reported; every target must still be memory of that device here.
+    if (Status st = CheckDeviceTargets(*sync, chunks, *device, where); !st.ok()) return EndWrite(*sync, st);
+    auto d = opts_.device_staging->Allocate(device->receiver_device, total);
+    if (!d.ok()) return EndWrite(*sync, d.status().WithContext(where));
+    buf = std::move(d).value();
+  } else {
+    auto h = HostBuffer::Create(total);
+    if (!h.ok()) return EndWrite(*sync, h.status());
+    buf = std::move(h).value();
+  }
+  for (size_t i = 0; i < in.size(); ++i) in[i].data = static_cast<char*>(buf->data()) + offsets[i];
+  Status got = device != nullptr ? opts_.cluster->ReceiveDevice(from, sync_id, in, *device)
+                                 : opts_.cluster->Receive(from, sync_id, in);
+  if (!got.ok()) return EndWrite(*sync, got.WithContext(where));
+  auto bound = sync->BindScatter(chunks, *buf, offsets, where);
   if (!bound.ok()) return EndWrite(*sync, bound.status());
   {
     MutexLock lk(&mu_);
@@ -1127,6 +1227,38 @@ Result<uint64_t> Coordinator::PeerReceive(const std::string& leader, const std::
   if (!ran.ok()) return EndWrite(*sync, ran.status().WithContext(where));
   WS_RETURN_IF_ERROR(EndWrite(*sync, Status::Ok(), &*bound, ran.value()));
   return ran.value();
+}
+
+Status Coordinator::CheckDeviceTargets(const SyncSession& sync, const std::vector<uint32_t>& chunks,
+                                       const DeviceTransfer& device, const std::string& where) const {
+  if (opts_.device_staging == nullptr)
+    return FailedPrecondition(where + ": chunks sent GPU to GPU (" + device.transport +
+                              "), but this daemon stages no device memory");
+  const cluster::NodePack* np = sync.MyPack();
+  if (np == nullptr) return Status::Ok();
+  std::map<int, std::string> uuids;
+  for (uint32_t c : chunks)
+    for (const cluster::PackSegment& seg : np->chunks.at(c).segments)
+      for (uint32_t ci : seg.copies) {
+        const PlannedCopy& pc = sync.plan().copies[ci];
+        const Engine& e = *sync.engines()[pc.engine];
+        const Mapping& m = *e.maps[pc.param];
+        std::string uuid;
+        if (m.kind() == MemoryKind::kCudaIpc) {
+          auto [it, fresh] = uuids.try_emplace(m.device());
+          if (fresh) {
+            auto u = opts_.device_staging->DeviceUuid(m.device());
+            if (u.ok()) it->second = *u;
+          }
+          uuid = it->second;
+        }
+        if (uuid.empty() || uuid != device.receiver_device)
+          return InvalidArgument(where + ": chunk " + std::to_string(c) + " was sent GPU to GPU for device " +
+                                 device.receiver_device + ", but it scatters into " + e.id + " param " +
+                                 e.spec.params[pc.param].name + " in " + MemoryKindName(m.kind()) +
+                                 (uuid.empty() ? "" : " on " + uuid));
+      }
+  return Status::Ok();
 }
 
 Result<uint64_t> Coordinator::PeerCommit(const std::string& leader, uint64_t sync_id) {

@@ -52,6 +52,7 @@
 #include "daemon/mem/memory.h"
 #include "daemon/server/observer.h"
 #include "daemon/sync/cluster_link.h"
+#include "daemon/sync/device_staging.h"
 #include "daemon/sync/engine_registry.h"
 #include "daemon/sync/events.h"
 #include "daemon/sync/peer.h"
@@ -88,6 +89,10 @@ struct CoordinatorOptions {
   ClusterLink* cluster = nullptr;
   // Packed chunks are at most this big (and at most the link's staging bound).
   uint64_t max_chunk_bytes = 4u << 20;
+  // Device staging for chunks that go GPU to GPU between nodes (the link's
+  // device transport, NCCL); null: every chunk is staged in host memory.
+  // Must outlive the Coordinator.
+  DeviceStaging* device_staging = nullptr;
 };
 
 struct BeginSyncResult {
@@ -221,8 +226,11 @@ class Coordinator {
   // leader or another node holding sources; ClusterLink::Receive) and
   // scatters them into this node's engines; returns the engine bytes
   // written. Also runs on the leader, for chunks from other nodes' ranks.
+  // With `device` (PeerReceiveRequest.transport set), the chunks come GPU to
+  // GPU: refused unless every engine param they scatter into is memory of
+  // the GPU `device->receiver_device` here.
   Result<uint64_t> PeerReceive(const std::string& leader, const std::string& from, uint64_t sync_id,
-                               const std::vector<uint32_t>& chunks);
+                               const std::vector<uint32_t>& chunks, const DeviceTransfer* device = nullptr);
   // Every shard of this node's trainer ranks and every chunk arrived: zero
   // fills, Committed, waits for the engines' acks.
   Result<uint64_t> PeerCommit(const std::string& leader, uint64_t sync_id);
@@ -268,6 +276,24 @@ class Coordinator {
   Result<uint64_t> SendRemote(SyncSession& sync, const std::vector<ClaimedShard>& claimed,
                               const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where)
       WS_EXCLUDES(mu_);
+  // How `node`'s chunks of `claimed` travel: groups of chunks in order, each
+  // host-staged (transport empty) or GPU to GPU (a device transport and the
+  // devices at both ends), chosen by the link's ChunkTransport for each
+  // chunk's route (its shard's memory, its scatter targets' memory).
+  struct ChunkPath {
+    DeviceTransfer device;  // transport "" = host staging (UCX)
+    std::vector<uint32_t> chunks;
+  };
+  Result<std::vector<ChunkPath>> ChunkPaths(const SyncSession& sync, const std::string& node,
+                                            const std::vector<ClaimedShard>& claimed,
+                                            const std::vector<std::shared_ptr<Mapping>>& src,
+                                            const std::vector<uint32_t>& chunks) const;
+  // PeerReceive GPU to GPU: every engine param the chunks scatter into is
+  // memory of `device.receiver_device`; InvalidArgument naming one otherwise.
+  Status CheckDeviceTargets(const SyncSession& sync, const std::vector<uint32_t>& chunks,
+                            const DeviceTransfer& device, const std::string& where) const;
+  // This node's engine as other nodes see it (its memory kind and device).
+  RemoteEngine Describe(const Engine& e, const std::string& node) const;
   // Participant: the sync `sync_id` led by `leader`, live.
   Result<std::shared_ptr<SyncSession>> FindLedLocked(const std::string& leader, uint64_t sync_id) WS_REQUIRES(mu_);
   // BeginSync: every check against the model, then a planning session that

@@ -16,8 +16,19 @@ double Secs(std::chrono::milliseconds d) { return std::chrono::duration<double>(
 }  // namespace
 
 GrpcClusterLink::GrpcClusterLink(const cluster::PeerSet* peers, ClientOptions client,
-                                 std::unique_ptr<UcxTransport> ucx, ClusterLinkOptions opts)
-    : peers_(peers), client_opts_(std::move(client)), ucx_(std::move(ucx)), opts_(opts) {}
+                                 std::unique_ptr<UcxTransport> ucx, ClusterLinkOptions opts,
+                                 std::unique_ptr<PeerCommFactory> device)
+    : peers_(peers),
+      client_opts_(std::move(client)),
+      ucx_(std::move(ucx)),
+      opts_(opts),
+      device_factory_(std::move(device)),
+      comms_(device_factory_ ? std::make_unique<PeerCommCache>(device_factory_.get(), opts.transfer_timeout) : nullptr) {
+  // By capability: GPU to GPU over the device transport when there is one,
+  // everything else (and everything without one) host-staged over UCX.
+  if (device_factory_) chunk_transports_.Add(device_factory_->name(), DeviceCaps());
+  chunk_transports_.Add("ucx", HostStagedCaps());
+}
 
 GrpcClusterLink::~GrpcClusterLink() {
   std::vector<std::thread> threads;
@@ -213,5 +224,78 @@ Status GrpcClusterLink::Receive(const std::string& from, uint64_t sync_id, const
   }
   return st;
 }
+
+}  // namespace ws::server
+
+namespace ws::server {
+
+Result<uint64_t> GrpcClusterLink::SendDevice(const std::string& node, const std::string& leader, uint64_t sync_id,
+                                             const std::vector<ChunkBuffer>& chunks, const DeviceTransfer& t) {
+  if (!comms_ || t.transport != device_factory_->name())
+    return FailedPrecondition("chunks to node " + node + " over " + t.transport + ": this daemon has no such transport");
+  WS_ASSIGN_OR_RETURN(WeightSyncClient * c, Client(node));
+  const CommKey key{node, t.sender_device, t.receiver_device};
+  MutexLock send(&send_mu_);
+  WS_ASSIGN_OR_RETURN(PeerCommCache::Lease lease, comms_->ForSend(key));
+  if (!lease.new_unique_id.empty())
+    spdlog::info("sync {}: new {} communicator with {} (generation {})", sync_id, comms_->name(), key.ToString(),
+                 lease.generation);
+  pb::PeerReceiveRequest req;
+  req.set_leader(leader);
+  req.set_sender(self());
+  req.set_sync_id(sync_id);
+  req.set_transport(t.transport);
+  req.set_sender_device(t.sender_device);
+  req.set_receiver_device(t.receiver_device);
+  req.set_unique_id(lease.new_unique_id);
+  req.set_comm_generation(lease.generation);
+  std::vector<PeerComm::P2P> ops;
+  uint64_t total = 0;
+  for (const auto& ch : chunks) {
+    req.add_chunks(ch.chunk);
+    ops.push_back(PeerComm::P2P{true, ch.data, ch.bytes, "chunk " + std::to_string(ch.chunk)});
+    total += ch.bytes;
+  }
+  // The node joins (a new communicator) and posts its receives when the RPC
+  // arrives; the group of sends waits for them, bounded by the deadline. A
+  // window the node refuses before receiving costs this side that deadline.
+  auto rpc = std::async(std::launch::async, [&] { return c->PeerReceive(req, Secs(opts_.transfer_timeout)); });
+  Status sent = comms_->Exchange(lease, ops);
+  auto got = rpc.get();
+  if (sent.ok()) {
+    MutexLock lk(&mu_);
+    bytes_[node].sent += total;
+    bytes_[node].device_sent += total;
+  }
+  if (!got.ok()) return got.status().WithContext("node " + node + " receiving");
+  if (!sent.ok()) return sent.WithContext("node " + node + " (" + t.transport + ")");
+  spdlog::debug("sync {}: {} chunks, {} bytes to {} over {}", sync_id, chunks.size(), total, key.ToString(),
+                t.transport);
+  return got->bytes_written();
+}
+
+Status GrpcClusterLink::ReceiveDevice(const std::string& from, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks,
+                                      const DeviceTransfer& t) {
+  if (!comms_ || t.transport != device_factory_->name())
+    return FailedPrecondition("chunks from node " + from + " over " + t.transport + ": this daemon has no such transport");
+  const CommKey key{from, t.receiver_device, t.sender_device};
+  WS_ASSIGN_OR_RETURN(PeerCommCache::Lease lease, comms_->ForReceive(key, t.unique_id, t.generation));
+  if (!t.unique_id.empty())
+    spdlog::info("sync {}: joining {} communicator with {} (generation {})", sync_id, comms_->name(), key.ToString(),
+                 t.generation);
+  std::vector<PeerComm::P2P> ops;
+  uint64_t total = 0;
+  for (const auto& ch : chunks) {
+    ops.push_back(PeerComm::P2P{false, ch.data, ch.bytes, "chunk " + std::to_string(ch.chunk)});
+    total += ch.bytes;
+  }
+  WS_RETURN_IF_ERROR(comms_->Exchange(lease, ops));
+  MutexLock lk(&mu_);
+  bytes_[from].received += total;
+  bytes_[from].device_received += total;
+  return Status::Ok();
+}
+
+PeerCommCache::Stats GrpcClusterLink::device_stats() const { return comms_ ? comms_->stats() : PeerCommCache::Stats{}; }
 
 }  // namespace ws::server

@@ -14,6 +14,13 @@
 // to another. Send holds send_mu_ for its whole round (RPC and exchange), so
 // a node receives from this one one window at a time, in the order it is
 // sent (a receiver posts only the chunks of its current PeerReceive).
+//
+// Chunks staged in GPU memory at both ends (SendDevice / ReceiveDevice) go
+// over the device transport (NCCL): one two-rank communicator per (peer,
+// local GPU, remote GPU, direction), kept in a PeerCommCache and reused across windows
+// and syncs; the sender makes its unique id and sends it in the window's
+// PeerReceive (so only authenticated peers join); a failed or timed-out
+// exchange aborts and drops it at both ends and the next window rebuilds it.
 #pragma once
 
 #include <chrono>
@@ -30,6 +37,7 @@
 #include "daemon/core/limits.h"
 #include "daemon/core/thread_annotations.h"
 #include "daemon/sync/cluster_link.h"
+#include "daemon/transport/peer_comm.h"
 #include "daemon/transport/ucx/ucx_transport.h"
 
 namespace ws::server {
@@ -45,8 +53,10 @@ struct ClusterLinkOptions {
 class GrpcClusterLink final : public ClusterLink {
  public:
   // `peers` must outlive the link.
+  // `device`: the GPU-to-GPU transport (MakeNcclPeerCommFactory(); null:
+  // every chunk goes over UCX with host staging).
   GrpcClusterLink(const cluster::PeerSet* peers, ClientOptions client, std::unique_ptr<UcxTransport> ucx,
-                  ClusterLinkOptions opts);
+                  ClusterLinkOptions opts, std::unique_ptr<PeerCommFactory> device = nullptr);
   ~GrpcClusterLink() override;  // waits for background aborts
   GrpcClusterLink(const GrpcClusterLink&) = delete;
   GrpcClusterLink& operator=(const GrpcClusterLink&) = delete;
@@ -63,6 +73,15 @@ class GrpcClusterLink final : public ClusterLink {
   Status Commit(const std::string& node, uint64_t sync_id) override;
   void AbortAsync(std::vector<std::string> nodes, uint64_t sync_id, std::string reason) override;
   Status Receive(const std::string& from, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) override;
+  Result<std::string> ChunkTransport(const Route& route) const override { return chunk_transports_.Pick(route); }
+  Result<uint64_t> SendDevice(const std::string& node, const std::string& leader, uint64_t sync_id,
+                              const std::vector<ChunkBuffer>& chunks, const DeviceTransfer& t) override;
+  Status ReceiveDevice(const std::string& from, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks,
+                       const DeviceTransfer& t) override;
+  // "nccl {cuda_ipc -> cuda_ipc across nodes}; ucx {...}"
+  std::string chunk_transports() const { return chunk_transports_.ToString(); }
+  // The GPU-to-GPU communicators (zeros without a device transport).
+  PeerCommCache::Stats device_stats() const;
   // The UCX worker addresses of a sync's nodes, as its leader knows them
   // (PeerStartSyncRequest.ucx_addresses); this node's own is ignored.
   void Learn(const std::map<std::string, std::string>& addresses);
@@ -82,6 +101,9 @@ class GrpcClusterLink final : public ClusterLink {
   const ClientOptions client_opts_;
   const std::unique_ptr<UcxTransport> ucx_;
   const ClusterLinkOptions opts_;
+  const std::unique_ptr<PeerCommFactory> device_factory_;
+  const std::unique_ptr<PeerCommCache> comms_;  // null without a device transport
+  ChunkTransports chunk_transports_;            // set by the constructor
 
   mutable Mutex mu_;
   std::map<std::string, std::unique_ptr<WeightSyncClient>> clients_ WS_GUARDED_BY(mu_);  // by node

@@ -130,14 +130,25 @@ std::string Metrics::Render(const StatusSnapshot& s, const std::vector<cluster::
     out += fmt::format("weightsync_peer_up{{peer=\"{}\"}} {}\n", EscapeLabelValue(p.spec.name),
                        p.health == cluster::PeerHealth::kUp ? 1 : 0);
   if (!peer_bytes.empty()) {
-    Family(out, "weightsync_peer_bytes_sent_total", "counter", "Sync data (packed chunks) sent to the peer over UCX.");
+    Family(out, "weightsync_peer_bytes_sent_total", "counter",
+           "Sync data (packed chunks) sent to the peer (UCX and NCCL together).");
     for (const auto& [peer, b] : peer_bytes)
       out += fmt::format("weightsync_peer_bytes_sent_total{{peer=\"{}\"}} {}\n", EscapeLabelValue(peer), b.sent);
     Family(out, "weightsync_peer_bytes_received_total", "counter",
-           "Sync data (packed chunks) received from the peer over UCX.");
+           "Sync data (packed chunks) received from the peer (UCX and NCCL together).");
     for (const auto& [peer, b] : peer_bytes)
       out += fmt::format("weightsync_peer_bytes_received_total{{peer=\"{}\"}} {}\n", EscapeLabelValue(peer),
                          b.received);
+    Family(out, "weightsync_peer_device_bytes_sent_total", "counter",
+           "The part of weightsync_peer_bytes_sent_total sent GPU to GPU (NCCL).");
+    for (const auto& [peer, b] : peer_bytes)
+      out += fmt::format("weightsync_peer_device_bytes_sent_total{{peer=\"{}\"}} {}\n", EscapeLabelValue(peer),
+                         b.device_sent);
+    Family(out, "weightsync_peer_device_bytes_received_total", "counter",
+           "The part of weightsync_peer_bytes_received_total received GPU to GPU (NCCL).");
+    for (const auto& [peer, b] : peer_bytes)
+      out += fmt::format("weightsync_peer_device_bytes_received_total{{peer=\"{}\"}} {}\n", EscapeLabelValue(peer),
+                         b.device_received);
   }
 
   std::lock_guard lk(mu_);

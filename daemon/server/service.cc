@@ -299,7 +299,21 @@ grpc::Status WeightSyncService::PeerReceive(grpc::ServerContext* ctx, const pb::
   const std::string& from = req->sender().empty() ? req->leader() : req->sender();
   if (Status st = CheckPeerCall(ctx, from, "PeerReceive"); !st.ok()) return Failed("PeerReceive", st);
   std::vector<uint32_t> chunks(req->chunks().begin(), req->chunks().end());
-  auto r = coord_->PeerReceive(req->leader(), from, req->sync_id(), chunks);
+  DeviceTransfer device;
+  if (!req->transport().empty()) {
+    device.transport = req->transport();
+    device.sender_device = req->sender_device();
+    device.receiver_device = req->receiver_device();
+    device.unique_id = req->unique_id();
+    device.generation = req->comm_generation();
+    if (device.sender_device.empty() || device.receiver_device.empty() ||
+        device.sender_device.size() > coord_->limits().max_name_bytes ||
+        device.receiver_device.size() > coord_->limits().max_name_bytes)
+      return Failed("PeerReceive", InvalidArgument("PeerReceive from node " + from + ": transport " + device.transport +
+                                                   " needs sender_device and receiver_device (GPU UUIDs)"));
+  }
+  auto r = coord_->PeerReceive(req->leader(), from, req->sync_id(), chunks,
+                               device.transport.empty() ? nullptr : &device);
   if (!r.ok()) return Failed("PeerReceive", r.status());
   resp->set_bytes_written(*r);
   return grpc::Status::OK;

@@ -15,6 +15,7 @@
 
 #include "daemon/core/manifest.h"
 #include "daemon/core/status.h"
+#include "daemon/mem/memory.h"
 
 namespace ws::server {
 
@@ -23,6 +24,11 @@ struct RemoteEngine {
   std::string node;
   std::string engine_id;
   EngineRankSpec spec;
+  // Where its parameters live: cuda_ipc with the device's UUID when all of
+  // them are memory of one GPU this node can name, host_shm otherwise. Decides
+  // whether chunks for it may travel GPU to GPU (PeerEngine.device_uuid).
+  MemoryKind memory = MemoryKind::kHostShm;
+  std::string device_uuid;
 };
 
 // What every participating node needs to derive the leader's plan and packing.
@@ -46,9 +52,24 @@ struct ChunkBuffer {
   uint64_t bytes = 0;
 };
 
-// Sync data moved to / from one peer.
+// Sync data moved to / from one peer (device_sent / device_received: the
+// part that went GPU to GPU, over NCCL).
 struct PeerBytes {
   uint64_t sent = 0, received = 0;
+  uint64_t device_sent = 0, device_received = 0;
+};
+
+// A window of chunks that goes GPU to GPU: the devices at both ends and the
+// communicator the sender uses (PeerReceiveRequest.transport and the fields
+// after it). The sender fills `transport` and the devices; `unique_id` and
+// `generation` are the link's (set by the sending link, read by the
+// receiving one).
+struct DeviceTransfer {
+  std::string transport;        // the ChunkTransport that carries it ("nccl")
+  std::string sender_device;    // UUID of the GPU the chunks are staged on at the sender
+  std::string receiver_device;  // UUID of the GPU they are received into
+  std::string unique_id;        // non-empty: the sender made a new communicator; join it
+  uint64_t generation = 0;      // the sender's communicator generation
 };
 
 class ClusterLink {
@@ -85,6 +106,28 @@ class ClusterLink {
   // ---- any node with engines
   // Receives exactly `chunks` (each its `bytes`) sent by node `from` for the sync.
   virtual Status Receive(const std::string& from, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) = 0;
+
+  // ---- chunks between GPUs (docs/architecture.md "Syncs across nodes")
+  // The transport that carries chunks on `route` (same_node = false), by
+  // capability; "ucx" (host staging) is the one every link has. A link
+  // without a device transport answers "ucx" for every route.
+  virtual Result<std::string> ChunkTransport(const Route& route) const {
+    (void)route;
+    return std::string("ucx");
+  }
+  // As Send, for chunks staged in device memory (ChunkBuffer::data on the
+  // GPU `t.sender_device`) that `node` receives into `t.receiver_device`.
+  virtual Result<uint64_t> SendDevice(const std::string& node, const std::string& leader, uint64_t sync_id,
+                                      const std::vector<ChunkBuffer>& chunks, const DeviceTransfer& t) {
+    (void)leader, (void)sync_id, (void)chunks;
+    return Unimplemented("this daemon has no " + t.transport + " transport for chunks to node " + node);
+  }
+  // As Receive, into device memory of `t.receiver_device`.
+  virtual Status ReceiveDevice(const std::string& from, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks,
+                               const DeviceTransfer& t) {
+    (void)sync_id, (void)chunks;
+    return Unimplemented("this daemon has no " + t.transport + " transport for chunks from node " + from);
+  }
 };
 
 }  // namespace ws::server

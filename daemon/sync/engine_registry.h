@@ -34,6 +34,10 @@ struct Engine {
   // "" = registered with this daemon. Otherwise the peer node whose daemon
   // holds it (a sync across nodes plans it here): no memory, no sink.
   std::string node;
+  // An engine of another node: where its parameters live there
+  // (RemoteEngine::memory, device_uuid).
+  MemoryKind remote_memory = MemoryKind::kHostShm;
+  std::string remote_device;
   std::string owner;  // principal of the peer that registered it
   std::string label;
   EngineRankSpec spec;

@@ -9,9 +9,11 @@
 // failed send/recv inside a group aborts the communicator (ncclCommAbort, so
 // nothing of a partial group keeps running) and the transport refuses
 // further use; make a new one.
-// Not implemented: exchanging the unique id (the caller carries it out of
-// band), any use by the sync protocol (it is not a Transport: it serves no
-// Route and the registry never picks it), casts/layout on receive (bytes arrive as sent; run an Executor on
+// Used by syncs across nodes through PeerComm (daemon/transport/peer_comm.h,
+// cuda/nccl_peer_comm.cc: two ranks, one per node), which carries the
+// unique id in the peer RPC and caches the communicators.
+// Not implemented here: exchanging the unique id (the caller carries it out
+// of band), casts/layout on receive (bytes arrive as sent; run an Executor on
 // the received buffer), abort from another thread, host memory.
 //
 // Thread-safety: one thread at a time per NcclTransport (NCCL communicators

@@ -8,9 +8,9 @@
 //   local: both ends mapped in this process (host shm, CUDA IPC); copies
 //          run through an Executor with the full CopyOp semantics (cast,
 //          transpose, slicing) straight into the destination.
-// (The NCCL communicator in nccl_transport.h and the UCX worker in
-// ucx/ucx_transport.h move raw byte ranges between ranks / nodes but serve no
-// route yet.)
+// Packed chunks of syncs across nodes move between daemons by a chunk
+// transport picked the same way, by route (same_node = false):
+// ChunkTransports in peer_comm.h (UCX with host staging, NCCL GPU to GPU).
 //
 // Thread-safety: name()/caps() are const and safe anywhere; Copy() and the
 // registry's Copy() may be called concurrently (transports are

@@ -124,5 +124,11 @@ tail -n 15 "$WORK/check.log"
 grep -q '^== result: NO GPU' "$WORK/check.log" || fail "gpu-check.sh did not end with its no-GPU result"
 [ -f "$WORK/out/results.md" ] || fail "no results.md"
 [ "$secs" -le 480 ] || fail "gpu-check.sh took $secs s"
+grep -q '^| NCCL across nodes.*| skipped (needs 2 GPUs, 0 visible) |' "$WORK/out/results.md" ||
+  fail "results.md does not show the NCCL-across-nodes step skipped"
+# The NCCL check itself, from the bundle, with no GPU: a visible SKIP and exit 0.
+out=$(CUDA_VISIBLE_DEVICES= "$PY" "$WORK/copy/tests/gpu/nccl_two_nodes.py" --build "$WORK/copy/bin" --out "$WORK/nccl") ||
+  fail "nccl_two_nodes.py without GPUs exited $?: $out"
+case "$out" in SKIP:*) echo "nccl_two_nodes.py: $out" ;; *) fail "nccl_two_nodes.py without GPUs: $out" ;; esac
 echo "gpu-check.sh: no-GPU ending (exit 3) in $secs s"
 echo "PASS: bundle self-contained ($(sed -n 's/^size: //p' "$BUNDLE/BUNDLE.txt"))"

@@ -63,6 +63,17 @@ class CudaPlatformImpl final : public Platform {
                                                  const std::string& what) override {
     return OpenIpcHandle(handle, device, what);
   }
+  Result<std::shared_ptr<void>> AllocDevice(int device, uint64_t bytes, const std::string& what) override {
+    ScopedDevice scoped(device);
+    void* p = nullptr;
+    cudaError_t e = cudaMalloc(&p, bytes == 0 ? 1 : bytes);
+    if (e != cudaSuccess) return CudaError(e, "cudaMalloc", what + " (" + std::to_string(bytes) + " bytes on device " +
+                                                                std::to_string(device) + ")");
+    return std::shared_ptr<void>(p, [device](void* q) {
+      ScopedDevice d(device);
+      cudaFree(q);
+    });
+  }
 };
 
 // Why cudaHostRegister refused a host range, by base address, for as long as

@@ -92,6 +92,42 @@ TEST(Convert, RegisterEngineRequest) {
   EXPECT_EQ(FromProto(bad).status().code(), Code::kInvalidArgument);
 }
 
+TEST(Convert, PeerEngineCarriesTheGpuItsParamsLiveOn) {
+  pb::RegisterEngineRequest reg = GoodRequest();
+  for (auto& p : *reg.mutable_params()) p.clear_memory();  // peers send specs without memory
+  auto spec = FromProto(reg, Limits{}, /*memory=*/false);
+  ASSERT_TRUE(spec.ok()) << spec.status().ToString();
+  RemoteEngine gpu;
+  gpu.node = "b";
+  gpu.engine_id = "e1";
+  gpu.spec = spec->spec;
+  gpu.memory = MemoryKind::kCudaIpc;
+  gpu.device_uuid = "GPU-0a1b";
+  pb::PeerEngine wire;
+  ToProto(gpu, &wire);
+  EXPECT_EQ(wire.device_uuid(), "GPU-0a1b");
+  auto back = FromProto(wire);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->memory, MemoryKind::kCudaIpc);
+  EXPECT_EQ(back->device_uuid, "GPU-0a1b");
+
+  RemoteEngine host = gpu;  // host memory: no UUID on the wire, whatever the field held
+  host.memory = MemoryKind::kHostShm;
+  wire.Clear();
+  ToProto(host, &wire);
+  EXPECT_TRUE(wire.device_uuid().empty());
+  back = FromProto(wire);
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(back->memory, MemoryKind::kHostShm);
+  EXPECT_TRUE(back->device_uuid.empty());
+
+  // An oversized UUID from a peer is refused naming the engine.
+  wire.set_device_uuid(std::string(5000, 'x'));
+  back = FromProto(wire);
+  ASSERT_FALSE(back.ok());
+  EXPECT_NE(back.status().message().find("engine e1"), std::string::npos) << back.status().message();
+}
+
 TEST(Convert, CudaRef) {
   pb::MemoryRef m;
   m.mutable_cuda_ipc()->set_handle(std::string(64, '\x01'));

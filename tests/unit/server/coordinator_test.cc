@@ -8,7 +8,10 @@
 #include <tuple>
 #include <thread>
 
+#include "daemon/sync/host_buffer.h"
+#include "daemon/transport/peer_comm.h"
 #include "tests/unit/server/fakes.h"
+#include "tests/unit/testing/fake_peer_comm.h"
 
 namespace ws::server::testing {
 
@@ -62,6 +65,7 @@ class CoordinatorTest : public ::testing::Test {
     o.housekeeping_interval = std::chrono::milliseconds(20);
     o.max_engines_per_peer = max_engines_per_peer_;
     o.cluster = cluster_;
+    o.device_staging = device_staging_;
     coord_ = std::make_unique<Coordinator>(*reg, domain_.get(), exec_.get(), o);
     sources_.clear();
     auto add = [&](const std::string& n, Shape s) {
@@ -256,6 +260,7 @@ class CoordinatorTest : public ::testing::Test {
   uint32_t T_ = 2, W_ = 2;
   uint32_t max_engines_per_peer_ = 4096;
   ClusterLink* cluster_ = nullptr;  // coord_'s peers (CoordinatorOptions::cluster)
+  DeviceStaging* device_staging_ = nullptr;  // coord_'s (CoordinatorOptions::device_staging)
   std::vector<Source> sources_;
   std::vector<std::map<std::string, std::pair<uint64_t, uint64_t>>> shard_offsets_;
   std::vector<std::shared_ptr<RecordingSink>> sinks_;
@@ -1427,6 +1432,61 @@ class LoopbackLink final : public ClusterLink {
       for (const auto& n : nodes) (void)peers_.at(n).coord->PeerAbort(self_, sync_id, reason);
     });
   }
+  // GPU to GPU (the daemon's NCCL path) over the in-process fake communicators.
+  void EnableDevice(ws::testing::FakePeerCommFabric* fabric) {
+    factory_ = std::make_unique<ws::testing::FakePeerCommFactory>(fabric);
+    comms_ = std::make_unique<PeerCommCache>(factory_.get(), std::chrono::seconds(60));
+    transports_ = ChunkTransports();  // preferred to UCX where it serves, as in GrpcClusterLink
+    transports_.Add(factory_->name(), DeviceCaps());
+    transports_.Add("ucx", HostStagedCaps());
+  }
+  PeerCommCache::Stats device_stats() const { return comms_ ? comms_->stats() : PeerCommCache::Stats{}; }
+  Result<std::string> ChunkTransport(const Route& route) const override { return transports_.Pick(route); }
+  Result<uint64_t> SendDevice(const std::string& node, const std::string& leader, uint64_t sync_id,
+                              const std::vector<ChunkBuffer>& chunks, const DeviceTransfer& t) override {
+    if (!comms_) return FailedPrecondition("no device transport");
+    const auto& p = peers_.at(node);
+    WS_ASSIGN_OR_RETURN(auto lease, comms_->ForSend(CommKey{node, t.sender_device, t.receiver_device}));
+    DeviceTransfer sent = t;  // what PeerReceiveRequest carries
+    sent.unique_id = lease.new_unique_id;
+    sent.generation = lease.generation;
+    std::vector<uint32_t> numbers;
+    std::vector<PeerComm::P2P> ops;
+    uint64_t total = 0;
+    for (const auto& ch : chunks) {
+      numbers.push_back(ch.chunk);
+      ops.push_back(PeerComm::P2P{true, ch.data, ch.bytes, "chunk " + std::to_string(ch.chunk)});
+      total += ch.bytes;
+    }
+    auto rpc = std::async(std::launch::async, [&] { return p.coord->PeerReceive(leader, self_, sync_id, numbers, &sent); });
+    Status st = comms_->Exchange(lease, ops);
+    auto r = rpc.get();
+    if (st.ok()) {
+      std::lock_guard lk(mu_);
+      bytes_[node].sent += total;
+      bytes_[node].device_sent += total;
+    }
+    if (!r.ok()) return r.status().WithContext("node " + node + " receiving");
+    if (!st.ok()) return st;
+    return r;
+  }
+  Status ReceiveDevice(const std::string& from, uint64_t, const std::vector<ChunkBuffer>& chunks,
+                       const DeviceTransfer& t) override {
+    if (!comms_) return FailedPrecondition("no device transport");
+    WS_ASSIGN_OR_RETURN(auto lease, comms_->ForReceive(CommKey{from, t.receiver_device, t.sender_device}, t.unique_id,
+                                                       t.generation));
+    std::vector<PeerComm::P2P> ops;
+    uint64_t total = 0;
+    for (const auto& ch : chunks) {
+      ops.push_back(PeerComm::P2P{false, ch.data, ch.bytes, "chunk " + std::to_string(ch.chunk)});
+      total += ch.bytes;
+    }
+    WS_RETURN_IF_ERROR(comms_->Exchange(lease, ops));
+    std::lock_guard lk(mu_);
+    bytes_[from].received += total;
+    bytes_[from].device_received += total;
+    return Status::Ok();
+  }
   Status Receive(const std::string& from, uint64_t sync_id, const std::vector<ChunkBuffer>& chunks) override {
     std::lock_guard lk(mu_);
     for (const auto& ch : chunks) {
@@ -1451,6 +1511,54 @@ class LoopbackLink final : public ClusterLink {
   std::map<std::tuple<std::string, uint64_t, uint32_t>, std::vector<uint8_t>> mailbox_;
   std::map<std::string, PeerBytes> bytes_;
   std::vector<std::thread> threads_;
+  std::unique_ptr<ws::testing::FakePeerCommFactory> factory_;
+  std::unique_ptr<PeerCommCache> comms_;
+  ChunkTransports transports_ = [] {
+    ChunkTransports t;
+    t.Add("ucx", HostStagedCaps());
+    return t;
+  }();
+};
+
+// Device staging over host memory that says it is device memory of device
+// ordinal 0, named "GPU-<node>" (pairs with PresentAsDevice(0)).
+class FakeDeviceStaging final : public DeviceStaging {
+ public:
+  explicit FakeDeviceStaging(std::string node) : uuid_("GPU-" + std::move(node)) {}
+  Result<std::string> DeviceUuid(int ordinal) override {
+    if (ordinal != 0) return NotFound("no device " + std::to_string(ordinal));
+    return uuid_;
+  }
+  Result<std::shared_ptr<Mapping>> Allocate(const std::string& uuid, uint64_t bytes) override {
+    if (uuid != uuid_) return NotFound("no device " + uuid + " here (" + uuid_ + ")");
+    WS_ASSIGN_OR_RETURN(std::shared_ptr<HostBuffer> buf, HostBuffer::Create(bytes));
+    std::lock_guard lk(mu_);
+    ++allocations_;
+    max_bytes_ = std::max(max_bytes_, bytes);
+    return std::shared_ptr<Mapping>(std::make_shared<Labeled>(std::move(buf)));
+  }
+  int allocations() const {
+    std::lock_guard lk(mu_);
+    return allocations_;
+  }
+
+ private:
+  class Labeled final : public Mapping {
+   public:
+    explicit Labeled(std::shared_ptr<HostBuffer> b) : b_(std::move(b)) {}
+    void* data() const override { return b_->data(); }
+    uint64_t size() const override { return b_->size(); }
+    MemoryKind kind() const override { return MemoryKind::kCudaIpc; }
+    int device() const override { return 0; }
+    MemoryExtent extent() const override { return b_->extent(); }
+
+   private:
+    std::shared_ptr<HostBuffer> b_;
+  };
+  const std::string uuid_;
+  mutable std::mutex mu_;
+  int allocations_ = 0;
+  uint64_t max_bytes_ = 0;
 };
 
 // Nodes a (coord_, the leader) and b (coord_b_): W=2 trainer ranks, rank 0
@@ -1460,7 +1568,13 @@ class CoordinatorTwoNodesTest : public CoordinatorTest {
  protected:
   void SetUp() override {
     cluster_ = &link_a_;
+    if (device_) device_staging_ = &staging_a_;
     Init(/*T=*/2, /*W=*/2);
+    if (device_) {
+      domain_->PresentAsDevice(0);  // trainer and engine memory on both nodes: "GPU 0"
+      link_a_.EnableDevice(&fabric_);
+      link_b_.EnableDevice(&fabric_);
+    }
     auto reg = LayoutRegistry::LoadTexts({{"toy.json", kToyRules}});
     ASSERT_TRUE(reg.ok());
     CoordinatorOptions o;
@@ -1469,6 +1583,7 @@ class CoordinatorTwoNodesTest : public CoordinatorTest {
     o.clock = &clock_;
     o.housekeeping_interval = std::chrono::milliseconds(20);
     o.cluster = &link_b_;
+    if (device_) o.device_staging = &staging_b_;
     coord_b_ = std::make_unique<Coordinator>(*reg, domain_.get(), exec_.get(), o);
     link_a_.Peer("b", coord_b_.get(), &link_b_);
     link_b_.Peer("a", coord_.get(), &link_a_);
@@ -1508,6 +1623,9 @@ class CoordinatorTwoNodesTest : public CoordinatorTest {
     return fut.get();
   }
 
+  bool device_ = false;  // GPU to GPU: device memory everywhere, a device transport on both links
+  ws::testing::FakePeerCommFabric fabric_;
+  FakeDeviceStaging staging_a_{"a"}, staging_b_{"b"};
   LoopbackLink link_a_{"a"}, link_b_{"b"};
   std::unique_ptr<Coordinator> coord_b_;
   std::vector<EngineHandle> on_a_, on_b_;
@@ -1597,6 +1715,101 @@ TEST_F(CoordinatorTwoNodesTest, RankNodesMustNameUpPeersOnePerRank) {
   EXPECT_ERR(r.status(), "one per rank");
   for (const auto* side : {&on_a_, &on_b_})
     for (const auto& e : *side) EXPECT_EQ(e.sink->kinds(), "") << e.id;
+}
+
+
+// The same two nodes with trainer and engine memory on "GPU 0" of each node
+// and a device transport on both links: every chunk goes GPU to GPU.
+class CoordinatorTwoNodesDeviceTest : public CoordinatorTwoNodesTest {
+ protected:
+  void SetUp() override {
+    device_ = true;
+    CoordinatorTwoNodesTest::SetUp();
+  }
+  void SyncOnce(uint64_t version) {
+    auto b = coord_->BeginSync(Self(), SpreadManifest(version));
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    for (uint32_t r = 0; r < W_; ++r)
+      for (const auto& l : Layers()) {
+        auto res = On(r).PushLayer(Self(), b->sync_id, r, l, Layer(r, l));
+        ASSERT_TRUE(res.ok()) << "rank " << r << " " << l << ": " << res.status().ToString();
+      }
+    auto c = CommitBoth(b->sync_id);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+  }
+};
+
+TEST_F(CoordinatorTwoNodesDeviceTest, ChunksGoGpuToGpuOverOneCommunicatorPerDirectionReusedAcrossSyncs) {
+  SyncOnce(1);
+  SyncOnce(2);
+  for (const auto* side : {&on_a_, &on_b_})
+    for (const auto& e : *side) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
+  const PeerBytes ab = link_a_.bytes("b"), ba = link_b_.bytes("a");
+  // Every chunk went GPU to GPU, the same bytes the host path carries.
+  const uint64_t per_replica = 2 * (V * H + NL * (2 * H * H + H));
+  EXPECT_EQ(ab.sent + ba.sent, 2 * per_replica);
+  EXPECT_EQ(ab.device_sent, ab.sent);
+  EXPECT_EQ(ba.device_sent, ba.sent);
+  EXPECT_EQ(link_b_.bytes("a").device_received, ab.sent);
+  EXPECT_EQ(link_a_.bytes("b").device_received, ba.sent);
+  // a -> b and b -> a: two communicators, made in the first sync and reused by every later window.
+  EXPECT_EQ(fabric_.unique_ids(), 2);
+  EXPECT_EQ(link_a_.device_stats().created, 2u);  // its sender one and its receiver one
+  EXPECT_EQ(link_b_.device_stats().created, 2u);
+  EXPECT_GT(link_a_.device_stats().reused, 0u);
+  // Rank 0 pushes first: a -> b is the first communicator, a's GPU rank 0.
+  EXPECT_EQ(fabric_.Devices("uid-0"), (std::vector<std::string>{"GPU-a", "GPU-b"}));
+  // Packed into and received from device staging on both nodes.
+  EXPECT_GT(staging_a_.allocations(), 0);
+  EXPECT_GT(staging_b_.allocations(), 0);
+}
+
+TEST_F(CoordinatorTwoNodesDeviceTest, AFailedExchangeAbortsTheSyncEverywhereAndTheNextSyncRebuildsTheCommunicator) {
+  SyncOnce(1);
+  ASSERT_EQ(fabric_.unique_ids(), 2);
+  auto b = coord_->BeginSync(Self(), SpreadManifest(2));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  fabric_.FailNextExchanges(1);
+  auto res = coord_->PushLayer(Self(), b->sync_id, 0, "embed", Layer(0, "embed"));
+  ASSERT_FALSE(res.ok());
+  EXPECT_ERR(res.status(), "node b");
+  for (auto& e : on_b_) EXPECT_TRUE(e.sink->WaitFor(Kind::kAborted, b->sync_id)) << e.id;
+  EXPECT_EQ(link_a_.device_stats().live, 1u);  // a -> b dropped; b -> a (a receives) untouched
+
+  SyncOnce(3);
+  for (const auto* side : {&on_a_, &on_b_})
+    for (const auto& e : *side) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
+  EXPECT_EQ(fabric_.unique_ids(), 3);  // a -> b rebuilt with a new unique id
+  EXPECT_EQ(link_a_.device_stats().live, 2u);
+}
+
+TEST_F(CoordinatorTwoNodesDeviceTest, TheReceiverRefusesChunksSentForAnotherDevice) {
+  auto b = coord_->BeginSync(Self(), SpreadManifest(1));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  // Chunk 0 (tensor embed, rank 0's shard) comes from a; the sender names a GPU b does not use.
+  DeviceTransfer t{"fake-nccl", "GPU-a", "GPU-elsewhere", "uid-x", 7};
+  auto r = coord_b_->PeerReceive("a", "a", b->sync_id, {0}, &t);
+  ASSERT_FALSE(r.ok());
+  EXPECT_ERR(r.status(), "was sent GPU to GPU for device GPU-elsewhere");
+  EXPECT_ERR(r.status(), "GPU-b");
+  for (auto& e : on_b_) EXPECT_TRUE(e.sink->WaitFor(Kind::kAborted, b->sync_id)) << e.id;
+}
+
+TEST_F(CoordinatorTwoNodesTest, HostMemoryStaysOnTheHostStagedPathEvenWithADeviceTransport) {
+  ws::testing::FakePeerCommFabric fabric;
+  link_a_.EnableDevice(&fabric);
+  link_b_.EnableDevice(&fabric);
+  auto b = coord_->BeginSync(Self(), SpreadManifest(1));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  for (uint32_t r = 0; r < W_; ++r)
+    for (const auto& l : Layers()) ASSERT_TRUE(On(r).PushLayer(Self(), b->sync_id, r, l, Layer(r, l)).ok());
+  ASSERT_TRUE(CommitBoth(b->sync_id).ok());
+  for (const auto* side : {&on_a_, &on_b_})
+    for (const auto& e : *side) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
+  EXPECT_GT(link_a_.bytes("b").sent, 0u);
+  EXPECT_EQ(link_a_.bytes("b").device_sent, 0u);
+  EXPECT_EQ(link_b_.bytes("a").device_sent, 0u);
+  EXPECT_EQ(fabric.unique_ids(), 0);
 }
 
 }  // namespace

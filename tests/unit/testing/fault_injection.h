@@ -129,6 +129,7 @@ class FaultInjectingMemoryDomain final : public MemoryDomain {
     std::lock_guard lk(mu_);
     if (auto it = short_by_.find(ref.name); it != short_by_.end() && it->second <= m->size())
       return std::shared_ptr<Mapping>(std::make_shared<ShortMapping>(std::move(m), it->second));
+    if (as_device_ >= 0) return std::shared_ptr<Mapping>(std::make_shared<DeviceLabeled>(std::move(m), as_device_));
     return m;
   }
   void Trim() override {
@@ -150,6 +151,13 @@ class FaultInjectingMemoryDomain final : public MemoryDomain {
   void ShortenMap(const std::string& name, uint64_t bytes) {
     std::lock_guard lk(mu_);
     short_by_[name] = bytes;
+  }
+  // Mappings made from now on say they are CUDA memory of device ordinal
+  // `device` (their bytes stay host memory, so the host executor still
+  // copies them): the device paths of the coordinator on a CPU machine.
+  void PresentAsDevice(int device) {
+    std::lock_guard lk(mu_);
+    as_device_ = device;
   }
   int map_calls() const { return get(map_calls_); }
   int trims() const { return get(trims_); }
@@ -176,6 +184,23 @@ class FaultInjectingMemoryDomain final : public MemoryDomain {
     std::shared_ptr<Mapping> m_;
     uint64_t by_;
   };
+  class DeviceLabeled final : public Mapping {
+   public:
+    DeviceLabeled(std::shared_ptr<Mapping> m, int device) : m_(std::move(m)), device_(device) {}
+    void* data() const override { return m_->data(); }
+    uint64_t size() const override { return m_->size(); }
+    MemoryKind kind() const override { return MemoryKind::kCudaIpc; }
+    int device() const override { return device_; }
+    bool writable() const override { return m_->writable(); }
+    Status CheckBacked() const override { return m_->CheckBacked(); }
+    Status Reserve() const override { return m_->Reserve(); }
+    const void* object() const override { return m_->object(); }
+    MemoryExtent extent() const override { return m_->extent(); }
+
+   private:
+    std::shared_ptr<Mapping> m_;
+    int device_;
+  };
   void count(int* n) {
     std::lock_guard lk(mu_);
     ++*n;
@@ -189,6 +214,7 @@ class FaultInjectingMemoryDomain final : public MemoryDomain {
   mutable std::mutex mu_;
   std::map<std::string, Status> fail_map_;
   std::map<std::string, uint64_t> short_by_;
+  int as_device_ = -1;
   int map_calls_ = 0;
   int trims_ = 0;
   int cuda_trims_ = 0;
