@@ -249,13 +249,9 @@ Result<uint64_t> GrpcClusterLink::SendDevice(const std::string& node, const std:
   req.set_receiver_device(t.receiver_device);
   req.set_unique_id(lease.new_unique_id);
   req.set_comm_generation(lease.generation);
-  std::vector<PeerComm::P2P> ops;
+  for (const auto& ch : chunks) req.add_chunks(ch.chunk);
   uint64_t total = 0;
-  for (const auto& ch : chunks) {
-    req.add_chunks(ch.chunk);
-    ops.push_back(PeerComm::P2P{true, ch.data, ch.bytes, "chunk " + std::to_string(ch.chunk)});
-    total += ch.bytes;
-  }
+  const std::vector<PeerComm::P2P> ops = ChunkExchange(/*send=*/true, chunks, &total);
   // The node joins (a new communicator) and posts its receives when the RPC
   // arrives; the group of sends waits for them, bounded by the deadline. A
   // window the node refuses before receiving costs this side that deadline.
@@ -283,13 +279,8 @@ Status GrpcClusterLink::ReceiveDevice(const std::string& from, uint64_t sync_id,
   if (!t.unique_id.empty())
     spdlog::info("sync {}: joining {} communicator with {} (generation {})", sync_id, comms_->name(), key.ToString(),
                  t.generation);
-  std::vector<PeerComm::P2P> ops;
   uint64_t total = 0;
-  for (const auto& ch : chunks) {
-    ops.push_back(PeerComm::P2P{false, ch.data, ch.bytes, "chunk " + std::to_string(ch.chunk)});
-    total += ch.bytes;
-  }
-  WS_RETURN_IF_ERROR(comms_->Exchange(lease, ops));
+  WS_RETURN_IF_ERROR(comms_->Exchange(lease, ChunkExchange(/*send=*/false, chunks, &total)));
   MutexLock lk(&mu_);
   bytes_[from].received += total;
   bytes_[from].device_received += total;

@@ -16,6 +16,7 @@
 #include "daemon/core/manifest.h"
 #include "daemon/core/status.h"
 #include "daemon/mem/memory.h"
+#include "daemon/transport/peer_comm.h"
 
 namespace ws::server {
 
@@ -71,6 +72,19 @@ struct DeviceTransfer {
   std::string unique_id;        // non-empty: the sender made a new communicator; join it
   uint64_t generation = 0;      // the sender's communicator generation
 };
+
+// A window's chunks as one group of sends (or receives) on a PeerComm;
+// `total` gets their bytes.
+inline std::vector<PeerComm::P2P> ChunkExchange(bool send, const std::vector<ChunkBuffer>& chunks, uint64_t* total) {
+  std::vector<PeerComm::P2P> ops;
+  ops.reserve(chunks.size());
+  *total = 0;
+  for (const ChunkBuffer& ch : chunks) {
+    ops.push_back(PeerComm::P2P{send, ch.data, ch.bytes, "chunk " + std::to_string(ch.chunk)});
+    *total += ch.bytes;
+  }
+  return ops;
+}
 
 class ClusterLink {
  public:

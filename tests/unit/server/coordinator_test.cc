@@ -1451,13 +1451,9 @@ class LoopbackLink final : public ClusterLink {
     sent.unique_id = lease.new_unique_id;
     sent.generation = lease.generation;
     std::vector<uint32_t> numbers;
-    std::vector<PeerComm::P2P> ops;
+    for (const auto& ch : chunks) numbers.push_back(ch.chunk);
     uint64_t total = 0;
-    for (const auto& ch : chunks) {
-      numbers.push_back(ch.chunk);
-      ops.push_back(PeerComm::P2P{true, ch.data, ch.bytes, "chunk " + std::to_string(ch.chunk)});
-      total += ch.bytes;
-    }
+    const std::vector<PeerComm::P2P> ops = ChunkExchange(/*send=*/true, chunks, &total);
     auto rpc = std::async(std::launch::async, [&] { return p.coord->PeerReceive(leader, self_, sync_id, numbers, &sent); });
     Status st = comms_->Exchange(lease, ops);
     auto r = rpc.get();
@@ -1475,13 +1471,8 @@ class LoopbackLink final : public ClusterLink {
     if (!comms_) return FailedPrecondition("no device transport");
     WS_ASSIGN_OR_RETURN(auto lease, comms_->ForReceive(CommKey{from, t.receiver_device, t.sender_device}, t.unique_id,
                                                        t.generation));
-    std::vector<PeerComm::P2P> ops;
     uint64_t total = 0;
-    for (const auto& ch : chunks) {
-      ops.push_back(PeerComm::P2P{false, ch.data, ch.bytes, "chunk " + std::to_string(ch.chunk)});
-      total += ch.bytes;
-    }
-    WS_RETURN_IF_ERROR(comms_->Exchange(lease, ops));
+    WS_RETURN_IF_ERROR(comms_->Exchange(lease, ChunkExchange(/*send=*/false, chunks, &total)));
     std::lock_guard lk(mu_);
     bytes_[from].received += total;
     bytes_[from].device_received += total;
