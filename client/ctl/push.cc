@@ -358,8 +358,11 @@ struct RankHooks {
 // each acknowledged before the next is sent, then Finish. Ok when done, or
 // when stopped because another rank failed (the stream is cancelled); else
 // the first error, naming the layer it happened in.
+// `cache` (may be null): rank r's layer messages, one per layer of p.layers,
+// built on first use and reused by later syncs with only their sync_id
+// changed; for memory references that stay the same across syncs.
 Status PushRank(WeightSyncClient& client, const Plan& p, const PushOptions& o, uint64_t sync_id, uint32_t r,
-                const RefFn& ref, bool first_sync, const RankHooks& h) {
+                const RefFn& ref, bool first_sync, const RankHooks& h, std::vector<pb::LayerData>* cache = nullptr) {
   auto stream = client.OpenPush();
   if (!stream.ok()) return stream.status();
   h.opened(stream->get());
@@ -370,11 +373,20 @@ Status PushRank(WeightSyncClient& client, const Plan& p, const PushOptions& o, u
   if (r == 0 && o.crash_after_layers == 0) h.crash();
   int64_t acks = 0;
   bool oob_done = false;
-  for (const Layer& layer : p.layers) {
+  for (size_t li = 0; li < p.layers.size(); ++li) {
+    const Layer& layer = p.layers[li];
     if (h.stopped()) break;
-    pb::LayerData msg = LayerMessage(p, o, sync_id, r, layer, ref, &oob_done, first_sync);
-    if (msg.tensor_index_size() == 0) continue;
-    if (Status s = (*stream)->Send(msg); !s.ok()) return s.WithContext("layer " + layer.key);
+    pb::LayerData fresh;
+    pb::LayerData* msg = &fresh;
+    if (cache != nullptr) {
+      if (cache->size() == li) cache->push_back(LayerMessage(p, o, sync_id, r, layer, ref, &oob_done, first_sync));
+      msg = &(*cache)[li];  // layers are visited in order: entry li is this layer's
+      msg->set_sync_id(sync_id);
+    } else {
+      fresh = LayerMessage(p, o, sync_id, r, layer, ref, &oob_done, first_sync);
+    }
+    if (msg->tensor_index_size() == 0) continue;
+    if (Status s = (*stream)->Send(*msg); !s.ok()) return s.WithContext("layer " + layer.key);
     auto ack = (*stream)->Read();
     if (!ack.ok()) return ack.status().WithContext("layer " + layer.key);
     if (r == 0 && ++acks == o.crash_after_layers) h.crash();  // a real disconnect: nothing is closed
@@ -423,6 +435,10 @@ int PushHost(const GlobalOptions& g, const PushOptions& o, const Plan& p) {
 
   pb::BeginSyncRequest begin = p.begin;
   bool sent_before = false;
+  // Each rank's layer messages, kept across the repeated syncs (the shm
+  // objects stay the same); not with --inject, whose messages are one-offs.
+  std::vector<std::vector<pb::LayerData>> messages(W);
+  const bool keep_messages = o.inject.empty();
   for (uint32_t rep = 0; rep < o.repeat; ++rep) {
     SyncReport rpt;
     rpt.version = o.version + rep;
@@ -459,7 +475,9 @@ int PushHost(const GlobalOptions& g, const PushOptions& o, const Plan& p) {
     std::vector<std::thread> threads;
     for (uint32_t r = 0; r < W; ++r) {
       threads.emplace_back([&, r] {
-        if (Status s = PushRank(*clients[r], p, o, sync_id, r, ref, rep == 0, hooks[r]); !s.ok())
+        if (Status s = PushRank(*clients[r], p, o, sync_id, r, ref, rep == 0, hooks[r],
+                                keep_messages ? &messages[r] : nullptr);
+            !s.ok())
           abort_sync(r, p.begin.rank_nodes_size() > 0 ? s.WithContext("node " + p.begin.rank_nodes(r)) : s);
       });
     }

@@ -1,9 +1,11 @@
 // Contiguous row loops of the host executor: d[j] = cast(s[j]) for every
 // dtype pair (same dtype: a copy), built once per instruction set and picked
 // at run time. Every variant compiles copy_math.h's round-to-nearest-even
-// casts (the AVX-512 BF16 variant uses the CPU's conversion and falls back to
-// them for the vectors it rounds differently: NaNs and denormals), so all are
-// bit-identical; tests run each one the CPU supports.
+// casts, except where the CPU's own conversion is used: fp32 -> bf16 on
+// AVX-512 BF16 (VCVTNEPS2BF16) and fp32/bf16 -> fp16 on AVX-512 (VCVTPS2PH);
+// those take copy_math's result for the lanes the CPU treats differently
+// (NaNs, and for bf16 denormals), so all are bit-identical; tests run each
+// one the CPU supports.
 //
 // stream = true writes the destination with non-temporal stores (whole
 // aligned cache lines; head and tail through the cache): for destinations not

@@ -54,10 +54,12 @@ Accessor Accessor::Self() {
 
 namespace {
 
+// [offset, offset + length) of `whole`, which `owner` (or, for SliceMappings,
+// the block holding the slice) keeps alive.
 class Slice final : public Mapping {
  public:
-  Slice(std::shared_ptr<Mapping> whole, uint64_t offset, uint64_t length)
-      : whole_(std::move(whole)), offset_(offset), length_(length) {}
+  Slice(std::shared_ptr<Mapping> owner, const Mapping* whole, uint64_t offset, uint64_t length)
+      : owner_(std::move(owner)), whole_(whole), offset_(offset), length_(length) {}
   void* data() const override { return static_cast<char*>(whole_->data()) + offset_; }
   uint64_t size() const override { return length_; }
   MemoryKind kind() const override { return whole_->kind(); }
@@ -78,9 +80,25 @@ class Slice final : public Mapping {
   }
 
  private:
-  const std::shared_ptr<Mapping> whole_;
+  const std::shared_ptr<Mapping> owner_;  // null inside a SliceBlock
+  const Mapping* const whole_;
   const uint64_t offset_, length_;
 };
+
+// SliceMappings' one allocation: `whole` and its slices.
+struct SliceBlock {
+  std::shared_ptr<Mapping> whole;
+  std::vector<Slice> slices;
+};
+
+void CheckSlice(const Mapping& whole, uint64_t offset, uint64_t length) {
+  if (offset > whole.size() || length > whole.size() - offset) {
+    std::fprintf(stderr, "weightsyncd: invariant violated: slice [%llu, +%llu) of a %llu-byte mapping\n",
+                 static_cast<unsigned long long>(offset), static_cast<unsigned long long>(length),
+                 static_cast<unsigned long long>(whole.size()));
+    std::abort();
+  }
+}
 
 // Host shm always; CUDA IPC when a CUDA domain could be created, otherwise
 // CUDA refs fail with `cuda_unavailable`.
@@ -132,13 +150,24 @@ class CompositeDomain final : public MemoryDomain {
 }  // namespace
 
 std::shared_ptr<Mapping> SliceMapping(std::shared_ptr<Mapping> whole, uint64_t offset, uint64_t length) {
-  if (offset > whole->size() || length > whole->size() - offset) {
-    std::fprintf(stderr, "weightsyncd: invariant violated: slice [%llu, +%llu) of a %llu-byte mapping\n",
-                 static_cast<unsigned long long>(offset), static_cast<unsigned long long>(length),
-                 static_cast<unsigned long long>(whole->size()));
-    std::abort();
+  CheckSlice(*whole, offset, length);
+  const Mapping* w = whole.get();
+  return std::make_shared<Slice>(std::move(whole), w, offset, length);
+}
+
+std::vector<std::shared_ptr<Mapping>> SliceMappings(std::shared_ptr<Mapping> whole,
+                                                    const std::vector<std::pair<uint64_t, uint64_t>>& ranges) {
+  auto block = std::make_shared<SliceBlock>();
+  block->slices.reserve(ranges.size());  // never reallocated: the aliases below point into it
+  for (const auto& [offset, length] : ranges) {
+    CheckSlice(*whole, offset, length);
+    block->slices.emplace_back(nullptr, whole.get(), offset, length);
   }
-  return std::make_shared<Slice>(std::move(whole), offset, length);
+  block->whole = std::move(whole);
+  std::vector<std::shared_ptr<Mapping>> out;
+  out.reserve(ranges.size());
+  for (Slice& s : block->slices) out.emplace_back(block, &s);  // aliasing: shares the block's count
+  return out;
 }
 
 std::unique_ptr<MemoryDomain> MakeCompositeDomain(std::unique_ptr<MemoryDomain> host,

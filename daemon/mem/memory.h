@@ -118,6 +118,11 @@ class Mapping {
 // its own, sharing `whole`'s object: one Map of a range several references
 // fall in, then a slice per reference.
 std::shared_ptr<Mapping> SliceMapping(std::shared_ptr<Mapping> whole, uint64_t offset, uint64_t length);
+// The same for many ranges (offset, length) of one `whole` at once: the
+// slices share one allocation (which keeps `whole` alive) instead of one
+// each, for the tens of thousands of shards of a layer message.
+std::vector<std::shared_ptr<Mapping>> SliceMappings(std::shared_ptr<Mapping> whole,
+                                                    const std::vector<std::pair<uint64_t, uint64_t>>& ranges);
 
 // The reference kinds a domain maps.
 struct DomainCaps {

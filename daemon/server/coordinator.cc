@@ -104,12 +104,28 @@ Result<std::vector<std::shared_ptr<Mapping>>> MapShards(MemoryDomain& domain, co
     if (m.ok()) sp.mapped = std::move(m).value();
   }
   std::vector<std::shared_ptr<Mapping>> out(claimed.size());
-  for (size_t i = 0; i < claimed.size(); ++i) {
-    const Span& sp = spans[of[i]];
-    if (sp.mapped) {
-      out[i] = SliceMapping(sp.mapped, claimed[i].offset - sp.ref.offset, claimed[i].length);
-      continue;
+  // The slices of each mapped span in one allocation (a layer message may
+  // carry thousands of shards of one object).
+  std::vector<size_t> start(spans.size() + 1, 0), by_span(claimed.size());  // claimed indices grouped by span
+  for (size_t i = 0; i < claimed.size(); ++i) ++start[of[i] + 1];
+  for (size_t k = 0; k < spans.size(); ++k) start[k + 1] += start[k];
+  {
+    std::vector<size_t> next(start.begin(), start.end() - 1);
+    for (size_t i = 0; i < claimed.size(); ++i) by_span[next[of[i]]++] = i;
+  }
+  std::vector<std::pair<uint64_t, uint64_t>> ranges;
+  for (size_t k = 0; k < spans.size(); ++k) {
+    if (!spans[k].mapped) continue;
+    ranges.clear();
+    for (size_t n = start[k]; n < start[k + 1]; ++n) {
+      const ClaimedShard& c = claimed[by_span[n]];
+      ranges.emplace_back(c.offset - spans[k].ref.offset, c.length);
     }
+    std::vector<std::shared_ptr<Mapping>> slices = SliceMappings(spans[k].mapped, ranges);
+    for (size_t n = start[k]; n < start[k + 1]; ++n) out[by_span[n]] = std::move(slices[n - start[k]]);
+  }
+  for (size_t i = 0; i < claimed.size(); ++i) {
+    if (out[i]) continue;
     MemoryRef ref = *claimed[i].object;
     ref.offset = claimed[i].offset;
     ref.length = claimed[i].length;

@@ -284,7 +284,7 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
     pending = false;
     const Group done = g;
     WS_RETURN_IF_ERROR(BindOp(done.n == 1 ? single : Canonical(run), done.n == 1 ? single_src : run_src, *run_dst,
-                              [this, done] { return GroupName(done.first, done.last, done.n); }, where, &out));
+                              [this, &done] { return GroupName(done.first, done.last, done.n); }, where, &out));
     groups->push_back(done);
     const PlannedCopy& c = plan.copies[done.first];
     if (!engines_[c.engine]->spec.params[c.param].staged && c.engine != last_in_place) {

@@ -115,6 +115,54 @@ TEST_P(HostRowsTest, EveryLengthAroundTheStreamingBlock) {
     }
 }
 
+// Specials (NaNs with payloads, infinities, signed zeros, denormals, the
+// largest finite values and ties) at every lane of the vector loops and
+// inside the streamed blocks, not only where a row starts: a prime-length
+// cycle of them interleaved with ordinary values, over several blocks.
+TEST_P(HostRowsTest, SpecialsInEveryLaneOfTheVectorLoops) {
+  const Isa isa = static_cast<Isa>(GetParam());
+  if (!Supported(isa)) GTEST_SKIP() << IsaName(isa) << " is not supported by this CPU";
+  const std::vector<uint32_t> f32 = {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0xffc00001u,
+                                     0x7f800001u, 0xff812345u, 0x7fbfffffu, 0x00000001u, 0x807fffffu, 0x00400000u,
+                                     0x80008000u, 0x00018000u, 0x7f7fffffu, 0xff7f8000u, 0x7f7f8000u, 0x3f808000u,
+                                     0x3f818000u, 0xbf808001u, 0x477ff000u, 0x38800000u, 0x387fffffu, 0x33000000u,
+                                     0x00800000u, 0x80800000u, 0x007fffffu, 0x3f800000u, 0xc0490fdbu};  // 29: prime
+  const std::vector<uint32_t> f16 = {0x0000u, 0x8000u, 0x7c00u, 0xfc00u, 0x7e00u, 0xfe01u, 0x7c01u, 0x0001u,
+                                     0x83ffu, 0x0400u, 0x7bffu, 0xfbffu, 0x3c00u};  // 13: prime
+  std::mt19937_64 rng(7);
+  for (uint8_t s = 0; s < 3; ++s) {
+    const std::vector<uint32_t>& specials = s == kernels::kF32 ? f32 : f16;
+    const int64_t n = 4 * 1024 + 37;  // several streamed blocks and an odd tail
+    std::vector<uint32_t> in(static_cast<size_t>(n));
+    for (int64_t k = 0; k < n; ++k) {
+      const uint32_t ordinary = s == kernels::kF32 ? 0x3f000000u + static_cast<uint32_t>(rng() & 0x00ffffffu)
+                                                   : 0x3000u + static_cast<uint32_t>(rng() & 0x0fffu);
+      in[static_cast<size_t>(k)] = k % 2 == 0 ? specials[static_cast<size_t>(k / 2) % specials.size()] : ordinary;
+    }
+    std::vector<unsigned char> src(in.size() * ES(s) + 64);
+    for (uint8_t d = 0; d < 3; ++d) {
+      std::vector<unsigned char> want;
+      Reference(s, d, in, &want);
+      const RowFn row = Row(isa, s, d);
+      for (size_t shift : {size_t{0}, size_t{2}, size_t{20}}) {
+        if (shift % ES(s) != 0) continue;
+        for (size_t i = 0; i < in.size(); ++i) std::memcpy(&src[shift + i * ES(s)], &in[i], ES(s));
+        for (bool stream : {false, true})
+          for (size_t dshift : {size_t{0}, size_t{2}, size_t{64}}) {
+            if (dshift % ES(d) != 0) continue;
+            std::vector<unsigned char> got(want.size() + 128, 0xa5);
+            row(src.data() + shift, got.data() + dshift, n, stream);
+            StreamFence();
+            ASSERT_EQ(0, std::memcmp(got.data() + dshift, want.data(), want.size()))
+                << IsaName(isa) << " " << int(s) << "->" << int(d) << " shift " << shift << "/" << dshift
+                << (stream ? " streamed" : "");
+            ASSERT_EQ(got[dshift + want.size()], 0xa5) << "wrote past the row";
+          }
+      }
+    }
+  }
+}
+
 // The executor forced onto each variant, with streaming for every op.
 TEST_P(HostRowsTest, ExecutorOnThisVariantMatchesReference) {
   const Isa isa = static_cast<Isa>(GetParam());
