@@ -33,6 +33,10 @@ struct BoundOps {
   // Set by the sync layer: engines (indices in the sync) whose live, not
   // staged, parameters the ops write; they must have paused first.
   std::set<uint32_t> in_place_engines;
+  // Set by the sync layer's BindLayer: the layer's shard groups (of two or
+  // more shards) merged from the plan's chains, and those whose copies it
+  // walked one by one (a layout the chains do not fit).
+  uint32_t groups_chained = 0, groups_walked = 0;
 
   std::string Name(size_t i) const { return OpName(name, i); }
 };

@@ -50,9 +50,11 @@ struct RunMode {
 
 void TransposeItem(const Item& it, rows::RowFn row, const char* s, char* d);
 
-void CastItem(const Item& it, rows::RowFn row, bool stream) {
+void CastItem(const Item& it, rows::Isa isa, bool stream) {
   const CopyOp& op = *it.op;
   const size_t ss = ElemSize(op.src_dtype), ds = ElemSize(op.dst_dtype);
+  const rows::RowFn row = op.transpose ? rows::Row(isa, op.src_dtype, op.dst_dtype) : nullptr;
+  const rows::RectFn rect = op.transpose ? nullptr : rows::Rect(isa, op.src_dtype, op.dst_dtype);
   for (int64_t b = it.b0; b < it.b1; ++b) {
     const char* s = static_cast<const char*>(op.src) + (op.src_offset + b * op.src_batch_stride) * ss;
     char* d = static_cast<char*>(op.dst) + (op.dst_offset + b * op.dst_batch_stride) * ds;
@@ -60,8 +62,9 @@ void CastItem(const Item& it, rows::RowFn row, bool stream) {
       TransposeItem(it, row, s, d);
       continue;
     }
-    for (int64_t i = it.r0; i < it.r1; ++i)
-      row(s + (i * op.src_ld + it.c0) * ss, d + (i * op.dst_ld + it.c0) * ds, it.c1 - it.c0, stream);
+    rect(s + (it.r0 * op.src_ld + it.c0) * ss, op.src_ld * static_cast<int64_t>(ss),
+         d + (it.r0 * op.dst_ld + it.c0) * ds, op.dst_ld * static_cast<int64_t>(ds), it.r1 - it.r0, it.c1 - it.c0,
+         stream);
   }
 }
 
@@ -105,7 +108,7 @@ void CopyItem(const Item& it, const RunMode& mode) {
   // The destination is not read again by the daemon: large ops stream it.
   const bool stream =
       !op.transpose && static_cast<uint64_t>(op.count * op.rows * op.cols) * es >= mode.stream_min_bytes;
-  CastItem(it, rows::Row(mode.isa, op.src_dtype, op.dst_dtype), stream);
+  CastItem(it, mode.isa, stream);
   if (stream) rows::StreamFence();
 }
 

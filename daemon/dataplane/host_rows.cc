@@ -41,6 +41,13 @@ inline uint16_t F16ToBF16(uint16_t v) { return kernels::F32ToBF16(kernels::F16To
 // shorter than two blocks go through the cache.
 constexpr int64_t kBlockBytes = 1024;
 
+// A rectangle, row by row, through the row loop F.
+template <RowFn F>
+void RectLoop(const void* sv, int64_t ss, void* dv, int64_t ds, int64_t rows, int64_t n, bool stream) {
+  const char* s = static_cast<const char*>(sv);
+  char* d = static_cast<char*>(dv);
+  for (int64_t i = 0; i < rows; ++i) F(s + i * ss, d + i * ds, n, stream);
+}
 // StreamLines_TAG(d, s, bytes): d aligned to VEC, bytes a multiple of VEC.
 // Copy_TAG: same-dtype rows (n elements of ES bytes).
 #define WS_ROWS_COPY(TAG, ATTR, VEC, STREAM_ONE)                                                        \
@@ -93,6 +100,11 @@ constexpr int64_t kBlockBytes = 1024;
       {Copy4_##TAG, F32ToBF16_##TAG, F32ToF16_##TAG},                            \
       {BF16ToF32_##TAG, Copy2_##TAG, BF16ToF16_##TAG},                           \
       {F16ToF32_##TAG, F16ToBF16_##TAG, Copy2_##TAG},                            \
+  };                                                                             \
+  const RectFn kRect_##TAG[3][3] = {                                             \
+      {RectLoop<Copy4_##TAG>, RectLoop<F32ToBF16_##TAG>, RectLoop<F32ToF16_##TAG>},  \
+      {RectLoop<BF16ToF32_##TAG>, RectLoop<Copy2_##TAG>, RectLoop<BF16ToF16_##TAG>}, \
+      {RectLoop<F16ToF32_##TAG>, RectLoop<F16ToBF16_##TAG>, RectLoop<Copy2_##TAG>},  \
   };
 
 #if WS_ROWS_X86
@@ -124,16 +136,22 @@ WS_ATTR_AVX512 inline __m256i F16Native16(__m512i u) {
                                     _mm512_set1_epi32(0x7e00));
   return _mm256_mask_blend_epi16(nan, r, _mm512_maskz_cvtepi32_epi16(kAll16, q));
 }
-WS_ATTR_AVX512 inline void F32ToF16Native16(const uint32_t* s, uint16_t* d) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), F16Native16(_mm512_loadu_si512(s)));
+// The first lanes of `m` (a run of low bits: a row's tail) of 16 elements;
+// masked loads and stores touch no byte of the lanes outside `m` (and do not
+// fault there), so a row ending at the end of a mapping is safe.
+WS_ATTR_AVX512 inline void F32ToF16Native16(const uint32_t* s, uint16_t* d, __mmask16 m = kAll16) {
+  _mm256_mask_storeu_epi16(d, m, F16Native16(_mm512_maskz_loadu_epi32(m, s)));
 }
-WS_ATTR_AVX512 inline void BF16ToF16Native16(const uint16_t* s, uint16_t* d) {
-  const __m512i u =
-      _mm512_maskz_slli_epi32(kAll16, _mm512_maskz_cvtepu16_epi32(kAll16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), F16Native16(u));
+WS_ATTR_AVX512 inline void BF16ToF16Native16(const uint16_t* s, uint16_t* d, __mmask16 m = kAll16) {
+  const __m512i u = _mm512_maskz_slli_epi32(kAll16, _mm512_maskz_cvtepu16_epi32(kAll16, _mm256_maskz_loadu_epi16(m, s)), 16);
+  _mm256_mask_storeu_epi16(d, m, F16Native16(u));
 }
+// Lanes [0, n) for 0 < n < 16.
+inline __mmask16 TailMask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 // NAME(s, d, n, stream) with VEC16(s + j, d + j) converting 16 elements and
-// ONE(s[j]) one, streaming like WS_ROWS_CAST.
+// a masked VEC16 the row's last (n % 16) elements, streaming like
+// WS_ROWS_CAST. (A scalar tail made short rows, such as the 4- to 32-element
+// rows of small MoE experts, cost several times their vector part.)
 #define WS_ROWS_NATIVE16(NAME, ATTR, S, VEC16, ONE)                                                              \
   ATTR void NAME(const void* sv, void* dv, int64_t n, bool stream) {                                              \
     const S* s = static_cast<const S*>(sv);                                                                       \
@@ -149,7 +167,7 @@ WS_ATTR_AVX512 inline void BF16ToF16Native16(const uint16_t* s, uint16_t* d) {
       }                                                                                                           \
     }                                                                                                             \
     for (; j + 16 <= n; j += 16) VEC16(s + j, d + j);                                                             \
-    for (; j < n; ++j) d[j] = ONE(s[j]);                                                                          \
+    if (j < n) VEC16(s + j, d + j, TailMask(n - j));                                                              \
   }
 WS_ROWS_NATIVE16(F32ToF16_avx512n, WS_ATTR_AVX512, uint32_t, F32ToF16Native16, F32ToF16)
 WS_ROWS_NATIVE16(BF16ToF16_avx512n, WS_ATTR_AVX512, uint16_t, BF16ToF16Native16, BF16ToF16)
@@ -160,39 +178,90 @@ const RowFn kTable_avx512n[3][3] = {
     {F16ToF32_avx512, F16ToBF16_avx512, Copy2_avx512},
 };
 
-// The CPU's fp32 -> bf16 conversion (VCVTNEPS2BF16) rounds to nearest even
-// like F32ToBF16 but treats denormal inputs as zero and keeps NaN payloads;
-// lanes holding either take copy_math's result instead.
+const RectFn kRect_avx512n[3][3] = {
+    {RectLoop<Copy4_avx512>, RectLoop<F32ToBF16_avx512>, RectLoop<F32ToF16_avx512n>},
+    {RectLoop<BF16ToF32_avx512>, RectLoop<Copy2_avx512>, RectLoop<BF16ToF16_avx512n>},
+    {RectLoop<F16ToF32_avx512>, RectLoop<F16ToBF16_avx512>, RectLoop<Copy2_avx512>},
+};
+
+// The CPU's fp32 -> bf16 conversion (VCVTNE2PS2BF16 / VCVTNEPS2BF16) rounds
+// to nearest even like F32ToBF16 but treats denormal inputs as zero and
+// keeps NaN payloads; lanes holding either (one VFPCLASSPS finds them) take
+// copy_math's result instead. 32 elements per step, converted in registers
+// and stored (streamed: non-temporal, 64-byte aligned) from there.
 #define WS_ATTR_AVX512BF16 \
   __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2")))
-WS_ATTR_AVX512BF16 inline void Bf16Native16(const uint32_t* s, uint16_t* d) {
-  const __m512i u = _mm512_loadu_si512(s);
-  const __m256i r = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_castsi512_ps(u)));
-  const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7f800000));
-  const __mmask16 den = _mm512_mask_cmplt_epu32_mask(_mm512_test_epi32_mask(a, a), a, _mm512_set1_epi32(0x00800000));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), r);
-  for (unsigned m = static_cast<unsigned>(nan | den); m != 0; m &= m - 1) {
-    const int k = __builtin_ctz(m);
+// QNaN (0x01), SNaN (0x80) or denormal (0x20).
+constexpr int kBf16Patch = 0x01 | 0x80 | 0x20;
+// Lanes [0, 16) of s masked by `m` (the others read as zero, never touched).
+WS_ATTR_AVX512BF16 inline void Bf16Native16(const uint32_t* s, uint16_t* d, __mmask16 m = kAll16) {
+  const __m512 x = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, s));
+  const __m256i r = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+  _mm256_mask_storeu_epi16(d, m, r);
+  for (unsigned f = static_cast<unsigned>(_mm512_mask_fpclass_ps_mask(m, x, kBf16Patch)); f != 0; f &= f - 1) {
+    const int k = __builtin_ctz(f);
     d[k] = F32ToBF16(s[k]);
+  }
+}
+template <bool kStream>
+WS_ATTR_AVX512BF16 inline void Bf16Native32(const uint32_t* s, uint16_t* d) {
+  const __m512 lo = _mm512_loadu_ps(s), hi = _mm512_loadu_ps(s + 16);
+  __m512i r = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+  const unsigned f = static_cast<unsigned>(_mm512_fpclass_ps_mask(lo, kBf16Patch)) |
+                     (static_cast<unsigned>(_mm512_fpclass_ps_mask(hi, kBf16Patch)) << 16);
+  if (f != 0) [[unlikely]] {
+    alignas(64) uint16_t t[32];
+    _mm512_store_si512(t, r);
+    for (unsigned g = f; g != 0; g &= g - 1) {
+      const int k = __builtin_ctz(g);
+      t[k] = F32ToBF16(s[k]);
+    }
+    r = _mm512_load_si512(t);
+  }
+  if constexpr (kStream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d), r);
+  } else {
+    _mm512_storeu_si512(d, r);
   }
 }
 WS_ATTR_AVX512BF16 void F32ToBF16_avx512bf16(const void* sv, void* dv, int64_t n, bool stream) {
   const uint32_t* s = static_cast<const uint32_t*>(sv);
   uint16_t* d = static_cast<uint16_t*>(dv);
   int64_t j = 0;
-  if (stream && n * 2 >= 2 * kBlockBytes) {
-    for (; (reinterpret_cast<uintptr_t>(d + j) & 63) != 0; ++j) d[j] = F32ToBF16(s[j]);
-    constexpr int64_t kB = kBlockBytes / 2;
-    alignas(64) uint16_t buf[kB];
-    for (; j + kB <= n; j += kB) {
-      for (int64_t k = 0; k < kB; k += 16) Bf16Native16(s + j + k, buf + k);
-      StreamLines_avx512(reinterpret_cast<char*>(d + j), reinterpret_cast<const char*>(buf), kBlockBytes);
-    }
+  if (stream && n * 2 >= 2 * kBlockBytes && reinterpret_cast<uintptr_t>(d) % 2 == 0) {
+    // Up to the first 64-byte boundary of d through the cache, then whole lines streamed.
+    const int64_t head = static_cast<int64_t>((64 - reinterpret_cast<uintptr_t>(d) % 64) % 64 / 2);
+    for (; j + 16 <= head; j += 16) Bf16Native16(s + j, d + j);
+    if (j < head) Bf16Native16(s + j, d + j, TailMask(head - j));
+    j = head;
+    for (; j + 32 <= n; j += 32) Bf16Native32<true>(s + j, d + j);
   }
-  for (; j + 16 <= n; j += 16) Bf16Native16(s + j, d + j);
-  for (; j < n; ++j) d[j] = F32ToBF16(s[j]);
+  for (; j + 32 <= n; j += 32) Bf16Native32<false>(s + j, d + j);
+  if (j + 16 <= n) {
+    Bf16Native16(s + j, d + j);
+    j += 16;
+  }
+  if (j < n) Bf16Native16(s + j, d + j, TailMask(n - j));
 }
+// Rows shorter than a vector (a small expert's 4 or 8 columns): one masked
+// conversion per row, the mask made once.
+WS_ATTR_AVX512BF16 void F32ToBF16Rect_avx512bf16(const void* sv, int64_t ss, void* dv, int64_t ds, int64_t rows,
+                                                 int64_t n, bool stream) {
+  const char* s = static_cast<const char*>(sv);
+  char* d = static_cast<char*>(dv);
+  if (n > 0 && n < 16) {
+    const __mmask16 m = TailMask(n);
+    for (int64_t i = 0; i < rows; ++i)
+      Bf16Native16(reinterpret_cast<const uint32_t*>(s + i * ss), reinterpret_cast<uint16_t*>(d + i * ds), m);
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) F32ToBF16_avx512bf16(s + i * ss, d + i * ds, n, stream);
+}
+const RectFn kRect_avx512bf16[3][3] = {
+    {RectLoop<Copy4_avx512>, F32ToBF16Rect_avx512bf16, RectLoop<F32ToF16_avx512n>},
+    {RectLoop<BF16ToF32_avx512>, RectLoop<Copy2_avx512>, RectLoop<BF16ToF16_avx512n>},
+    {RectLoop<F16ToF32_avx512>, RectLoop<F16ToBF16_avx512>, RectLoop<Copy2_avx512>},
+};
 const RowFn kTable_avx512bf16[3][3] = {
     {Copy4_avx512, F32ToBF16_avx512bf16, F32ToF16_avx512n},
     {BF16ToF32_avx512, Copy2_avx512, BF16ToF16_avx512n},
@@ -273,6 +342,22 @@ RowFn Row(Isa isa, uint8_t src_dtype, uint8_t dst_dtype) {
   }
 #endif
   return kTable_scalar[src_dtype][dst_dtype];
+}
+
+RectFn Rect(Isa isa, uint8_t src_dtype, uint8_t dst_dtype) {
+  if (!Supported(isa) || src_dtype > kernels::kF16 || dst_dtype > kernels::kF16) {
+    std::fprintf(stderr, "weightsync: rows::Rect(%s, %d, %d): unsupported\n", IsaName(isa), src_dtype, dst_dtype);
+    std::abort();
+  }
+#if WS_ROWS_X86
+  switch (isa) {
+    case Isa::kScalar: return kRect_scalar[src_dtype][dst_dtype];
+    case Isa::kAvx2: return kRect_avx2[src_dtype][dst_dtype];
+    case Isa::kAvx512: return kRect_avx512n[src_dtype][dst_dtype];
+    case Isa::kAvx512Bf16: return kRect_avx512bf16[src_dtype][dst_dtype];
+  }
+#endif
+  return kRect_scalar[src_dtype][dst_dtype];
 }
 
 void StreamFence() {

@@ -34,6 +34,14 @@ using RowFn = void (*)(const void* src, void* dst, int64_t n, bool stream);
 // `isa`; `isa` must be Supported.
 RowFn Row(Isa isa, uint8_t src_dtype, uint8_t dst_dtype);
 
+// A rows x n rectangle: row i of the source at src + i * src_stride bytes and
+// of the destination at dst + i * dst_stride bytes, each as Row(...) writes
+// it. One call per rectangle instead of one per row: short rows (a small
+// expert's 4 to 64 elements) cost little more than their bytes.
+using RectFn = void (*)(const void* src, int64_t src_stride, void* dst, int64_t dst_stride, int64_t rows, int64_t n,
+                        bool stream);
+RectFn Rect(Isa isa, uint8_t src_dtype, uint8_t dst_dtype);
+
 // Orders earlier non-temporal stores of this thread before later stores.
 void StreamFence();
 

@@ -351,10 +351,10 @@ void Coordinator::FinishLocked(SyncSession& sync, bool committed, const std::str
   while (finished_.size() > 64) finished_.erase(finished_.begin());
   // The one summary line per sync.
   auto line = fmt::format(
-      "sync {} model={} version={} engines={} world_size={} bytes={} copy_ops_run={} seconds={:.3f} gbps={:.3f} "
-      "outcome={}",
-      sync.id(), st.model, st.version, st.engines, st.world_size, st.bytes_written, sync.ops_run, st.seconds, st.gbps,
-      st.state);
+      "sync {} model={} version={} engines={} world_size={} bytes={} copy_ops_run={} groups_chained={} "
+      "groups_walked={} seconds={:.3f} gbps={:.3f} outcome={}",
+      sync.id(), st.model, st.version, st.engines, st.world_size, st.bytes_written, sync.ops_run, sync.groups_chained,
+      sync.groups_walked, st.seconds, st.gbps, st.state);
   if (committed)
     spdlog::info("{}", line);
   else
@@ -707,6 +707,8 @@ Status Coordinator::EndWrite(SyncSession& sync, Status st, const BoundOps* ran, 
     sync.bytes_written += written;
     sync.bytes_read += ran->bytes_read;
     sync.ops_run += ran->ops.size();
+    sync.groups_chained += ran->groups_chained;
+    sync.groups_walked += ran->groups_walked;
   }
   sync.writers--;
   sync.last_activity = clock_.Now();

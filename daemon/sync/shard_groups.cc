@@ -7,17 +7,24 @@ namespace ws::server {
 
 namespace {
 
-// The name with every run of digits replaced by '#'.
+// The name with every dot-separated component that is all digits (an
+// index: "layers.3", "experts.17") replaced by '#'. Digits inside a
+// component stay ("w1" and "w3" of Mixtral's experts are different
+// tensors, laid out apart in the trainer's memory).
 std::string NamePattern(const std::string& name) {
   std::string p;
   p.reserve(name.size());
-  for (size_t i = 0; i < name.size(); ++i) {
-    if (name[i] >= '0' && name[i] <= '9') {
-      while (i + 1 < name.size() && name[i + 1] >= '0' && name[i + 1] <= '9') ++i;
+  for (size_t i = 0; i < name.size();) {
+    size_t j = name.find('.', i);
+    if (j == std::string::npos) j = name.size();
+    bool digits = j > i;
+    for (size_t k = i; k < j && digits; ++k) digits = name[k] >= '0' && name[k] <= '9';
+    if (digits)
       p += '#';
-    } else {
-      p += name[i];
-    }
+    else
+      p.append(name, i, j - i);
+    if (j < name.size()) p += '.';
+    i = j + 1;
   }
   return p;
 }

@@ -1,7 +1,8 @@
 // Plan-time grouping of trainer shards for coalescing (daemon/dataplane/
 // coalesce.h). Shards of one group are interchangeable up to where their
 // bytes sit and where their copies go: the same tensor name up to its
-// numbers ("model.layers.#.mlp.experts.#.down_proj.weight"), wire dtype and
+// index components ("model.layers.#.mlp.experts.#.down_proj.weight";
+// digits inside a component, as in Mixtral's "w1" and "w3", stay), wire dtype and
 // list of planned copies (engine, param, source offset and stride, shape,
 // destination stride, transpose). At bind time a layer's shards are ordered by
 // group, so that the k-th copies of a group's shards are adjacent, and

@@ -7,6 +7,7 @@
 
 #include "daemon/core/text.h"
 #include "daemon/dataplane/coalesce.h"
+#include "daemon/sync/shard_chains.h"
 #include "daemon/sync/shard_groups.h"
 
 namespace ws::server {
@@ -99,6 +100,7 @@ Result<std::shared_ptr<const ReadyPlan>> MakeReadyPlan(const SourceManifest& man
     ready->wire.push_back(manifest.negotiate_dtypes ? ready->dtypes[t].wire : manifest.tensors[t].dtype);
   for (const auto& e : engines) ready->engines.push_back(e);
   ready->shard_group = GroupShards(manifest, ready->plan, ready->wire);
+  ready->chains = ChainShards(manifest, ready->plan, ready->shard_group);
   return std::shared_ptr<const ReadyPlan>(std::move(ready));
 }
 
@@ -242,9 +244,10 @@ std::string SyncSession::CopyName(uint32_t copy) const {
 }
 
 Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed,
-                                        const std::vector<std::shared_ptr<Mapping>>& src,
-                                        const std::string& where) const {
+                                        const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where,
+                                        BindPath path) const {
   const SyncPlan& plan = plan_->plan;
+  const ShardChains& chains = plan_->chains;
   // Claimed shards by (group, memory object, offset): a group's shards are
   // adjacent, in the order they lie in the trainer's memory.
   struct Key {
@@ -270,28 +273,52 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
   };
   auto groups = std::make_shared<std::vector<Group>>();
   BoundOps out;
-  // The pending op: `run` addresses the source through the whole mapping the
-  // layer's shards are slices of (so shards at constant strides in it can
-  // merge); a run of one op binds as `single`, through its own shard's slice.
+  uint32_t last_in_place = UINT32_MAX;  // in_place_engines.insert once per run of one engine's ops
+  // Binds `op` (a merged op through the whole source mapping, or one copy
+  // through its shard's slice) for plan copies `g`.
+  auto bind = [&](const kernels::CopyOp& op, const Mapping* op_src, const Mapping& op_dst, const Group& g) -> Status {
+    WS_RETURN_IF_ERROR(
+        BindOp(op, op_src, op_dst, [this, &g] { return GroupName(g.first, g.last, g.n); }, where, &out));
+    groups->push_back(g);
+    const PlannedCopy& c = plan.copies[g.first];
+    if (!engines_[c.engine]->spec.params[c.param].staged && c.engine != last_in_place) {
+      out.in_place_engines.insert(c.engine);
+      last_in_place = c.engine;
+    }
+    return Status::Ok();
+  };
+  // Plan copy `ci` of claimed shard `i` as an op on `data` (its slice's).
+  auto make_op = [&](uint32_t ci, uint32_t i, const void* data) {
+    const PlannedCopy& c = plan.copies[ci];
+    const Engine& eng = *engines_[c.engine];
+    kernels::CopyOp op;
+    op.src = data;
+    op.dst = eng.maps[c.param]->data();
+    op.src_offset = c.src_offset;
+    op.src_ld = c.src_ld;
+    op.dst_offset = c.dst_offset;
+    op.dst_ld = c.dst_ld;
+    op.rows = c.rows;
+    op.cols = c.cols;
+    op.src_dtype = static_cast<uint8_t>(plan_->wire[claimed[i].tensor]);
+    op.dst_dtype = static_cast<uint8_t>(eng.spec.params[c.param].dtype);
+    op.transpose = c.transpose ? 1 : 0;
+    return Canonical(op);
+  };
+  // The walk's pending op: `run` addresses the source through the whole
+  // mapping the layer's shards are slices of (so shards at constant strides
+  // in it can merge); a run of one op binds as `single`, through its own
+  // shard's slice.
   kernels::CopyOp run, single;
   Group g{};
   const Mapping* run_src = nullptr;
   const Mapping* single_src = nullptr;
   const Mapping* run_dst = nullptr;
   bool pending = false;
-  uint32_t last_in_place = UINT32_MAX;  // in_place_engines.insert once per run of one engine's ops
   auto flush = [&]() -> Status {
+    if (!pending) return Status::Ok();
     pending = false;
-    const Group done = g;
-    WS_RETURN_IF_ERROR(BindOp(done.n == 1 ? single : Canonical(run), done.n == 1 ? single_src : run_src, *run_dst,
-                              [this, &done] { return GroupName(done.first, done.last, done.n); }, where, &out));
-    groups->push_back(done);
-    const PlannedCopy& c = plan.copies[done.first];
-    if (!engines_[c.engine]->spec.params[c.param].staged && c.engine != last_in_place) {
-      out.in_place_engines.insert(c.engine);
-      last_in_place = c.engine;
-    }
-    return Status::Ok();
+    return g.n == 1 ? bind(single, single_src, *run_dst, g) : bind(Canonical(run), run_src, *run_dst, g);
   };
   // Per shard of a group, once: its first copy, its slice and where that
   // lies in the whole mapping (in source elements; -1: not addressable so).
@@ -307,8 +334,10 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
   for (size_t a = 0; a < order.size();) {
     size_t e = a + 1;  // the group's shards are order[a, e)
     while (e < order.size() && order[e].group == order[a].group) ++e;
+    const uint32_t grp = order[a].group;
     const ClaimedShard& head = claimed[order[a].index];
     auto [hb, he] = plan.CopiesOf(head.tensor, head.shard);
+    const uint32_t n_copies = he - hb;
     shards.clear();
     const uint32_t es = kernels::ElemSize(static_cast<uint8_t>(plan_->wire[head.tensor]));
     for (size_t m = a; m < e; ++m) {
@@ -320,31 +349,71 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
       shards.push_back(Shard{i, plan.CopiesOf(claimed[i].tensor, claimed[i].shard).first, slice, slice->data(), whole,
                              whole_data, ok ? static_cast<int64_t>(at / es) : -1});
     }
-    for (uint32_t k = 0; k < he - hb; ++k) {  // the k-th copy of every shard of the group
+    a = e;
+    // Chains: the shards are consecutive members of the group (in the
+    // chains' order) in one mapping at a constant source stride. Then the k-th
+    // copies of each plan-time run among them make one op, checked per
+    // shard here instead of per copy.
+    const auto n = static_cast<uint32_t>(shards.size());
+    auto chained = [&]() -> bool {
+      if (path != BindPath::kAuto || shards[0].at < 0) return false;
+      const uint32_t p0 = chains.pos[plan.shard_base[head.tensor] + head.shard];
+      const int64_t stride = n > 1 ? shards[1].at - shards[0].at : 0;
+      for (uint32_t q = 0; q < n; ++q) {
+        const Shard& sh = shards[q];
+        const ClaimedShard& c = claimed[sh.index];
+        if (sh.at < 0 || sh.whole != shards[0].whole || chains.pos[plan.shard_base[c.tensor] + c.shard] != p0 + q ||
+            sh.at != shards[0].at + static_cast<int64_t>(q) * stride)
+          return false;
+      }
+      return stride >= 0;
+    };
+    if (n > 1 && chained()) {
+      ++out.groups_chained;
+      WS_RETURN_IF_ERROR(flush());
+      const uint32_t p0 = chains.pos[plan.shard_base[head.tensor] + head.shard];
+      const int64_t stride = shards[1].at - shards[0].at;
+      const uint32_t* const members = chains.members.data() + chains.member_begin[grp];
+      for (uint32_t k = 0; k < n_copies; ++k) {
+        const PlannedCopy& c0 = plan.copies[shards[0].copies + k];
+        const Engine& eng = *engines_[c0.engine];
+        if (!eng.local()) continue;  // packed and sent to its node (BindPack)
+        const Mapping& dst_map = *eng.maps[c0.param];
+        Status st = Status::Ok();
+        chains.ForEachRun(grp, k, p0, p0 + n, [&](uint32_t x, uint32_t y) {
+          if (!st.ok()) return;
+          const Shard& sh = shards[x - p0];
+          const uint32_t first = plan.shard_begin[members[x]] + k;
+          if (y - x == 1) {
+            st = bind(make_op(first, sh.index, sh.slice_data), sh.slice, dst_map, Group{first, first, 1});
+            return;
+          }
+          const uint32_t last = plan.shard_begin[members[y - 1]] + k;
+          kernels::CopyOp op = make_op(first, sh.index, sh.whole_data);
+          op.src_offset += sh.at;
+          op.count = static_cast<int32_t>(y - x);
+          op.src_batch_stride = stride;
+          op.dst_batch_stride = plan.copies[plan.shard_begin[members[x + 1]] + k].dst_offset - plan.copies[first].dst_offset;
+          st = bind(Canonical(op), sh.whole, dst_map, Group{first, last, y - x});
+        });
+        WS_RETURN_IF_ERROR(st);
+      }
+      continue;
+    }
+    // The walk: the k-th copy of every shard of the group, merged where
+    // AppendToBatch finds the next batch of the pending op.
+    if (n > 1) ++out.groups_walked;
+    for (uint32_t k = 0; k < n_copies; ++k) {
       for (const Shard& sh : shards) {
-        const uint32_t i = sh.index;
         const uint32_t ci = sh.copies + k;
         const PlannedCopy& c = plan.copies[ci];
         const Engine& eng = *engines_[c.engine];
         if (!eng.local()) continue;  // packed and sent to its node (BindPack)
-        const Mapping* const slice = sh.slice;
         const Mapping* const dst_map = eng.maps[c.param].get();
-        kernels::CopyOp op;
-        op.src = sh.slice_data;
-        op.dst = dst_map->data();
-        op.src_offset = c.src_offset;
-        op.src_ld = c.src_ld;
-        op.dst_offset = c.dst_offset;
-        op.dst_ld = c.dst_ld;
-        op.rows = c.rows;
-        op.cols = c.cols;
-        op.src_dtype = static_cast<uint8_t>(plan_->wire[claimed[i].tensor]);
-        op.dst_dtype = static_cast<uint8_t>(eng.spec.params[c.param].dtype);
-        op.transpose = c.transpose ? 1 : 0;
-        op = Canonical(op);
+        const kernels::CopyOp op = make_op(ci, sh.index, sh.slice_data);
         // Through the whole mapping when the slice starts at a whole element of it.
         kernels::CopyOp via = op;
-        const Mapping* src_map = slice;
+        const Mapping* src_map = sh.slice;
         if (sh.at >= 0) {
           src_map = sh.whole;
           via.src = sh.whole_data;
@@ -357,19 +426,18 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
           ++g.n;
           continue;
         }
-        if (pending) WS_RETURN_IF_ERROR(flush());
+        WS_RETURN_IF_ERROR(flush());
         run = via;
         single = op;
         g = Group{ci, ci, 1};
         run_src = src_map;
-        single_src = slice;
+        single_src = sh.slice;
         run_dst = dst_map;
         pending = true;
       }
     }
-    a = e;
   }
-  if (pending) WS_RETURN_IF_ERROR(flush());
+  WS_RETURN_IF_ERROR(flush());
   out.name = [this, groups](size_t i) {
     const Group& g = (*groups)[i];
     return GroupName(g.first, g.last, g.n);

@@ -37,6 +37,7 @@
 #include "daemon/dataplane/bind.h"
 #include "daemon/mem/memory.h"
 #include "daemon/sync/engine_registry.h"
+#include "daemon/sync/shard_chains.h"
 
 namespace ws::server {
 
@@ -78,6 +79,7 @@ struct ReadyPlan {
   std::vector<TensorDtypes> dtypes;  // with negotiate_dtypes: per tensor, as planned
   std::vector<std::weak_ptr<Engine>> engines;  // planned for exactly these registrations, in order
   std::vector<uint32_t> shard_group;  // per flat shard id: its coalescing group (shard_groups.h)
+  ShardChains chains;                 // the groups' runs of constant destination stride (shard_chains.h)
   // Whether `engines` are still exactly those registrations (none joined,
   // left, or registered again with new memory).
   bool Fits(const std::vector<std::shared_ptr<Engine>>& engines) const;
@@ -107,6 +109,11 @@ struct ClaimedShard {
 // tensor). Saturates at UINT64_MAX (no length can match it) on overflow or a
 // negative extent; the planner has refused such manifests already.
 uint64_t ShardElements(const SourceTensor& t, const ShardSpec& s);
+
+// How BindLayer merges copies: kAuto uses the plan's chains (shard_chains.h)
+// for a group whose shards a message holds at a constant source stride and
+// walks every copy otherwise; kWalk always walks (tests compare the two).
+enum class BindPath { kAuto, kWalk };
 
 class SyncSession {
  public:
@@ -183,9 +190,12 @@ class SyncSession {
   // daemon/dataplane/coalesce.h), bound and checked against both mappings
   // (BindOp; a merged op against the whole source mapping, a single one
   // against its shard's slice). A merged op is named "tensors A .. B
-  // (N shards, rank R) -> ENGINE param P".
+  // (N shards, rank R) -> ENGINE param P". Where a group's shards are
+  // consecutive members at a constant source stride, the runs come from the
+  // plan's chains (per shard work); otherwise every copy is walked.
   Result<BoundOps> BindLayer(const std::vector<ClaimedShard>& claimed,
-                             const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where) const;
+                             const std::vector<std::shared_ptr<Mapping>>& src, const std::string& where,
+                             BindPath path = BindPath::kAuto) const;
   // "tensor NAME (rank R) -> ENGINE param P" for plan copy `copy`.
   std::string CopyName(uint32_t copy) const;
   // CopyName(first) for n = 1, else "tensors A .. B (N shards, rank R) ->
@@ -241,6 +251,7 @@ class SyncSession {
   uint64_t bytes_written = 0;
   uint64_t bytes_read = 0;
   uint64_t ops_run = 0;  // copy ops run on this node, after coalescing
+  uint64_t groups_chained = 0, groups_walked = 0;  // BoundOps' counts, summed over the layers
 
  private:
   const uint64_t id_;

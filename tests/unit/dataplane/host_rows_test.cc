@@ -5,6 +5,9 @@
 // block, streamed and not. Variants the CPU lacks are listed as skipped.
 #include <gtest/gtest.h>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstring>
 #include <random>
 #include <string>
@@ -161,6 +164,82 @@ TEST_P(HostRowsTest, SpecialsInEveryLaneOfTheVectorLoops) {
       }
     }
   }
+}
+
+// Short rows (every length below three vectors, as small MoE experts have)
+// full of specials, with the row ending exactly where the mapped memory ends
+// on both sides: the tails (masked vector code on AVX-512) must neither read
+// nor write a byte past the row, so a PROT_NONE page follows each.
+TEST_P(HostRowsTest, ShortRowsEndingAtAnUnmappedPage) {
+  const Isa isa = static_cast<Isa>(GetParam());
+  if (!Supported(isa)) GTEST_SKIP() << IsaName(isa) << " is not supported by this CPU";
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  auto guarded = [&](void** base) {  // one readable page, then a PROT_NONE one
+    void* p = mmap(nullptr, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    EXPECT_NE(p, MAP_FAILED);
+    EXPECT_EQ(0, mprotect(static_cast<char*>(p) + page, page, PROT_NONE));
+    *base = p;
+    return static_cast<unsigned char*>(p) + page;  // the end of the usable page
+  };
+  void *sb = nullptr, *db = nullptr;
+  unsigned char* const src_end = guarded(&sb);
+  unsigned char* const dst_end = guarded(&db);
+  const std::vector<uint32_t> f32 = {0x7fc00001u, 0x00000001u, 0x80400000u, 0x3f808000u, 0xff800000u,
+                                     0x7f7fffffu, 0x3f818000u, 0x80000000u, 0x477ff000u, 0x33000000u};
+  const std::vector<uint32_t> f16 = {0x7e01u, 0x0001u, 0x83ffu, 0xfc00u, 0x7bffu, 0x8000u, 0x3c01u};
+  for (uint8_t s = 0; s < 3; ++s)
+    for (uint8_t d = 0; d < 3; ++d) {
+      const RowFn row = Row(isa, s, d);
+      const std::vector<uint32_t>& sp = s == kernels::kF32 ? f32 : f16;
+      for (int64_t n = 1; n <= 48; ++n) {
+        std::vector<uint32_t> in(static_cast<size_t>(n));
+        for (int64_t k = 0; k < n; ++k) in[static_cast<size_t>(k)] = sp[static_cast<size_t>(k * 3 + n) % sp.size()];
+        std::vector<unsigned char> want;
+        Reference(s, d, in, &want);
+        unsigned char* const src = src_end - in.size() * ES(s);
+        unsigned char* const dst = dst_end - want.size();
+        for (size_t i = 0; i < in.size(); ++i) std::memcpy(&src[i * ES(s)], &in[i], ES(s));
+        std::memset(dst - 8, 0xa5, want.size() + 8);
+        for (bool stream : {false, true}) {
+          row(src, dst, n, stream);
+          StreamFence();
+          ASSERT_EQ(0, std::memcmp(dst, want.data(), want.size()))
+              << IsaName(isa) << " " << int(s) << "->" << int(d) << " n=" << n << (stream ? " streamed" : "");
+          for (int b = 1; b <= 8; ++b) ASSERT_EQ(dst[-b], 0xa5) << "wrote before the row, n=" << n;
+        }
+      }
+    }
+  munmap(sb, 2 * page);
+  munmap(db, 2 * page);
+}
+
+// Rect: a rectangle of rows at strides, as Row writes each row; the short
+// rows (masked per row on AVX-512 BF16) and long ones, nothing written
+// between the rows.
+TEST_P(HostRowsTest, RectEqualsItsRows) {
+  const Isa isa = static_cast<Isa>(GetParam());
+  if (!Supported(isa)) GTEST_SKIP() << IsaName(isa) << " is not supported by this CPU";
+  std::mt19937_64 rng(11);
+  for (uint8_t s = 0; s < 3; ++s)
+    for (uint8_t d = 0; d < 3; ++d) {
+      const RowFn row = Row(isa, s, d);
+      const RectFn rect = Rect(isa, s, d);
+      for (int64_t n : {1, 3, 4, 8, 15, 16, 17, 33, 1500})
+        for (int64_t rows : {1, 2, 7}) {
+          const int64_t sld = n + 5, dld = n + 3;  // elements
+          std::vector<unsigned char> src(static_cast<size_t>(rows * sld) * ES(s));
+          for (auto& b : src) b = static_cast<unsigned char>(rng());
+          std::vector<unsigned char> want(static_cast<size_t>(rows * dld) * ES(d), 0x3c), got = want;
+          for (bool stream : {false, true}) {
+            for (int64_t i = 0; i < rows; ++i)
+              row(&src[static_cast<size_t>(i * sld) * ES(s)], &want[static_cast<size_t>(i * dld) * ES(d)], n, stream);
+            rect(src.data(), sld * static_cast<int64_t>(ES(s)), got.data(), dld * static_cast<int64_t>(ES(d)), rows, n,
+                 stream);
+            StreamFence();
+            ASSERT_EQ(got, want) << IsaName(isa) << " " << int(s) << "->" << int(d) << " n=" << n << " rows=" << rows;
+          }
+        }
+    }
 }
 
 // The executor forced onto each variant, with streaming for every op.
