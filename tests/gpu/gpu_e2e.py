@@ -101,6 +101,29 @@ def tail(text: str, n: int = 15) -> str:
     return "\n".join(text.rstrip().splitlines()[-n:])
 
 
+def start_daemon(argv: list, log_path: Path, environ: dict):
+    """weightsyncd with `argv`, its output appended to log_path, in its own
+    process group. Returns (process, open log file)."""
+    log_file = open(log_path, "ab")
+    proc = subprocess.Popen([str(a) for a in argv], stdout=log_file, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=environ)
+    return proc, log_file
+
+
+def stop_daemon(proc: subprocess.Popen, log_file, sock: Path) -> int:
+    """SIGTERM, then SIGKILL to the group after 30 s; closes the log and removes the socket."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            killpg(proc)
+            proc.wait()
+    log_file.close()
+    sock.unlink(missing_ok=True)
+    return proc.returncode
+
+
 class Daemon:
     def __init__(self, build: Path, out: Path):
         self.sock = Path(f"/tmp/ws-gpu-{os.getpid()}.sock")  # short: sun_path limit
@@ -108,10 +131,8 @@ class Daemon:
         self.ctl = find_binary(build, "weightsyncctl")
         self.log_path = out / "weightsyncd.log"
         self.sock.unlink(missing_ok=True)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(find_binary(build, "weightsyncd")), "--listen", self.addr,
-                                      "--layouts-dir", str(LAYOUTS)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env())
+        self.proc, self._log = start_daemon([find_binary(build, "weightsyncd"), "--listen", self.addr,
+                                             "--layouts-dir", LAYOUTS], self.log_path, env())
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -131,16 +152,7 @@ class Daemon:
         return self.proc.poll() is None
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                killpg(self.proc)
-                self.proc.wait()
-        self._log.close()
-        self.sock.unlink(missing_ok=True)
-        return self.proc.returncode
+        return stop_daemon(self.proc, self._log, self.sock)
 
 
 class Engine:

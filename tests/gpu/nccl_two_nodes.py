@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_e2e import (CHECK_DUMP, LAYOUTS, env, find_binary, free_port, gen_checkpoint, gpu_count,  # noqa: E402
-                     killpg, log, run, tail)
+                     killpg, log, run, start_daemon, stop_daemon, tail)
 
 SMALL = ["--hidden-size", 64, "--layers", 2, "--heads", 4, "--kv-heads", 2, "--intermediate-size", 160,
          "--vocab-size", 100]
@@ -63,15 +63,13 @@ class Node:
         self.metrics_port = free_port()
         self.ctl = find_binary(build, "weightsyncctl")
         self.log_path = out / f"weightsyncd-{name}.log"
-        self._log = open(self.log_path, "ab")
         argv = [find_binary(build, "weightsyncd"), "--listen", self.addr, "--listen", f"127.0.0.1:{port}",
                 "--insecure-tcp", "--token-file", token, "--node-name", name,
                 "--peer", f"{peer}=127.0.0.1:{peer_port}", "--peer-probe-interval", 0.2,
                 "--peer-ucx-devices", "lo", "--peer-transfer-timeout", 60,
                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--layouts-dir", LAYOUTS, "--require-cuda",
                 "--log-level", "debug"]
-        self.proc = subprocess.Popen([str(a) for a in argv], stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=node_env(gpu))
+        self.proc, self._log = start_daemon(argv, self.log_path, node_env(gpu))
 
     def ctl_argv(self, *args) -> list:
         return [self.ctl, "--daemon", self.addr, "--token-file", self.token, *args]
@@ -98,15 +96,7 @@ class Node:
             return r.read().decode()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                killpg(self.proc)
-                self.proc.wait()
-        self._log.close()
-        self.sock.unlink(missing_ok=True)
+        stop_daemon(self.proc, self._log, self.sock)
 
 
 def metric(text: str, name: str, peer: str) -> int:

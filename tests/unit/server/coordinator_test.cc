@@ -1613,6 +1613,19 @@ class CoordinatorTwoNodesTest : public CoordinatorTest {
       }
     return fut.get();
   }
+  // One whole sync of `version`: each rank pushes every layer to its own
+  // node, commit on a, every engine acks.
+  void SyncOnce(uint64_t version) {
+    auto b = coord_->BeginSync(Self(), SpreadManifest(version));
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    for (uint32_t r = 0; r < W_; ++r)
+      for (const auto& l : Layers()) {
+        auto res = On(r).PushLayer(Self(), b->sync_id, r, l, Layer(r, l));
+        ASSERT_TRUE(res.ok()) << "rank " << r << " " << l << ": " << res.status().ToString();
+      }
+    auto c = CommitBoth(b->sync_id);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+  }
 
   bool device_ = false;  // GPU to GPU: device memory everywhere, a device transport on both links
   ws::testing::FakePeerCommFabric fabric_;
@@ -1623,19 +1636,11 @@ class CoordinatorTwoNodesTest : public CoordinatorTest {
 };
 
 TEST_F(CoordinatorTwoNodesTest, RanksOnBothNodesEachFeedEveryEngineAndOnlyTheOtherNodesBytesTravel) {
-  for (uint64_t v = 1; v <= 2; ++v) {
-    auto b = coord_->BeginSync(Self(), SpreadManifest(v));
-    ASSERT_TRUE(b.ok()) << b.status().ToString();
-    EXPECT_EQ(b->engines, 4u);
-    // Rank 1 pushes to b's daemon with the leader's sync id.
-    for (uint32_t r = 0; r < W_; ++r)
-      for (const auto& l : Layers()) {
-        auto res = On(r).PushLayer(Self(), b->sync_id, r, l, Layer(r, l));
-        ASSERT_TRUE(res.ok()) << "rank " << r << " " << l << ": " << res.status().ToString();
-      }
-    auto c = CommitBoth(b->sync_id);
-    ASSERT_TRUE(c.ok()) << c.status().ToString();
-  }
+  // Rank 1 pushes to b's daemon with the leader's sync id.
+  for (uint64_t v = 1; v <= 2; ++v) ASSERT_NO_FATAL_FAILURE(SyncOnce(v));
+  const auto last = coord_->GetStatus().last_sync;
+  ASSERT_TRUE(last.has_value());
+  EXPECT_EQ(last->engines, 4u);
   for (const auto* side : {&on_a_, &on_b_})
     for (const auto& e : *side) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
   // Each node sent the other what its engines need of its own rank's shards; the same at both ends.
@@ -1674,11 +1679,7 @@ TEST_F(CoordinatorTwoNodesTest, AFailureOnTheOtherNodeAbortsEverywhereNamingItAn
   EXPECT_ERR(c.status(), "node b");
   for (const auto& e : on_a_) EXPECT_TRUE(Untouched(e));
 
-  auto again = coord_->BeginSync(Self(), SpreadManifest(2));
-  ASSERT_TRUE(again.ok()) << again.status().ToString();
-  for (uint32_t r = 0; r < W_; ++r)
-    for (const auto& l : Layers()) ASSERT_TRUE(On(r).PushLayer(Self(), again->sync_id, r, l, Layer(r, l)).ok());
-  ASSERT_TRUE(CommitBoth(again->sync_id).ok());
+  ASSERT_NO_FATAL_FAILURE(SyncOnce(2));
   for (const auto* side : {&on_a_, &on_b_})
     for (const auto& e : *side) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
 }
@@ -1717,22 +1718,11 @@ class CoordinatorTwoNodesDeviceTest : public CoordinatorTwoNodesTest {
     device_ = true;
     CoordinatorTwoNodesTest::SetUp();
   }
-  void SyncOnce(uint64_t version) {
-    auto b = coord_->BeginSync(Self(), SpreadManifest(version));
-    ASSERT_TRUE(b.ok()) << b.status().ToString();
-    for (uint32_t r = 0; r < W_; ++r)
-      for (const auto& l : Layers()) {
-        auto res = On(r).PushLayer(Self(), b->sync_id, r, l, Layer(r, l));
-        ASSERT_TRUE(res.ok()) << "rank " << r << " " << l << ": " << res.status().ToString();
-      }
-    auto c = CommitBoth(b->sync_id);
-    ASSERT_TRUE(c.ok()) << c.status().ToString();
-  }
 };
 
 TEST_F(CoordinatorTwoNodesDeviceTest, ChunksGoGpuToGpuOverOneCommunicatorPerDirectionReusedAcrossSyncs) {
-  SyncOnce(1);
-  SyncOnce(2);
+  ASSERT_NO_FATAL_FAILURE(SyncOnce(1));
+  ASSERT_NO_FATAL_FAILURE(SyncOnce(2));
   for (const auto* side : {&on_a_, &on_b_})
     for (const auto& e : *side) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
   const PeerBytes ab = link_a_.bytes("b"), ba = link_b_.bytes("a");
@@ -1790,11 +1780,7 @@ TEST_F(CoordinatorTwoNodesTest, HostMemoryStaysOnTheHostStagedPathEvenWithADevic
   ws::testing::FakePeerCommFabric fabric;
   link_a_.EnableDevice(&fabric);
   link_b_.EnableDevice(&fabric);
-  auto b = coord_->BeginSync(Self(), SpreadManifest(1));
-  ASSERT_TRUE(b.ok()) << b.status().ToString();
-  for (uint32_t r = 0; r < W_; ++r)
-    for (const auto& l : Layers()) ASSERT_TRUE(On(r).PushLayer(Self(), b->sync_id, r, l, Layer(r, l)).ok());
-  ASSERT_TRUE(CommitBoth(b->sync_id).ok());
+  ASSERT_NO_FATAL_FAILURE(SyncOnce(1));
   for (const auto* side : {&on_a_, &on_b_})
     for (const auto& e : *side) EXPECT_EQ(shm_.Bytes(e.buffer), Expected(e)) << e.buffer;
   EXPECT_GT(link_a_.bytes("b").sent, 0u);
