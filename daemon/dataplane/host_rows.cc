@@ -328,36 +328,33 @@ Isa Best() {
   return best;
 }
 
-RowFn Row(Isa isa, uint8_t src_dtype, uint8_t dst_dtype) {
+namespace {
+
+// The loop for (src_dtype, dst_dtype) from the table of `isa`; aborts
+// (a caller bug) on an unsupported ISA or dtype.
+template <typename Fn>
+Fn Pick(const char* what, Isa isa, uint8_t src_dtype, uint8_t dst_dtype, const Fn (*const tables[kIsaCount])[3]) {
   if (!Supported(isa) || src_dtype > kernels::kF16 || dst_dtype > kernels::kF16) {
-    std::fprintf(stderr, "weightsync: rows::Row(%s, %d, %d): unsupported\n", IsaName(isa), src_dtype, dst_dtype);
+    std::fprintf(stderr, "weightsync: rows::%s(%s, %d, %d): unsupported\n", what, IsaName(isa), src_dtype, dst_dtype);
     std::abort();
   }
-#if WS_ROWS_X86
-  switch (isa) {
-    case Isa::kScalar: return kTable_scalar[src_dtype][dst_dtype];
-    case Isa::kAvx2: return kTable_avx2[src_dtype][dst_dtype];
-    case Isa::kAvx512: return kTable_avx512n[src_dtype][dst_dtype];
-    case Isa::kAvx512Bf16: return kTable_avx512bf16[src_dtype][dst_dtype];
-  }
-#endif
-  return kTable_scalar[src_dtype][dst_dtype];
+  return tables[static_cast<int>(isa)][src_dtype][dst_dtype];
 }
 
-RectFn Rect(Isa isa, uint8_t src_dtype, uint8_t dst_dtype) {
-  if (!Supported(isa) || src_dtype > kernels::kF16 || dst_dtype > kernels::kF16) {
-    std::fprintf(stderr, "weightsync: rows::Rect(%s, %d, %d): unsupported\n", IsaName(isa), src_dtype, dst_dtype);
-    std::abort();
-  }
 #if WS_ROWS_X86
-  switch (isa) {
-    case Isa::kScalar: return kRect_scalar[src_dtype][dst_dtype];
-    case Isa::kAvx2: return kRect_avx2[src_dtype][dst_dtype];
-    case Isa::kAvx512: return kRect_avx512n[src_dtype][dst_dtype];
-    case Isa::kAvx512Bf16: return kRect_avx512bf16[src_dtype][dst_dtype];
-  }
+const RowFn (*const kRowTables[kIsaCount])[3] = {kTable_scalar, kTable_avx2, kTable_avx512n, kTable_avx512bf16};
+const RectFn (*const kRectTables[kIsaCount])[3] = {kRect_scalar, kRect_avx2, kRect_avx512n, kRect_avx512bf16};
+#else  // only kScalar is Supported
+const RowFn (*const kRowTables[kIsaCount])[3] = {kTable_scalar, kTable_scalar, kTable_scalar, kTable_scalar};
+const RectFn (*const kRectTables[kIsaCount])[3] = {kRect_scalar, kRect_scalar, kRect_scalar, kRect_scalar};
 #endif
-  return kRect_scalar[src_dtype][dst_dtype];
+
+}  // namespace
+
+RowFn Row(Isa isa, uint8_t src_dtype, uint8_t dst_dtype) { return Pick("Row", isa, src_dtype, dst_dtype, kRowTables); }
+
+RectFn Rect(Isa isa, uint8_t src_dtype, uint8_t dst_dtype) {
+  return Pick("Rect", isa, src_dtype, dst_dtype, kRectTables);
 }
 
 void StreamFence() {

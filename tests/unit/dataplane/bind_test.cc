@@ -9,26 +9,14 @@
 #include <vector>
 
 #include "daemon/dataplane/executor.h"
+#include "tests/unit/testing/buffer_mapping.h"
 
 namespace ws {
 namespace {
 
 bool Has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
 
-// A host buffer as a Mapping.
-class BufferMapping final : public Mapping {
- public:
-  explicit BufferMapping(size_t bytes) : buf_((bytes + 3) / 4), bytes_(bytes) {}
-  void* data() const override { return const_cast<uint32_t*>(buf_.data()); }
-  uint64_t size() const override { return bytes_; }
-  MemoryKind kind() const override { return MemoryKind::kHostShm; }
-  int device() const override { return -1; }
-  MemoryExtent extent() const override { return {}; }
-
- private:
-  std::vector<uint32_t> buf_;
-  size_t bytes_;
-};
+using ws::testing::BufferMapping;
 
 kernels::CopyOp Rect(int64_t rows, int64_t cols, int64_t src_ld, int64_t dst_ld) {
   kernels::CopyOp op;

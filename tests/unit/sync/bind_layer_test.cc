@@ -15,24 +15,13 @@
 
 #include "daemon/core/layout.h"
 #include "daemon/dataplane/executor.h"
+#include "tests/unit/testing/buffer_mapping.h"
 #include "daemon/sync/sync_session.h"
 
 namespace ws::server {
 namespace {
 
-class BufferMapping final : public Mapping {
- public:
-  explicit BufferMapping(size_t bytes) : buf_((bytes + 7) / 8 + 1), bytes_(bytes) {}
-  void* data() const override { return const_cast<uint64_t*>(buf_.data()); }
-  uint64_t size() const override { return bytes_; }
-  MemoryKind kind() const override { return MemoryKind::kHostShm; }
-  int device() const override { return -1; }
-  MemoryExtent extent() const override { return {}; }
-
- private:
-  std::vector<uint64_t> buf_;
-  size_t bytes_;
-};
+using ws::testing::BufferMapping;
 
 // How a rank lays out its shards in its one memory object.
 enum class Order { kManifest, kReversed, kGapAfterEach3, kShuffled };
