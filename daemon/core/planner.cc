@@ -31,11 +31,10 @@ struct ShardRect {
   int64_t ld;
 };
 
-ShardRect RectOf(const SourceTensor& t, const ShardSpec& s) {
-  View2D v = As2D(t.shape);
+// `v` is the tensor's 2-D view and `inner` the product of its dims between
+// the first and the last.
+ShardRect RectOf(View2D v, int64_t inner, const ShardSpec& s) {
   if (s.dim == 1) return {0, v.rows, s.start, s.start + s.length, s.length};
-  int64_t inner = 1;
-  for (size_t i = 1; i + 1 < t.shape.size(); ++i) inner *= t.shape[i];
   return {s.start * inner, (s.start + s.length) * inner, 0, v.cols, v.cols};
 }
 
@@ -49,6 +48,8 @@ struct Group {
 struct TensorInfo {
   uint32_t group_begin = 0, group_end = 0;  // [begin, end) in Groups::groups, sorted by start, disjoint
   uint32_t dim = 0;
+  View2D view;        // As2D(shape)
+  int64_t inner = 1;  // product of the dims between the first and the last
 };
 
 struct Groups {
@@ -110,6 +111,8 @@ void CheckShardSpecs(const SourceTensor& t, uint32_t world, bool planned, ErrorL
 void CheckShards(const SourceTensor& t, uint32_t world, ErrorList* errs, std::vector<RangeItem>* ranges, Groups* out,
                  TensorInfo* info) {
   auto who = [&] { return "source tensor " + t.name; };
+  info->view = As2D(t.shape);
+  for (size_t i = 1; i + 1 < t.shape.size(); ++i) info->inner *= t.shape[i];
   size_t before = errs->size();
   ranges->clear();
   unsigned dims = 0;
@@ -201,14 +204,6 @@ class NameIndex {
   std::vector<Slot> slots_;
   size_t mask_ = 0;
 };
-
-bool SameSources(const std::vector<ExpectedSource>& a, const std::vector<ExpectedSource>& b) {
-  if (&a == &b) return true;
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i)
-    if (a[i].name != b[i].name || a[i].shape != b[i].shape) return false;
-  return true;
-}
 
 }  // namespace
 
@@ -315,7 +310,7 @@ Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<Pla
     const std::string* architecture = nullptr;
   };
   std::vector<Declared> declared(n_tensors);
-  std::vector<const std::vector<ExpectedSource>*> seen_sources;
+  std::vector<const SourceList*> seen_sources;
   std::vector<std::string> skips;  // distinct, in first-seen order
   std::set<std::string> skip_set;
   // Per engine: param name -> expected param, and per expected param (by its
@@ -338,7 +333,7 @@ Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<Pla
       }
     }
     if (std::none_of(seen_sources.begin(), seen_sources.end(),
-                     [&](const std::vector<ExpectedSource>* s) { return SameSources(*s, layout.sources); })) {
+                     [&](const SourceList* s) { return *s == layout.sources; })) {
       seen_sources.push_back(&layout.sources);
       for (const ExpectedSource& s : layout.sources)
         if (uint32_t t = index.Find(s.name); t != NameIndex::kNone && declared[t].shape == nullptr)
@@ -454,7 +449,8 @@ Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<Pla
           }
           const uint32_t t = ft[k];
           const SourceTensor& st = tensors[t];
-          const View2D v = As2D(st.shape);
+          const TensorInfo& ti = info[t];
+          const View2D v = ti.view;
           // The fill's rectangle in the source's physical 2-D view.
           const int64_t pr0 = f.transpose ? f.src_col0 : f.src_row0;
           const int64_t pr1 = pr0 + (f.transpose ? f.cols : f.rows);
@@ -469,9 +465,7 @@ Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<Pla
           }
           // Groups are sorted and disjoint along the shard dim: visit only those
           // that can intersect the fill.
-          const TensorInfo& ti = info[t];
-          int64_t inner = 1;
-          for (size_t i = 1; i + 1 < st.shape.size(); ++i) inner *= st.shape[i];
+          const int64_t inner = ti.inner;
           const int64_t lo = ti.dim == 1 ? pc0 : pr0, hi = ti.dim == 1 ? pc1 : pr1;
           const int64_t unit = ti.dim == 1 ? 1 : inner;
           const Group* gb = groups.groups.data() + ti.group_begin;
@@ -479,7 +473,7 @@ Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<Pla
           const Group* first = std::partition_point(gb, ge, [&](const Group& g) { return g.end * unit <= lo; });
           for (const Group* g = first; g != ge && g->start * unit < hi; ++g) {
             const uint32_t s = groups.shards[g->first + e % g->count];
-            const ShardRect sr = RectOf(st, st.shards[s]);
+            const ShardRect sr = RectOf(v, inner, st.shards[s]);
             const int64_t r0 = std::max(pr0, sr.r0), r1 = std::min(pr1, sr.r1);
             const int64_t c0 = std::max(pc0, sr.c0), c1 = std::min(pc1, sr.c1);
             if (r0 >= r1 || c0 >= c1) continue;
