@@ -246,15 +246,17 @@ void Coordinator::HousekeepingLoop() {
 }
 
 Coordinator::TrimGuard::~TrimGuard() {
-  bool trim, trim_cuda;
+  bool trim, trim_cuda, trim_heap;
   {
     MutexLock lk(&c->mu_);
     trim = c->trim_pending_;
     trim_cuda = c->trim_cuda_pending_;
-    c->trim_pending_ = c->trim_cuda_pending_ = false;
+    trim_heap = c->heap_trim_pending_;
+    c->trim_pending_ = c->trim_cuda_pending_ = c->heap_trim_pending_ = false;
   }
   if (trim) c->domain_->Trim();
   if (trim_cuda) c->domain_->TrimCuda();
+  if (trim_heap) ReleaseFreeHeap();
 }
 
 // ---------------------------------------------------------------- engines
@@ -691,6 +693,7 @@ Result<BeginSyncResult> Coordinator::BeginSync(const Peer& caller, SourceManifes
   {
     MutexLock lk(&mu_);
     r.emplace(StartSyncLocked(sync, std::move(ready), plan_reused, manifest_reused));
+    if (!plan_reused) heap_trim_pending_ = true;
   }
   if (!plan_reused) ReleaseFreeHeap();  // planning's tables, and the plan this one replaced
   return std::move(*r);
