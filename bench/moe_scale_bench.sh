@@ -50,7 +50,7 @@ mem() { awk -v k="$1" '$1==k":" {printf "%d\n", $2*1024}' /proc/$DPID/status; }
 ANON0=$(mem RssAnon)
 REG0=$(date +%s.%N)
 "${CTL[@]}" mock-engine --model moe --checkpoint "$W/ckpt" --tp "$TP" --replicas 1 --dtype bf16 \
-  --dump "$W/out" --syncs "$REPEAT" --no-dump >"$W/engine.log" 2>&1 &
+  --dump "$W/out" --syncs "$((REPEAT + 1))" --no-dump >"$W/engine.log" 2>&1 &
 EPID=$!
 for _ in $(seq 3000); do [ "$(grep -c ' registered' "$W/engine.log" || true)" -ge "$TP" ] && break; sleep 0.05; done
 REG1=$(date +%s.%N)
@@ -70,7 +70,8 @@ DCPU=$(awk -v a="$CPU0" -v b="$CPU1" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "
 CCPU=$(awk '{printf "%.3f", $1 + $2}' "$W/push.time")
 if [ -n "$PERF" ]; then kill -INT $PERF; wait $PERF || true; fi
 ANON2=$(mem RssAnon); HWM=$(mem VmHWM); SHM=$(mem RssShmem)
-wait $EPID || true
+kill $EPID 2>/dev/null || true  # it waits for one more sync: the memory above is read while it is registered
+wait $EPID 2>/dev/null || true
 EPID=
 
 "$BIN/bench/memcpy_floor" --bytes "$MODEL_BYTES" --threads "$THREADS" --repeats 5 >"$W/floor.json"

@@ -820,8 +820,11 @@ struct LayoutRegistry::Impl {
       if (!st.ok()) return AsInvalid(st.WithContext(ctx + ": skip " + Quote(s.pattern.text())));
     }
     SourceShapes shapes;
-    Status st = ResolveSources(env, rf.sources, &out.sources, &shapes, false);
+    std::vector<ExpectedSource> sources;
+    Status st = ResolveSources(env, rf.sources, &sources, &shapes, false);
     if (!st.ok()) return AsInvalid(st.WithContext(ctx));
+    sources.shrink_to_fit();
+    out.sources = std::move(sources);
     std::set<std::string> seen;
     for (const ParamRule& pr : rf.params) {
       st = ForEach(env, pr.loops, 0, [&]() -> Status {
@@ -1011,6 +1014,26 @@ bool GlobMatch(const std::string& pattern, const std::string& name) {
   }
   while (p < pattern.size() && pattern[p] == '*') ++p;
   return p == pattern.size();
+}
+
+const SourceList::Vec& SourceList::Empty() {
+  static const Vec empty;
+  return empty;
+}
+
+SourceList::Vec& SourceList::Mutable() {
+  if (!p_) p_ = std::make_shared<Vec>();
+  else if (p_.use_count() > 1) p_ = std::make_shared<Vec>(*p_);
+  return *p_;
+}
+
+bool SourceList::operator==(const SourceList& o) const {
+  if (p_ == o.p_) return true;
+  const Vec &a = get(), &b = o.get();
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i].name != b[i].name || a[i].shape != b[i].shape) return false;
+  return true;
 }
 
 }  // namespace ws

@@ -46,12 +46,47 @@ struct ExpectedSource {
   Shape shape;  // global, physical (as stored by the trainer)
 };
 
+// A list of expected sources whose storage may be shared: every rank of a
+// config declares the same list (tens of thousands of entries for a MoE
+// model), and registrations keep one copy of it (see SharedWith). Reads as a
+// const vector; a write to a shared list copies it first.
+class SourceList {
+ public:
+  using Vec = std::vector<ExpectedSource>;
+  SourceList() = default;
+  SourceList(Vec v) : p_(std::make_shared<Vec>(std::move(v))) {}  // NOLINT: a list is a vector
+  SourceList& operator=(Vec v) {
+    p_ = std::make_shared<Vec>(std::move(v));
+    return *this;
+  }
+
+  const Vec& get() const { return p_ ? *p_ : Empty(); }
+  operator const Vec&() const { return get(); }  // NOLINT: reads as the vector it is
+  Vec::const_iterator begin() const { return get().begin(); }
+  Vec::const_iterator end() const { return get().end(); }
+  size_t size() const { return get().size(); }
+  bool empty() const { return get().empty(); }
+  const ExpectedSource& operator[](size_t i) const { return get()[i]; }
+  void push_back(ExpectedSource s) { Mutable().push_back(std::move(s)); }
+
+  // Same names and shapes, in the same order.
+  bool operator==(const SourceList& o) const;
+  // Makes this list use `o`'s storage; both must be equal.
+  void ShareWith(const SourceList& o) { p_ = o.p_; }
+  bool SharesWith(const SourceList& o) const { return p_ == o.p_; }
+
+ private:
+  static const Vec& Empty();
+  Vec& Mutable();
+  std::shared_ptr<Vec> p_;  // never changed in place while another list holds it
+};
+
 // The resolved layout of one engine rank.
 struct RankLayout {
   std::string architecture;
   std::string rule_file;  // which file the rules came from
   std::vector<ExpectedParam> params;
-  std::vector<ExpectedSource> sources;  // every source any rank of this config may read
+  SourceList sources;  // every source any rank of this config may read
   std::vector<std::string> skip_patterns;  // glob patterns ('*' wildcard) of ignored source names
 };
 

@@ -24,6 +24,15 @@ struct PlanEngine {
   RankLayout layout;     // resolved from the rules at registration
 };
 
+// The same, borrowed: the planner reads the engine's own spec and layout
+// without copying them (they must outlive the call).
+struct PlanEngineView {
+  const std::string* engine_id = nullptr;
+  const EngineRankSpec* spec = nullptr;
+  const RankLayout* layout = nullptr;
+};
+std::vector<PlanEngineView> ViewsOf(const std::vector<PlanEngine>& engines);
+
 // A rectangular element copy from one trainer shard into one engine param.
 // Offsets are element indices into the shard's / param's contiguous buffer.
 //   dst[dst_offset + i*dst_ld + j] = cast(src[src_offset + (transpose ? j*src_ld + i : i*src_ld + j)])
@@ -84,11 +93,17 @@ DType ChooseWireDType(DType source, const std::vector<DType>& destinations);
 // every non-empty fill of every registered param (of every engine) that reads
 // the tensor contributes that param's dtype; tensors nothing reads (skipped
 // ones) get none and keep their dtype. Validates nothing: BuildPlan does.
+std::vector<TensorDtypes> NegotiateDTypes(const SourceManifest& manifest, const std::vector<PlanEngineView>& engines);
 std::vector<TensorDtypes> NegotiateDTypes(const SourceManifest& manifest, const std::vector<PlanEngine>& engines);
 
 // Validates the manifest (unknown/unmapped tensors, shapes, dtypes, shard
 // ranks, overlaps and gaps) against all engines and builds the plan. The error
 // message lists every problem found, one per line, each naming the tensor.
+// With `wire` (one dtype per manifest tensor), the tensors are planned as if
+// their dtype were wire[t] (the negotiated wire dtypes), without copying the
+// manifest.
+Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<PlanEngineView>& engines,
+                           const std::vector<DType>* wire = nullptr);
 Result<SyncPlan> BuildPlan(const SourceManifest& manifest, const std::vector<PlanEngine>& engines);
 
 }  // namespace ws

@@ -2,10 +2,15 @@
 
 #include <algorithm>
 #include <ctime>
+#include <optional>
 #include <future>
 #include <random>
 #include <sstream>
 #include <tuple>
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
@@ -17,6 +22,16 @@
 namespace ws::server {
 
 namespace {
+
+// Hands the heap's free pages back to the system. glibc keeps what a
+// registration (layout resolution) or a first sync (the manifest request,
+// planning tables) freed, hundreds of MB for a MoE model, as resident memory
+// of the daemon until something reuses it.
+void ReleaseFreeHeap() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+}
 
 using Clock = std::chrono::steady_clock;
 
@@ -231,15 +246,17 @@ void Coordinator::HousekeepingLoop() {
 }
 
 Coordinator::TrimGuard::~TrimGuard() {
-  bool trim, trim_cuda;
+  bool trim, trim_cuda, trim_heap;
   {
     MutexLock lk(&c->mu_);
     trim = c->trim_pending_;
     trim_cuda = c->trim_cuda_pending_;
-    c->trim_pending_ = c->trim_cuda_pending_ = false;
+    trim_heap = c->heap_trim_pending_;
+    c->trim_pending_ = c->trim_cuda_pending_ = c->heap_trim_pending_ = false;
   }
   if (trim) c->domain_->Trim();
   if (trim_cuda) c->domain_->TrimCuda();
+  if (trim_heap) ReleaseFreeHeap();
 }
 
 // ---------------------------------------------------------------- engines
@@ -288,6 +305,8 @@ Result<std::string> Coordinator::RegisterEngine(const Peer& caller, EngineRankSp
   spdlog::info("engine registered: {} params={} bytes={} layout={} by {} in {:.3f}s ({:.3f}s CPU)", e->Describe(),
                e->spec.params.size(), e->bytes, e->layout.rule_file, caller.Describe(), Seconds(Clock::now() - t0),
                ThreadCpuSeconds() - cpu0);
+  lk.Unlock();
+  ReleaseFreeHeap();
   return id;
 }
 
@@ -670,8 +689,14 @@ Result<BeginSyncResult> Coordinator::BeginSync(const Peer& caller, SourceManifes
                     : MakeReadyPlan(sync->manifest(), sync->engines());
   if (ready.ok() && !sync->RemoteNodes().empty())
     if (Status st = StartRemote(*sync, **ready); !st.ok()) ready = st;
-  MutexLock lk(&mu_);
-  return StartSyncLocked(sync, std::move(ready), plan_reused, manifest_reused);
+  std::optional<Result<BeginSyncResult>> r;
+  {
+    MutexLock lk(&mu_);
+    r.emplace(StartSyncLocked(sync, std::move(ready), plan_reused, manifest_reused));
+    if (!plan_reused) heap_trim_pending_ = true;
+  }
+  if (!plan_reused) ReleaseFreeHeap();  // planning's tables, and the plan this one replaced
+  return std::move(*r);
 }
 
 // ---------------------------------------------------------------- PushLayer

@@ -353,6 +353,9 @@ class Coordinator {
   bool stop_housekeeping_ WS_GUARDED_BY(mu_) = false;
   bool shutting_down_ WS_GUARDED_BY(mu_) = false;
   bool trim_pending_ WS_GUARDED_BY(mu_) = false;
+  // A sync planned anew: the next Commit (or Abort) hands the heap its
+  // streaming freed back to the system too (ReleaseFreeHeap).
+  bool heap_trim_pending_ WS_GUARDED_BY(mu_) = false;
   bool trim_cuda_pending_ WS_GUARDED_BY(mu_) = false;
   uint64_t next_sync_id_ WS_GUARDED_BY(mu_);
   EngineRegistry registry_ WS_GUARDED_BY(mu_);

@@ -280,6 +280,15 @@ Result<std::string> EngineRegistry::Add(const Peer& caller, std::shared_ptr<Engi
     m.options = spec.options;
     it = models_.emplace(spec.model, std::move(m)).first;
   }
+  // The ranks of one config declare the same source list (every source any
+  // rank may read: tens of thousands for a MoE model): keep one copy of it.
+  for (const auto& [id, other] : engines_) {
+    if (other->spec.model != spec.model || other->layout.sources.size() != e->layout.sources.size()) continue;
+    if (other->layout.sources == e->layout.sources) {
+      e->layout.sources.ShareWith(other->layout.sources);
+      break;
+    }
+  }
   it->second.engine_count++;
   engines_by_owner_[caller.principal]++;
   e->id = "eng-" + boot_id_ + "-" + std::to_string(next_engine_++);

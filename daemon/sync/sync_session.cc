@@ -80,16 +80,18 @@ bool ReadyPlan::Fits(const std::vector<std::shared_ptr<Engine>>& now) const {
 
 Result<std::shared_ptr<const ReadyPlan>> MakeReadyPlan(const SourceManifest& manifest,
                                                        const std::vector<std::shared_ptr<Engine>>& engines) {
-  std::vector<PlanEngine> pe;
+  // The planner reads the engines' own specs and layouts (immutable once
+  // registered): no copies.
+  std::vector<PlanEngineView> pe;
   pe.reserve(engines.size());
-  for (const auto& e : engines) pe.push_back(PlanEngine{e->id, e->spec, e->layout});
+  for (const auto& e : engines) pe.push_back(PlanEngineView{&e->id, &e->spec, &e->layout});
   auto ready = std::make_shared<ReadyPlan>();
   Result<SyncPlan> plan = Status::Ok();
   if (manifest.negotiate_dtypes) {
     ready->dtypes = NegotiateDTypes(manifest, pe);
-    SourceManifest wire = manifest;  // planned in the wire dtypes
-    for (size_t t = 0; t < ready->dtypes.size(); ++t) wire.tensors[t].dtype = ready->dtypes[t].wire;
-    plan = BuildPlan(wire, pe);
+    std::vector<DType> wire(ready->dtypes.size());  // planned in the wire dtypes
+    for (size_t t = 0; t < ready->dtypes.size(); ++t) wire[t] = ready->dtypes[t].wire;
+    plan = BuildPlan(manifest, pe, &wire);
   } else {
     plan = BuildPlan(manifest, pe);
   }
