@@ -411,9 +411,9 @@ def test_ipc_exporter_asks_the_driver_once_per_allocation(monkeypatch):
 def test_module_walk_is_kept_until_the_module_changes():
     """collect() with a ModuleWalk: the same pairs while nothing changed; a replaced parameter, a new module,
     a new buffer, changes straight in a module's dicts (no module hook sees them: a parameter replaced or
-    renamed or moved to the buffers, a child moved to another module), a layer deleted from its ModuleList (which replaces the dict),
-    a buffer made non-persistent each make it read the module again, in named_parameters() order, tied
-    parameters once."""
+    renamed or moved to the buffers, a child moved to another module), a layer deleted from its ModuleList
+    (which replaces the dict), a buffer made non-persistent each make it read the module again, in
+    named_parameters() order, tied parameters once."""
     from weightsync import pieces as P
     m = models.make_model("llama")
     walk = P.ModuleWalk()

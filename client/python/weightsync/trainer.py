@@ -838,11 +838,11 @@ _DATA_PTR, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.stride
 
 class _WalkKey:
     """What the trainer derives from a walk's (name, value) pairs depends on, and only on: their names,
-    identities and types; per tensor its storage (the address: host and device pointers do not collide), dtype, shape and
-    strides; per DTensor (read from its spec and local tensor only, see pieces._dtensor_piece) its local tensor
-    (identity, then the same as of a tensor) and its spec with the spec's placements, mesh and tensor meta
-    (identities: a spec is mutable, the others are not). matches() says whether another walk (usually the very
-    same list, kept by ModuleWalk) has all of them unchanged.
+    identities and types; per tensor its storage (the address: host and device pointers do not collide),
+    dtype, shape and strides; per DTensor (read from its spec and local tensor only, see
+    pieces._dtensor_piece) its local tensor (identity, then the same as of a tensor) and its spec with the
+    spec's placements, mesh and tensor meta (identities: a spec is mutable, the others are not). matches() says
+    whether another walk (usually the very same list, kept by ModuleWalk) has all of them unchanged.
 
     Read with C-level iteration (a Python function per tensor cost more than the rest of a steady-state push),
     a chunk of tensors at a time (they are scattered in memory: each chunk's tensors stay in the CPU's cache
