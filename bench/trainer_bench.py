@@ -100,6 +100,9 @@ def fake_daemon(address: str):
             for msg in request_iterator:
                 yield pb.LayerAck(layer=msg.layer)
 
+        def GetStatus(self, req, context):
+            return pb.StatusResponse()  # no node name: every rank talks to one node's daemon
+
         def Commit(self, req, context):
             return pb.CommitResponse(stats=pb.SyncStats(sync_id=req.sync_id, state="committed"))
 

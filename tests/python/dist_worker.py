@@ -20,7 +20,7 @@ from torch.distributed.tensor import Shard
 
 import weightsync
 from weightsync import pieces as P
-from ws_helpers import fail_nth_export
+from ws_helpers import fail_nth_export, walk_facts
 
 
 def load(path: str):
@@ -305,7 +305,80 @@ def scenario_push_nodes(rank, world, args):
     return out
 
 
-SCENARIOS = {"push_nodes": scenario_push_nodes, "push_changes": scenario_push_changes, "push_trained": scenario_push_trained, "push_fsdp1": scenario_push_fsdp1, "boxes": scenario_boxes, "push": scenario_push, "push_error": scenario_push_error,
+def scenario_walk_changes(rank, world, args):
+    """Every change to FSDP2 (DTensor) parameters and the module tree that the trainer's kept walk must notice,
+    without a daemon: after each, Trainer._prepare gives a new walk (re-derived, so the stream plan is made
+    again) whose pieces and entries equal a new Trainer's, and the next _prepare keeps it; after an in-place
+    step (and when nothing changed) the same walk."""
+    import copy
+    import models
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    model = shard_model(models.make_model("llama"), "shard0", world)
+    mesh = model.model.norm.weight.device_mesh
+
+    def trainer():
+        return weightsync.Trainer("unix:/nonexistent", model="walk", rank=rank, world_size=world)
+
+    def param(name):
+        return model.get_parameter(name)
+
+    def replace(name, fn):
+        mod, attr = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+        setattr(mod, attr, torch.nn.Parameter(fn(getattr(mod, attr).detach())))
+
+    def swap_placement(name):  # the same parameter object, replicated (torch.utils.swap_tensors)
+        p = param(name)
+        torch.utils.swap_tensors(p, torch.nn.Parameter(distribute_tensor(p.full_tensor().detach(), mesh,
+                                                                         [Replicate()])))
+
+    def spec_in_place(name):  # the same spec object, its placements set (and the local tensor to match)
+        p = param(name)
+        full = p.full_tensor().detach()
+        p._spec.placements = (Replicate(),)
+        p._local_tensor = full
+
+    def move_storage(name):  # the same local tensor object, another storage
+        t = param(name)._local_tensor
+        t.set_(t.clone())
+
+    def rename(module, old, new):  # straight in the dict: no module hook sees it
+        ps = model.get_submodule(module)._parameters
+        ps[new] = ps.pop(old)
+
+    steps = [
+        ("nothing", False, lambda: None),
+        ("step in place", False, lambda: [p.to_local().add_(0.5) for p in model.parameters()]),
+        ("re-created", True, lambda: replace("model.layers.0.mlp.up_proj.weight",
+                                             lambda d: distribute_tensor(d.full_tensor() + 1, mesh, [Shard(0)]))),
+        ("resized", True, lambda: replace("model.norm.weight",
+                                          lambda d: distribute_tensor(torch.cat([d.full_tensor()] * 2), mesh,
+                                                                      [Shard(0)]))),
+        ("re-dtyped", True, lambda: model.model.layers[1].input_layernorm.to(torch.bfloat16)),
+        ("placement swapped", True, lambda: swap_placement("model.layers.1.mlp.down_proj.weight")),
+        ("spec replaced", True, lambda: setattr(param("model.layers.0.mlp.gate_proj.weight"), "_spec",
+                                                copy.copy(param("model.layers.0.mlp.gate_proj.weight")._spec))),
+        ("placement in place", True, lambda: spec_in_place("model.layers.0.mlp.gate_proj.weight")),
+        ("storage moved", True, lambda: move_storage("model.layers.1.self_attn.q_proj.weight")),
+        ("module added", True, lambda: model.model.layers[0].add_module("extra", torch.nn.Linear(4, 4))),
+        ("module removed", True, lambda: delattr(model.model.layers[0], "extra")),
+        ("parameter renamed", True, lambda: rename("model.layers.1.post_attention_layernorm", "weight", "scale")),
+        ("step in place", False, lambda: [p.to_local().mul_(-1) for p in model.parameters()]),
+    ]
+    tr = trainer()
+    prev = tr._prepare(model, None)
+    out = []
+    for what, changed, step in steps:
+        with torch.no_grad():
+            step()
+        prep = tr._prepare(model, None)
+        out.append({"what": what, "changed": changed, "new": prep is not prev,
+                    "kept": tr._prepare(model, None) is prep,
+                    "as_new_trainer": walk_facts(prep) == walk_facts(trainer()._prepare(model, None))})
+        prev = prep
+    return out
+
+
+SCENARIOS = {"walk_changes": scenario_walk_changes, "push_nodes": scenario_push_nodes, "push_changes": scenario_push_changes, "push_trained": scenario_push_trained, "push_fsdp1": scenario_push_fsdp1, "boxes": scenario_boxes, "push": scenario_push, "push_error": scenario_push_error,
              "push_fault": scenario_push_fault}
 
 

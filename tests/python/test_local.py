@@ -410,22 +410,43 @@ def test_ipc_exporter_asks_the_driver_once_per_allocation(monkeypatch):
 
 def test_module_walk_is_kept_until_the_module_changes():
     """collect() with a ModuleWalk: the same pairs while nothing changed; a replaced parameter, a new module,
-    a new buffer each make it read the module again, in named_parameters() order, tied parameters once."""
+    a new buffer, changes straight in a module's dicts (no module hook sees them: a parameter replaced or
+    renamed or moved to the buffers, a child moved to another module), a layer deleted from its ModuleList
+    (which replaces the dict), a buffer made non-persistent each make it read the module again, in
+    named_parameters() order, tied parameters once."""
     from weightsync import pieces as P
     m = models.make_model("llama")
     walk = P.ModuleWalk()
 
     def expected():
-        return [n for n, _ in m.named_parameters()] + [n for n, _ in m.named_buffers()
-                                                       if not n.endswith("inv_freq")]
+        return [n for n, _ in m.named_parameters()] + \
+            [f"{prefix}.{b}" if prefix else b for prefix, mod in m.named_modules()
+             for b, t in mod._buffers.items() if t is not None and b not in mod._non_persistent_buffers_set]
+
+    def move_child(src, dst, name):
+        dst._modules[name] = src._modules.pop(name)
+
+    def rename(mod, old, new):
+        mod._parameters[new] = mod._parameters.pop(old)
+
+    def to_buffers(mod, name):  # the same names and tensors in the same sequence, in another of its dicts
+        mod._buffers[name] = mod._parameters.pop(name)
+
     first = P.collect(m, walk)[0]
     assert [n for n, _ in first] == expected()
     assert P.collect(m, walk)[0] is first
+    layers = m.model.layers
     changes = [
         lambda: setattr(m.model.norm, "weight", torch.nn.Parameter(torch.ones(64))),
-        lambda: m.model.layers[0].add_module("extra", torch.nn.Linear(2, 2)),
-        lambda: m.model.layers[1].register_buffer("counter", torch.zeros(3)),
+        lambda: layers[0].add_module("extra", torch.nn.Linear(2, 2)),
+        lambda: layers[1].register_buffer("counter", torch.zeros(3)),
         lambda: setattr(m, "lm_head", m.model.embed_tokens),   # tied: its weight once
+        lambda: layers[0].mlp.up_proj._parameters.__setitem__("weight", torch.nn.Parameter(torch.zeros(1))),
+        lambda: rename(layers[1].post_attention_layernorm, "weight", "scale"),
+        lambda: move_child(layers[0], layers[1], "extra"),
+        lambda: layers[1].register_buffer("counter", layers[1].counter, persistent=False),
+        lambda: to_buffers(layers[1].input_layernorm, "weight"),
+        lambda: layers.__delitem__(0),
     ]
     for change in changes:
         change()
@@ -434,6 +455,39 @@ def test_module_walk_is_kept_until_the_module_changes():
         assert all(v is dict(m.named_parameters()).get(n, v) for n, v in got)
         first = got
         assert P.collect(m, walk)[0] is first
+
+
+def test_kept_walk_notices_every_change_of_a_tensor():
+    """A rank's walk of plain tensors is kept through in-place steps; a parameter re-created, its storage moved
+    (.data, set_), resized, cast, or its strides changed in place (same storage and shape) makes the trainer
+    derive it again, exactly as a new Trainer does."""
+    from ws_helpers import walk_facts
+    m = models.make_model("llama")
+
+    def trainer():
+        return weightsync.Trainer("unix:/nonexistent", model="walk", rank=0, world_size=1)
+
+    q = m.model.layers[0].self_attn.q_proj   # square: its transpose has its shape
+    steps = [
+        ("step in place", False, lambda: [p.add_(0.5) for p in m.parameters()]),
+        ("re-created", True, lambda: setattr(q, "weight", torch.nn.Parameter(q.weight.detach() + 1))),
+        ("storage moved (.data)", True, lambda: setattr(q.weight, "data", q.weight.data.clone())),
+        ("storage moved (set_)", True, lambda: m.model.norm.weight.set_(m.model.norm.weight.detach().clone())),
+        ("resized", True, lambda: setattr(m.model.norm.weight, "data", torch.ones(128))),
+        ("re-dtyped", True, lambda: setattr(m.lm_head.weight, "data", m.lm_head.weight.data.to(torch.bfloat16))),
+        ("strides in place", True, lambda: setattr(q.weight, "data", q.weight.data.t())),
+        ("nothing", False, lambda: None),
+    ]
+    tr = trainer()
+    prev = tr._prepare(m, None)
+    for what, changed, step in steps:
+        with torch.no_grad():
+            step()
+        prep = tr._prepare(m, None)
+        assert (prep is not prev) == changed, what
+        assert tr._prepare(m, None) is prep, what
+        assert walk_facts(prep) == walk_facts(trainer()._prepare(m, None)), what
+        prev = prep
 
 
 def test_rank_nodes_from_the_daemons_node_names():

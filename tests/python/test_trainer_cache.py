@@ -43,3 +43,12 @@ def test_changes_between_pushes_are_noticed(daemon, checkpoints, tmp_path):
         raise
     finally:
         es.close()
+
+
+def test_every_change_of_the_walk_is_noticed():
+    """FSDP2 parameters re-created, resized, cast, resharded (a swapped tensor, a spec replaced or changed in
+    place), their storage moved, a module added, removed, a parameter renamed straight in its module's dict:
+    each makes the trainer derive its walk again, exactly as a new Trainer does; in-place steps do not."""
+    for rank, steps in enumerate(run_dist("walk_changes", 2, {})):
+        for s in steps:
+            assert s["new"] == s["changed"] and s["kept"] and s["as_new_trainer"], (rank, s)

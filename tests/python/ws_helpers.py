@@ -134,3 +134,13 @@ def fail_nth_export(trainer, n: int = 3):
         return real(*a, **kw)
     trainer._export = faulty
     return real
+
+
+def walk_facts(prep) -> list:
+    """What a trainer rank derived from its walk (Trainer._prepare), as plain values: its manifest entries, tied
+    names and the shards it holds (name, box, and where and how it reads each: address, dtype, shape, strides)."""
+    held = [(q.name, q.dim, q.start, q.length, q.local.data_ptr(), str(q.local.dtype), list(q.local.shape),
+             list(q.local.stride()), str(dtype), pos) for q, dtype, pos in prep.held]
+    entries = [(name, list(shape), dtype, list(box) if box is not None else None)
+               for name, shape, dtype, box in prep.entries]
+    return [entries, sorted(prep.dropped), held]

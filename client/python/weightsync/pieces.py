@@ -10,6 +10,8 @@ Thread-safety: plain functions and values.
 """
 from __future__ import annotations
 
+import gc
+import itertools
 import operator
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
@@ -127,7 +129,11 @@ def _dtensor_box(shape: tuple, mesh, placements: tuple):
 
 
 def _dtensor_piece(name: str, value) -> Piece:
-    placements = tuple(value.placements)
+    """From the DTensor's spec (mesh, placements, global shape) and local tensor, and nothing else (the
+    trainer's _WalkKey relies on it): `value.shape` and `value.dtype` are the wrapper's, which `.data =`
+    changes without changing what the DTensor computes with."""
+    spec = value._spec
+    placements = tuple(spec.placements)
     for p in placements:
         if type(p).__name__ == "_StridedShard":
             raise WeightSyncError(
@@ -135,10 +141,9 @@ def _dtensor_piece(name: str, value) -> Piece:
                 "weightsync takes one contiguous range per rank")
         if type(p).__name__ not in ("Shard", "Replicate"):
             raise WeightSyncError(f"tensor {name}: placement {p} is not supported (Shard or Replicate)")
-    shape = tuple(value.shape)
-    local = value._local_tensor if hasattr(value, "_local_tensor") else value.to_local()
-    local = local.detach()
-    box = _dtensor_box(shape, value.device_mesh, placements)
+    shape = tuple(spec.shape)
+    local = value._local_tensor.detach()
+    box = _dtensor_box(shape, spec.mesh, placements)
     if box is None:
         return Piece(name, shape, 0, 0, 0, None)
     return _box_from(name, shape, box[0], box[1], local, f"its placements {placements}")
@@ -357,30 +362,52 @@ def _fsdp1_pieces(module: torch.nn.Module, FSDP1) -> "list | None":
     return out
 
 
-def _tensor_snapshot(m: torch.nn.Module):
-    """What a module's walk read of its own tensors: their names and identities (None: it has none)."""
-    ps, bs = m._parameters, m._buffers
-    if not ps and not bs:
-        return None
-    return (tuple(ps), tuple(map(id, ps.values())), tuple(bs), tuple(map(id, bs.values())),
-            len(m._non_persistent_buffers_set))
+_MODULE_DICTS = operator.itemgetter("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set")
+_CHUNK = 512  # modules per step of _structure: their dicts stay in the CPU's cache between its passes
 
 
-def _snapshot(m: torch.nn.Module) -> tuple:
-    """(children, _tensor_snapshot) of a module."""
-    return tuple(m._modules.values()), _tensor_snapshot(m)
+def _structure(mods: list, referents: bool = False) -> tuple:
+    """What a walk read of the modules `mods` (named_modules() order): (names, objects). names: per module the
+    sizes of its _modules, _parameters, _buffers and _non_persistent_buffers_set, and their keys; objects:
+    the values of the first three (children, parameters, buffers), in order. Equal names and identical objects
+    give the same walk: the same modules in the same order, the same (name, tensor) pairs.
+
+    Taken with C-level iteration only: a MoE model has tens of thousands of modules, and a Python loop over
+    them cost more than the rest of a steady-state push. What is left is mostly reading each module's dicts
+    from memory (the objects of a model are scattered), so it goes a chunk of modules at a time.
+    referents: the values read with gc.get_referents (CPython visits a dict's values in order, without the
+    view and iterator objects dict.values needs: ~20% less); ModuleWalk checks once per walk that it gives
+    what dict.values gives."""
+    names, objects = [], []
+    flat = itertools.chain.from_iterable
+    for i in range(0, len(mods), _CHUNK):
+        dicts = list(flat(map(_MODULE_DICTS, map(vars, mods[i:i + _CHUNK]))))
+        names += map(len, dicts)
+        names += flat(dicts)
+        del dicts[3::4]  # the non-persistent buffer names (a set): only its names count
+        objects += gc.get_referents(*dicts) if referents else flat(map(dict.values, dicts))
+    return names, objects
+
+
+def same_objects(a: list, b: list) -> bool:
+    """Whether the lists hold the very same objects, in order."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 class ModuleWalk:
-    """A module's walk kept between pushes: its modules in named_modules() order with a snapshot of each, its
-    FSDP2 modules and the (name, tensor) pairs read. The next walk of the same root compares the snapshots
-    (identities, no tensor is read) and, when all match, returns the same pairs (no new objects: a
-    steady-state push leaves the garbage collector little to do)."""
+    """A module's walk kept between pushes: its modules in named_modules() order, its structure (_structure:
+    every module's children, parameters and buffers by name and identity), its FSDP2 modules and the (name,
+    tensor) pairs read. The next walk of the same root compares the structures (identities, no tensor is
+    read) and, when they match, returns the same pairs (no new objects: a steady-state push leaves the
+    garbage collector little to do). The structure holds every object it compares, so no identity is reused
+    while it is kept."""
 
     def __init__(self):
         self.root = None
         self.mods: list = []   # [(name, module)]
-        self.snaps: list = []  # per module: _snapshot()
+        self.modules: list = []  # the modules alone
+        self.structure: "tuple | None" = None
+        self.referents = False  # whether _structure may read values with gc.get_referents (checked per walk)
         self.fsdp2: list = []
         self.fsdp1 = False
         self.items: "list | None" = None  # the pairs read (None: not kept, FSDP1 pieces are made anew)
@@ -390,29 +417,27 @@ class ModuleWalk:
         if root is self.root:
             for m in self.fsdp2:  # see reshard_fsdp2 (an unsharded module registers other parameters)
                 m.reshard()
-            same = True
-            for (_, m), snap in zip(self.mods, self.snaps):
-                kids = snap[0]
-                if len(kids) != len(m._modules) or not all(map(operator.is_, kids, m._modules.values())) \
-                        or snap[1] != _tensor_snapshot(m):
-                    same = False
-                    break
+            names, objects = _structure(self.modules, self.referents)
+            same = names == self.structure[0] and same_objects(objects, self.structure[1])
             if same and self.items is not None:
                 return self.items
         if not same:
             self.root = None
             self.mods = _named_modules(root)
+            self.modules = [m for _, m in self.mods]
             FSDPModule = _fsdp2_module_type()
-            self.fsdp2 = [m for _, m in self.mods if FSDPModule is not None and isinstance(m, FSDPModule)]
+            self.fsdp2 = [m for m in self.modules if FSDPModule is not None and isinstance(m, FSDPModule)]
             try:
                 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-                self.fsdp1 = any(isinstance(m, FSDP1) for _, m in self.mods)
+                self.fsdp1 = any(isinstance(m, FSDP1) for m in self.modules)
             except ImportError:
                 self.fsdp1 = False
             for m in self.fsdp2:
                 m.reshard()
             self.root = root
-        self.snaps = [_snapshot(m) for _, m in self.mods]
+        self.structure = _structure(self.modules)
+        fast = _structure(self.modules, True)
+        self.referents = fast[0] == self.structure[0] and same_objects(fast[1], self.structure[1])
         self.items = None
         items = _read_tensors(root, self)
         if not self.fsdp1:

@@ -13,22 +13,27 @@ exchange their outcome; rank 0 commits (or aborts with every rank's reason)
 and broadcasts the result. Every rank takes part in every collective, so a
 failure on one rank raises the same error on all of them instead of hanging.
 
-Steady state: what does not change between pushes is kept. Each rank keys its
-walk on every tensor's identity, storage, dtype, shape, strides and
-placements; while the key matches, its pieces, manifest entries and stream
+Steady state: what does not change between pushes is kept. Each rank keeps
+its module walk while every module's children, parameters and buffers are the
+same (pieces.ModuleWalk) and keys it on every tensor's identity, storage,
+dtype, shape, strides and DTensor spec (_WalkKey); both are checked on every
+push. While the key matches, its pieces, manifest entries and stream
 plan (staging offsets, prebuilt layer messages) are reused and it gathers
 only a generation number to rank 0. Rank 0 keeps the manifest (and sends the
 daemon only its fingerprint) while no rank's generation changed, and sends
 each rank its manifest indices and wire dtypes (scatter) only when they
-change. Anything else (a parameter replaced, resharded, cast) re-derives it.
+change. Anything else (a module added, a parameter replaced, resized,
+resharded, cast, its storage moved) re-derives it.
 
 Thread-safety: a Trainer runs one push at a time; do not share it between
 threads. Collectives use the torch.distributed `group` given (default: WORLD).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import operator
 import queue
 import re
 import secrets
@@ -416,14 +421,13 @@ class Trainer:
     # ---- preparation: pieces, names, dtypes, manifest ----
 
     def _prepare(self, src, hf_model) -> "_Prepared":
-        """This rank's walk: the previous push's when every tensor is as it was (see _item_key), else new."""
+        """This rank's walk: the previous push's when every tensor is as it was (see _WalkKey), else new."""
         items, found = P.collect(src, self._walk)
         hf_model = hf_model if hf_model is not None else found
         prev = self._prep
-        if prev is not None and prev.hf is hf_model and len(prev.key) == len(items) and \
-                all(_item_key(n, v) == k for (n, v), k in zip(items, prev.key)):
-            return prev  # (checked without keeping new objects: see ModuleWalk)
-        key = [_item_key(name, value) for name, value in items]
+        if prev is not None and prev.hf is hf_model and prev.key.matches(items):
+            return prev  # (checked without keeping new objects: see ModuleWalk and _WalkKey)
+        key = _WalkKey(items)
         mapper = NameMapper(hf_model, self.name_hook, self.exclude, self.skip_lora_adapters, self.hf_conversions)
         held, entries, dropped, seen, names = [], [], [], {}, {}
         for name, value in items:
@@ -444,8 +448,7 @@ class Trainer:
                 if q.held:
                     held.append((q, dtype, len(entries)))  # the wire dtype once BeginSync has chosen
                 entries.append((q.name, tuple(q.shape), to_wire(dtype, q.name), q.box()))
-        # The items stay referenced (key holds their ids): no id is reused while the walk is kept.
-        self._prep = _Prepared(key, items, hf_model, held, entries, dropped, (self._token, next(self._gens)))
+        self._prep = _Prepared(key, hf_model, held, entries, dropped, (self._token, next(self._gens)))
         return self._prep
 
     def _manifest(self, ranks: list, gens=None) -> "_Manifest":
@@ -596,8 +599,8 @@ class Trainer:
                 for it in m.items:
                     if it.place == "host":
                         off = m.base["host"] + it.off
-                        m.copies.append((plan.seg.view(off, it.nbytes, it.wire, tuple(it.piece.local.shape)),
-                                         it.piece.local))
+                        m.copies.add(plan.seg.view(off, it.nbytes, it.wire, tuple(it.piece.local.shape)),
+                                     it.piece.local)
                         it.ref = pb.MemoryRef(host_shm=pb.HostShmRef(name=plan.seg.path, offset=off, length=it.nbytes))
                 if all(it.ref is not None for it in m.items):  # host only: the message is made once
                     m.template = _layer_message(0, self.rank, m.layer,
@@ -706,8 +709,7 @@ class Trainer:
     def _export(self, m: "_Msg", base: dict, bufs: dict, exporter: IpcExporter, sync_id: int) -> pb.LayerData:
         """One message's LayerData, its staged shards copied at base[place] + their offset in the message's span."""
         if m.template is not None:  # static and host only: fixed offsets, the message made once
-            for dst, src in m.copies:
-                dst.copy_(src)
+            m.copies.run()
             m.template.sync_id = sync_id
             return m.template
         refs, synced = [], set()
@@ -730,8 +732,7 @@ class Trainer:
                 ref = _cuda_ref(exporter.export(dst, what))
                 synced.add(it.place)
             refs.append((it.piece.name, it.index, ref))
-        for dst, src in m.copies:
-            dst.copy_(src)
+        m.copies.run()
         msg = _layer_message(sync_id, self.rank, m.layer, refs)
         for dev in synced:
             self._sync_staged(dev)
@@ -740,9 +741,8 @@ class Trainer:
 
 @dataclass(eq=False)
 class _Prepared:
-    """One walk of a rank: kept while its key (_item_key of every tensor) matches the next walk's."""
-    key: list
-    items: list           # the walked (name, value) pairs, referenced so that the ids in key stay theirs
+    """One walk of a rank: kept while its key matches the next walk's."""
+    key: "_WalkKey"       # (holds the walked pairs)
     hf: object            # the transformers model the names were mapped with (or None)
     held: list            # [(piece, source dtype, position in entries)] of the shards this rank holds
     entries: list         # [(name, shape, dtype code, box or None)] this rank's manifest entries
@@ -770,6 +770,31 @@ class _Item:
     ref: "pb.MemoryRef | None" = None  # fixed reference: host shm in place, or (static plans) host staging
 
 
+class _Copies:
+    """Copies (with casts) into fixed host staging views: those from host tensors in one torch call (its loop
+    over the pairs runs in C++: about a quarter less CPU per shard than a Python loop of copy_), the others
+    (CUDA tensors staged on the host) one by one."""
+
+    def __init__(self):
+        self.dsts, self.srcs, self.others = [], [], []
+
+    def add(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if src.device.type == "cpu" and _FOREACH_COPY is not None:
+            self.dsts.append(dst)
+            self.srcs.append(src)
+        else:
+            self.others.append((dst, src))
+
+    def run(self) -> None:
+        if self.dsts:
+            _FOREACH_COPY(self.dsts, self.srcs)
+        for dst, src in self.others:
+            dst.copy_(src)
+
+
+_FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
+
+
 @dataclass(eq=False)
 class _Msg:
     layer: str
@@ -779,7 +804,7 @@ class _Msg:
     staged: int = 0
     zero_copy: int = 0
     base: dict = field(default_factory=dict)    # static plans: place -> offset of this message's span
-    copies: list = field(default_factory=list)  # static plans: (host staging view, source) pairs
+    copies: "_Copies" = field(default_factory=lambda: _Copies())  # static plans: into host staging views
     template: "pb.LayerData | None" = None      # static plans, host only: the message itself
 
 
@@ -795,20 +820,95 @@ class _Plan:
 
 
 def _item_key(name: str, value):
-    """What the trainer derives from one walked tensor depends on (and only on): its identity, storage (the
-    address: host and device pointers do not collide), dtype, shape and strides, and for a DTensor its spec
-    (placements, mesh, global shape) and local tensor."""
-    if isinstance(value, torch.Tensor):
-        local = getattr(value, "_local_tensor", None)
-        if local is not None:  # DTensor
-            return (name, id(value), id(value._spec), value.dtype, id(local), local.data_ptr(), local.dtype,
-                    local.shape, local.stride())
-        return (name, id(value), value.data_ptr(), value.dtype, value.shape, value.stride())
-    if isinstance(value, P.Piece):  # FSDP1 views (made anew each walk) and user pieces
+    """_WalkKey's facts of one walked value that is not a tensor (a Piece: FSDP1 views, made anew each walk, and
+    user pieces; or anything else, by identity)."""
+    if isinstance(value, P.Piece):
         t = value.local
         return (name, value.name, value.shape, value.dim, value.start, value.length, value.dtype,
                 None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.device))
     return (name, id(value))
+
+
+_LOCAL, _SPEC = operator.attrgetter("_local_tensor"), operator.attrgetter("_spec")
+_PLACEMENTS, _MESH, _META = (operator.attrgetter(a) for a in ("placements", "mesh", "tensor_meta"))
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+_NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1)
+_DATA_PTR, _STRIDE = torch.Tensor.data_ptr, torch.Tensor.stride
+
+
+class _WalkKey:
+    """What the trainer derives from a walk's (name, value) pairs depends on, and only on: their names,
+    identities and types; per tensor its storage (the address: host and device pointers do not collide),
+    dtype, shape and strides; per DTensor (read from its spec and local tensor only, see
+    pieces._dtensor_piece) its local tensor (identity, then the same as of a tensor) and its spec with the
+    spec's placements, mesh and tensor meta (identities: a spec is mutable, the others are not). matches() says
+    whether another walk (usually the very same list, kept by ModuleWalk) has all of them unchanged.
+
+    Read with C-level iteration (a Python function per tensor cost more than the rest of a steady-state push),
+    a chunk of tensors at a time (they are scattered in memory: each chunk's tensors stay in the CPU's cache
+    while all of their columns are read), and compared as read, so a match keeps no new object (see
+    ModuleWalk). The key holds every object it compares by identity: no id is reused while it is kept."""
+
+    CHUNK = 256
+
+    def __init__(self, items: list):
+        self.items = items
+        self.names = list(map(_NAME, items))
+        self.values = list(map(_VALUE, items))
+        dtensors, tensors, others = [], [], []
+        DTensor = P._dtensor_types()
+        for name, value in items:
+            if not isinstance(value, torch.Tensor):
+                others.append((name, value))
+            elif DTensor is not None and isinstance(value, DTensor):
+                dtensors.append(value)
+            else:
+                tensors.append(value)
+        n = self.CHUNK
+        self.chunks = [(dtensors[i:i + n], ()) for i in range(0, len(dtensors), n)] + \
+                      [((), tensors[i:i + n]) for i in range(0, len(tensors), n)]
+        self.others = others
+        # Types whose __torch_function__ is disabled (DTensor, Parameter) or absent read the same without it,
+        # faster; any other subclass is read as it is.
+        self.plain = all(t is torch.Tensor or t.__torch_function__ is torch._C._disabled_torch_function_impl
+                         for t in {type(v) for v in itertools.chain(dtensors, tensors)})
+        with self._reading():
+            self.objects = [list(_key_objects(d, t)) for d, t in self.chunks]
+            self.facts = [list(_key_facts(d, t)) for d, t in self.chunks]
+        self.other_facts = list(itertools.starmap(_item_key, others))
+
+    def _reading(self):
+        return torch._C.DisableTorchFunctionSubclass() if self.plain else contextlib.nullcontext()
+
+    def matches(self, items: list) -> bool:
+        if items is not self.items:  # another list: same names and values first
+            if len(items) != len(self.items) or list(map(_NAME, items)) != self.names or \
+                    not P.same_objects(list(map(_VALUE, items)), self.values):
+                return False
+        with self._reading():
+            # Every column has as many entries as the key's (the same values): compared pairwise as read.
+            for (d, t), objects, facts in zip(self.chunks, self.objects, self.facts):
+                if not all(map(operator.is_, _key_objects(d, t), objects)) or \
+                        not all(map(operator.eq, _key_facts(d, t), facts)):
+                    return False
+        return list(itertools.starmap(_item_key, self.others)) == self.other_facts
+
+
+def _key_objects(dtensors: list, tensors: list):
+    """_WalkKey's objects compared by identity: the types of the DTensors and tensors (how they are read),
+    the DTensors' local tensors and specs, the specs' placements, meshes and tensor metas."""
+    loc, specs = list(map(_LOCAL, dtensors)), list(map(_SPEC, dtensors))
+    return itertools.chain(map(type, dtensors), map(type, tensors), loc, specs, map(_PLACEMENTS, specs),
+                           map(_MESH, specs), map(_META, specs))
+
+
+def _key_facts(dtensors: list, tensors: list):
+    """_WalkKey's facts compared by value: storage address, dtype, shape and strides of the DTensors' local
+    tensors and of the tensors."""
+    loc = list(map(_LOCAL, dtensors))
+    return itertools.chain(map(_DATA_PTR, loc), map(_DTYPE, loc), map(_SHAPE, loc), map(_STRIDE, loc),
+                           map(_DATA_PTR, tensors), map(_DTYPE, tensors), map(_SHAPE, tensors),
+                           map(_STRIDE, tensors))
 
 
 def _cuda_ref(ipc) -> pb.MemoryRef:
