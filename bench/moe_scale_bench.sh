@@ -64,10 +64,10 @@ cpu() { awk '{print $14 + $15}' /proc/$DPID/stat; }  # daemon user + system CPU,
 CPU0=$(cpu)
 TIMEFORMAT='%U %S'
 { time "${CTL[@]}" push --checkpoint "$W/ckpt" --model moe --world-size "$WORLD" --version 1 --repeat "$REPEAT" --json \
-  >"$W/push.json"; } 2>"$W/push.time"
+  >"$W/push.json" 2>"$W/push.err"; } 2>"$W/push.time"
 CPU1=$(cpu)
 DCPU=$(awk -v a="$CPU0" -v b="$CPU1" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", (b - a) / hz}')
-CCPU=$(awk '{printf "%.3f", $1 + $2}' "$W/push.time")
+CCPU=$(tail -n 1 "$W/push.time" | awk '{printf "%.3f", $1 + $2}')  # the time line (push's own stderr: push.err)
 if [ -n "$PERF" ]; then kill -INT $PERF; wait $PERF || true; fi
 ANON2=$(mem RssAnon); HWM=$(mem VmHWM); SHM=$(mem RssShmem)
 kill $EPID 2>/dev/null || true  # it waits for one more sync: the memory above is read while it is registered
