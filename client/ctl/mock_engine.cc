@@ -17,6 +17,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <thread>
@@ -107,20 +108,29 @@ int ChildMain(const Setup& s, const Rank& r, const sigset_t& sigs) {
     return 1;
   }
 
-  // Signals: a thread takes SIGTERM/SIGINT and cancels the event stream.
-  std::mutex mu;
-  EngineSession* live = nullptr;
-  std::atomic<bool> stop{false};
-  std::thread([&sigs, &mu, &live, &stop] {
+  // Signals: a detached thread takes SIGTERM/SIGINT and cancels the event
+  // stream. What it touches lives on the heap, shared with it: a signal may
+  // arrive after this function returned, while the process exits (a stack
+  // local would then be out of scope; ASan caught that write).
+  struct SignalState {
+    std::mutex mu;
+    EngineSession* live = nullptr;  // guarded by mu; null once the session is gone
+    std::atomic<bool> stop{false};
+  };
+  auto sig_state = std::make_shared<SignalState>();
+  std::thread([sigs, st = sig_state] {
     for (;;) {
       int sig = 0;
       if (sigwait(&sigs, &sig) != 0) continue;
       if (sig != SIGTERM && sig != SIGINT) continue;
-      stop = true;
-      std::lock_guard<std::mutex> l(mu);
-      if (live != nullptr) live->Cancel();
+      st->stop = true;
+      std::lock_guard<std::mutex> l(st->mu);
+      if (st->live != nullptr) st->live->Cancel();
     }
   }).detach();
+  std::mutex& mu = sig_state->mu;
+  EngineSession*& live = sig_state->live;
+  std::atomic<bool>& stop = sig_state->stop;
 
   ClientOptions copts = s.client;
   copts.rpc_timeout_s = 30;  // AckVersion / GetStatus / UnregisterEngine; the event stream has none
