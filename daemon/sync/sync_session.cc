@@ -357,10 +357,10 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
     // copies of each plan-time run among them make one op, checked per
     // shard here instead of per copy.
     const auto n = static_cast<uint32_t>(shards.size());
+    const uint32_t p0 = chains.pos[plan.shard_base[head.tensor] + head.shard];
+    const int64_t stride = n > 1 ? shards[1].at - shards[0].at : 0;
     auto chained = [&]() -> bool {
-      if (path != BindPath::kAuto || shards[0].at < 0) return false;
-      const uint32_t p0 = chains.pos[plan.shard_base[head.tensor] + head.shard];
-      const int64_t stride = n > 1 ? shards[1].at - shards[0].at : 0;
+      if (path != BindPath::kAuto || shards[0].at < 0 || stride < 0) return false;
       for (uint32_t q = 0; q < n; ++q) {
         const Shard& sh = shards[q];
         const ClaimedShard& c = claimed[sh.index];
@@ -368,14 +368,12 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
             sh.at != shards[0].at + static_cast<int64_t>(q) * stride)
           return false;
       }
-      return stride >= 0;
+      return true;
     };
     if (n > 1 && chained()) {
       ++out.groups_chained;
       WS_RETURN_IF_ERROR(flush());
-      const uint32_t p0 = chains.pos[plan.shard_base[head.tensor] + head.shard];
-      const int64_t stride = shards[1].at - shards[0].at;
-      const uint32_t* const members = chains.members.data() + chains.member_begin[grp];
+      // shards[q] is member p0 + q: its k-th copy is shards[q].copies + k.
       for (uint32_t k = 0; k < n_copies; ++k) {
         const PlannedCopy& c0 = plan.copies[shards[0].copies + k];
         const Engine& eng = *engines_[c0.engine];
@@ -385,17 +383,17 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
         chains.ForEachRun(grp, k, p0, p0 + n, [&](uint32_t x, uint32_t y) {
           if (!st.ok()) return;
           const Shard& sh = shards[x - p0];
-          const uint32_t first = plan.shard_begin[members[x]] + k;
+          const uint32_t first = sh.copies + k;
           if (y - x == 1) {
             st = bind(make_op(first, sh.index, sh.slice_data), sh.slice, dst_map, Group{first, first, 1});
             return;
           }
-          const uint32_t last = plan.shard_begin[members[y - 1]] + k;
+          const uint32_t last = shards[y - 1 - p0].copies + k;
           kernels::CopyOp op = make_op(first, sh.index, sh.whole_data);
           op.src_offset += sh.at;
           op.count = static_cast<int32_t>(y - x);
           op.src_batch_stride = stride;
-          op.dst_batch_stride = plan.copies[plan.shard_begin[members[x + 1]] + k].dst_offset - plan.copies[first].dst_offset;
+          op.dst_batch_stride = plan.copies[shards[x + 1 - p0].copies + k].dst_offset - plan.copies[first].dst_offset;
           st = bind(Canonical(op), sh.whole, dst_map, Group{first, last, y - x});
         });
         WS_RETURN_IF_ERROR(st);
