@@ -7,6 +7,18 @@
 
 namespace ws::server {
 
+kernels::CopyOp PlannedOp(const PlannedCopy& c) {
+  kernels::CopyOp op;
+  op.src_offset = c.src_offset;
+  op.src_ld = c.src_ld;
+  op.dst_offset = c.dst_offset;
+  op.dst_ld = c.dst_ld;
+  op.rows = c.rows;
+  op.cols = c.cols;
+  op.transpose = c.transpose ? 1 : 0;
+  return op;
+}
+
 ShardChains ChainShards(const SourceManifest& manifest, const SyncPlan& plan, const std::vector<uint32_t>& group) {
   ShardChains c;
   const uint32_t n_shards = static_cast<uint32_t>(group.size());
@@ -55,13 +67,7 @@ ShardChains ChainShards(const SourceManifest& manifest, const SyncPlan& plan, co
       // The batched op's destination shape, as BindLayer builds it
       // (Canonical of one copy; pointers and source offsets do not matter).
       const PlannedCopy& pc = plan.copies[plan.shard_begin[m[0]] + k];
-      kernels::CopyOp shape;
-      shape.src_ld = pc.src_ld;
-      shape.dst_ld = pc.dst_ld;
-      shape.rows = pc.rows;
-      shape.cols = pc.cols;
-      shape.transpose = pc.transpose ? 1 : 0;
-      shape = Canonical(shape);
+      const kernels::CopyOp shape = Canonical(PlannedOp(pc));
       auto dst = [&](uint32_t p) { return plan.copies[plan.shard_begin[m[p]] + k].dst_offset; };
       uint32_t start = 0;
       int64_t stride = 0;

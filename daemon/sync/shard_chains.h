@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "daemon/core/planner.h"
+#include "daemon/kernels/copy_math.h"
 
 namespace ws::server {
 
@@ -40,6 +41,11 @@ struct ShardChains {
   template <typename F>
   void ForEachRun(uint32_t g, uint32_t k, uint32_t from, uint32_t to, F&& f) const;
 };
+
+// Planned copy `c` as a copy op: offsets, row strides, shape and transpose
+// (no pointers, dtypes or batches yet). BindLayer's ops and the chains'
+// batch shapes both start from it.
+kernels::CopyOp PlannedOp(const PlannedCopy& c);
 
 // `group`: GroupShards' result for `plan` of `manifest`.
 ShardChains ChainShards(const SourceManifest& manifest, const SyncPlan& plan, const std::vector<uint32_t>& group);

@@ -293,18 +293,11 @@ Result<BoundOps> SyncSession::BindLayer(const std::vector<ClaimedShard>& claimed
   auto make_op = [&](uint32_t ci, uint32_t i, const void* data) {
     const PlannedCopy& c = plan.copies[ci];
     const Engine& eng = *engines_[c.engine];
-    kernels::CopyOp op;
+    kernels::CopyOp op = PlannedOp(c);
     op.src = data;
     op.dst = eng.maps[c.param]->data();
-    op.src_offset = c.src_offset;
-    op.src_ld = c.src_ld;
-    op.dst_offset = c.dst_offset;
-    op.dst_ld = c.dst_ld;
-    op.rows = c.rows;
-    op.cols = c.cols;
     op.src_dtype = static_cast<uint8_t>(plan_->wire[claimed[i].tensor]);
     op.dst_dtype = static_cast<uint8_t>(eng.spec.params[c.param].dtype);
-    op.transpose = c.transpose ? 1 : 0;
     return Canonical(op);
   };
   // The walk's pending op: `run` addresses the source through the whole
